@@ -1,0 +1,26 @@
+"""`domaintune` command line: a thin layer over each stage's plain functions."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="domaintune",
+    help="Turn an open LLM into a domain expert: data -> train -> eval -> export -> registry -> serve.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+# One module per stage; each exposes register(app). Kept as a list so a stage's
+# commands live beside nothing else's.
+_COMMAND_MODULES = ["config", "data", "train", "eval", "export", "registry", "serve"]
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"domaintune.cli.{_name}").register(app)
+
+
+def main() -> None:
+    app()

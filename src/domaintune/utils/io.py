@@ -1,0 +1,79 @@
+"""JSONL reading/writing and atomic file writes used by every stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-empty line; a broken line raises with file and line number."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows atomically; returns how many were written."""
+    count = 0
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+class atomic_write:  # noqa: N801 - used as a context manager like open()
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+
+    def __init__(self, path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
+        self.path = Path(path)
+        self.mode = mode
+        self.encoding = None if "b" in mode else encoding
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._handle = os.fdopen(fd, self.mode, encoding=self.encoding)
+        return self._handle
+
+    def __exit__(self, exc_type, exc, tb):
+        self._handle.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            os.unlink(self._tmp)
+        return False
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_write(path) as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=2, default=str)
+        handle.write("\n")
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_files(paths: Iterable[str | Path]) -> str:
+    """One sha256 over several files' contents, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
