@@ -257,3 +257,36 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     if not ids:
         raise UserError("cannot tell which token ends an assistant turn in this chat template")
     return ids
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_trained(path: str | Path, dtype: str = "float32", merge: bool = False):
+    """Load what the train stage saved in `model/`: a PEFT adapter (on its recorded base) or a full model.
+
+    Returns (model, tokenizer). With merge=True an adapter is merged into its base (for export/serving).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"trained model folder {path} does not exist (run `domaintune train` first)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not is_adapter_dir(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)), tokenizer
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base_path).is_dir():
+        base_path = str(resolve_model_dir(ModelConfig(name_or_path=base_path)))
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype))
+    model = PeftModel.from_pretrained(base, path)
+    if merge:
+        model = model.merge_and_unload()
+    return model, tokenizer
