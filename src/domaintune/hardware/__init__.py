@@ -1,0 +1,1 @@
+"""What this machine can do: `domaintune doctor` and `domaintune estimate`."""

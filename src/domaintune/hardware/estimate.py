@@ -1,0 +1,246 @@
+"""`domaintune estimate`: memory and time of each training method, before downloading or training.
+
+Memory follows the usual accounting (weights + gradients + AdamW states + activations +
+logits + runtime overhead; activations per Korthikanti et al. 2022, attention scores left out
+because SDPA/flash kernels do not store them). Time is FLOPs / achievable FLOP/s: 6·P per token
+for full training, 4·P when weights are frozen (no weight gradients), +2·P with gradient
+checkpointing. Achievable FLOP/s on this CPU is measured with a short matmul; named GPUs use
+their datasheet dense bf16/fp16 peak times a model-FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+
+# Datasheet dense 16-bit tensor peak (TFLOP/s) and memory (GiB).
+NAMED_GPUS: dict[str, tuple[float, float]] = {
+    "A100-80G": (312.0, 80.0),
+    "A100-40G": (312.0, 40.0),
+    "H100-80G": (989.0, 80.0),
+    "H200-141G": (989.0, 141.0),
+    "L4-24G": (121.0, 24.0),
+    "RTX 4090-24G": (165.0, 24.0),
+    "RTX 3090-24G": (71.0, 24.0),
+    "T4-16G": (65.0, 16.0),
+    "V100-32G": (125.0, 32.0),
+}
+GPU_MFU = {"full": 0.40, "adapter": 0.30}  # typical HF Trainer utilisation on one GPU
+# Share of the measured matmul FLOP/s that a training step reaches on a CPU. Calibrated on
+# this project's real runs (LoRA on SmolLM2-135M, 2-core Xeon): see README "Estimating".
+CPU_EFFICIENCY = 0.30
+RUNTIME_OVERHEAD_GIB = {"cpu": 1.0, "gpu": 1.0}  # python + framework (CPU) / CUDA context (GPU)
+
+ADAPTER_METHODS = {"lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3"}
+METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "ptuning", "distill", "dpo"]
+
+
+@dataclass
+class ModelShape:
+    params: int
+    hidden: int
+    layers: int
+    vocab: int
+    heads: int
+    linear_shapes: dict[str, list[tuple[int, int]]]  # module suffix -> [(in, out)] for every layer
+    embedding_params: int
+
+
+@dataclass
+class RunShape:
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lora_r: int = 8
+    freeze_trainable_layers: int = 2
+    gradient_checkpointing: bool = False
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    num_virtual_tokens: int = 20
+    total_tokens: int | None = None  # tokens the whole run processes (rows x avg len x epochs)
+
+
+@dataclass
+class Estimate:
+    method: str
+    trainable_params: int
+    memory_gib: dict[str, float]
+    tokens_per_s: float
+    run_seconds: float | None
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.memory_gib.values())
+
+
+def model_shape_from_config(config_path: str | Path) -> ModelShape:
+    """Count parameters from config.json alone, on the meta device: nothing is downloaded or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    linear_shapes: dict[str, list[tuple[int, int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            linear_shapes.setdefault(name.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
+    embedding = model.get_input_embeddings().weight.numel()
+    return ModelShape(
+        params=params,
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        heads=config.num_attention_heads,
+        linear_shapes=linear_shapes,
+        embedding_params=embedding,
+    )
+
+
+def trainable_params(method: str, shape: ModelShape, run: RunShape) -> int:
+    if method in ("full", "distill"):
+        return shape.params
+    if method == "freeze":
+        per_layer = (shape.params - shape.embedding_params) / shape.layers
+        return int(per_layer * min(run.freeze_trainable_layers, shape.layers))
+    all_linear = [io for shapes in shape.linear_shapes.values() for io in shapes]
+    if method in ("lora", "qlora", "dpo"):
+        return sum(run.lora_r * (i + o) for i, o in all_linear)
+    if method == "dora":
+        return sum(run.lora_r * (i + o) + o for i, o in all_linear)
+    if method == "ia3":
+        keys = [k for k in shape.linear_shapes if k in ("k_proj", "v_proj", "down_proj")]
+        return sum(o if k != "down_proj" else i for k in keys for i, o in shape.linear_shapes[k])
+    if method == "prefix":
+        return 2 * shape.layers * run.num_virtual_tokens * shape.hidden
+    if method in ("prompt", "ptuning"):
+        # p-tuning adds a small MLP encoder on top of the virtual token embeddings
+        return run.num_virtual_tokens * shape.hidden + (2 * shape.hidden * shape.hidden if method == "ptuning" else 0)
+    raise ValueError(f"unknown method {method}")
+
+
+def memory_breakdown(method: str, shape: ModelShape, run: RunShape, device: str) -> dict[str, float]:
+    half = run.precision in ("bf16", "fp16")
+    act_bytes = 2 if half else 4
+    p_train = trainable_params(method, shape, run)
+    # Weights: full/freeze keep fp32 master weights under autocast; frozen adapter bases load in 16 bit;
+    # QLoRA stores NF4 (0.5 byte) + double-quantised absmax (~0.06 byte) and keeps embeddings in 16 bit.
+    if method in ("full", "freeze", "distill"):
+        weights = shape.params * 4
+    elif method == "qlora":
+        weights = (shape.params - shape.embedding_params) * 0.56 + shape.embedding_params * 2
+    else:
+        weights = shape.params * (2 if half else 4)
+    gradients = p_train * 4
+    optimizer = p_train * 8  # AdamW: two fp32 moments
+    tokens = run.seq_len * run.batch_size
+    if run.gradient_checkpointing:
+        activations = shape.layers * tokens * shape.hidden * act_bytes + tokens * 34 * shape.hidden * act_bytes / 2
+    else:
+        activations = shape.layers * tokens * 34 * shape.hidden * act_bytes / 2
+    logits = tokens * shape.vocab * 4 * 2  # fp32 logits and their gradient
+    extra = 0.0
+    if method == "distill":
+        extra = shape.params * (2 if half else 4) + logits / 2  # teacher weights (same size by default) + its logits
+    if method == "dpo":
+        activations *= 2  # chosen and rejected sequences
+        logits *= 2
+    return {
+        "weights": weights / GIB,
+        "gradients": gradients / GIB,
+        "optimizer": optimizer / GIB,
+        "activations": activations / GIB,
+        "logits": logits / GIB,
+        "teacher/reference": extra / GIB,
+        "runtime": RUNTIME_OVERHEAD_GIB[device],
+    }
+
+
+def flops_per_token(method: str, shape: ModelShape, run: RunShape) -> float:
+    p = shape.params
+    per_token = 6 * p if method in ("full", "distill") else 4 * p
+    if method == "freeze":
+        per_token = 4 * p + 2 * trainable_params(method, shape, run)
+    if run.gradient_checkpointing:
+        per_token += 2 * p
+    if method == "distill":
+        per_token += 2 * p  # teacher forward
+    if method == "dpo":
+        per_token = 2 * per_token + 2 * 2 * p  # chosen+rejected, plus reference forwards
+    if method == "qlora":
+        per_token *= 1.3  # dequantisation on every matmul
+    return per_token
+
+
+def measure_cpu_flops(precision: str = "fp32", seconds: float = 0.6) -> float:
+    """Achievable matmul FLOP/s on this CPU in the given precision, with torch's current thread count."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 1024
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    iterations, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        iterations += 1
+    return 2 * n**3 * iterations / (time.perf_counter() - start)
+
+
+def estimate_all(
+    shape: ModelShape,
+    run: RunShape,
+    device: str,
+    peak_flops: float,
+    methods: list[str] | None = None,
+) -> list[Estimate]:
+    results = []
+    for method in methods or METHODS:
+        if device == "gpu":
+            efficiency = GPU_MFU["full" if method in ("full", "distill", "freeze") else "adapter"]
+        else:
+            efficiency = CPU_EFFICIENCY
+        tokens_per_s = peak_flops * efficiency / flops_per_token(method, shape, run)
+        seconds = run.total_tokens / tokens_per_s if run.total_tokens else None
+        results.append(
+            Estimate(method, trainable_params(method, shape, run), memory_breakdown(method, shape, run, device),
+                     tokens_per_s, seconds)
+        )
+    return results
+
+
+def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: int) -> int | None:
+    """Tokens in a messages JSONL (each row capped at max_length); None when the split is absent."""
+    if not path.is_file():
+        return None
+    total_chars, rows = 0, 0
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                total_chars += sum(len(m.get("content", "")) for m in row.get("messages", []))
+                rows += 1
+    if rows == 0:
+        return 0
+    # Characters per token of the model's tokenizer on this very data (sampled), not a guess.
+    chars_per_token = 3.0
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        sample, sample_chars = [], 0
+        with path.open(encoding="utf-8") as handle:
+            for line, _ in zip(handle, range(200)):
+                if line.strip():
+                    text = "\n".join(m.get("content", "") for m in json.loads(line).get("messages", []))
+                    sample.append(text)
+                    sample_chars += len(text)
+        sample_tokens = sum(len(ids) for ids in tokenizer(sample)["input_ids"])
+        chars_per_token = sample_chars / max(sample_tokens, 1)
+    per_row = min(total_chars / rows / chars_per_token + 20, max_length)  # +20: chat-template tokens
+    return int(per_row * rows)
