@@ -1,9 +1,174 @@
-"""The `data:` section (the data stage fills this in)."""
+"""The `data:` section: sources, cleaning operations, split, output format."""
 
 from __future__ import annotations
 
-from domaintune.utils.config_types import StrictModel
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+ReaderName = Literal[
+    "auto", "csv", "tsv", "json", "jsonl", "parquet", "excel", "xml", "pdf", "docx", "sql",
+    "dataset_info", "alpaca", "sharegpt", "messages",
+]  # fmt: skip
+
+FieldRef = str | list[str]
+
+
+class FieldMap(StrictModel):
+    """Where each training field comes from, by source column / key / XML path.
+
+    A list of columns is joined with a blank line (e.g. `instruction: [title, ask]`).
+    Use `instruction`/`input`/`output` for single-turn rows, `messages` for a column
+    already holding a chat, or `text` for raw text records (PDF, DOCX).
+    """
+
+    instruction: FieldRef | None = Field(None, description="Column(s) forming the user instruction.")
+    input: FieldRef | None = Field(None, description="Column(s) forming the optional extra input.")
+    output: FieldRef | None = Field(None, description="Column(s) forming the assistant answer.")
+    system: FieldRef | None = Field(None, description="Column holding a per-row system prompt.")
+    messages: str | None = Field(None, description="Column holding a list of {role, content} messages.")
+    text: FieldRef | None = Field(None, description="Column(s) of raw text (documents); rows become `text` rows.")
+    id: str | None = Field(None, description="Column holding a stable row id (default: file + line/record).")
+
+
+class SourceConfig(StrictModel):
+    name: str | None = Field(None, description="Source name in the report and in each row's `source` (default: file stem).")
+    path: ConfigPath | None = Field(None, description="A file, a folder (with `glob`) or, for sql, unused.")
+    glob: str = Field("**/*", description="Files to read when `path` is a folder (sorted; e.g. `**/*.xml`).")
+    reader: ReaderName = Field("auto", description="Reader; `auto` picks by file extension.")
+    encoding: str | None = Field(None, description="Text encoding; default: auto-detected (charset-normalizer).")
+    delimiter: str | None = Field(None, description="CSV delimiter (default `,`; `\\t` for tsv).")
+    sheet: str | int | None = Field(None, description="Excel sheet name or index (default: the first).")
+    record_path: str | None = Field(None, description="XML: XPath of one record relative to the root (e.g. `.//QAPair`).")
+    json_records: str | None = Field(None, description="JSON: dotted key of the record list inside the document.")
+    url: str | None = Field(None, description="SQL: sqlalchemy URL, e.g. `sqlite:///data/qa.db`.")
+    query: str | None = Field(None, description="SQL: the query returning one row per record.")
+    datasets: list[str] | None = Field(None, description="dataset_info: which entries to read (default: all).")
+    pages: Literal["document", "page"] = Field("document", description="PDF: one record per document or per page.")
+    fields: FieldMap = Field(default_factory=FieldMap, description="Field mapping (defaults depend on the reader).")
+    keep: list[str] | dict[str, str] = Field(
+        default_factory=list, description="Extra columns/XML paths to keep on each row (list, or {name: path})."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.reader == "sql":
+            if not self.url or not self.query:
+                raise ValueError("reader sql needs `url` and `query`")
+        elif self.path is None:
+            raise ValueError("`path` is required (except for reader sql)")
+        if self.reader == "xml" and not self.record_path:
+            raise ValueError("reader xml needs `record_path` (e.g. `.//QAPair`)")
+        return self
+
+    def keep_map(self) -> dict[str, str]:
+        return dict(self.keep) if isinstance(self.keep, dict) else {k: k for k in self.keep}
+
+
+class NormaliseConfig(StrictModel):
+    enabled: bool = True
+    nfkc: bool = Field(True, description="Unicode NFKC (also full-width ASCII to half-width).")
+    html: bool = Field(True, description="Unescape HTML entities and strip tags.")
+    control_chars: bool = Field(True, description="Remove control characters (keeps newline and tab).")
+    whitespace: bool = Field(True, description="Collapse runs of spaces; at most one blank line; strip.")
+
+
+class FilterConfig(StrictModel):
+    required: list[str] | None = Field(
+        None, description="Fields that must be non-empty (default: the mapped instruction/output, messages or text)."
+    )
+    min_chars: int | dict[str, int] | None = Field(
+        None, description="Minimum length in characters: an int for the whole row, or {field: n} per field."
+    )
+    max_chars: int | dict[str, int] | None = Field(None, description="Maximum length in characters (int or per field).")
+    min_tokens: int | None = Field(None, description="Minimum row length in tokens of `model`'s tokenizer.")
+    max_tokens: int | None = Field(None, description="Maximum row length in tokens of `model`'s tokenizer.")
+    outlier_sigma: float | None = Field(3.0, description="Drop rows whose length is beyond mean ± k·σ (null: off).")
+    max_repetition: float | None = Field(
+        0.5, description="Drop rows whose duplicated n-gram ratio exceeds this (null: off)."
+    )
+    language: Literal["zh", "en"] | None = Field(None, description="Keep only rows in this language (script-based).")
+
+
+class DedupConfig(StrictModel):
+    exact: bool = Field(True, description="Drop rows whose normalised text was seen before.")
+    near: bool = Field(True, description="MinHash-LSH near-duplicate removal (keep the first).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard threshold of shingle sets.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations.")
+    char_ngram: int = Field(5, ge=1, description="Shingle size in characters for CJK text.")
+    word_ngram: int = Field(3, ge=1, description="Shingle size in words for other text.")
+    fields: list[str] = Field(
+        default_factory=lambda: ["instruction", "input", "output"],
+        description="Fields compared (messages rows use all message contents).",
+    )
+    max_clusters_reported: int = Field(20, description="How many duplicate clusters the report samples.")
+
+
+class PiiConfig(StrictModel):
+    enabled: bool = True
+    types: list[str] | None = Field(
+        None,
+        description="Types to redact (default all): phone, id_card, bank_card, landline, email, ipv4, url.",
+    )
+
+
+class DecontamConfig(StrictModel):
+    enabled: bool = True
+    ngram: int = Field(13, ge=4, description="n-gram length (words; characters for CJK) that counts as overlap.")
+
+
+class SplitConfig(StrictModel):
+    ratios: list[float] = Field(default_factory=lambda: [8, 1, 1], description="train:val:test ratios.")
+    by: Literal["random", "stratified", "time"] = Field("random", description="How rows are assigned.")
+    stratify_field: str | None = Field(None, description="Field stratified on (by: stratified).")
+    time_field: str | None = Field(None, description="Date field (by: time); the newest rows go to test.")
+    seed: int | None = Field(None, description="Split seed (default: the project seed).")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
+            raise ValueError("ratios must be three non-negative numbers (train, val, test)")
+        if self.by == "stratified" and not self.stratify_field:
+            raise ValueError("by: stratified needs stratify_field")
+        if self.by == "time" and not self.time_field:
+            raise ValueError("by: time needs time_field")
+        return self
+
+
+class DifficultyConfig(StrictModel):
+    enabled: bool = True
+    by: str = Field("length", description="`length` (answer length) or the name of a numeric field.")
+    field: str = Field("difficulty", description="Name of the field written on each row (easy/medium/hard).")
+
+
+class SampleConfig(StrictModel):
+    """Deterministic down-sampling after the split; rows not taken are accounted as `sampled_out`."""
+
+    train: int | None = Field(None, description="Keep at most this many train rows.")
+    val: int | None = Field(None, description="Keep at most this many validation rows.")
+    test: int | None = Field(None, description="Keep at most this many test rows.")
+
+
+class GeneralConfig(StrictModel):
+    """The general-domain set (replay and forgetting checks), written as data/general.jsonl."""
+
+    path: ConfigPath = Field(..., description="Self-instruct style JSONL (instruction, instances[{input,output}]).")
+    max_rows: int | None = Field(None, description="Keep at most this many rows (deterministic).")
 
 
 class DataConfig(StrictModel):
-    pass
+    sources: list[SourceConfig] = Field(default_factory=list, description="Inputs; rows are read in this order.")
+    normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Optional per-split row caps.")
+    format: Literal["messages", "alpaca", "sharegpt"] = Field("messages", description="Output row format.")
+    system_prompt: str | None = Field(None, description="System prompt added to every row (messages/sharegpt).")
+    general: GeneralConfig | None = Field(None, description="Optional general-domain set for replay.")
+    batch_size: int = Field(256, ge=1, description="Rows per work unit sent to a worker process.")
