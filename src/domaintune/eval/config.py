@@ -1,9 +1,146 @@
-"""The `eval:` section (the eval stage fills this in)."""
+"""The `eval:` section: which models to compare, on which data, with which metrics and gates."""
 
 from __future__ import annotations
 
-from domaintune.utils.config_types import StrictModel
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+ALL_METRICS = (
+    "rouge",
+    "bleu",
+    "chrf",
+    "exact_match",
+    "token_f1",
+    "classification",
+    "json",
+    "perplexity",
+    "term_coverage",
+    "latency",
+    "judge",
+)
+
+
+class DecodingConfig(StrictModel):
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens generated per answer.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (the default); above 0 samples with `seed`.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off (sampling only).")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 = none. Same for every model compared.")
+    seed: int | None = Field(None, description="Sampling seed. Default: the project `seed`.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left padding) per local model.")
+    max_prompt_tokens: int = Field(1536, ge=16, description="Longer prompts keep their last tokens.")
+
+
+class ModelSpec(StrictModel):
+    """An extra model to compare: a local folder (merged/exported/full or adapter) or an OpenAI-compatible endpoint."""
+
+    name: str = Field(..., description="Label in the report (unique; `base` and `tuned` are taken).")
+    path: ConfigPath | None = Field(None, description="Local model folder (full model, merged model or PEFT adapter).")
+    url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1.")
+    model: str | None = Field(None, description="Model id sent to the endpoint (default: `name`).")
+    api_key: str | None = Field(None, description="API key for the endpoint (prefer `api_key_env`).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout for an endpoint.")
+    cache: bool = Field(True, description="Reuse cached answers for an endpoint (keyed by URL + model id).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if (self.path is None) == (self.url is None):
+            raise ValueError(f"model {self.name!r}: give exactly one of `path` (local folder) or `url` (endpoint)")
+        if self.name in ("base", "tuned"):
+            raise ValueError(f"model name {self.name!r} is reserved; pick another label")
+        return self
+
+
+class JudgeConfig(StrictModel):
+    url: str | None = Field(None, description="OpenAI-compatible base URL of the judge. Unset = judge skipped.")
+    model: str = Field("gpt-4o-mini", description="Judge model id sent to the endpoint.")
+    api_key: str | None = Field(None, description="API key (prefer `api_key_env`).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the judge's key.")
+    rubric: str = Field(
+        "Score the ANSWER to the QUESTION from 1 (wrong, unsafe or unhelpful) to 5 (correct, complete, safe and "
+        "clear), using the REFERENCE as a guide to the expected content.",
+        description="Rubric text placed in the judge prompt.",
+    )
+    max_items: int | None = Field(None, ge=1, description="Judge at most this many test items per model.")
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class RobustnessConfig(StrictModel):
+    enabled: bool = Field(True, description="Re-ask perturbed test prompts and report the score drop.")
+    max_items: int = Field(20, ge=1, description="Test items perturbed (the first N of the evaluated items).")
+    perturbations: list[Literal["typo", "width", "whitespace"]] = Field(
+        default_factory=lambda: ["typo", "width", "whitespace"],
+        description="typo: swap/drop/duplicate characters; width: full/half-width swaps; whitespace: extra spaces.",
+    )
+    rate: float = Field(0.05, gt=0, le=0.5, description="Share of characters a typo perturbation touches.")
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "tuned"], description="Models re-asked on the perturbed prompts."
+    )
+
+
+class ReviewConfig(StrictModel):
+    n_items: int = Field(30, ge=1, description="Items exported for blind review.")
+    model_a: str = Field("base", description="First model of the pair shown to reviewers.")
+    model_b: str = Field("tuned", description="Second model of the pair shown to reviewers.")
+    show_reference: bool = Field(False, description="Show the reference answer to reviewers too.")
+
+
+_GATE_OPS = (">=", "<=", "==", "!=", ">", "<")
 
 
 class EvalConfig(StrictModel):
-    pass
+    test_file: ConfigPath | None = Field(None, description="Domain test set. Default: `<output_dir>/data/test.jsonl`.")
+    general_file: ConfigPath | None = Field(
+        None,
+        description="General set for retention. Default: `<output_dir>/data/general.jsonl` (skipped when absent).",
+    )
+    max_items: int | None = Field(None, ge=1, description="Evaluate only the first N test items (CPU budgets).")
+    max_general_items: int | None = Field(None, ge=1, description="Evaluate only the first N general items.")
+    base: bool = Field(True, description="Evaluate the base model (`model:` section).")
+    tuned: bool = Field(True, description="Evaluate the tuned model (`<output_dir>/model`).")
+    models: list[ModelSpec] = Field(default_factory=list, description="Extra models: local folders or endpoints.")
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    metrics: list[Literal[ALL_METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [m for m in ALL_METRICS],
+        description="Metrics computed; `judge` runs only when `judge.url` is set.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message prepended to prompts that have none (same for every model)."
+    )
+    glossary: ConfigPath | None = Field(None, description="Domain terms, one per line, for term coverage.")
+    stratum_field: str | None = Field(
+        None, description="Row field for the per-stratum breakdown. Default: the first of department/qtype/category."
+    )
+    primary_metric: str = Field(
+        "rougeL_char", description="Metric used for worst cases, robustness and retention."
+    )
+    gates: list[str] = Field(
+        default_factory=list,
+        description="Pass/fail rules such as `rougeL_char_delta >= 2` or `retention >= 0.95`; eval exits 1 on failure.",
+    )
+    perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
+    worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, gates: list[str]) -> list[str]:
+        from domaintune.eval.gates import parse_gate
+
+        for gate in gates:
+            parse_gate(gate)  # raises ValueError with the bad rule named
+        return gates
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"eval.models: duplicate names {dupes}")
+        return self

@@ -1,0 +1,137 @@
+"""Evaluation items (prompt + reference) read from messages-form JSONL, and the answer cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domaintune.errors import UserError
+from domaintune.utils.io import read_jsonl, write_jsonl
+
+STRATUM_FIELDS = ("department", "qtype", "category", "stratum", "task_type", "domain")
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: list[dict[str, str]]  # every message before the last assistant message
+    reference: str
+    row: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        """The last user message (what a reviewer reads as "the question")."""
+        for message in reversed(self.prompt):
+            if message["role"] == "user":
+                return message["content"]
+        return self.prompt[-1]["content"]
+
+
+def load_items(path: Path, limit: int | None, what: str, system_prompt: str | None = None) -> list[Item]:
+    """Messages rows -> items: the last assistant message is the reference, earlier messages the prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} set {path} does not exist (run `domaintune data` first or set eval.{what}_file)")
+    items: list[Item] = []
+    seen: set[str] = set()
+    with path.open("r", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+            for k, message in enumerate(messages):
+                if (
+                    not isinstance(message, dict)
+                    or message.get("role") not in ("system", "user", "assistant")
+                    or not isinstance(message.get("content"), str)
+                ):
+                    raise UserError(f"{where}: messages[{k}] needs role system/user/assistant and a string content")
+            last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last_assistant is None:
+                raise UserError(f"{where}: no assistant message to use as the reference")
+            prompt = [dict(role=m["role"], content=m["content"]) for m in messages[:last_assistant]]
+            if not any(m["role"] == "user" for m in prompt):
+                raise UserError(f"{where}: no user message before the reference answer")
+            if system_prompt and prompt[0]["role"] != "system":
+                prompt.insert(0, {"role": "system", "content": system_prompt})
+            item_id = str(row.get("id") or f"{path.stem}-{line_no}")
+            if item_id in seen:
+                raise UserError(f"{where}: duplicate id {item_id!r}")
+            seen.add(item_id)
+            items.append(Item(id=item_id, prompt=prompt, reference=messages[last_assistant]["content"], row=row))
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise UserError(f"{path}: no items")
+    return items
+
+
+def detect_stratum_field(items: list[Item], configured: str | None) -> str | None:
+    if configured:
+        if not any(configured in it.row for it in items):
+            raise UserError(f"eval.stratum_field: no item has a field {configured!r}")
+        return configured
+    for name in STRATUM_FIELDS:
+        if sum(isinstance(it.row.get(name), (str, int)) for it in items) * 2 >= len(items):
+            return name
+    return None
+
+
+def classification_gold(item: Item) -> str | None:
+    """Gold label of a classification-style item (`label` field, or `is_classification` rows), else None."""
+    label = item.row.get("label")
+    if isinstance(label, (str, int)) and str(label).strip():
+        return str(label).strip()
+    if item.row.get("is_classification") is True:
+        return item.reference.strip()
+    return None
+
+
+def cache_key(kind: str, identity: str, payload: Any, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"kind": kind, "model": identity, "input": payload, "settings": settings}, sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JsonlCache:
+    """Rows keyed by `key`, kept in a JSONL file; entries for other models/settings are preserved."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.path.is_file():
+            try:
+                for row in read_jsonl(self.path):
+                    if isinstance(row, dict) and "key" in row:
+                        self.rows[row["key"]] = row
+            except ValueError as exc:  # a damaged cache is rebuilt, and says so
+                import logging
+
+                logging.getLogger(__name__).warning("ignoring damaged cache %s: %s", self.path, exc)
+                self.rows = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self.rows.get(key)
+        if row is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return row
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows[row["key"]] = row
+
+    def save(self) -> None:
+        write_jsonl(self.path, self.rows.values())

@@ -1,0 +1,360 @@
+"""The models under comparison: local folders (base, tuned, merged, any HF folder) and OpenAI-compatible endpoints.
+
+Every model answers the same prompts with the same decoding settings. Local models generate in
+batches with left padding and stop at the chat template's end-of-turn tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from domaintune.errors import UserError
+from domaintune.eval.config import DecodingConfig, ModelSpec
+from domaintune.utils.io import fingerprint_files
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".py")
+
+
+@lru_cache(maxsize=32)
+def _folder_fingerprint_cached(path: str, stamp: tuple) -> str:
+    files = [Path(path) / name for name, _, _ in stamp]
+    return fingerprint_files(files) if files else "empty"
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 over the weights, config and tokenizer files of a model folder (not sub-folders)."""
+    path = Path(path)
+    entries = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in path.iterdir()
+        if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES and not p.name.startswith(".")
+    )
+    return _folder_fingerprint_cached(str(path.resolve()), tuple(entries))
+
+
+def decoding_key(decoding: DecodingConfig, seed: int) -> dict[str, Any]:
+    """The settings that change an answer (batch size does not)."""
+    key = {
+        "max_new_tokens": decoding.max_new_tokens,
+        "temperature": decoding.temperature,
+        "repetition_penalty": decoding.repetition_penalty,
+    }
+    if decoding.temperature > 0:
+        key.update(top_p=decoding.top_p, seed=seed)
+    return key
+
+
+@dataclass
+class Answer:
+    text: str
+    n_tokens: int | None
+    latency_s: float
+    batch_size: int = 1
+
+
+@dataclass
+class EvalModel:
+    """One model in the comparison. `loader` returns (model, tokenizer) for local models."""
+
+    name: str
+    kind: str  # "local" | "endpoint"
+    identity: str
+    description: str
+    loader: Callable[[], tuple[Any, Any]] | None = None
+    spec: ModelSpec | None = None
+    cacheable: bool = True
+    _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _ensure_loaded(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            import torch
+
+            model, tokenizer = self.loader()
+            model.eval()
+            torch.set_grad_enabled(False)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+    def unload(self) -> None:
+        self._loaded = None
+        gc.collect()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, prompts: Sequence[list[dict]], decoding: DecodingConfig, seed: int, desc: str = ""
+    ) -> list[Answer]:
+        if not prompts:
+            return []
+        if self.kind == "endpoint":
+            return self._generate_endpoint(prompts, decoding, seed, desc)
+        return self._generate_local(prompts, decoding, seed, desc)
+
+    def _generate_local(self, prompts, decoding: DecodingConfig, seed: int, desc: str) -> list[Answer]:
+        import torch
+        from transformers import GenerationConfig
+
+        from domaintune.model.loader import end_of_turn_token_ids
+
+        model, tokenizer = self._ensure_loaded()
+        eot = end_of_turn_token_ids(tokenizer)
+        tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "left"
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        # Longest first: similar lengths share a batch (less padding), and the ETA is pessimistic early.
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        sample = decoding.temperature > 0
+        gen_kwargs: dict[str, Any] = dict(
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=eot,
+            pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=decoding.repetition_penalty,
+        )
+        if sample:
+            gen_kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
+        gen_config = GenerationConfig(**gen_kwargs)
+        answers: list[Answer | None] = [None] * len(texts)
+        bar = tqdm(total=len(texts), desc=desc or self.name, unit="answer", dynamic_ncols=True)
+        try:
+            for b, start in enumerate(range(0, len(order), decoding.batch_size)):
+                idx = order[start : start + decoding.batch_size]
+                enc = tokenizer(
+                    [texts[i] for i in idx],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                    truncation=True,
+                    max_length=decoding.max_prompt_tokens,
+                )
+                if sample:
+                    torch.manual_seed(seed + b)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = model.generate(**enc, generation_config=gen_config)
+                elapsed = time.perf_counter() - t0
+                new = out[:, enc["input_ids"].shape[1] :].tolist()
+                for row, i in zip(new, idx):
+                    stop = next((k for k, tok in enumerate(row) if tok in eot), None)
+                    kept = row if stop is None else row[:stop]
+                    n_tokens = len(row) if stop is None else stop + 1
+                    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    answers[i] = Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=len(idx))
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        return answers  # type: ignore[return-value]
+
+    def _client(self):
+        from openai import OpenAI
+
+        spec = self.spec
+        key = spec.api_key or (os.environ.get(spec.api_key_env) if spec.api_key_env else None)
+        if spec.api_key_env and not key and not spec.api_key:
+            raise UserError(f"eval.models[{spec.name}]: environment variable {spec.api_key_env} is not set")
+        return OpenAI(base_url=spec.url, api_key=key or "no-key", timeout=spec.timeout_s, max_retries=2)
+
+    def _generate_endpoint(self, prompts, decoding: DecodingConfig, seed: int, desc: str) -> list[Answer]:
+        import openai
+
+        client = self._client()
+        model_id = self.spec.model or self.spec.name
+        if decoding.repetition_penalty != 1.0 and "repetition_penalty" not in " ".join(self.notes):
+            self.notes.append("repetition_penalty is not part of the OpenAI API; the endpoint decodes without it")
+        answers = []
+        bar = tqdm(total=len(prompts), desc=desc or self.name, unit="answer", dynamic_ncols=True)
+        try:
+            for messages in prompts:
+                kwargs: dict[str, Any] = dict(
+                    model=model_id,
+                    messages=messages,
+                    max_tokens=decoding.max_new_tokens,
+                    temperature=decoding.temperature,
+                    seed=seed,
+                )
+                if decoding.temperature > 0:
+                    kwargs["top_p"] = decoding.top_p
+                t0 = time.perf_counter()
+                try:
+                    resp = client.chat.completions.create(**kwargs)
+                except openai.APIError as exc:
+                    raise UserError(f"eval.models[{self.name}]: endpoint {self.spec.url} failed: {exc}") from None
+                elapsed = time.perf_counter() - t0
+                text = (resp.choices[0].message.content or "").strip() if resp.choices else ""
+                n_tokens = resp.usage.completion_tokens if resp.usage else None
+                answers.append(Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=1))
+                bar.update(1)
+        finally:
+            bar.close()
+        return answers
+
+    # ------------------------------------------------------------------ perplexity
+    def reference_nll(
+        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
+    ) -> list[tuple[float, int]]:
+        """(sum of negative log-likelihood, number of tokens) of each reference's assistant tokens
+        (answer text plus the end-of-turn token) given its prompt."""
+        import torch
+        import torch.nn.functional as F
+
+        from domaintune.model.loader import end_of_turn_token_ids
+
+        model, tokenizer = self._ensure_loaded()
+        eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)[0])
+        rows: list[tuple[list[int], list[int]]] = []
+        for prompt, reference in zip(prompts, references):
+            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full_text = tokenizer.apply_chat_template(
+                [*prompt, {"role": "assistant", "content": reference}], tokenize=False
+            )
+            if full_text.startswith(prompt_text):
+                answer_text = full_text[len(prompt_text) :]
+                cut = answer_text.find(eot_text)
+                if cut >= 0:
+                    answer_text = answer_text[: cut + len(eot_text)]
+            else:  # a template that rewrites earlier turns; score the answer and its end-of-turn token
+                answer_text = reference + eot_text
+            p_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+            a_ids = tokenizer(answer_text, add_special_tokens=False).input_ids[: max_length - 1]
+            p_ids = p_ids[-(max_length - len(a_ids)) :]
+            rows.append((p_ids, a_ids))
+        pad = tokenizer.pad_token_id
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        bar = tqdm(total=len(rows), desc=desc, unit="ref", dynamic_ncols=True)
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                labels = torch.full((len(idx), width), -100, dtype=torch.long)
+                for r, i in enumerate(idx):
+                    p_ids, a_ids = rows[i]
+                    seq = p_ids + a_ids
+                    ids[r, : len(seq)] = torch.tensor(seq)
+                    mask[r, : len(seq)] = 1
+                    labels[r, len(p_ids) : len(seq)] = torch.tensor(a_ids)
+                with torch.inference_mode():
+                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+                nll = F.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.size(-1)),
+                    shift_labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="none",
+                ).view(len(idx), -1)
+                for r, i in enumerate(idx):
+                    valid = shift_labels[r] != -100
+                    results[i] = (float(nll[r][valid].sum()), int(valid.sum()))
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        return results
+
+
+def perplexity(rows: Sequence[tuple[float, int]]) -> float | None:
+    tokens = sum(n for _, n in rows)
+    return math.exp(sum(s for s, _ in rows) / tokens) if tokens else None
+
+
+# ---------------------------------------------------------------------- building the list
+
+
+def _adapter_identity(path: Path) -> str:
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import resolve_model_dir
+
+    base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path", "")
+    base_dir = Path(base) if Path(base).is_dir() else resolve_model_dir(ModelConfig(name_or_path=base))
+    return f"adapter:{folder_fingerprint(path)}+base:{folder_fingerprint(base_dir)}"
+
+
+def local_identity(path: Path) -> str:
+    from domaintune.model.loader import is_adapter_dir
+
+    return _adapter_identity(path) if is_adapter_dir(path) else f"folder:{folder_fingerprint(path)}"
+
+
+def build_models(cfg, output_dir: Path) -> list[EvalModel]:
+    """base (the `model:` section), tuned (`<output_dir>/model`) and every `eval.models` entry."""
+    from domaintune.model.loader import load_model_and_tokenizer, load_trained, resolve_model_dir
+
+    ecfg = cfg.eval
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "float32"
+    models: list[EvalModel] = []
+    if ecfg.base:
+        base_dir = resolve_model_dir(cfg.model)
+        template = cfg.model.chat_template or ""
+        models.append(
+            EvalModel(
+                name="base",
+                kind="local",
+                identity=f"folder:{folder_fingerprint(base_dir)}|template:{template}",
+                description=f"{cfg.model.name_or_path} ({base_dir})",
+                loader=lambda: load_model_and_tokenizer(cfg.model, dtype=dtype),
+            )
+        )
+    if ecfg.tuned:
+        tuned_dir = Path(output_dir) / "model"
+        if not tuned_dir.is_dir():
+            raise UserError(
+                f"tuned model folder {tuned_dir} does not exist: run `domaintune train` first, "
+                "or set eval.tuned: false to evaluate other models only"
+            )
+        models.append(
+            EvalModel(
+                name="tuned",
+                kind="local",
+                identity=local_identity(tuned_dir),
+                description=str(tuned_dir),
+                loader=lambda: load_trained(tuned_dir, dtype=dtype),
+            )
+        )
+    for spec in ecfg.models:
+        if spec.path is not None:
+            path = Path(spec.path)
+            if not path.is_dir():
+                raise UserError(f"eval.models[{spec.name}].path: {path} is not a folder")
+            models.append(
+                EvalModel(
+                    name=spec.name,
+                    kind="local",
+                    identity=local_identity(path),
+                    description=str(path),
+                    loader=(lambda p=path: load_trained(p, dtype=dtype)),
+                    spec=spec,
+                )
+            )
+        else:
+            models.append(
+                EvalModel(
+                    name=spec.name,
+                    kind="endpoint",
+                    identity=f"endpoint:{spec.url}|{spec.model or spec.name}",
+                    description=f"{spec.model or spec.name} at {spec.url}",
+                    spec=spec,
+                    cacheable=spec.cache,
+                )
+            )
+    if not models:
+        raise UserError("eval: nothing to evaluate (eval.base and eval.tuned are false and eval.models is empty)")
+    return models
