@@ -1,9 +1,183 @@
-"""The `train:` section (the train stage fills this in)."""
+"""The `train:` section: method, hyper-parameters, evaluation/checkpoint cadence, replay, tracking."""
 
 from __future__ import annotations
 
-from domaintune.utils.config_types import StrictModel
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+Method = Literal["full", "freeze", "lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3", "distill", "dpo"]
+ADAPTER_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3")
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning")
+# Methods whose `model/` is a full model folder rather than a PEFT adapter.
+FULL_MODEL_METHODS = ("full", "freeze")
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="`all-linear`, or module names such as [q_proj, v_proj]; an unknown name fails listing valid ones.",
+    )
+
+
+class FreezeSettings(StrictModel):
+    trainable_layers: int = Field(
+        2, ge=0, description="Train only the last N decoder layers (0: none; combine with `modules`)."
+    )
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Extra parameter-name parts to train as well, e.g. [lm_head, norm] (matched as name components).",
+    )
+
+
+class PromptLearningSettings(StrictModel):
+    num_virtual_tokens: int = Field(16, ge=1, description="Virtual tokens for prefix / prompt / ptuning.")
+    encoder_hidden_size: int = Field(128, ge=1, description="P-tuning prompt encoder hidden size.")
+    init_text: str | None = Field(
+        None, description="Prompt tuning only: initialise the virtual tokens from this text instead of randomly."
+    )
+
+
+class IA3Settings(StrictModel):
+    target_modules: str | list[str] | None = Field(
+        None, description="Modules to rescale; default: peft's choice for the architecture (k, v, down_proj)."
+    )
+    feedforward_modules: list[str] | None = Field(None, description="Which of target_modules are feed-forward.")
+
+
+class DistillSettings(StrictModel):
+    teacher: str = Field(
+        ...,
+        description=(
+            "Teacher model: a name/folder/hub id as in `model.name_or_path`, a trained `model/` folder (adapter or "
+            "full), or `registry://name@alias`. It must share the student's vocabulary."
+        ),
+    )
+    student_method: Literal["full", "lora", "dora"] = Field(
+        "full", description="How the student (`model:`) is trained: fully, or through a LoRA/DoRA adapter."
+    )
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Loss = alpha * KL(teacher || student) + (1-alpha) * CE.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature for the KL term (scaled by T^2).")
+
+
+class DPOSettings(StrictModel):
+    path: ConfigPath | None = Field(
+        None,
+        description=(
+            "JSONL of preference pairs: `prompt` (text or messages), `chosen`, `rejected` (text or messages). "
+            "Default: <output_dir>/data/preferences.jsonl."
+        ),
+    )
+    val_path: ConfigPath | None = Field(None, description="Held-out pairs; default: 10% of `path`.")
+    adapter: Literal["full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "ptuning"] = Field(
+        "lora", description="The method DPO trains through (adapter settings come from their own sections)."
+    )
+    beta: float = Field(0.1, gt=0.0, description="DPO beta (strength of the KL anchor to the reference model).")
+
+
+class ReplaySettings(StrictModel):
+    path: ConfigPath | None = Field(
+        None, description="General-data JSONL (messages rows). Default: <output_dir>/data/general.jsonl."
+    )
+    ratio: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="General rows added per epoch as a fraction of the domain rows (0.1 = 10% extra), resampled each epoch.",
+    )
 
 
 class TrainConfig(StrictModel):
-    pass
+    method: Method = Field("lora", description="Fine-tuning method.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA / DoRA / QLoRA settings.")
+    freeze: FreezeSettings = Field(default_factory=FreezeSettings)
+    prompt_learning: PromptLearningSettings = Field(default_factory=PromptLearningSettings)
+    ia3: IA3Settings = Field(default_factory=IA3Settings)
+    distill: DistillSettings | None = Field(None, description="Required when method is `distill`.")
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    init_from: str | None = Field(
+        None,
+        description=(
+            "Start from an existing adapter folder (a previous run's `model/`) or `registry://name@alias`; "
+            "an adapter keeps its own method settings."
+        ),
+    )
+
+    max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are truncated and counted.")
+    packing: bool = Field(
+        False,
+        description=(
+            "Padding-free batches: each batch is one flattened row with per-example position_ids, so attention and "
+            "loss never cross example boundaries."
+        ),
+    )
+    learning_rate: float = Field(2e-4, gt=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
+    max_val_samples: int | None = Field(200, ge=1, description="Validation rows used for the periodic val loss.")
+    gradient_checkpointing: bool = False
+    seed: int | None = Field(None, description="Default: the project's seed.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 autocast (CPU with AVX-512-BF16/AMX, or GPU); fp16 (GPU only)."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+    eval_steps: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement (None: off)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (must be a multiple of eval_steps).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    logging_steps: int = Field(5, ge=1)
+
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    tracking: Literal["tensorboard", "mlflow", "none"] = Field(
+        "tensorboard", description="TensorBoard logs in train/tensorboard; `mlflow` logs there as well as to MLflow."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.method == "distill" and self.distill is None:
+            raise ValueError("method `distill` needs a `train.distill:` section with at least `teacher:`")
+        effective = self.dpo.adapter if self.method == "dpo" else self.method
+        if self.packing and effective in PROMPT_LEARNING_METHODS:
+            raise ValueError(f"packing cannot be used with `{effective}` (virtual tokens are prepended per example)")
+        if self.save_steps % self.eval_steps != 0:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) "
+                "so the best checkpoint can be kept"
+            )
+        if effective == "qlora":
+            require_cuda_for_qlora()
+        if self.precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("precision fp16 needs a CUDA GPU; on a CPU use `bf16` or `fp32`")
+        return self
+
+
+def require_cuda_for_qlora() -> None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "method `qlora` quantises the base model to 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; "
+            "none is available here: use `lora` (same adapter, unquantised base) on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("method `qlora` needs bitsandbytes: pip install 'domaintune[gpu]'")
