@@ -1,9 +1,107 @@
-"""The `serve:` section (the serve stage fills this in)."""
+"""The `serve:` section: which models to serve, how to batch, limits, canary rollout, feedback store."""
 
 from __future__ import annotations
 
-from domaintune.utils.config_types import StrictModel
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from domaintune.utils.config_types import ConfigPath, StrictModel
+
+
+class ServedModelConfig(StrictModel):
+    name: str = Field(..., description="Public model name clients put in `model`.")
+    source: str = Field(
+        ...,
+        description=(
+            "A LoRA adapter folder, a full model folder (e.g. export/merged), or a registry URI "
+            "(`registry://name@production`, `registry://name@v1.2.0`)."
+        ),
+    )
+    parent: str | None = Field(
+        None,
+        description="Served model an adapter applies to (default: the adapter's recorded base, normally the base).",
+    )
+
+
+class CanaryConfig(StrictModel):
+    model: str = Field(..., description="Public model name the canary runs under.")
+    stable: str = Field(..., description="Source of the stable version (folder or registry URI).")
+    candidate: str = Field(..., description="Source of the candidate version (folder or registry URI).")
+    candidate_share: float = Field(0.1, ge=0.0, le=1.0, description="Share of users/keys routed to the candidate.")
+    margin: float = Field(
+        0.05, ge=0.0, le=1.0, description="Roll back when the candidate is worse than stable by more than this."
+    )
+    window: int = Field(200, ge=1, description="Sliding window: last N requests per arm are compared.")
+    min_requests: int = Field(30, ge=1, description="Requests needed in each arm's window before any decision.")
+    promote_after: int = Field(
+        200, ge=1, description="Candidate requests that must pass the comparison before it is promoted."
+    )
+    auto_promote: bool = Field(True, description="Promote automatically once `promote_after` requests passed.")
+    salt: str = Field("canary", description="Salt of the sticky hash (change it to reshuffle who gets the candidate).")
+
+    @model_validator(mode="after")
+    def _check(self) -> CanaryConfig:
+        if self.min_requests > self.window:
+            raise ValueError(f"min_requests ({self.min_requests}) cannot exceed window ({self.window})")
+        return self
 
 
 class ServeConfig(StrictModel):
-    pass
+    host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=0, le=65535)
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description=(
+            "Inference engine. `auto`: vLLM when it is installed and a CUDA GPU is present, else transformers "
+            "(the choice and its reason are logged at start). `vllm` fails when it cannot run."
+        ),
+    )
+    base_name: str | None = Field(None, description="Public name of the base model (default: model.name_or_path).")
+    serve_base: bool = Field(True, description="List and serve the base model itself.")
+    serve_trained: bool = Field(
+        True, description="Also serve `<output_dir>/model` (the train stage's output) under the project name, when present."
+    )
+    models: list[ServedModelConfig] = Field(default_factory=list, description="Extra adapters / versions to serve.")
+    canary: CanaryConfig | None = Field(None, description="Canary rollout of a candidate version; off when absent.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights dtype for serving (default: model.dtype)."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Most requests decoded together in one batch.")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long the batcher waits to fill a batch.")
+    max_queue: int = Field(512, ge=1, description="Queued requests beyond this get 503.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 504.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")
+    default_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    default_top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="Context length to enforce (default: the model's max_position_embeddings)."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    require_api_key: bool = Field(True, description="Require `Authorization: Bearer <key>` on /v1 endpoints.")
+    store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the key/request/feedback store (default: sqlite in <output_dir>/serve/)."
+    )
+    log_requests: bool = Field(True, description="Store every request/response (PII-redacted) for the feedback loop.")
+    redact_pii: bool = Field(True, description="Redact PII (data stage's redactor) before anything is stored.")
+    metrics_require_key: bool = Field(False, description="Require an admin key for /metrics.")
+    key_hash_iterations: int = Field(100_000, ge=1000, description="PBKDF2-SHA256 iterations for API key hashes.")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    feedback_dir: ConfigPath | None = Field(
+        None, description="Where `domaintune feedback export` writes (default: <output_dir>/feedback)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_cap ({self.max_tokens_cap})"
+            )
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: duplicate names {dupes}")
+        if self.canary and self.canary.model in names:
+            raise ValueError(f"canary.model {self.canary.model!r} is also listed in models; use one or the other")
+        return self

@@ -1,0 +1,148 @@
+"""`domaintune feedback export`: turn logged requests + feedback into the next round's datasets.
+
+- SFT rows (the data stage's messages form): the logged prompt with the user's correction as the answer.
+- Preference rows for DPO (TRL's conversational form): prompt messages, chosen = correction,
+  rejected = the model's original answer.
+
+Everything in the store is already PII-redacted. Rows are deduplicated against each other and
+against `<output_dir>/data/train.jsonl` (exact, on normalised text; and near-duplicates with the
+data stage's MinHash-LSH at `data.dedup.threshold`). For a request with several feedback rows,
+the latest correction wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from domaintune.errors import UserError
+from domaintune.serve.store import Store, default_store_url
+from domaintune.utils.io import read_jsonl, write_json, write_jsonl
+
+
+def _row_text(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
+
+
+def _norm(text: str) -> str:
+    from domaintune.data.text import normalise_text
+
+    return normalise_text(text).lower()
+
+
+def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    if isinstance(prompt, str):  # /v1/completions: the raw prompt becomes one user turn
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _train_messages(row: dict[str, Any], path: Path, line: int) -> list[dict[str, Any]]:
+    if isinstance(row.get("messages"), list):
+        return row["messages"]
+    if "instruction" in row or "output" in row:  # alpaca-form training sets
+        user = "\n\n".join(x for x in (row.get("instruction", ""), row.get("input", "")) if x)
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output", "")}]
+    raise UserError(f"{path}:{line}: row has neither `messages` nor alpaca fields; cannot deduplicate against it")
+
+
+class _Deduper:
+    def __init__(self, dedup_cfg) -> None:
+        self.seen: set[str] = set()
+        self.near = bool(dedup_cfg.near)
+        self.index = None
+        if self.near:
+            from domaintune.data.minhash import LSHIndex, MinHasher
+
+            self.hasher = MinHasher(num_perm=dedup_cfg.num_perm)
+            self.index = LSHIndex(threshold=dedup_cfg.threshold, num_perm=dedup_cfg.num_perm)
+        self._next_id = 0
+
+    def add_reference(self, texts: list[str]) -> None:
+        for t in texts:
+            self.seen.add(hashlib.sha256(_norm(t).encode()).hexdigest())
+        if self.index is not None and texts:
+            self.index.add_batch(self.hasher.signatures(texts), list(range(self._next_id, self._next_id + len(texts))))
+            self._next_id += len(texts)
+
+    def is_new(self, text: str) -> tuple[bool, str | None]:
+        digest = hashlib.sha256(_norm(text).encode()).hexdigest()
+        if digest in self.seen:
+            return False, "exact"
+        self.seen.add(digest)
+        if self.index is not None:
+            result = self.index.add_batch(self.hasher.signatures([text]), [self._next_id])[0]
+            self._next_id += 1
+            if result.duplicate_of is not None:
+                return False, "near"
+        return True, None
+
+
+def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+    """Write sft.jsonl, preference.jsonl and report.json; returns the report."""
+    output_dir = Path(output_dir or cfg.output_dir)
+    out_dir = Path(out_dir or cfg.serve.feedback_dir or output_dir / "feedback")
+    url = cfg.serve.store_url or default_store_url(output_dir)
+    store = Store(url, key_hash_iterations=cfg.serve.key_hash_iterations)
+    pairs = store.feedback_with_requests()
+    store.engine.dispose()
+
+    latest: dict[str, tuple[Any, Any]] = {}
+    ratings = {"positive": 0, "negative": 0}
+    for fb, req in pairs:
+        ratings["positive" if fb.rating > 0 else "negative"] += 1
+        if fb.correction and fb.correction.strip():
+            latest[req.id] = (fb, req)  # ordered oldest first: the last one wins
+
+    train_path = output_dir / "data" / "train.jsonl"
+    dedup = _Deduper(cfg.data.dedup)
+    train_rows = 0
+    if train_path.is_file():
+        texts = []
+        for line, row in enumerate(read_jsonl(train_path), start=1):
+            texts.append(_row_text(_train_messages(row, train_path, line)))
+        train_rows = len(texts)
+        dedup.add_reference(texts)
+
+    sft, pref, dropped = [], [], {"exact": 0, "near": 0, "same_as_original": 0}
+    for request_id, (fb, req) in latest.items():
+        prompt = _prompt_messages(req.prompt)
+        correction = fb.correction.strip()
+        original = (req.response or "").strip()
+        if _norm(correction) == _norm(original):
+            dropped["same_as_original"] += 1
+            continue
+        messages = prompt + [{"role": "assistant", "content": correction}]
+        new, why = dedup.is_new(_row_text(messages))
+        if not new:
+            dropped[why] += 1
+            continue
+        meta = {"request_id": request_id, "model": req.model, "served": req.served, "version": req.version,
+                "rating": fb.rating}
+        sft.append({"id": f"fb-{request_id}", "messages": messages, "source": "feedback", **meta})
+        if original:
+            pref.append({
+                "id": f"fbpref-{request_id}",
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": correction}],
+                "rejected": [{"role": "assistant", "content": original}],
+                "source": "feedback",
+                **meta,
+            })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_jsonl(out_dir / "preference.jsonl", pref)
+    report = {
+        "store": url,
+        "feedback_rows": len(pairs),
+        "ratings": ratings,
+        "requests_with_corrections": len(latest),
+        "sft_rows": len(sft),
+        "preference_rows": len(pref),
+        "dropped": dropped,
+        "deduplicated_against": str(train_path) if train_path.is_file() else None,
+        "train_rows_compared": train_rows,
+        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / "preference.jsonl")},
+    }
+    write_json(out_dir / "report.json", report)
+    return report

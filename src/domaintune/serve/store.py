@@ -1,0 +1,323 @@
+"""The serving store (SQLAlchemy; SQLite by default): API keys, daily usage, request log, feedback, events.
+
+API keys are stored only as salted PBKDF2-SHA256 hashes; the plaintext is shown once at creation.
+A key looks like `dt-<key id>-<secret>`: the id finds the row, the secret is checked against the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from domaintune.errors import UserError
+
+KEY_PREFIX = "dt"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def utc_day(when: datetime | None = None) -> str:
+    return (when or utcnow()).strftime("%Y-%m-%d")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    salt: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(128))
+    iterations: Mapped[int] = mapped_column(Integer)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    daily_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class DailyUsageRow(Base):
+    __tablename__ = "daily_usage"
+    key_id: Mapped[str] = mapped_column(String(16), ForeignKey("api_keys.id"), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RequestRow(Base):
+    __tablename__ = "requests"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    endpoint: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200), index=True)  # public name asked for
+    served: Mapped[str] = mapped_column(String(200))  # internal served model (adapter / canary arm)
+    version: Mapped[str] = mapped_column(String(100))
+    canary_arm: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    prompt: Mapped[Any] = mapped_column(JSON)  # messages list (chat) or text (completions), redacted
+    response: Mapped[str | None] = mapped_column(Text, nullable=True)  # redacted
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))  # ok | error | timeout | empty | malformed
+    finish_reason: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    pii_counts: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), ForeignKey("requests.id"), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    rating: Mapped[int] = mapped_column(Integer)
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)  # redacted
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)  # redacted
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(40))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    rpm: int | None
+    tpm: int | None
+    daily_tokens: int | None
+    models: tuple[str, ...] | None
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def allows(self, model: str) -> bool:
+        return self.is_admin or self.models is None or model in self.models
+
+
+def _public(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        daily_tokens=row.daily_tokens,
+        models=tuple(row.models) if row.models else None,
+        is_admin=bool(row.is_admin),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _hash_secret(secret: str, salt: bytes, iterations: int) -> str:
+    return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations).hex()
+
+
+def default_store_url(output_dir: Path) -> str:
+    path = Path(output_dir) / "serve" / "serve.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class Store:
+    """Thread-safe access to the serving tables; every method is a short transaction."""
+
+    def __init__(self, url: str, key_hash_iterations: int = 100_000):
+        self.url = url
+        self.iterations = key_hash_iterations
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        try:
+            self.engine = create_engine(url, **kwargs)
+        except Exception as exc:  # bad URL / missing driver: the user's setting
+            raise UserError(f"serve.store_url {url!r}: cannot open ({exc})") from None
+        if url.startswith("sqlite"):
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.Lock()
+        # (key id, sha256 of the presented secret) pairs already checked against the PBKDF2 hash.
+        self._verified: set[tuple[str, str]] = set()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ---- keys ---------------------------------------------------------------------------------
+    def create_key(
+        self,
+        name: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        daily_tokens: int | None = None,
+        models: list[str] | None = None,
+        is_admin: bool = False,
+    ) -> tuple[ApiKey, str]:
+        """Create a key; returns (record, plaintext). The plaintext is not stored anywhere."""
+        if not name.strip():
+            raise UserError("keys create: --name must not be empty")
+        for label, value in (("rpm", rpm), ("tpm", tpm), ("daily-tokens", daily_tokens)):
+            if value is not None and value < 1:
+                raise UserError(f"keys create: --{label} must be a positive integer (got {value})")
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(24)
+        salt = secrets.token_bytes(16)
+        row = ApiKeyRow(
+            id=key_id,
+            name=name,
+            salt=salt.hex(),
+            hash=_hash_secret(secret, salt, self.iterations),
+            iterations=self.iterations,
+            rpm=rpm,
+            tpm=tpm,
+            daily_tokens=daily_tokens,
+            models=sorted(set(models)) if models else None,
+            is_admin=is_admin,
+        )
+        with self._write_lock, self.session() as s, s.begin():
+            s.add(row)
+        return _public(row), f"{KEY_PREFIX}-{key_id}-{secret}"
+
+    def list_keys(self, include_revoked: bool = True) -> list[ApiKey]:
+        with self.session() as s:
+            stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+            if not include_revoked:
+                stmt = stmt.where(ApiKeyRow.revoked_at.is_(None))
+            return [_public(r) for r in s.scalars(stmt)]
+
+    def revoke_key(self, key_id_or_name: str) -> list[ApiKey]:
+        """Revoke by key id (the part after `dt-`) or by name (every active key of that name)."""
+        with self._write_lock, self.session() as s, s.begin():
+            rows = list(
+                s.scalars(
+                    select(ApiKeyRow).where(
+                        (ApiKeyRow.id == key_id_or_name) | (ApiKeyRow.name == key_id_or_name),
+                        ApiKeyRow.revoked_at.is_(None),
+                    )
+                )
+            )
+            if not rows:
+                raise UserError(f"keys revoke: no active key with id or name {key_id_or_name!r}")
+            for row in rows:
+                row.revoked_at = utcnow()
+            return [_public(r) for r in rows]
+
+    def verify(self, presented: str) -> ApiKey | None:
+        """The key record for a presented plaintext key, or None when unknown, wrong or revoked."""
+        parts = presented.strip().split("-", 2)
+        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+            return None
+        key_id, secret = parts[1], parts[2]
+        with self.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            fingerprint = (key_id, hashlib.sha256(secret.encode()).hexdigest())
+            if fingerprint not in self._verified:
+                expected = _hash_secret(secret, bytes.fromhex(row.salt), row.iterations)
+                if not hmac.compare_digest(expected, row.hash):
+                    return None
+                self._verified.add(fingerprint)
+            return _public(row)
+
+    # ---- usage ---------------------------------------------------------------------------------
+    def tokens_used_today(self, key_id: str) -> int:
+        with self.session() as s:
+            row = s.get(DailyUsageRow, (key_id, utc_day()))
+            return row.tokens if row else 0
+
+    def add_usage(self, key_id: str, tokens: int) -> None:
+        day = utc_day()
+        with self._write_lock, self.session() as s, s.begin():
+            row = s.get(DailyUsageRow, (key_id, day))
+            if row is None:
+                s.add(DailyUsageRow(key_id=key_id, day=day, tokens=tokens, requests=1))
+            else:
+                row.tokens += tokens
+                row.requests += 1
+
+    # ---- request log and feedback ---------------------------------------------------------------
+    def log_request(self, **fields: Any) -> None:
+        with self._write_lock, self.session() as s, s.begin():
+            s.merge(RequestRow(**fields))
+
+    def get_request(self, request_id: str) -> RequestRow | None:
+        with self.session() as s:
+            return s.get(RequestRow, request_id)
+
+    def add_feedback(
+        self, request_id: str, key_id: str | None, rating: int, correction: str | None, comment: str | None
+    ) -> int:
+        with self._write_lock, self.session() as s, s.begin():
+            row = FeedbackRow(
+                request_id=request_id, key_id=key_id, rating=rating, correction=correction, comment=comment
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def feedback_with_requests(self) -> list[tuple[FeedbackRow, RequestRow]]:
+        """Every feedback row with its request, oldest first."""
+        with self.session() as s:
+            stmt = (
+                select(FeedbackRow, RequestRow)
+                .join(RequestRow, FeedbackRow.request_id == RequestRow.id)
+                .order_by(FeedbackRow.created_at, FeedbackRow.id)
+            )
+            return [(f, r) for f, r in s.execute(stmt)]
+
+    def count_requests(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(RequestRow)) or 0
+
+    def add_event(self, kind: str, details: dict[str, Any]) -> None:
+        with self._write_lock, self.session() as s, s.begin():
+            s.add(EventRow(kind=kind, details=json.loads(json.dumps(details, default=str))))
+
+    def events(self, kind: str | None = None) -> list[EventRow]:
+        with self.session() as s:
+            stmt = select(EventRow).order_by(EventRow.id)
+            if kind:
+                stmt = stmt.where(EventRow.kind == kind)
+            return list(s.scalars(stmt))
