@@ -159,6 +159,9 @@ def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        # Point the live config at the local base folder (checkpoint saves then never look up a hub id).
+        for adapter_cfg in model.peft_config.values():
+            adapter_cfg.base_model_name_or_path = str(model_dir)
         peft_type = json.loads((init_adapter / "adapter_config.json").read_text()).get("peft_type")
         info["init_from_adapter"] = str(init_adapter)
         info["adapter_type"] = peft_type
