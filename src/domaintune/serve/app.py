@@ -267,14 +267,32 @@ def _on_canary_decision(state: ServeState, decision: Decision) -> None:
     state.store.add_event(kind, details)
     if candidate.registry_name:
         try:
-            state.catalog.registry().record_event(candidate.registry_name, candidate.version, kind, details)
-        except Exception as exc:  # the rollback itself already happened; the log says the record failed
+            registry = state.catalog.registry()
+            registry.record_event(candidate.registry_name, candidate.version, kind, details)
+            stable_alias = _registry_alias(c.stable)
+            if decision.kind == PROMOTED and stable_alias and stable.registry_name == candidate.registry_name:
+                # The stable alias (e.g. production) now points at the candidate, so a restart serves it.
+                registry.promote(candidate.registry_name, candidate.version, alias=stable_alias,
+                                 note=f"canary promoted: {decision.reason}")
+                log.info("registry: %s@%s now points at %s", candidate.registry_name, stable_alias,
+                         candidate.version, extra={"event": "registry_alias_moved"})
+        except Exception as exc:  # the routing change already happened; the log says the record failed
             log.error("could not record %s in the registry: %s", kind, exc, extra={"event": kind})
     else:
         log.info("candidate %s is not a registry version: %s recorded in the serve store only", c.candidate, kind)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _registry_alias(source: str) -> str | None:
+    """`production` for registry://name@production; None for explicit versions and folders."""
+    if not source.startswith("registry://") or "@" not in source:
+        return None
+    ref = source.split("@", 1)[1].split("/", 1)[0]
+    if ref[:1] == "v" and ref[1:2].isdigit() or ref == "latest":
+        return None
+    return ref
+
+
 def _labels(model: ServedModel | None, public: str | None) -> tuple[str, str, str]:
     if model is None:
         return ("unknown", "-", "-")
