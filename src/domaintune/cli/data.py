@@ -2,8 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 
 
 def register(app: typer.Typer) -> None:
     """Adds the data stage's commands to the root app."""
+
+    @app.command("data")
+    @friendly_errors
+    def data(
+        config: ConfigArg,
+        set_: SetOpt = None,
+        output_dir: OutputDirOpt = None,
+        workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes for per-row work.")] = 1,
+        strict: Annotated[
+            bool, typer.Option("--strict", help="Fail on the first unparseable line instead of quarantining it.")
+        ] = False,
+    ) -> None:
+        """Turn raw sources into clean, split, accounted train/val/test JSONL (+ general set and report).
+
+        Example: domaintune data examples/medical-zh.yaml --workers 2 --set data.sample.train=1000
+        """
+        from domaintune.data.pipeline import run_data
+
+        cfg = load(config, set_, output_dir)
+        report = run_data(cfg, Path(cfg.output_dir), workers=workers, strict=strict)
+        console = Console()
+        table = Table(title=f"data: {cfg.name}")
+        for col in ("source", "input", "train", "val", "test", "dropped", "balanced"):
+            table.add_column(col, justify="right" if col != "source" else "left")
+        for name, s in report["sources"].items():
+            table.add_row(name, str(s["input"]), str(s["kept"]["train"]), str(s["kept"]["val"]),
+                          str(s["kept"]["test"]), str(s["dropped_total"]), "yes" if s["balanced"] else "NO")  # fmt: skip
+        console.print(table)
+        reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])
+        console.print(f"drop reasons: {reasons}")
+        if report["pii"]["counts"]:
+            console.print(f"PII redacted: {report['pii']['counts']}")
+        if report.get("general"):
+            g = report["general"]
+            console.print(f"general set: {g['written']} rows (of {g['input']} instances)")
+        console.print(f"outputs: {report['output_dir']} (report.html, report.json, quarantine.jsonl)")

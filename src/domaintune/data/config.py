@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
@@ -172,3 +172,8 @@ class DataConfig(StrictModel):
     system_prompt: str | None = Field(None, description="System prompt added to every row (messages/sharegpt).")
     general: GeneralConfig | None = Field(None, description="Optional general-domain set for replay.")
     batch_size: int = Field(256, ge=1, description="Rows per work unit sent to a worker process.")
+
+    @field_validator("sample", mode="before")
+    @classmethod
+    def _no_sample(cls, value):
+        return {} if value is None else value  # `sample: null` means no caps

@@ -1,0 +1,86 @@
+"""Text helpers shared by the data operations: normalisation, script detection, n-grams."""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+_TAG_RE = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>", re.S)
+_SPACES_RE = re.compile(r"[ \t\u00a0\u3000]+")
+_BLANKS_RE = re.compile(r"\n\s*\n\s*\n+")
+_TRAIL_RE = re.compile(r" *\n *")
+# C0/C1 controls except \t and \n, plus zero-width and BOM characters.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+_LATIN_RE = re.compile(r"[A-Za-z]")
+_WORD_RE = re.compile(r"\w+", re.U)
+
+
+def normalise_text(
+    text: str, *, nfkc: bool = True, html_clean: bool = True, control_chars: bool = True, whitespace: bool = True
+) -> str:
+    """NFKC (full-width → half-width), HTML entities/tags, control characters, whitespace runs."""
+    if html_clean and ("&" in text or "<" in text):
+        text = html.unescape(text)
+        text = _TAG_RE.sub(" ", text)
+    if nfkc:
+        text = unicodedata.normalize("NFKC", text)
+    if control_chars:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = _CONTROL_RE.sub("", text)
+    if whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = _SPACES_RE.sub(" ", text)
+        text = _TRAIL_RE.sub("\n", text)
+        text = _BLANKS_RE.sub("\n\n", text)
+        text = text.strip()
+    return text
+
+
+def cjk_ratio(text: str) -> float:
+    """Share of CJK characters among letters (CJK + Latin)."""
+    cjk = len(_CJK_RE.findall(text))
+    latin = len(_LATIN_RE.findall(text))
+    total = cjk + latin
+    return cjk / total if total else 0.0
+
+
+def is_cjk(text: str) -> bool:
+    return cjk_ratio(text) >= 0.3
+
+
+def detect_language(text: str) -> str | None:
+    """Script-based language guess: 'zh' (mostly Han), 'en' (Latin letters), else None."""
+    cjk = len(_CJK_RE.findall(text))
+    latin = len(_LATIN_RE.findall(text))
+    if cjk + latin == 0:
+        return None
+    if cjk / (cjk + latin) >= 0.3:
+        return "zh"
+    return "en" if latin >= 0.7 * sum(not ch.isspace() for ch in text) * 0.5 else None
+
+
+def words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def ngrams(text: str, char_n: int, word_n: int) -> list[str]:
+    """Character n-grams for CJK text (spaces removed), word n-grams otherwise."""
+    if is_cjk(text):
+        compact = re.sub(r"\s+", "", text)
+        if len(compact) < char_n:
+            return [compact] if compact else []
+        return [compact[i : i + char_n] for i in range(len(compact) - char_n + 1)]
+    toks = words(text)
+    if len(toks) < word_n:
+        return [" ".join(toks)] if toks else []
+    return [" ".join(toks[i : i + word_n]) for i in range(len(toks) - word_n + 1)]
+
+
+def repetition_ratio(text: str, char_n: int = 5, word_n: int = 3) -> float:
+    """Fraction of n-gram occurrences that repeat an earlier n-gram of the same text (0 = no repetition)."""
+    grams = ngrams(text, char_n, word_n)
+    if len(grams) < 4:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
