@@ -169,6 +169,9 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
     files = [Path(f) for f in files]
     if not files:
         raise UserError("import-review needs at least one reviewer file")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f}: review file not found")
     key_file = _find_key(files, key_path)
     key = json.loads(key_file.read_text(encoding="utf-8"))
     models = key["models"]
