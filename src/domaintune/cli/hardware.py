@@ -12,6 +12,14 @@ from rich.table import Table
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor() -> None:
@@ -68,7 +76,7 @@ def register(app: typer.Typer) -> None:
                           title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)")
             for est in target.estimates:
                 fits = est.total_gib <= target.memory_gib * 0.95
-                run_time = f"{est.run_seconds / 60:.1f} min" if est.run_seconds is not None else "-"
+                run_time = _duration(est.run_seconds)
                 note = "" if target.supported(est.method) else " (needs CUDA)"
                 table.add_row(est.method + note, f"{est.trainable_params / 1e6:.2f}M", f"{est.total_gib:.2f}",
                               "[green]yes[/]" if fits else "[red]no[/]", f"{est.tokens_per_s:,.0f}", run_time)

@@ -39,12 +39,13 @@ class Plan:
 
 def run_shape_from_config(cfg: ProjectConfig) -> RunShape:
     train = cfg.train
-    lora = getattr(train, "lora", None)
     return RunShape(
         seq_len=train.max_length,
         batch_size=train.batch_size,
         grad_accum=train.gradient_accumulation_steps,
-        lora_r=getattr(lora, "r", 8) if lora is not None else 8,
+        lora_r=train.lora.r,
+        freeze_trainable_layers=train.freeze.trainable_layers,
+        num_virtual_tokens=train.prompt_learning.num_virtual_tokens,
         gradient_checkpointing=train.gradient_checkpointing,
         precision=train.precision,
     )
@@ -59,7 +60,7 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
     train_file = cfg.output_dir / "data" / "train.jsonl"
     tokens = count_tokens_in_split(train_file, model_dir, run.seq_len)
     epochs = cfg.train.epochs
-    max_steps = getattr(cfg.train, "max_steps", None)
+    max_steps = cfg.train.max_steps
     if max_steps:
         run.total_tokens = max_steps * run.batch_size * run.grad_accum * run.seq_len
         tokens_note = f"{max_steps} steps x {run.batch_size * run.grad_accum} rows x <= {run.seq_len} tokens"
