@@ -3,7 +3,69 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+
+out = Console()
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def export_summary(manifest: dict) -> Table:
+    table = Table(title=f"export of {manifest['project']} ({manifest['seconds']} s)")
+    for col in ("artefact", "size", "vs merged", "load s", "tokens/s", "speed vs merged", "perplexity", "delta",
+                "check"):
+        table.add_column(col, justify="left" if col in ("artefact", "check") else "right")
+    for name, entry in manifest["artifacts"].items():
+        check = ""
+        verified = entry.get("verified")
+        if verified:
+            lg = verified["logits_vs_merged"]
+            check = (f"rel.err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}, "
+                     f"greedy {verified['greedy_common_prefix']}/{verified['greedy_tokens']}")
+        elif "logits_vs_merged" in entry:
+            lg = entry["logits_vs_merged"]
+            check = f"rel.err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}"
+        elif "sparsity" in entry:
+            check = f"sparsity {entry['sparsity']['achieved']:.1%}"
+        table.add_row(
+            name, _mb(entry.get("bytes")), _fmt(entry.get("size_ratio_vs_merged"), ".2f"),
+            _fmt(entry.get("load_s"), ".2f"),
+            _fmt(entry.get("speed", {}).get("tokens_per_s"), ".1f"), _fmt(entry.get("speed_ratio_vs_merged"), ".2f"),
+            _fmt(entry.get("metric", {}).get("perplexity"), ".3f"), _fmt(entry.get("perplexity_delta_vs_merged"), "+.3f"),
+            check,
+        )
+    return table
 
 
 def register(app: typer.Typer) -> None:
     """Adds the export stage's commands to the root app."""
+
+    @app.command("export")
+    @friendly_errors
+    def export_cmd(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = None) -> None:
+        """Merge the trained adapter, quantise (INT8; bitsandbytes on GPU), write GGUF f16/q8_0 + Ollama Modelfile.
+
+        Reads `<run>/model`, writes `<run>/export/` (merged/, int8/, gguf/, manifest.json with sha256 of every file)
+        and reports size, load time, speed and perplexity change of each artefact against the merged model.
+
+        Example: domaintune export examples/medical-zh.yaml --set export.prune_sparsity=0.3
+        """
+        from domaintune.export.runner import run_export
+
+        cfg = load(config, set_, output_dir)
+        manifest = run_export(cfg, cfg.output_dir)
+        out.print(export_summary(manifest))
+        if manifest["merge"].get("adapter"):
+            out.print(f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}")
+        metric = manifest["metric"]
+        out.print(f"metric: {metric['description'] or metric['skipped']}")
+        out.print(f"manifest: {cfg.output_dir / 'export' / 'manifest.json'} ({len(manifest['files'])} files, sha256)")

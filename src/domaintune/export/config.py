@@ -1,9 +1,75 @@
-"""The `export:` section (the export stage fills this in)."""
+"""The `export:` section: merge, quantise, GGUF, pruning, and how the exports are checked."""
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, field_validator
+
 from domaintune.utils.config_types import StrictModel
+
+GgufType = Literal["f32", "f16", "q8_0"]
 
 
 class ExportConfig(StrictModel):
-    pass
+    merged_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the merged safetensors model in `export/merged/`."
+    )
+    int8: bool = Field(True, description="Write a dynamic INT8 (torch, Linear layers) CPU model to `export/int8/`.")
+    bitsandbytes: list[Literal["4bit", "8bit"]] = Field(
+        default_factory=list,
+        description="GPU only: also write bitsandbytes 4-/8-bit models (`export/bnb-4bit/`, ...). Needs CUDA.",
+    )
+    gguf: list[GgufType] = Field(
+        default_factory=lambda: ["f16", "q8_0"],
+        description="GGUF files to write to `export/gguf/` (tokenizer and chat template inside). Empty: none.",
+    )
+    gguf_tokenizer_pre: str | None = Field(
+        None,
+        description=(
+            "llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`). Default: detected from the tokenizer "
+            "(as llama.cpp's converter does); set it for a tokenizer that is not recognised."
+        ),
+    )
+    verify_gguf: bool = Field(True, description="Load each GGUF back with transformers and compare with the source.")
+    gguf_tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"f32": 1e-4, "f16": 0.01, "q8_0": 0.1},
+        description=(
+            "Largest relative logit error allowed when verifying a GGUF file: rms(gguf - source) / "
+            "rms(source - its mean), over the verification prompts. Exceeding it fails the export."
+        ),
+    )
+    merge_tolerance: float = Field(
+        1e-3, description="Largest absolute logit difference allowed between base+adapter and the merged model."
+    )
+    modelfile: bool = Field(True, description="Write an Ollama `Modelfile` beside the GGUF files.")
+    modelfile_gguf: GgufType = Field("q8_0", description="Which GGUF file the Modelfile's FROM points at.")
+    ollama_template: str | None = Field(
+        None,
+        description="Go template for the Modelfile's TEMPLATE. Default: translated from a ChatML or Llama-3 chat template.",
+    )
+    ollama_parameters: dict[str, float | int | str] = Field(
+        default_factory=dict, description="Extra `PARAMETER name value` lines for the Modelfile (e.g. temperature)."
+    )
+    prune_sparsity: float | None = Field(
+        None,
+        description="Optional magnitude pruning of the merged model's Linear weights to this fraction of zeros (0-1).",
+    )
+    eval_rows: int = Field(
+        32, ge=1, description="Rows of the val split used for the before/after perplexity of every export."
+    )
+    eval_max_length: int = Field(512, ge=16, description="Token limit per row for that perplexity.")
+    speed_prompts: int = Field(2, ge=1, description="Prompts used to time greedy generation (tokens/s).")
+    speed_new_tokens: int = Field(32, ge=1, description="New tokens generated per timed prompt.")
+
+    @field_validator("prune_sparsity")
+    @classmethod
+    def _sparsity_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.3 for 30% zeros")
+        return value
+
+    @field_validator("gguf")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
