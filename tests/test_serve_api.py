@@ -290,3 +290,14 @@ def test_requests_are_logged_redacted_and_take_feedback(server):
     other = httpx.post(server.url + "/v1/feedback", headers={"Authorization": f"Bearer {server.keys['limited']}"},
                        json={"request_id": r.id, "rating": 1})
     assert other.status_code == 403
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(server):
+    import re
+    from pathlib import Path
+
+    dashboard = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "domaintune.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"domaintune_[a-z_]+", e)}
+    exported = {family.name for family in server.state.metrics.registry.collect()}
+    assert used and used <= exported, used - exported

@@ -1,0 +1,211 @@
+"""Load test of `domaintune serve`: 32 concurrent clients x N requests against the bundled model.
+
+Baseline, measured in the same run on the same machine: a plain transformers `generate` loop that
+serves the same requests one by one (all of them arriving at once, so a request's latency is the
+time until the loop reaches and finishes it). Both sides decode greedily with the same max_tokens
+and stop at the end-of-turn token, so they do the same work.
+
+    nice -n 10 python bench/bench_serve.py --clients 32 --requests-per-client 2 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "general_seed_tasks" / "seed_tasks.jsonl"
+FALLBACK_PROMPTS = [
+    "What are common symptoms of the flu?", "How much water should an adult drink per day?",
+    "Explain what blood pressure numbers mean.", "Give three tips for better sleep.",
+    "What is the difference between a virus and a bacterium?", "How does exercise help the heart?",
+    "Why is it important to finish a course of antibiotics?", "What should I do for a mild burn?",
+]
+
+
+def load_prompts(n: int) -> list[str]:
+    prompts: list[str] = []
+    if SHARED.is_file():
+        for line in SHARED.read_text(encoding="utf-8").splitlines():
+            task = json.loads(line)
+            text = task.get("instruction", "")
+            inst = (task.get("instances") or [{}])[0].get("input", "")
+            prompts.append(f"{text}\n\n{inst}".strip() if inst else text)
+    else:
+        print(f"note: {SHARED} not found; using {len(FALLBACK_PROMPTS)} built-in prompts", file=sys.stderr)
+        prompts = FALLBACK_PROMPTS
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_server_load(cfg, prompts: list[str], clients: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from domaintune.serve.app import build_state
+    from domaintune.serve.server import BackgroundServer
+
+    state = build_state(cfg)
+    key = state.store.create_key("bench")[1]
+    latencies: list[float] = []
+    errors: list[str] = []
+    completion_tokens = 0
+    outputs: dict[int, str] = {}
+    with BackgroundServer(state) as server:
+        async def main():
+            nonlocal completion_tokens
+            client = AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=600)
+            model = state.catalog.base_name
+            # Warm-up (first batch pays one-off costs).
+            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0)
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for i in range(len(prompts)):
+                queue.put_nowait(i)
+            with Progress(TextColumn("server"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as progress:
+                task = progress.add_task("requests", total=len(prompts))
+
+                async def worker():
+                    nonlocal completion_tokens
+                    while not queue.empty():
+                        i = queue.get_nowait()
+                        start = time.perf_counter()
+                        try:
+                            r = await client.chat.completions.create(
+                                model=model, messages=[{"role": "user", "content": prompts[i]}],
+                                max_tokens=max_tokens, temperature=0)
+                            latencies.append(time.perf_counter() - start)
+                            completion_tokens += r.usage.completion_tokens
+                            outputs[i] = r.choices[0].message.content
+                        except Exception as exc:  # counted and reported, never hidden
+                            errors.append(f"{type(exc).__name__}: {exc}")
+                        progress.advance(task)
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*[worker() for _ in range(clients)])
+                wall = time.perf_counter() - t0
+            await client.close()
+            return wall
+
+        wall = asyncio.run(main())
+        batches = state.engine.batches_run
+    return {"wall_s": wall, "latencies": latencies, "errors": errors, "completion_tokens": completion_tokens,
+            "outputs": outputs, "batches": batches}
+
+
+def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tqdm import tqdm
+
+    from domaintune.model.loader import end_of_turn_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eot = end_of_turn_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+
+    def generate(prompt: str, n: int):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=eot, pad_token_id=pad)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        while new and new[-1] in eot + [pad]:
+            new.pop()
+        return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    generate("hi", 4)  # warm-up
+    latencies, outputs, completion_tokens = [], {}, 0
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(tqdm(prompts, desc="baseline (one by one)", unit="req")):
+        text, n = generate(prompt, max_tokens)
+        latencies.append(time.perf_counter() - t0)  # all requests arrived at t0
+        outputs[i] = text
+        completion_tokens += n
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "latencies": latencies, "errors": [], "completion_tokens": completion_tokens,
+            "outputs": outputs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+
+    from domaintune.config import config_from_dict
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import resolve_model_dir
+
+    n = args.clients * args.requests_per_client
+    prompts = load_prompts(n)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    cfg = config_from_dict({
+        "name": "bench", "output_dir": str(tmp), "model": {"name_or_path": args.model},
+        "serve": {"max_batch_size": args.max_batch_size, "batch_wait_ms": 20, "max_tokens_cap": args.max_tokens,
+                  "default_max_tokens": args.max_tokens, "key_hash_iterations": 1000, "serve_trained": False,
+                  "engine": "transformers", "request_timeout_s": 3600},
+    })
+    print(f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
+          f"model {args.model}, greedy", file=sys.stderr)
+    server = run_server_load(cfg, prompts, args.clients, args.max_tokens)
+    baseline = run_baseline(resolve_model_dir(ModelConfig(name_or_path=args.model)), prompts, args.max_tokens)
+
+    def row(name: str, r: dict) -> dict:
+        lat = r["latencies"]
+        return {
+            "name": name, "requests_ok": len(lat), "errors": len(r["errors"]), "wall_s": round(r["wall_s"], 2),
+            "req_per_s": round(len(lat) / r["wall_s"], 3), "tok_per_s": round(r["completion_tokens"] / r["wall_s"], 1),
+            "p50_s": round(pct(lat, 0.5), 2), "p95_s": round(pct(lat, 0.95), 2), "p99_s": round(pct(lat, 0.99), 2),
+            "completion_tokens": r["completion_tokens"],
+        }
+
+    rows = [row(f"domaintune serve ({args.clients} clients, batched)", server),
+            row("transformers generate, one by one", baseline)]
+    same = sum(server["outputs"].get(i) == baseline["outputs"].get(i) for i in range(n))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bench_serve: {n} requests, max_tokens {args.max_tokens}")
+    for col in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(r[c]) for c in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s",
+                                             "p50_s", "p95_s", "p99_s")])
+    console = Console()
+    console.print(table)
+    s, b = rows
+    console.print(f"throughput ratio (server / one-by-one baseline): {s['req_per_s'] / b['req_per_s']:.2f}x requests/s, "
+                  f"{s['tok_per_s'] / b['tok_per_s']:.2f}x tokens/s")
+    console.print(f"latency ratio p50 {s['p50_s'] / b['p50_s']:.2f}x, p95 {s['p95_s'] / b['p95_s']:.2f}x "
+                  f"(lower is better; baseline latencies include waiting for earlier requests)")
+    console.print(f"server batches: {server['batches']} for {n} requests; greedy outputs identical to the "
+                  f"baseline: {same}/{n}")
+    if server["errors"]:
+        console.print(f"[red]errors:[/] {server['errors'][:5]}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "identical_outputs": same, "batches": server["batches"],
+                                         "errors": server["errors"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
