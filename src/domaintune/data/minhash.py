@@ -13,8 +13,10 @@ alone). The first document of a cluster is kept.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import xxhash
@@ -44,6 +46,7 @@ def _rolling(values: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+@functools.lru_cache(maxsize=32)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) minimising weighted false-positive/negative areas (datasketch's criterion)."""
     from scipy.integrate import quad
@@ -232,13 +235,20 @@ class DedupResult:
 
 @dataclass
 class LSHIndex:
-    """Keep-first near-duplicate index over MinHash signatures."""
+    """Keep-first near-duplicate index over MinHash signatures.
+
+    Each band key maps to the slot of the first kept document with that band (`_main`); later
+    kept documents with the same band key go to `_overflow`. Lookups for a whole batch run as
+    one C-level `map` over the band keys, and candidate pairs are verified with one vectorised
+    signature comparison.
+    """
 
     threshold: float
     num_perm: int
     bands: int | None = None
     rows: int | None = None
-    _buckets: dict = field(default_factory=dict)
+    _main: dict = field(default_factory=dict)
+    _overflow: dict = field(default_factory=dict)
     _sigs: np.ndarray | None = None
     _ids: list = field(default_factory=list)
     _count: int = 0
@@ -251,6 +261,9 @@ class LSHIndex:
         rng = np.random.default_rng(12345)
         self._band_salt = rng.integers(0, 2**63, size=self.bands, dtype=np.uint64)
 
+    def __len__(self) -> int:
+        return self._count
+
     def band_keys(self, sigs: np.ndarray) -> np.ndarray:
         n = sigs.shape[0]
         used = sigs[:, : self.bands * self.rows].reshape(n, self.bands, self.rows).astype(np.uint64)
@@ -259,73 +272,128 @@ class LSHIndex:
             h = _mix64(h * _P + used[:, :, k])
         return h
 
-    def _store(self, sig: np.ndarray) -> int:
-        if self._count == len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        self._sigs[self._count] = sig
-        self._count += 1
-        return self._count - 1
+    def _store_many(self, sigs: np.ndarray) -> np.ndarray:
+        need = self._count + len(sigs)
+        if need > len(self._sigs):
+            grown = np.zeros((max(need, 2 * len(self._sigs)), self.num_perm), dtype=np.uint32)
+            grown[: self._count] = self._sigs[: self._count]
+            self._sigs = grown
+        self._sigs[self._count : need] = sigs
+        slots = np.arange(self._count, need)
+        self._count = need
+        return slots
 
-    def add_batch(self, sigs: np.ndarray, ids: list[int]) -> list[DedupResult]:
+    def _best(self, docs: np.ndarray, slots: np.ndarray, sigs: np.ndarray, ref) -> dict[int, tuple[int, float]]:
+        """Per doc, the most similar candidate (earliest on ties) whose estimate reaches the threshold."""
+        if len(docs) == 0:
+            return {}
+        pair = np.unique(docs.astype(np.int64) << 32 | slots.astype(np.int64))
+        docs, slots = pair >> 32, pair & 0xFFFFFFFF
+        sims = np.count_nonzero(ref[slots] == sigs[docs], axis=1) / self.num_perm
+        ok = sims >= self.threshold
+        if not ok.any():
+            return {}
+        docs, slots, sims = docs[ok], slots[ok], sims[ok]
+        order = np.lexsort((slots, -sims, docs))
+        docs, slots, sims = docs[order], slots[order], sims[order]
+        first = np.ones(len(docs), dtype=bool)
+        first[1:] = docs[1:] != docs[:-1]
+        return {int(d): (int(s), float(v)) for d, s, v in zip(docs[first], slots[first], sims[first])}
+
+    def add_batch(self, sigs: np.ndarray, ids: list) -> list[DedupResult]:
         """Query each signature against kept documents (in order); insert it when it is new.
 
-        Phase 1 checks the whole batch against documents kept in earlier batches with one
-        vectorised comparison; phase 2 walks the remaining documents in order against the
-        documents kept earlier in this batch (keep-first semantics are preserved).
+        1. the whole batch against documents kept in earlier batches (vectorised);
+        2. the remaining documents against each other, resolved in order (keep-first);
+        3. the documents kept from this batch are inserted.
         """
-        n = sigs.shape[0]
-        keys = self.band_keys(sigs).tolist()
-        buckets = self._buckets
+        n, b = sigs.shape[0], self.bands
+        if n == 0:
+            return []
+        keys = self.band_keys(sigs)
+        flat = keys.ravel().tolist()
+        hit = np.fromiter(map(self._main.get, flat, repeat(-1, len(flat))), dtype=np.int64, count=len(flat))
+        pos = np.nonzero(hit >= 0)[0]
+        docs, slots = pos // b, hit[pos]
+        if self._overflow and len(pos):
+            extra_d, extra_s = [], []
+            for p in pos.tolist():
+                more = self._overflow.get(flat[p])
+                if more:
+                    extra_d.extend([p // b] * len(more))
+                    extra_s.extend(more)
+            if extra_d:
+                docs = np.concatenate([docs, np.asarray(extra_d, dtype=np.int64)])
+                slots = np.concatenate([slots, np.asarray(extra_s, dtype=np.int64)])
+        prior = self._best(docs, slots, sigs, self._sigs)
         results: list[DedupResult | None] = [None] * n
-        pair_doc: list[int] = []
-        pair_slot: list[int] = []
-        for i, row_keys in enumerate(keys):
-            seen: set[int] = set()
-            for key in row_keys:
-                hit = buckets.get(key)
-                if hit is not None:
-                    seen.update(hit)
-            for slot in seen:
-                pair_doc.append(i)
-                pair_slot.append(slot)
-        if pair_doc:
-            pd_ = np.asarray(pair_doc, dtype=np.int64)
-            ps_ = np.asarray(pair_slot, dtype=np.int64)
-            sims = np.count_nonzero(self._sigs[ps_] == sigs[pd_], axis=1) / self.num_perm
-            ok = sims >= self.threshold
-            if ok.any():
-                # best (then earliest) match per document
-                order = np.lexsort((ps_[ok], -sims[ok], pd_[ok]))
-                d_ok, s_ok, v_ok = pd_[ok][order], ps_[ok][order], sims[ok][order]
-                first = np.ones(len(d_ok), dtype=bool)
-                first[1:] = d_ok[1:] != d_ok[:-1]
-                for d, slot, v in zip(d_ok[first].tolist(), s_ok[first].tolist(), v_ok[first].tolist()):
-                    results[d] = DedupResult(self._ids[slot], v)
-        local: dict[int, list[int]] = {}
-        for i in range(n):
-            if results[i] is not None:
-                continue
-            row_keys = keys[i]
-            cands: set[int] = set()
-            for key in row_keys:
-                hit = local.get(key)
-                if hit is not None:
-                    cands.update(hit)
+        for d, (slot, sim) in prior.items():
+            results[d] = DedupResult(self._ids[slot], sim)
+
+        # within the batch: pairs of remaining documents sharing a band
+        rest = np.asarray([i for i in range(n) if results[i] is None], dtype=np.int64)
+        later: dict[int, list[tuple[int, float]]] = {}
+        if len(rest) > 1:
+            sub = keys[rest].ravel()
+            owner = np.repeat(rest, b)
+            order = np.argsort(sub, kind="stable")
+            sub, owner = sub[order], owner[order]
+            same = np.nonzero(sub[1:] == sub[:-1])[0]
+            if len(same):
+                pa, pb = [], []
+                starts = same[np.r_[True, same[1:] != same[:-1] + 1]]
+                for st in starts.tolist():
+                    en = st + 1
+                    while en < len(sub) and sub[en] == sub[st]:
+                        en += 1
+                    members = sorted(set(owner[st:en].tolist()))
+                    for x, i in enumerate(members):
+                        for j in members[x + 1 :]:
+                            pa.append(i)
+                            pb.append(j)
+                if pa:
+                    pair = np.unique(np.asarray(pa, dtype=np.int64) << 32 | np.asarray(pb, dtype=np.int64))
+                    pa_, pb_ = pair >> 32, pair & 0xFFFFFFFF
+                    sims = np.count_nonzero(sigs[pa_] == sigs[pb_], axis=1) / self.num_perm
+                    for i, j, v in zip(pa_.tolist(), pb_.tolist(), sims.tolist()):
+                        if v >= self.threshold:
+                            later.setdefault(j, []).append((i, v))
+        kept_local: list[int] = []
+        kept_set: set[int] = set()
+        for i in rest.tolist():
+            cands = [(v, -k, k) for k, v in later.get(i, ()) if k in kept_set]
             if cands:
-                cand_list = sorted(cands)
-                sims = np.count_nonzero(self._sigs[cand_list] == sigs[i], axis=1) / self.num_perm
-                j = int(np.argmax(sims))
-                if sims[j] >= self.threshold:
-                    results[i] = DedupResult(self._ids[cand_list[j]], float(sims[j]))
-                    continue
-            slot = self._store(sigs[i])
-            self._ids.append(ids[i])
-            for key in row_keys:
-                for table in (buckets, local):
-                    lst = table.get(key)
-                    if lst is None:
-                        table[key] = [slot]
-                    else:
-                        lst.append(slot)
+                v, _, k = max(cands)
+                results[i] = DedupResult(ids[k], v)
+                continue
+            kept_local.append(i)
+            kept_set.add(i)
             results[i] = DedupResult(None, 0.0)
+        if kept_local:
+            slots_new = self._store_many(sigs[kept_local]).tolist()
+            main, overflow = self._main, self._overflow
+            for i, slot in zip(kept_local, slots_new):
+                self._ids.append(ids[i])
+                for key in flat[i * b : (i + 1) * b]:
+                    prev = main.setdefault(key, slot)
+                    if prev != slot:
+                        overflow.setdefault(key, []).append(slot)
         return results  # type: ignore[return-value]
+
+    def all_pairs(self, sigs: np.ndarray) -> list[tuple[int, int, float]]:
+        """Every pair (i < j) of the given signatures that shares a band and whose estimated
+        Jaccard reaches the threshold (batch mode, no keep-first; used to evaluate the index)."""
+        keys = self.band_keys(sigs)
+        buckets: dict[int, list[int]] = {}
+        for i, row in enumerate(keys.tolist()):
+            for key in row:
+                buckets.setdefault(key, []).append(i)
+        cand = {(a, b) for members in buckets.values() if len(members) > 1
+                for x, a in enumerate(members) for b in members[x + 1 :]}  # fmt: skip
+        out = []
+        for a, b in sorted(cand):
+            sim = float(np.count_nonzero(sigs[a] == sigs[b])) / self.num_perm
+            if sim >= self.threshold:
+                out.append((a, b, sim))
+        return out
+
