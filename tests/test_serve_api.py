@@ -301,3 +301,23 @@ def test_grafana_dashboard_queries_only_exported_metrics(server):
     used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"domaintune_[a-z_]+", e)}
     exported = {family.name for family in server.state.metrics.registry.collect()}
     assert used and used <= exported, used - exported
+
+
+def test_timeout_gives_504_and_full_queue_gives_503(server):
+    c = client(server)
+    scfg, engine = server.state.scfg, server.state.engine
+    old_timeout, old_queue = scfg.request_timeout_s, engine.max_queue
+    try:
+        scfg.request_timeout_s = 0.01
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(c, max_tokens=64)
+        assert e.value.status_code == 504 and e.value.code == "timeout"
+        scfg.request_timeout_s = old_timeout
+        engine.max_queue = 0
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(c, max_tokens=2)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"
+    finally:
+        scfg.request_timeout_s, engine.max_queue = old_timeout, old_queue
+    assert chat(c, max_tokens=2).choices  # back to normal
+    assert 'type="timeout"' in httpx.get(server.url + "/metrics").text

@@ -597,7 +597,7 @@ def create_app(state: ServeState) -> FastAPI:
             metrics.canary_requests.labels(job.public, job.arm, outcome).inc()
             state.canary.record(job.response_id, job.arm, error=outcome != "ok")
         log.info("generation %s", outcome, extra={
-            "event": "generation", "model": job.public, "served": job.served.name, "version": job.served.version,
+            "event": "generation", "response_id": job.response_id, "model": job.public, "served": job.served.name, "version": job.served.version,
             "arm": job.arm, "status": status, "prompt_tokens": job.prompt_tokens,
             "completion_tokens": completion_tokens, "latency_ms": round(latency * 1000, 1),
             "finish_reason": completion.finish_reason if completion else None,
@@ -725,9 +725,10 @@ def create_app(state: ServeState) -> FastAPI:
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away mid-stream
+            if not finished:  # the client went away mid-stream: stop generating, still account for it
                 job.gen.cancelled.set()
                 log.info("client disconnected; generation cancelled", extra={"event": "cancelled"})
+                asyncio.get_running_loop().run_in_executor(None, finish_job, job, 499, None, "cancelled")
 
     # ---- endpoints ------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
