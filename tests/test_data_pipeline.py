@@ -178,3 +178,20 @@ def test_general_set_one_row_per_instance(tmp_path):
     assert gen[0]["messages"] == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
     assert report["general"] == {"path": str(tmp_path / "seed.jsonl"), "input": 3, "written": 2,
                                  "dropped": {"empty instruction/output": 1}, "balanced": True}  # fmt: skip
+
+
+def test_normalise_and_pii_changes_are_counted(tmp_path):
+    rows = [
+        {"q": "ＷＨＡＴ is BP？", "a": "Call 13812345678 or mail a@b.com for an answer."},
+        {"q": "plain question here", "a": "plain answer here"},
+        {"q": "dropped &amp; redacted?", "a": "no: 13912345678"},  # filtered afterwards: still counted
+    ]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    data = {"filters": {"min_chars": {"output": 16}, "outlier_sigma": None}, "split": {"ratios": [1, 0, 0]}}
+    report = run_data(cfg_for(tmp_path, data), tmp_path / "run", progress=False)
+    assert report["normalise"]["rows_changed"] == 2
+    assert report["pii"] == {"rows_changed": 2, "counts": {"phone": 2, "email": 1}}
+    stages = {f["stage"]: f for f in report["funnel"]}
+    assert stages["normalise"]["changed"] == 2 and stages["filter"]["dropped"] == 1
+    out = read(tmp_path, "train")[0]["messages"]
+    assert out[0]["content"] == "WHAT is BP?" and out[1]["content"] == "Call [PHONE] or mail [EMAIL] for an answer."

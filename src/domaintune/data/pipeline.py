@@ -243,17 +243,19 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 near_rows = []
                 for o in result["outcomes"]:
                     source, file, loc = rid_info.pop(o["rid"])
+                    info = o.get("info")
+                    if info:
+                        changed["normalise"] += info["normalised"]
+                        if info["pii"]:
+                            changed["pii"] += 1
+                            pii_counts.update(info["pii"])
                     if "drop" in o:
                         stage, reason = o["drop"]
                         accounts.drop(source, stage, reason)
                         funnel[f"{stage}_dropped"] += 1
                         quarantine.add(source, file, loc, stage, reason, row=o["payload"])
                         continue
-                    row, info = o["row"], o["info"]
-                    changed["normalise"] += info["normalised"]
-                    if info["pii"]:
-                        changed["pii"] += 1
-                        pii_counts.update(info["pii"])
+                    row = o["row"]
                     input_lengths.append(o["length"])
                     sig = result["sigs"][sig_i] if result["sigs"] is not None else None
                     sig_i += 1
@@ -621,12 +623,14 @@ def _funnel(funnel: Counter, changed: Counter, split_counts: Counter, split_befo
              "note": "records read (general set excluded)"}]  # fmt: skip
     current = funnel["input"]
     for stage, note in stages:
+        if stage == "filter":  # in-place stages before the filters: rows changed, none dropped
+            rows.append({"stage": "normalise", "rows_in": current, "dropped": 0, "rows_out": current,
+                         "changed": changed["normalise"], "note": "NFKC, HTML, control characters, whitespace"})
+            rows.append({"stage": "pii", "rows_in": current, "dropped": 0, "rows_out": current,
+                         "changed": changed["pii"], "note": "rows with PII replaced by typed placeholders"})
         dropped = funnel[f"{stage}_dropped"]
-        entry = {"stage": stage, "rows_in": current, "dropped": dropped, "rows_out": current - dropped, "note": note}
-        if stage == "filter":
-            entry["changed_by_normalise"] = changed["normalise"]
-            entry["changed_by_pii"] = changed["pii"]
-        rows.append(entry)
+        rows.append({"stage": stage, "rows_in": current, "dropped": dropped, "rows_out": current - dropped,
+                     "note": note})  # fmt: skip
         current -= dropped
     rows.append({"stage": "output", "rows_in": current, "dropped": 0, "rows_out": sum(split_counts.values()),
                  "note": ", ".join(f"{s}={split_counts[s]}" for s in SPLITS)})  # fmt: skip

@@ -295,7 +295,11 @@ class RowProcessor:
 
             _apply(row, redact)
             info["pii"] = dict(counts)
-        self._filter(row)
+        try:
+            self._filter(row)
+        except Drop as drop:
+            drop.info = info  # rows dropped by a filter were still normalised/redacted: count them
+            raise
         return {"row": row, "info": info}
 
     def process(self, batch: list[tuple[int, str, Record]]) -> dict[str, Any]:
@@ -307,7 +311,8 @@ class RowProcessor:
                 res = self.process_one(rec, row_id)
             except Drop as drop:
                 payload = rec.data if rec.data is not None else None
-                outcomes.append({"rid": rid, "drop": (drop.stage, drop.reason), "payload": _json_safe(payload)})
+                outcomes.append({"rid": rid, "drop": (drop.stage, drop.reason), "payload": _json_safe(payload),
+                                 "info": getattr(drop, "info", None)})  # fmt: skip
                 continue
             row = res["row"]
             dtext = self.dedup_text(row)

@@ -124,9 +124,9 @@ th{background:#f3f3f3}.ok{color:#1a7f37;font-weight:bold}.bad{color:#c00;font-we
 
 <h2>Funnel</h2>
 <img src="data:image/png;base64,{{ plots.funnel }}">
-<table><tr><th>stage</th><th>rows in</th><th>dropped</th><th>rows out</th><th>note</th></tr>
-{% for f in r.funnel %}<tr><td>{{ f.stage }}</td><td>{{ f.rows_in }}</td><td>{{ f.dropped }}</td><td>{{ f.rows_out }}</td>
-<td class="small">{{ f.note }}{% if f.changed_by_normalise is defined %}; rows changed by normalise: {{ f.changed_by_normalise }}, by PII redaction: {{ f.changed_by_pii }}{% endif %}</td></tr>{% endfor %}
+<table><tr><th>stage</th><th>rows in</th><th>dropped</th><th>changed</th><th>rows out</th><th>note</th></tr>
+{% for f in r.funnel %}<tr><td>{{ f.stage }}</td><td>{{ f.rows_in }}</td><td>{{ f.dropped }}</td><td>{{ f.changed if f.changed is defined else "" }}</td>
+<td>{{ f.rows_out }}</td><td class="small">{{ f.note }}</td></tr>{% endfor %}
 </table>
 
 <h2>Drop reasons</h2>

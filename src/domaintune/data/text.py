@@ -58,7 +58,8 @@ def detect_language(text: str) -> str | None:
         return None
     if cjk / (cjk + latin) >= 0.3:
         return "zh"
-    return "en" if latin >= 0.7 * sum(not ch.isspace() for ch in text) * 0.5 else None
+    visible = sum(not ch.isspace() for ch in text)
+    return "en" if latin >= 0.35 * visible else None  # Latin letters dominate (digits/punctuation aside)
 
 
 def words(text: str) -> list[str]:
