@@ -29,7 +29,7 @@ class DecodingConfig(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off (sampling only).")
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 = none. Same for every model compared.")
     seed: int | None = Field(None, description="Sampling seed. Default: the project `seed`.")
-    batch_size: int = Field(8, ge=1, description="Prompts generated together (left padding) per local model.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together (left padding) per local model.")
     max_prompt_tokens: int = Field(1536, ge=16, description="Longer prompts keep their last tokens.")
 
 
