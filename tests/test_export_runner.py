@@ -190,8 +190,14 @@ def test_interrupted_export_leaves_previous_export_untouched(exported, monkeypat
     import domaintune.export.gguf_export as gguf_export
     from domaintune.export.runner import run_export
 
+    import subprocess
+
     run, manifest = exported
     before = (run / "export" / "manifest.json").read_bytes()
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    stale = run / f".export-staging-{dead_pid.pid}-killed"
+    (stale / "merged").mkdir(parents=True)  # what a killed (SIGKILL) export leaves behind
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted while writing GGUF")

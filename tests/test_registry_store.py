@@ -138,13 +138,19 @@ def test_interrupted_register_leaves_no_half_registered_version(registry, artefa
     class NotJson:
         pass
 
+    import subprocess
+
     with pytest.raises(Exception):
         registry.register("med", artifacts={"model": artefact}, metadata={"x": NotJson()})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (registry.store / "med" / f".staging-{gone.pid}-0123abcd" / "model").mkdir(parents=True)  # a killed register
     assert registry.list() == []
     leftovers = [p for p in (registry.store / "med").iterdir()] if (registry.store / "med").exists() else []
-    assert leftovers == []
+    assert [p.name for p in leftovers] == [f".staging-{gone.pid}-0123abcd"]
     version = registry.register("med", artifacts={"model": artefact})
     assert version.startswith("v0.0.1_")
+    assert [p.name for p in (registry.store / "med").iterdir()] == [version]  # the killed one's copy is cleared
 
 
 WORKER = textwrap.dedent("""

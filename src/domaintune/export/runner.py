@@ -136,7 +136,8 @@ def run_export(cfg: ProjectConfig, output_dir: str | Path) -> dict:
     model_dir = output_dir / "model"
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} does not exist: run `domaintune train` first (export reads the trained model)")
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".export-staging-"))
+    _remove_stale_staging(output_dir)
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".export-staging-{os.getpid()}-"))
     try:
         manifest = _build(cfg, output_dir, model_dir, staging)
         manifest["files"] = file_checksums(staging)
@@ -146,6 +147,26 @@ def run_export(cfg: ProjectConfig, output_dir: str | Path) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(output_dir: Path) -> None:
+    """Staging folders of exports that were killed (their process is gone) are deleted."""
+    for folder in output_dir.glob(".export-staging-*"):
+        parts = folder.name.split("-")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is None or not _pid_alive(pid):
+            log.info("removing %s left by an interrupted export", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

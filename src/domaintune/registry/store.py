@@ -152,11 +152,22 @@ def parse_uri(uri: str) -> RegistryRef:
     return RegistryRef(name, ref, sub or None)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _is_retryable(exc: Exception) -> bool:
     if isinstance(exc, IntegrityError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text or "deadlock" in text)
+    return isinstance(exc, OperationalError) and any(
+        word in text for word in ("locked", "busy", "deadlock", "already exists"))
 
 
 class ModelRegistry:
@@ -243,7 +254,11 @@ class ModelRegistry:
 
         model_root = self.store / name
         model_root.mkdir(parents=True, exist_ok=True)
-        staging = model_root / f".staging-{uuid.uuid4().hex}"
+        for leftover in model_root.glob(".staging-*"):  # from a register that was killed mid-copy
+            pid = leftover.name.split("-")[1]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+        staging = model_root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             files = self._copy_in(artifacts, staging)
