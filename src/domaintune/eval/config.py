@@ -65,7 +65,7 @@ class JudgeConfig(StrictModel):
         description="Rubric text placed in the judge prompt.",
     )
     max_items: int | None = Field(None, ge=1, description="Judge at most this many test items per model.")
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout for the judge.")
 
 
 class RobustnessConfig(StrictModel):
@@ -76,8 +76,8 @@ class RobustnessConfig(StrictModel):
         description="typo: swap/drop/duplicate characters; width: full/half-width swaps; whitespace: extra spaces.",
     )
     rate: float = Field(0.05, gt=0, le=0.5, description="Share of characters a typo perturbation touches.")
-    models: list[str] = Field(
-        default_factory=lambda: ["base", "tuned"], description="Models re-asked on the perturbed prompts."
+    models: list[str] | None = Field(
+        None, description="Models re-asked on the perturbed prompts. Default: base and tuned (those evaluated)."
     )
 
 
@@ -102,7 +102,9 @@ class EvalConfig(StrictModel):
     base: bool = Field(True, description="Evaluate the base model (`model:` section).")
     tuned: bool = Field(True, description="Evaluate the tuned model (`<output_dir>/model`).")
     models: list[ModelSpec] = Field(default_factory=list, description="Extra models: local folders or endpoints.")
-    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    decoding: DecodingConfig = Field(
+        default_factory=DecodingConfig, description="Decoding settings shared by every model (greedy by default)."
+    )
     metrics: list[Literal[ALL_METRICS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: [m for m in ALL_METRICS],
         description="Metrics computed; `judge` runs only when `judge.url` is set.",
@@ -124,9 +126,11 @@ class EvalConfig(StrictModel):
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
     worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
-    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional LLM-as-judge (skipped without url).")
+    robustness: RobustnessConfig = Field(
+        default_factory=RobustnessConfig, description="Score drop on lightly perturbed prompts."
+    )
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="Defaults of `domaintune eval export-review`.")
 
     @field_validator("gates")
     @classmethod
@@ -137,10 +141,26 @@ class EvalConfig(StrictModel):
             parse_gate(gate)  # raises ValueError with the bad rule named
         return gates
 
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary_is_text_metric(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"rouge[12L]_(char|word)|bleu|chrf|exact_match|token_f1", value):
+            raise ValueError(
+                f"{value!r} is not a per-item text metric: use rouge1/rouge2/rougeL with _char or _word, "
+                "bleu, chrf, exact_match or token_f1"
+            )
+        return value
+
     @model_validator(mode="after")
     def _unique_names(self) -> EvalConfig:
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval.models: duplicate names {dupes}")
+        known = set(names) | {"base", "tuned"}
+        unknown = sorted(set(self.robustness.models or []) - known)
+        if unknown:
+            raise ValueError(f"eval.robustness.models: unknown model(s) {unknown}; known: {sorted(known)}")
         return self

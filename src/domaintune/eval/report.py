@@ -161,6 +161,7 @@ img{max-width:100%;border:1px solid #eee;margin:0.3em 0 1em}.note{color:#555}
 {% for name, m in r.models.items() %}<tr><td>{{ name }}</td><td>{{ m.kind }}</td><td>{{ m.description }}</td><td><code>{{ m.identity[:60] }}</code></td></tr>{% endfor %}</table>
 <p class="note">Decoding: {{ r.decoding }} · sets: {% for n, s in r.sets.items() %}{{ n }} = {{ s.n_items }} items ({{ s.language }}) {% endfor %}
 · answers reused from cache: {{ r.cache.answers_reused }}, generated: {{ r.cache.answers_generated }} · wall time {{ fmt(r.timing.wall_s) }} s</p>
+<p class="note">Latency: {{ r.latency_note }}</p>
 {% for note in r.notes %}<p class="note">Note: {{ note }}</p>{% endfor %}
 {% for set_name, per_model in r.metrics.items() %}
 <h2>{{ set_name }} set: metrics per model</h2>

@@ -237,11 +237,20 @@ def _strata(items, per_item, field: str | None, metric: str) -> dict[str, Any]:
     return {"field": field, "metric": metric, "groups": table}
 
 
+def _robust_models(ecfg) -> list[str]:
+    models = ecfg.robustness.models
+    return ["base", "tuned"] if models is None else list(models)
+
+
 def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: int) -> dict[str, Any]:
     rcfg = ecfg.robustness
-    chosen = [m for m in models if m.name in rcfg.models]
-    if not rcfg.enabled or not chosen:
-        return {"skipped": "robustness disabled or none of robustness.models is evaluated"}
+    if not rcfg.enabled:
+        return {"skipped": "robustness disabled (eval.robustness.enabled: false)"}
+    chosen = [m for m in models if m.name in _robust_models(ecfg)]
+    missing = sorted(set(rcfg.models or []) - {m.name for m in models})
+    if missing:
+        raise UserError(f"eval.robustness.models: {missing} not evaluated in this run (evaluated: "
+                        f"{[m.name for m in models]})")
     subset = items[: rcfg.max_items]
     metric = ecfg.primary_metric
     out: dict[str, Any] = {"metric": metric, "n_items": len(subset), "models": {}}
@@ -390,7 +399,7 @@ def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
                     nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name)
                 elif set_name == "test":
                     notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
-        if not robust_needed or model.name not in ecfg.robustness.models:
+        if not robust_needed or model.name not in _robust_models(ecfg):
             model.unload()
 
     per_item: dict[str, dict[str, list[dict]]] = {}
@@ -464,6 +473,11 @@ def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
             for name, items in sets.items()
         },
         "decoding": {**gens.settings, "batch_size": ecfg.decoding.batch_size, "greedy": ecfg.decoding.temperature == 0},
+        "latency_note": (
+            f"local models: an answer's latency is the wall time of its batch (up to {ecfg.decoding.batch_size} "
+            "prompts, CPU/GPU shared with other work); endpoints: one request each; tokens/s counts generated "
+            "tokens over busy time; cached answers keep the timings of the run that generated them"
+        ),
         "primary_metric": ecfg.primary_metric,
         "metrics": aggregate,
         "deltas": deltas,
