@@ -31,40 +31,43 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
     figures: list[tuple[str, str]] = []
     data = _load(output_dir / "data" / "report.json")
     if data:
-        totals = data.get("totals", {})
-        if totals:
-            figures.append(("rows in / kept / dropped",
-                            f"{totals.get('input', '?')} / {totals.get('kept', '?')} / {totals.get('dropped', '?')}"))
-        splits = data.get("splits", {})
-        if splits:
-            sizes = {name: (v.get("rows") if isinstance(v, dict) else v) for name, v in splits.items()}
-            figures.append(("split sizes", ", ".join(f"{k} {v}" for k, v in sizes.items())))
+        totals = data["totals"]
+        figures.append(("data rows in = kept + dropped", f"{totals['input']} = {totals['kept']} + {totals['dropped']}"))
+        sizes = data["split"]["sizes"]
+        figures.append(("split sizes (train/val/test)", " / ".join(str(sizes[s]) for s in ("train", "val", "test"))))
     train = _load(output_dir / "train" / "metrics.json")
     if train:
-        for key, label in (("initial_val_loss", "val loss at step 0"), ("best_val_loss", "best val loss"),
+        for key, label in (("step0_val_loss", "val loss at step 0"), ("best_val_loss", "best val loss"),
                            ("final_train_loss", "final train loss"), ("tokens_per_second", "training tokens/s"),
-                           ("wall_time_seconds", "training wall time (s)")):
-            if key in train and train[key] is not None:
+                           ("wall_seconds", "training wall time (s)")):
+            if train.get(key) is not None:
                 value = train[key]
                 figures.append((label, f"{value:.4g}" if isinstance(value, float) else str(value)))
     report = _load(output_dir / "eval" / "report.json")
     if report:
-        for name, delta in (report.get("deltas") or {}).items():
-            if isinstance(delta, dict) and "delta" in delta:
-                ci = delta.get("ci95") or [None, None]
-                interval = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if None not in ci else ""
-                figures.append((f"Δ {name} (tuned − base)", f"{delta['delta']:+.4g}{interval}"))
-        if report.get("retention") is not None:
-            retention = report["retention"]
-            value = retention.get("value") if isinstance(retention, dict) else retention
-            if value is not None:
-                figures.append(("retention on the general set", f"{value:.3f}"))
+        primary = report.get("primary_metric")
+        for set_name, by_model in report.get("deltas", {}).items():
+            for model, metrics in by_model.items():
+                for metric, d in metrics.items():
+                    if metric not in (primary, "bleu", "perplexity"):
+                        continue
+                    figures.append((
+                        f"{set_name}: {metric} {model} vs base",
+                        f"{d['base']:.4g} -> {d['model']:.4g} (delta {d['delta']:+.3g}, "
+                        f"95% CI [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}])",
+                    ))
+        for model, retention in report.get("retention", {}).items():
+            if retention.get("ratio") is not None:
+                figures.append((f"retention ({model} / base on the general set)", f"{retention['ratio']:.3f}"))
         gates = report.get("gates", {})
         if gates:
             figures.append(("eval gates", "passed" if gates.get("passed") else "FAILED: " + "; ".join(gates.get("failures", []))))
     registered = _load(output_dir / "run" / "registered.json")
     if registered:
         figures.append(("registered version", f"{registered['version']} ({registered['status']})"))
+    for rel in ("data/train.jsonl", "model", "eval/report.html", "export"):
+        if (output_dir / rel).exists():
+            figures.append((f"path: {rel}", str(output_dir / rel)))
     return figures
 
 
