@@ -8,6 +8,7 @@ server listens); `create_app(state)` returns the fastapi app. Every error is Ope
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -336,7 +337,16 @@ class _Job:
 def create_app(state: ServeState) -> FastAPI:
     scfg = state.scfg
     metrics = state.metrics
-    app = FastAPI(title="domaintune", version="1", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        log.info("serving %d models with the %s engine", len(state.catalog.models), state.engine.name,
+                 extra={"event": "started", "models": sorted(state.catalog.models)})
+        yield
+        # Runs on SIGTERM/SIGINT before the process exits: finish the batch in progress, close the store.
+        await asyncio.to_thread(state.close)
+        log.info("server stopped", extra={"event": "stopped"})
+
+    app = FastAPI(title="domaintune", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serve = state
 
     # ---- middleware and error handlers ------------------------------------------------------------

@@ -210,6 +210,8 @@ class _Row:
     def finish(self, reason: str) -> None:
         self.done = True
         self.finish_reason = reason
+        if reason != "stop":  # cut off by max_tokens: drop half of a multi-byte character at the end
+            self.text.text = self.text.text.rstrip("\ufffd")
         piece = self.text.piece(final=True)
         if piece:
             self.request.emit("delta", piece)
