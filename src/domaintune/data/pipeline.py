@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from array import array
 import os
 import re
 from collections import Counter, defaultdict, deque
@@ -34,6 +35,7 @@ from domaintune.errors import UserError
 from domaintune.utils.io import atomic_write, write_json
 
 SPLITS = ("train", "val", "test")
+TIERS = ("(none)", "easy", "medium", "hard")
 _WS = re.compile(r"\s+")
 
 
@@ -186,25 +188,26 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
     if dc.difficulty.enabled and dc.difficulty.by != "length" and dc.difficulty.by not in keep_names:
         raise UserError(f"data.difficulty.by: {dc.difficulty.by!r} is neither `length` nor a kept field")
 
+    sp = dc.split
     processor = RowProcessor(dc, cfg.model)
     accounts = Accounts()
     quarantine = Quarantine(out / "quarantine.jsonl")
     funnel: Counter = Counter()
     pii_counts: Counter = Counter()
     changed = Counter()
-    input_lengths: list[int] = []
+    input_lengths = array("l")
     exact_seen: dict[int, str] = {}
     lsh = LSHIndex(dc.dedup.threshold, dc.dedup.num_perm) if dc.dedup.near else None
     clusters: dict[str, dict[str, Any]] = {}
     cluster_sizes: Counter = Counter()
     # per surviving row (spool order): small numbers only
-    meta_source: list[str] = []
-    meta_length: list[int] = []
-    meta_answer: list[int] = []
-    meta_stratum: list[Any] = []
-    meta_time: list[Any] = []
-    meta_score: list[Any] = []
-    meta_id: list[str] = []
+    # compact typed arrays: a few bytes per row, whatever the row size
+    meta_length = array("l")
+    meta_answer = array("l")
+    meta_stratum = array("l")  # codes into stratum_names
+    stratum_codes: dict[str, int] = {}
+    meta_time: list[Any] = []  # only filled for split.by == time
+    meta_score = array("d")  # only filled for difficulty by a named field
     spool_path = work / "rows.jsonl"
     ok = False
     try:
@@ -287,20 +290,22 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                         continue
                     spool.write(json.dumps({"source": source, "file": file, "loc": loc, "row": pub},
                                            ensure_ascii=False, default=str) + "\n")  # fmt: skip
-                    meta_source.append(source)
-                    meta_id.append(row["id"])
                     meta_length.append(o["length"])
                     meta_answer.append(o["answer_length"])
                     extra = row["extra"]
-                    meta_stratum.append(str(extra.get(dc.split.stratify_field, "(missing)")) if dc.split.stratify_field else "")
-                    meta_time.append(extra.get(dc.split.time_field) if dc.split.time_field else None)
-                    meta_score.append(extra.get(dc.difficulty.by) if dc.difficulty.by != "length" else None)
+                    label = str(extra.get(dc.split.stratify_field, "(missing)")) if dc.split.stratify_field else "(all)"
+                    meta_stratum.append(stratum_codes.setdefault(label, len(stratum_codes)))
+                    if sp.by == "time":
+                        meta_time.append(extra.get(sp.time_field))
+                    if dc.difficulty.by != "length":
+                        meta_score.append(_to_float(extra.get(dc.difficulty.by)))
                 bar.advance(task, len(batch))
             bar.update(task, total=funnel["input"], completed=funnel["input"])
 
-        n = len(meta_id)
-        status: list[tuple[str, str] | None] = [None] * n
+        n = len(meta_length)
+        status: dict[int, tuple[str, str]] = {}  # only dropped rows
         lengths = np.asarray(meta_length, dtype=np.float64)
+        stratum_names = {code: name for name, code in stratum_codes.items()}
 
         # ---- 3σ length outliers ------------------------------------------------------------
         outlier_info = None
@@ -315,9 +320,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                     status[i] = ("outlier", f"length {side} outlier (>{sigma}σ from mean {mu:.0f})")
 
         # ---- split ---------------------------------------------------------------------------
-        alive = [i for i in range(n) if status[i] is None]
-        assign: dict[int, str] = {}
-        sp = dc.split
+        alive = [i for i in range(n) if i not in status]
+        assign = np.zeros(n, dtype=np.int8)  # 0 unassigned, 1 train, 2 val, 3 test
         if sp.by == "time":
             import pandas as pd
 
@@ -327,52 +331,51 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 if pd.isna(t):
                     status[i] = ("split", f"unparseable date in {sp.time_field}")
                 else:
-                    good.append((t.value, meta_id[i], i))
+                    good.append((t.value, i))
             good.sort()
-            ordered = [i for _, _, i in good]
+            ordered = [i for _, i in good]
             n_tr, n_va, _ = _split_counts(len(ordered), sp.ratios)
             for k, i in enumerate(ordered):
-                assign[i] = "train" if k < n_tr else ("val" if k < n_tr + n_va else "test")
+                assign[i] = 1 if k < n_tr else (2 if k < n_tr + n_va else 3)
         else:
             groups: dict[str, list[int]] = defaultdict(list)
             for i in alive:
-                groups[meta_stratum[i] if sp.by == "stratified" else ""].append(i)
+                groups[stratum_names[meta_stratum[i]] if sp.by == "stratified" else ""].append(i)
             for key in sorted(groups):
                 members = groups[key]
                 rng = np.random.default_rng([seed, _stable_int(key) & 0xFFFFFFFF])
                 perm = [members[j] for j in rng.permutation(len(members))]
                 n_tr, n_va, _ = _split_counts(len(perm), sp.ratios)
                 for k, i in enumerate(perm):
-                    assign[i] = "train" if k < n_tr else ("val" if k < n_tr + n_va else "test")
-        split_before = Counter(assign.values())
+                    assign[i] = 1 if k < n_tr else (2 if k < n_tr + n_va else 3)
+        split_before = Counter({s: int((assign == k + 1).sum()) for k, s in enumerate(SPLITS)})
 
         # ---- difficulty tiers ----------------------------------------------------------------
-        difficulty: dict[int, str] = {}
+        difficulty = np.zeros(n, dtype=np.int8)  # 0 none, 1 easy, 2 medium, 3 hard
         tiers = None
-        if dc.difficulty.enabled and assign:
-            idx = sorted(assign)
-            if dc.difficulty.by == "length":
-                scores = np.asarray([meta_answer[i] for i in idx], dtype=np.float64)
-            else:
-                scores = np.asarray([_to_float(meta_score[i]) for i in idx], dtype=np.float64)
+        if dc.difficulty.enabled and assign.any():
+            placed = assign > 0
+            all_scores = np.asarray(meta_answer if dc.difficulty.by == "length" else meta_score, dtype=np.float64)
+            scores = all_scores[placed]
             valid = ~np.isnan(scores)
             if valid.any():
                 q1, q2 = np.quantile(scores[valid], [1 / 3, 2 / 3])
                 tiers = {"by": dc.difficulty.by, "easy_max": float(q1), "medium_max": float(q2)}
-                for i, s in zip(idx, scores.tolist()):
-                    if s == s:
-                        difficulty[i] = "easy" if s <= q1 else ("medium" if s <= q2 else "hard")
+                tier = np.where(all_scores <= q1, 1, np.where(all_scores <= q2, 2, 3)).astype(np.int8)
+                tier[np.isnan(all_scores) | ~placed] = 0
+                difficulty = tier
 
         # ---- sample val/test, decontaminate train, sample train --------------------------------
         def sample(split: str, cap: int | None) -> None:
-            members = [i for i in sorted(assign) if assign[i] == split and status[i] is None]
+            code = SPLITS.index(split) + 1
+            members = [i for i in np.nonzero(assign == code)[0].tolist() if i not in status]
             if cap is None or len(members) <= cap:
                 return
             rng = np.random.default_rng([seed, _stable_int("sample:" + split) & 0xFFFFFFFF])
             if sp.by == "stratified":
                 by: dict[str, list[int]] = defaultdict(list)
                 for i in members:
-                    by[meta_stratum[i]].append(i)
+                    by[stratum_names[meta_stratum[i]]].append(i)
                 keys = sorted(by)
                 quota = {k: cap * len(by[k]) / len(members) for k in keys}
                 take = {k: int(quota[k]) for k in keys}
@@ -391,15 +394,15 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
         sample("val", dc.sample.val)
         sample("test", dc.sample.test)
         decontam = {"enabled": dc.decontaminate.enabled, "ngram": dc.decontaminate.ngram, "dropped": 0}
-        if dc.decontaminate.enabled and assign:
+        if dc.decontaminate.enabled and assign.any():
             held: set[int] = set()
             contaminated = []
             for i, item in _read_spool(spool_path):
-                if status[i] is None and assign.get(i) in ("val", "test"):
+                if i not in status and assign[i] in (2, 3):
                     held |= _ngram_hashes(prompt_text(_internal(item["row"])), dc.decontaminate.ngram)
             if held:
                 for i, item in _read_spool(spool_path):
-                    if status[i] is None and assign.get(i) == "train":
+                    if i not in status and assign[i] == 1:
                         grams = _ngram_hashes(prompt_text(_internal(item["row"])), dc.decontaminate.ngram)
                         if not grams.isdisjoint(held):
                             contaminated.append(i)
@@ -412,8 +415,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
         split_counts: Counter = Counter()
         strata: dict[str, Counter] = {s: Counter() for s in SPLITS}
         diff_counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
-        kept_answer_lengths: list[int] = []
-        kept_lengths: list[int] = []
+        kept_answer_lengths = array("l")
+        kept_lengths = array("l")
         rep_ids = {c for c in clusters}
         rep_snippets: dict[str, str] = {}
         handles = {s: atomic_write(out / f"{s}.jsonl") for s in SPLITS}
@@ -423,17 +426,17 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 row = item["row"]
                 if row["id"] in rep_ids:
                     rep_snippets[row["id"]] = _snippet(row)
-                split = assign.get(i)
-                if status[i] is None and split is None:
+                split = SPLITS[assign[i] - 1] if assign[i] else None
+                if i not in status and split is None:
                     status[i] = ("split", "not assigned")
-                if status[i] is not None:
+                if i in status:
                     stage, reason = status[i]
                     accounts.drop(item["source"], stage, reason.split(" (")[0])
                     funnel[f"{stage}_dropped"] += 1
                     quarantine.add(item["source"], item["file"], item["loc"], stage, reason, row=row)
                     continue
-                if i in difficulty:
-                    row[dc.difficulty.field] = difficulty[i]
+                if difficulty[i]:
+                    row[dc.difficulty.field] = TIERS[difficulty[i]]
                 if dc.system_prompt and "messages" in row and not any(m["role"] == "system" for m in row["messages"]):
                     row["messages"].insert(0, {"role": "system", "content": dc.system_prompt})
                 elif dc.system_prompt and "instruction" in row and not row.get("system"):
@@ -441,8 +444,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 files[split].write(json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n")
                 accounts.kept[item["source"]][split] += 1
                 split_counts[split] += 1
-                strata[split][meta_stratum[i] if sp.stratify_field else "(all)"] += 1
-                diff_counts[split][difficulty.get(i, "(none)")] += 1
+                strata[split][stratum_names[meta_stratum[i]]] += 1
+                diff_counts[split][TIERS[difficulty[i]]] += 1
                 kept_lengths.append(meta_length[i])
                 kept_answer_lengths.append(meta_answer[i])
         except BaseException:

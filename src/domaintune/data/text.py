@@ -81,7 +81,11 @@ def ngrams(text: str, char_n: int, word_n: int) -> list[str]:
 
 def repetition_ratio(text: str, char_n: int = 5, word_n: int = 3) -> float:
     """Fraction of n-gram occurrences that repeat an earlier n-gram of the same text (0 = no repetition)."""
-    grams = ngrams(text, char_n, word_n)
+    if is_cjk(text):
+        grams = ngrams(text, char_n, word_n)
+    else:  # tuples of words: no string joins
+        toks = words(text)
+        grams = list(zip(*(toks[i:] for i in range(word_n)))) if len(toks) >= word_n else []
     if len(grams) < 4:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
