@@ -49,6 +49,9 @@ def test_bank_card_luhn():
     text, counts = redact_pii(f"卡号 {spaced} 和 {bad}")
     assert text == f"卡号 [BANK_CARD] 和 {bad}"
     assert counts == {"bank_card": 1}
+    table = "150 8 11 17 5 9 12 200 10 14 225 1"  # numbers in a table are not a card, even if Luhn-valid
+    assert redact_pii(table) == (table, {})
+    assert redact_pii(f"card {card}")[0] == "card [BANK_CARD]"
 
 
 def test_pii_types_and_counts():

@@ -193,5 +193,7 @@ def test_normalise_and_pii_changes_are_counted(tmp_path):
     assert report["pii"] == {"rows_changed": 2, "counts": {"phone": 2, "email": 1}}
     stages = {f["stage"]: f for f in report["funnel"]}
     assert stages["normalise"]["changed"] == 2 and stages["filter"]["dropped"] == 1
+    q = read(tmp_path, "quarantine")
+    assert "13912345678" not in json.dumps(q) and "[PHONE]" in json.dumps(q)  # quarantine is redacted too
     out = read(tmp_path, "train")[0]["messages"]
     assert out[0]["content"] == "WHAT is BP?" and out[1]["content"] == "Call [PHONE] or mail [EMAIL] for an answer."

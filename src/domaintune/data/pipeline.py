@@ -228,7 +228,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                         if strict:
                             raise UserError(f"{rec.file}: {rec.loc}: {rec.error} (--strict)")
                         accounts.drop(rec.source, "parse", rec.error.split(":")[0])
-                        quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error, raw=rec.raw)
+                        quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error,
+                                       raw=processor.redact_payload(rec.raw))  # fmt: skip
                         funnel["parse_dropped"] += 1
                         task_advance(1)
                         continue

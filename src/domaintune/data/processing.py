@@ -267,6 +267,18 @@ class RowProcessor:
             if lang != fc.language:
                 raise Drop("filter", f"language:{lang or 'unknown'}!={fc.language}")
 
+    def redact_payload(self, value: Any) -> Any:
+        """Raw record content for quarantine, with PII redacted when redaction is on."""
+        if not self.cfg.pii.enabled:
+            return value
+        if isinstance(value, str):
+            return redact_pii(value, self.pii_types)[0]
+        if isinstance(value, dict):
+            return {k: self.redact_payload(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact_payload(v) for v in value]
+        return value
+
     def dedup_text(self, row: dict[str, Any]) -> str:
         if row["kind"] == "messages":
             return "\n".join(text_fields(row))
@@ -299,6 +311,7 @@ class RowProcessor:
             self._filter(row)
         except Drop as drop:
             drop.info = info  # rows dropped by a filter were still normalised/redacted: count them
+            drop.row = public_row(row, rec.source)  # quarantine gets the redacted row, not the raw one
             raise
         return {"row": row, "info": info}
 
@@ -310,7 +323,7 @@ class RowProcessor:
             try:
                 res = self.process_one(rec, row_id)
             except Drop as drop:
-                payload = rec.data if rec.data is not None else None
+                payload = getattr(drop, "row", None) or self.redact_payload(rec.data)
                 outcomes.append({"rid": rid, "drop": (drop.stage, drop.reason), "payload": _json_safe(payload),
                                  "info": getattr(drop, "info", None)})  # fmt: skip
                 continue
