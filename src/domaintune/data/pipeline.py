@@ -249,6 +249,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                     source, file, loc = rid_info.pop(o["rid"])
                     info = o.get("info")
                     if info:
+                        input_lengths.append(info["length"])
                         changed["normalise"] += info["normalised"]
                         if info["pii"]:
                             changed["pii"] += 1
@@ -260,7 +261,6 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                         quarantine.add(source, file, loc, stage, reason, row=o["payload"])
                         continue
                     row = o["row"]
-                    input_lengths.append(o["length"])
                     sig = result["sigs"][sig_i] if result["sigs"] is not None else None
                     sig_i += 1
                     pub = public_row(row, source)
@@ -507,7 +507,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
             },
             "sample": dc.sample.model_dump(),
             "lengths": {
-                "input_chars": _hist_summary(input_lengths),
+                "mapped_chars": _hist_summary(input_lengths),
                 "kept_chars": _hist_summary(kept_lengths),
                 "kept_answer_chars": _hist_summary(kept_answer_lengths),
             },

@@ -307,6 +307,7 @@ class RowProcessor:
 
             _apply(row, redact)
             info["pii"] = dict(counts)
+        info["length"] = sum(len(t) for t in text_fields(row))
         try:
             self._filter(row)
         except Drop as drop:
