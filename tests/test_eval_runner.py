@@ -265,3 +265,30 @@ def test_endpoint_model_and_judge(run_dir, endpoint, tmp_path, monkeypatch):
     assert report["judge"]["models"]["base"]["judge_score"] == pytest.approx(expected)
     assert report["judge"]["models"]["api"]["judge_score"] == pytest.approx(expected)
     assert report["gate_values"]["api.judge_score"] == pytest.approx(expected)
+
+
+def test_interrupted_generation_keeps_finished_batches(run_dir, tmp_path, monkeypatch):
+    from domaintune.eval.models import EvalModel
+
+    out = tmp_path / "r"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "test.jsonl").write_text((run_dir / "data" / "test.jsonl").read_text("utf-8"), encoding="utf-8")
+    cfg = config_from_dict({"name": "t", "output_dir": str(out), "model": {"name_or_path": "tiny-random-llama"},
+                            "eval": {"tuned": False, "decoding": {"max_new_tokens": 4, "batch_size": 2},
+                                     "robustness": {"enabled": False}, "metrics": ["chrf"]}})
+    original = EvalModel.generate
+
+    def interrupted(self, prompts, decoding, seed, desc="", on_batch=None):
+        def first_batch_then_stop(idx, answers):
+            on_batch(idx, answers)
+            raise KeyboardInterrupt
+
+        return original(self, prompts, decoding, seed, desc, first_batch_then_stop)
+
+    monkeypatch.setattr(EvalModel, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, out)
+    assert len(list(read_jsonl(out / "eval" / "predictions.jsonl"))) == 2
+    monkeypatch.setattr(EvalModel, "generate", original)
+    report = run_eval(cfg, out)
+    assert report["cache"]["answers_reused"] == 2 and report["cache"]["answers_generated"] == 4

@@ -99,15 +99,21 @@ class EvalModel:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self, prompts: Sequence[list[dict]], decoding: DecodingConfig, seed: int, desc: str = ""
+        self,
+        prompts: Sequence[list[dict]],
+        decoding: DecodingConfig,
+        seed: int,
+        desc: str = "",
+        on_batch: Callable[[list[int], list[Answer]], None] | None = None,
     ) -> list[Answer]:
+        """Answers in prompt order; `on_batch(indices, answers)` is called as each batch finishes."""
         if not prompts:
             return []
         if self.kind == "endpoint":
-            return self._generate_endpoint(prompts, decoding, seed, desc)
-        return self._generate_local(prompts, decoding, seed, desc)
+            return self._generate_endpoint(prompts, decoding, seed, desc, on_batch)
+        return self._generate_local(prompts, decoding, seed, desc, on_batch)
 
-    def _generate_local(self, prompts, decoding: DecodingConfig, seed: int, desc: str) -> list[Answer]:
+    def _generate_local(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None) -> list[Answer]:
         import torch
         from transformers import GenerationConfig
 
@@ -159,6 +165,8 @@ class EvalModel:
                     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
                     answers[i] = Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=len(idx))
                 bar.update(len(idx))
+                if on_batch:
+                    on_batch(list(idx), [answers[i] for i in idx])
         finally:
             bar.close()
         return answers  # type: ignore[return-value]
@@ -172,7 +180,7 @@ class EvalModel:
             raise UserError(f"eval.models[{spec.name}]: environment variable {spec.api_key_env} is not set")
         return OpenAI(base_url=spec.url, api_key=key or "no-key", timeout=spec.timeout_s, max_retries=2)
 
-    def _generate_endpoint(self, prompts, decoding: DecodingConfig, seed: int, desc: str) -> list[Answer]:
+    def _generate_endpoint(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None) -> list[Answer]:
         import openai
 
         client = self._client()
@@ -202,6 +210,8 @@ class EvalModel:
                 n_tokens = resp.usage.completion_tokens if resp.usage else None
                 answers.append(Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=1))
                 bar.update(1)
+                if on_batch:
+                    on_batch([len(answers) - 1], [answers[-1]])
         finally:
             bar.close()
         return answers

@@ -63,30 +63,34 @@ class _Generations:
         rows: list[dict | None] = [self.cache.get(k) if model.cacheable else None for k in keys]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
+
+            def store(batch: list[int], answers: list) -> None:
+                # Saved after every batch, so an interrupted run keeps what it made.
+                for k, answer in zip(batch, answers):
+                    i = todo[k]
+                    row = {
+                        "key": keys[i],
+                        "model": model.name,
+                        "model_identity": model.identity,
+                        "set": set_name,
+                        "item_id": ids[i],
+                        "prompt": prompts[i],
+                        "decoding": self.settings,
+                        "prediction": answer.text,
+                        "n_tokens": answer.n_tokens,
+                        "latency_s": answer.latency_s,
+                        "batch_size": answer.batch_size,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }
+                    rows[i] = row
+                    self.cache.put(row)
+                self.cache.save()
+
             t0 = time.perf_counter()
-            answers = model.generate(
-                [prompts[i] for i in todo], self.cfg.eval.decoding, self.seed, desc=f"{model.name} · {set_name}"
-            )
+            model.generate([prompts[i] for i in todo], self.cfg.eval.decoding, self.seed,
+                           desc=f"{model.name} · {set_name}", on_batch=store)
             self.generation_s[model.name] += time.perf_counter() - t0
             self.generated += len(todo)
-            for i, answer in zip(todo, answers):
-                row = {
-                    "key": keys[i],
-                    "model": model.name,
-                    "model_identity": model.identity,
-                    "set": set_name,
-                    "item_id": ids[i],
-                    "prompt": prompts[i],
-                    "decoding": self.settings,
-                    "prediction": answer.text,
-                    "n_tokens": answer.n_tokens,
-                    "latency_s": answer.latency_s,
-                    "batch_size": answer.batch_size,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-                rows[i] = row
-                self.cache.put(row)
-            self.cache.save()  # after every batch of work, so an interrupted run keeps what it made
         return rows  # type: ignore[return-value]
 
 
