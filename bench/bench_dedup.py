@@ -199,6 +199,8 @@ def main() -> int:
     print(f"domaintune MinHash-LSH : {ours_rate:10,.0f} docs/s  ({t_ours:6.2f} s, {d_ours:,} duplicates removed)")
     print(f"datasketch MinHashLSH  : {ds_rate:10,.0f} docs/s  ({t_ds:6.2f} s, {d_ds:,} duplicates removed)")
     print(f"speed-up vs datasketch : {ours_rate / ds_rate:10.1f}x  (target >= 10x)")
+    light = len(set(group)) * sum(1 for c in range(args.copies) if c % 3 in (0, 1))
+    print(f"(the corpus holds {light:,} light-edit copies, i.e. the duplicates a perfect deduper removes)")
     q = quality(corpus, group, args.sample)
     print(f"labelled sample: {q['docs']:,} docs, {q['true_pairs']:,} pairs with exact Jaccard >= {THRESHOLD} "
           f"({q['pairs_with_J_0.7_to_0.9']:,} pairs with J in [0.7, 0.9))")  # fmt: skip
