@@ -132,7 +132,7 @@ def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_p
         (folder / "model").symlink_to(run_dir / "model")
         cfg = config_from_dict({
             "name": "t", "output_dir": str(folder), "seed": 5, "model": {"name_or_path": "tiny-random-llama"},
-            "eval": {"decoding": {"max_new_tokens": 12, "temperature": 1.0, "batch_size": 4},
+            "eval": {"decoding": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 4}, "max_items": 2,
                      "metrics": ["chrf", "rouge"], "primary_metric": "chrf", "robustness": {"enabled": False},
                      "gates": ["retention > 0"]},
         })
