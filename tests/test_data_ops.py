@@ -16,6 +16,8 @@ def test_normalise_nfkc_html_control_whitespace():
     assert normalise_text(raw) == "ABC123, hi there x y\n\nz"
     assert normalise_text("ｶﾀｶﾅ") == "カタカナ"  # half-width katakana → full-width (NFKC)
     assert normalise_text("a  b", whitespace=False) == "a  b"
+    assert normalise_text("if x<y and y>z") == "if x<y and y>z"  # not a tag
+    assert normalise_text("<script>alert(1)</script><BR/>ok<span class='x'>!</span>") == "ok !"
 
 
 def make_id(first17: str) -> str:

@@ -99,7 +99,7 @@ def _plots(report: dict[str, Any], input_lengths, kept_lengths, kept_answer_leng
     return plots
 
 
-_TEMPLATE = jinja2.Template(
+_TEMPLATE = jinja2.Environment(autoescape=True).from_string(
     """<!doctype html>
 <html><head><meta charset="utf-8"><title>domaintune data report — {{ r.project }}</title>
 <style>

@@ -6,7 +6,15 @@ import html
 import re
 import unicodedata
 
-_TAG_RE = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>", re.S)
+_HTML_TAGS = (
+    "a|abbr|b|big|blockquote|body|br|caption|center|code|col|colgroup|dd|del|div|dl|dt|em|font|h[1-6]|head|"
+    "hr|html|i|img|ins|kbd|li|link|meta|ol|p|pre|q|s|small|span|strike|strong|sub|sup|table|tbody|td|"
+    "tfoot|th|thead|title|tr|tt|u|ul"
+)
+# Only real HTML tags are stripped ("x<y and y>z" is left alone); script/style go with their content.
+_TAG_RE = re.compile(
+    rf"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:{_HTML_TAGS})(?:\s[^<>]*)?/?>", re.S | re.I
+)
 _SPACES_RE = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANKS_RE = re.compile(r"\n\s*\n\s*\n+")
 _TRAIL_RE = re.compile(r" *\n *")
