@@ -8,7 +8,7 @@ from rich.table import Table
 
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 
-out = Console()
+out = Console(width=160)
 
 
 def _mb(n: int | None) -> str:
@@ -19,28 +19,42 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _with_ratio(value, ratio, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def _with_delta(value, delta, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) + ("" if delta is None else f" ({delta:+.2f})")
+
+
 def export_summary(manifest: dict) -> Table:
-    table = Table(title=f"export of {manifest['project']} ({manifest['seconds']} s)")
-    for col in ("artefact", "size", "vs merged", "load s", "tokens/s", "speed vs merged", "perplexity", "delta",
-                "check"):
+    quality = manifest.get("quality", {}).get("metric") or "quality"
+    table = Table(title=f"export of {manifest['project']} ({manifest['seconds']} s); ratios and deltas vs merged")
+    for col in ("artefact", "MB (x)", "load s", "tok/s (x)", "ppl (delta)", f"{quality} (delta)", "check"):
         table.add_column(col, justify="left" if col in ("artefact", "check") else "right")
     for name, entry in manifest["artifacts"].items():
         check = ""
         verified = entry.get("verified")
         if verified:
             lg = verified["logits_vs_merged"]
-            check = (f"rel.err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}, "
+            check = (f"logit err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}, "
                      f"greedy {verified['greedy_common_prefix']}/{verified['greedy_tokens']}")
         elif "logits_vs_merged" in entry:
             lg = entry["logits_vs_merged"]
-            check = f"rel.err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}"
+            check = f"logit err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}"
         elif "sparsity" in entry:
             check = f"sparsity {entry['sparsity']['achieved']:.1%}"
         table.add_row(
-            name, _mb(entry.get("bytes")), _fmt(entry.get("size_ratio_vs_merged"), ".2f"),
+            name,
+            _with_ratio(entry["bytes"] / 1e6, entry.get("size_ratio_vs_merged"), ",.1f"),
             _fmt(entry.get("load_s"), ".2f"),
-            _fmt(entry.get("speed", {}).get("tokens_per_s"), ".1f"), _fmt(entry.get("speed_ratio_vs_merged"), ".2f"),
-            _fmt(entry.get("metric", {}).get("perplexity"), ".3f"), _fmt(entry.get("perplexity_delta_vs_merged"), "+.3f"),
+            _with_ratio(entry.get("speed", {}).get("tokens_per_s"), entry.get("speed_ratio_vs_merged"), ".1f"),
+            _with_delta(entry.get("metric", {}).get("perplexity"), entry.get("perplexity_delta_vs_merged"), ".3f"),
+            _with_delta(entry.get("quality", {}).get("mean"), entry.get("quality_delta_vs_merged"), ".2f"),
             check,
         )
     return table
@@ -67,5 +81,7 @@ def register(app: typer.Typer) -> None:
         if manifest["merge"].get("adapter"):
             out.print(f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}")
         metric = manifest["metric"]
-        out.print(f"metric: {metric['description'] or metric['skipped']}")
+        out.print(f"perplexity: {metric['description'] or metric['skipped']}")
+        quality = manifest.get("quality", {})
+        out.print(f"{quality.get('metric')}: {quality.get('description') or quality.get('skipped')}")
         out.print(f"manifest: {cfg.output_dir / 'export' / 'manifest.json'} ({len(manifest['files'])} files, sha256)")

@@ -125,3 +125,37 @@ def compare_logits(reference, candidate, sequences: list[list[int]]) -> dict[str
         "argmax_agreement": agree / positions if positions else 1.0,
         "positions": positions,
     }
+
+
+def answer_quality(model, tokenizer, rows: list[dict], primary_metric: str, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers to test prompts scored with the eval stage's metric (`eval.primary_metric`).
+
+    The same prompts, decoding and scorer for every artefact, so the difference between two
+    artefacts is the quantisation's effect on answer quality. Generation stops at end of turn.
+    """
+    import torch
+
+    from domaintune.eval.metrics import score_item
+    from domaintune.model.loader import end_of_turn_token_ids
+
+    family = next((f for f in ("rouge", "bleu", "chrf", "exact_match", "token_f1") if primary_metric.startswith(f)),
+                  None)
+    if family is None:
+        raise UserError(f"eval.primary_metric {primary_metric!r} is not a text metric the export can score")
+    stop = end_of_turn_token_ids(tokenizer)
+    scores, answers = [], []
+    with torch.inference_mode():
+        for row in rows:
+            messages = row["messages"]
+            batch = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            value = score_item(text, messages[-1]["content"], [family]).get(primary_metric)
+            if value is None:
+                raise UserError(f"eval.primary_metric {primary_metric!r} is not produced by the {family} scorer")
+            scores.append(value)
+            answers.append(text)
+    return {"metric": primary_metric, "mean": sum(scores) / len(scores), "items": len(scores),
+            "max_new_tokens": max_new_tokens, "scores": scores, "first_answer": answers[0] if answers else None}

@@ -20,22 +20,38 @@ INT8_WEIGHTS = "model_int8.pt"
 INT8_SPEC = "quantization.json"
 
 
-def _quantize_dynamic(model):
+def _quantize_dynamic(model, names: list[str]):
     import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig
 
     with warnings.catch_warnings():
         # torch points users of torch.ao's eager quantisation at torchao; the API still works.
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(
+            model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8
+        )
 
 
-def quantize_int8(model):
-    """Dynamic INT8 quantisation of every nn.Linear (weights int8, activations quantised per batch)."""
+def int8_targets(model, exclude: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(quantised, kept in float) nn.Linear names; a name is kept when it ends with an `exclude` entry."""
+    import torch
+
+    quantised, kept = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            (kept if any(name == e or name.endswith("." + e) for e in exclude) else quantised).append(name)
+    return quantised, kept
+
+
+def quantize_int8(model, exclude: list[str] | tuple[str, ...] = ("lm_head",)):
+    """Dynamic INT8 of the nn.Linear layers not excluded: int8 weights per output channel, activations
+    quantised per batch at run time."""
     model = model.float().eval()
-    return _quantize_dynamic(model)
+    names, _ = int8_targets(model, exclude)
+    return _quantize_dynamic(model, names)
 
 
-def save_int8(model, tokenizer, folder: str | Path) -> Path:
+def save_int8(model, tokenizer, folder: str | Path, exclude: list[str] | tuple[str, ...] = ("lm_head",)) -> Path:
     """Quantise `model` (a float CausalLM) and write a self-contained INT8 folder atomically."""
     import torch
 
@@ -43,13 +59,15 @@ def save_int8(model, tokenizer, folder: str | Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        quantized = quantize_int8(model)
+        names, kept = int8_targets(model, exclude)
+        quantized = _quantize_dynamic(model.float().eval(), names)
         torch.save(quantized.state_dict(), tmp / INT8_WEIGHTS)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        spec = {"method": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8", "modules": ["torch.nn.Linear"],
+        spec = {"method": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8",
+                "weight_scheme": "per-channel", "quantized": names, "kept_float": kept, "exclude": list(exclude),
                 "weights": INT8_WEIGHTS, "torch": torch.__version__}
         (tmp / INT8_SPEC).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
@@ -69,9 +87,10 @@ def load_int8(folder: str | Path):
     folder = Path(folder)
     if not (folder / INT8_SPEC).is_file() or not (folder / INT8_WEIGHTS).is_file():
         raise UserError(f"{folder} is not an INT8 export (needs {INT8_SPEC} and {INT8_WEIGHTS})")
+    spec = json.loads((folder / INT8_SPEC).read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = _quantize_dynamic(model.eval())
+    model = _quantize_dynamic(model.eval(), spec["quantized"])
     state = torch.load(folder / INT8_WEIGHTS, weights_only=True, map_location="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

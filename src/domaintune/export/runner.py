@@ -54,6 +54,22 @@ def _val_rows(output_dir: Path, limit: int) -> tuple[list[dict], str | None]:
     return rows, None
 
 
+def _test_rows(output_dir: Path, limit: int) -> tuple[list[dict], str | None]:
+    if limit == 0:
+        return [], "export.eval_items is 0"
+    path = output_dir / "data" / "test.jsonl"
+    if not path.is_file():
+        return [], f"{path} not found: answer quality is not measured"
+    rows = []
+    for row in read_jsonl(path):
+        messages = row.get("messages") or []
+        if len(messages) >= 2 and messages[-1].get("role") == "assistant":
+            rows.append(row)
+        if len(rows) >= limit:
+            break
+    return rows, None
+
+
 def _probe_sequences(tokenizer, examples) -> list[list[int]]:
     if examples:
         return [ids for ids, _ in examples[:3]]
@@ -72,7 +88,17 @@ def _speed_prompts(rows: list[dict], count: int) -> list[list[dict]]:
     return prompts
 
 
-def _measure(name: str, model, tokenizer, examples, prompts, ecfg, path: Path, load_s: float | None) -> dict:
+def _quality(name: str, model, tokenizer, quality_rows, cfg) -> dict | None:
+    if not quality_rows:
+        return None
+    from domaintune.export.measure import answer_quality
+
+    _say(f"[{name}] answering {len(quality_rows)} test prompts (scored with eval's {cfg.eval.primary_metric})")
+    return answer_quality(model, tokenizer, quality_rows, cfg.eval.primary_metric, cfg.export.eval_max_new_tokens)
+
+
+def _measure(name: str, model, tokenizer, examples, prompts, ctx: dict, path: Path, load_s: float | None) -> dict:
+    ecfg = ctx["cfg"].export
     entry: dict[str, Any] = {"path": path.name, "bytes": measure.folder_size(path)}
     if load_s is not None:
         entry["load_s"] = round(load_s, 3)
@@ -81,6 +107,9 @@ def _measure(name: str, model, tokenizer, examples, prompts, ecfg, path: Path, l
     if examples:
         _say(f"[{name}] perplexity on {len(examples)} val rows")
         entry["metric"] = measure.perplexity(model, examples)
+    quality = _quality(name, model, tokenizer, ctx["quality_rows"], ctx["cfg"])
+    if quality is not None:
+        entry["quality"] = quality
     return entry
 
 
@@ -92,6 +121,8 @@ def _with_deltas(artifacts: dict[str, dict], reference: str) -> None:
             entry["speed_ratio_vs_merged"] = round(entry["speed"]["tokens_per_s"] / ref["speed"]["tokens_per_s"], 4)
         if "metric" in entry and "metric" in ref:
             entry["perplexity_delta_vs_merged"] = entry["metric"]["perplexity"] - ref["metric"]["perplexity"]
+        if "quality" in entry and "quality" in ref:
+            entry["quality_delta_vs_merged"] = entry["quality"]["mean"] - ref["quality"]["mean"]
 
 
 def _library_versions() -> dict[str, str]:
@@ -205,6 +236,15 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
     model, tokenizer = load_trained(model_dir, dtype="float32", merge=False)
     apply_chat_template_setting(tokenizer, cfg.model.chat_template, source=str(model_dir))
     examples = measure.eval_examples(tokenizer, rows, ecfg.eval_max_length)
+    quality_rows, quality_skip = _test_rows(output_dir, ecfg.eval_items)
+    if quality_rows:
+        try:
+            import domaintune.eval.metrics  # noqa: F401 - the eval stage's scorers
+        except ImportError as exc:
+            quality_rows, quality_skip = [], f"the eval stage's metrics cannot be imported ({exc})"
+    if quality_skip and ecfg.eval_items:
+        console.print(f"[yellow]warning:[/] {quality_skip}")
+    ctx = {"cfg": cfg, "quality_rows": quality_rows}
     probes = _probe_sequences(tokenizer, examples)
     prompts = _speed_prompts(rows, ecfg.speed_prompts)
     merge_check: dict[str, Any] = {"adapter": adapter}
@@ -236,17 +276,19 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
     reference, load_s = measure.timed(lambda: AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32))
     reference.eval()
     artifacts: dict[str, dict] = {}
-    artifacts["merged"] = _measure("merged", reference, tokenizer, examples, prompts, ecfg, merged_dir, load_s)
+    artifacts["merged"] = _measure("merged", reference, tokenizer, examples, prompts, ctx, merged_dir, load_s)
     artifacts["merged"]["dtype"] = ecfg.merged_dtype
 
     # ---- dynamic INT8 (CPU)
     if ecfg.int8:
         _say("[int8] dynamic INT8 quantisation of Linear layers")
-        int8_dir = save_int8(copy.deepcopy(reference), tokenizer, staging / "int8")
+        int8_dir = save_int8(copy.deepcopy(reference), tokenizer, staging / "int8", exclude=ecfg.int8_exclude)
         (int8_model, int8_tok), load_s = measure.timed(lambda: load_int8(int8_dir))
-        artifacts["int8"] = _measure("int8", int8_model, int8_tok, examples, prompts, ecfg, int8_dir, load_s)
+        artifacts["int8"] = _measure("int8", int8_model, int8_tok, examples, prompts, ctx, int8_dir, load_s)
         artifacts["int8"]["logits_vs_merged"] = measure.compare_logits(reference, int8_model, probes)
         artifacts["int8"]["loader"] = "domaintune.export.quantize.load_int8"
+        int8_spec = json.loads((int8_dir / "quantization.json").read_text(encoding="utf-8"))
+        artifacts["int8"]["layers"] = {"quantized": len(int8_spec["quantized"]), "kept_float": int8_spec["kept_float"]}
         del int8_model
         gc.collect()
 
@@ -266,7 +308,7 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         pruned_dir = staging / "pruned"
         pruned.save_pretrained(pruned_dir, safe_serialization=True)
         tokenizer.save_pretrained(pruned_dir)
-        artifacts["pruned"] = _measure("pruned", pruned, tokenizer, examples, prompts, ecfg, pruned_dir, None)
+        artifacts["pruned"] = _measure("pruned", pruned, tokenizer, examples, prompts, ctx, pruned_dir, None)
         artifacts["pruned"]["sparsity"] = stats
         del pruned
         gc.collect()
@@ -280,7 +322,7 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         entry: dict[str, Any] = {"path": f"gguf/{file_name}", "bytes": (gguf_dir / file_name).stat().st_size,
                                  "tokenizer_pre": info["tokenizer_pre"], "tensors": info["tensors"]}
         if ecfg.verify_gguf:
-            entry.update(_verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, prompts, examples, ecfg))
+            entry.update(_verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, prompts, examples, ctx))
         artifacts[f"gguf-{qtype}"] = entry
     if ecfg.gguf and ecfg.modelfile:
         target = ecfg.modelfile_gguf if ecfg.modelfile_gguf in ecfg.gguf else ecfg.gguf[0]
@@ -302,6 +344,11 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         "metric": {"name": "perplexity",
                    "description": METRIC_DESCRIPTION.format(rows=len(examples)) if examples else None,
                    "skipped": metric_skip},
+        "quality": {"metric": cfg.eval.primary_metric, "scorer": "domaintune.eval.metrics.score_item",
+                    "description": (f"greedy answers to the first {len(quality_rows)} rows of data/test.jsonl "
+                                    f"(max {ecfg.eval_max_new_tokens} new tokens), scored with the eval stage's "
+                                    f"{cfg.eval.primary_metric} (x100; higher is better)") if quality_rows else None,
+                    "skipped": quality_skip},
         "artifacts": artifacts,
         "config": ecfg.model_dump(mode="json"),
         "libraries": _library_versions(),
@@ -309,11 +356,23 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
     }
 
 
-def _verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, prompts, examples, ecfg) -> dict:
+def check_gguf_tolerance(file_name: str, qtype: str, logits: dict, tolerances: dict[str, float]) -> float | None:
+    """Fail the export when a GGUF file's logits stray further from the merged model than allowed."""
+    tolerance = tolerances.get(qtype)
+    if tolerance is not None and logits["relative_error"] > tolerance:
+        raise RuntimeError(
+            f"{file_name}: relative logit error {logits['relative_error']:.3g} exceeds export.gguf_tolerance.{qtype}"
+            f" = {tolerance}"
+        )
+    return tolerance
+
+
+def _verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, prompts, examples, ctx) -> dict:
     """Load the GGUF file back through transformers and compare it with the merged model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ecfg = ctx["cfg"].export
     _say(f"[gguf-{qtype}] loading back with transformers (gguf_file=) to verify")
     loaded, load_s = measure.timed(
         lambda: AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=file_name, dtype=torch.float32)
@@ -327,12 +386,7 @@ def _verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, promp
     if (gguf_tok.chat_template or "") != (tokenizer.chat_template or ""):
         raise RuntimeError(f"{file_name}: the chat template stored in the GGUF file differs from the source")
     logits = measure.compare_logits(reference, loaded, probes)
-    tolerance = ecfg.gguf_tolerance.get(qtype)
-    if tolerance is not None and logits["relative_error"] > tolerance:
-        raise RuntimeError(
-            f"{file_name}: relative logit error {logits['relative_error']:.3g} exceeds export.gguf_tolerance.{qtype}"
-            f" = {tolerance}"
-        )
+    tolerance = check_gguf_tolerance(file_name, qtype, logits, ecfg.gguf_tolerance)
     ref_tokens = measure.greedy_tokens(reference, tokenizer, prompts[0], ecfg.speed_new_tokens)
     got_tokens = measure.greedy_tokens(loaded, tokenizer, prompts[0], ecfg.speed_new_tokens)
     prefix = 0
@@ -355,6 +409,9 @@ def _verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, promp
     entry["speed"] = measure.generation_speed(loaded, tokenizer, prompts, ecfg.speed_new_tokens)
     if examples:
         entry["metric"] = measure.perplexity(loaded, examples)
+    quality = _quality(f"gguf-{qtype}", loaded, tokenizer, ctx["quality_rows"], ctx["cfg"])
+    if quality is not None:
+        entry["quality"] = quality
     del loaded
     gc.collect()
     return entry
