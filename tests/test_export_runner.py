@@ -163,6 +163,15 @@ def test_int8_export_loads_and_is_quantised(exported):
     assert isinstance(layer.self_attn.q_proj, DynamicLinear) and isinstance(layer.mlp.up_proj, DynamicLinear)
     assert type(layer.mlp.down_proj) is torch.nn.Linear  # export.int8_exclude keeps it in float
     assert layer.self_attn.q_proj.weight().qscheme() == torch.per_channel_affine
+    # the saved INT8 model is exactly the merged model quantised (nothing lost in saving/loading)
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.export.quantize import quantize_int8
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    fresh = quantize_int8(merged, exclude=["lm_head", "down_proj"])
+    ids = _probe_ids(tokenizer)
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
     spec = json.loads((run / "export" / "int8" / "quantization.json").read_text())
     assert len(spec["quantized"]) == 12 and "model.layers.1.mlp.down_proj" in spec["kept_float"]
     out = model.generate(**tokenizer.apply_chat_template(ROWS[0]["messages"][:-1], add_generation_prompt=True,

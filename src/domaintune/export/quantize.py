@@ -89,7 +89,12 @@ def load_int8(folder: str | Path):
         raise UserError(f"{folder} is not an INT8 export (needs {INT8_SPEC} and {INT8_WEIGHTS})")
     spec = json.loads((folder / INT8_SPEC).read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():  # every weight is overwritten by the saved state below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model = _quantize_dynamic(model.eval(), spec["quantized"])
     state = torch.load(folder / INT8_WEIGHTS, weights_only=True, map_location="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
