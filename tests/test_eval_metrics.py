@@ -123,6 +123,11 @@ def test_term_coverage(tmp_path):
     # reference has 高血压 and 阿司匹林; prediction has only 高血压 -> 50
     assert M.term_coverage("高血压要控制", "高血压患者可服阿司匹林", terms) == pytest.approx(50.0)
     assert M.term_coverage("anything", "没有术语", terms) is None
+    # latin terms match whole words only; CJK terms as substrings
+    latin = ["CT", "blood test"]
+    assert M.term_coverage("that is correct", "the answer is correct", latin) is None
+    assert M.term_coverage("Get a CT scan.", "A ct scan and a blood-test... no: a blood test", latin) == 50.0
+    assert M.term_coverage("做CT检查", "建议做CT检查", latin) == 100.0
     empty = tmp_path / "e.txt"
     empty.write_text("\n# nothing\n", encoding="utf-8")
     from domaintune.errors import UserError

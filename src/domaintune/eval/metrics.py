@@ -278,10 +278,24 @@ def term_coverage(prediction: str, reference: str, terms: Sequence[str]) -> floa
     """Share (x100) of glossary terms found in the reference that the prediction also contains;
     None when the reference contains no glossary term."""
     ref, pred = normalize(reference), normalize(prediction)
-    wanted = [normalize(t) for t in terms if normalize(t) in ref]
+    wanted = [t for t in terms if contains_term(ref, t)]
     if not wanted:
         return None
-    return 100.0 * sum(t in pred for t in wanted) / len(wanted)
+    return 100.0 * sum(contains_term(pred, t) for t in wanted) / len(wanted)
+
+
+@lru_cache(maxsize=4096)
+def _term_pattern(term: str) -> re.Pattern:
+    norm = normalize(term)
+    if has_cjk(norm):
+        return re.compile(re.escape(norm))  # Chinese has no word boundaries: substring
+    # Latin terms match whole words only ("CT" must not match "correct").
+    letter = f"[^\\W_{_CJK}]"  # a letter or digit of a space-separated script
+    return re.compile(f"(?<!{letter})" + re.escape(norm) + f"(?!{letter})")
+
+
+def contains_term(normalized_text: str, term: str) -> bool:
+    return _term_pattern(term).search(normalized_text) is not None
 
 
 # ---------------------------------------------------------------- one item
