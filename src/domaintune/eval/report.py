@@ -10,7 +10,7 @@ from typing import Any
 from jinja2 import Environment, select_autoescape
 
 SCORE_METRICS = (
-    "rouge1_char", "rouge2_char", "rougeL_char", "rouge1_word", "rougeL_word", "bleu", "chrf",
+    "rouge1_char", "rouge2_char", "rougeL_char", "rouge1_word", "rouge2_word", "rougeL_word", "bleu", "chrf",
     "token_f1", "exact_match", "term_coverage", "accuracy", "macro_f1", "valid_json", "json_field_f1",
 )
 
@@ -76,8 +76,7 @@ def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], titl
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.axhline(0, color="black", linewidth=0.6)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
