@@ -51,6 +51,10 @@ def _metric_summary(metrics: dict) -> str:
     parts = []
     if "passed" in gates:
         parts.append("gates passed" if gates["passed"] else f"gates failed ({len(gates.get('failures', []))})")
+    primary = metrics.get("primary_metric")
+    tuned = ((metrics.get("eval") or {}).get("test") or {}).get("tuned") or {}
+    if primary and isinstance(tuned.get(primary), (int, float)):
+        parts.append(f"{primary} {tuned[primary]:.2f}")
     train = metrics.get("train") or {}
     if train.get("final_val_loss") is not None:
         parts.append(f"val loss {train['final_val_loss']:.3f}")
