@@ -20,6 +20,7 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     assert src["input"] == 7644 and src["balanced"]
     assert src["kept"] == {"train": 300, "val": 40, "test": 40}
     assert src["dropped"]["dedup_exact: exact duplicate"] > 0
+    assert src["dropped"]["dedup_near: near duplicate"] > 0  # CJK char 5-gram MinHash on the real corpus
     assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["呼吸科"]
     row = json.loads((tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]

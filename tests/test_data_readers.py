@@ -180,7 +180,7 @@ def test_alpaca_sharegpt_messages_and_dataset_info(tmp_path):
         {"path": "alpaca.json", "reader": "alpaca"},
         {"path": "share.jsonl", "reader": "sharegpt"},
         {"path": "chat.jsonl", "reader": "messages"},
-        {"path": "lf/dataset_info.json", "name": "lf"},
+        {"path": "lf", "name": "lf"},  # a folder holding dataset_info.json
     ])  # fmt: skip
     assert report["balanced"] and len(rows) == 6
     assert [m["content"] for m in rows[0]["messages"]] == ["hi", "hello!", "Translate\n\nhola", "hello"]

@@ -69,8 +69,11 @@ def reader_for(src: SourceConfig, path: Path | None) -> str:
 def source_files(src: SourceConfig) -> list[Path]:
     path = Path(src.path)  # type: ignore[arg-type]
     if path.is_dir():
-        if src.reader == "dataset_info":
-            return [path / "dataset_info.json"]
+        registry = path / "dataset_info.json"
+        if src.reader == "dataset_info" or (src.reader == "auto" and src.glob == "**/*" and registry.exists()):
+            if not registry.exists():
+                raise UserError(f"{path}: no dataset_info.json in this folder")
+            return [registry]
         files = sorted(p for p in path.glob(src.glob) if p.is_file())
         if src.reader == "auto":
             files = [p for p in files if p.suffix.lower() in _EXT_READERS]
