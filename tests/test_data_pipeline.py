@@ -137,6 +137,15 @@ def test_decontamination_drops_train_rows_sharing_ngrams(tmp_path):
     dropped = {e["row"]["id"] for e in read(tmp_path, "quarantine") if e["stage"] == "decontaminate"}
     assert expected and dropped == expected and not (dropped & train)
     assert report["decontaminate"]["dropped"] == len(expected) and report["balanced"]
+    # scope "all": shared answer text also counts (the corpus answers share a long phrase)
+    for r in rows:
+        r["a"] = "the standard closing sentence of every answer in this clinic is long " + r["a"]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    prompt_only = run_data(cfg_for(tmp_path, data), tmp_path / "p", progress=False)
+    everything = run_data(cfg_for(tmp_path, {**data, "decontaminate": {"ngram": 8, "scope": "all"}}),
+                          tmp_path / "all", progress=False)  # fmt: skip
+    assert prompt_only["decontaminate"]["dropped"] == len(expected)
+    assert everything["split"]["sizes"]["train"] == 0
 
 
 def test_sampling_caps_are_accounted_as_sampled_out(tmp_path):

@@ -117,6 +117,11 @@ class PiiConfig(StrictModel):
 class DecontamConfig(StrictModel):
     enabled: bool = True
     ngram: int = Field(13, ge=4, description="n-gram length (words; characters for CJK) that counts as overlap.")
+    scope: Literal["prompt", "all"] = Field(
+        "prompt",
+        description="Text compared: the user prompt (default; shared answer boilerplate is not contamination) "
+        "or the whole row.",
+    )
 
 
 class SplitConfig(StrictModel):

@@ -28,7 +28,14 @@ from rich.text import Text
 from domaintune.data.config import DataConfig
 from domaintune.data.formats import convert_row
 from domaintune.data.minhash import LSHIndex
-from domaintune.data.processing import RowProcessor, init_worker, prompt_text, public_row, run_batch
+from domaintune.data.processing import (
+    RowProcessor,
+    answer_text,
+    init_worker,
+    prompt_text,
+    public_row,
+    run_batch,
+)
 from domaintune.data.readers import Record, estimate_rows, iter_source, source_name
 from domaintune.data.text import is_cjk, normalise_text, words
 from domaintune.errors import UserError
@@ -394,17 +401,24 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
 
         sample("val", dc.sample.val)
         sample("test", dc.sample.test)
-        decontam = {"enabled": dc.decontaminate.enabled, "ngram": dc.decontaminate.ngram, "dropped": 0}
+        decontam = {"enabled": dc.decontaminate.enabled, "ngram": dc.decontaminate.ngram,
+                    "scope": dc.decontaminate.scope, "dropped": 0}  # fmt: skip
+        def decontam_text(pub: dict[str, Any]) -> str:
+            internal = _internal(pub)
+            if dc.decontaminate.scope == "prompt":
+                return prompt_text(internal)
+            return prompt_text(internal) + "\n" + answer_text(internal)
+
         if dc.decontaminate.enabled and assign.any():
             held: set[int] = set()
             contaminated = []
             for i, item in _read_spool(spool_path):
                 if i not in status and assign[i] in (2, 3):
-                    held |= _ngram_hashes(prompt_text(_internal(item["row"])), dc.decontaminate.ngram)
+                    held |= _ngram_hashes(decontam_text(item["row"]), dc.decontaminate.ngram)
             if held:
                 for i, item in _read_spool(spool_path):
                     if i not in status and assign[i] == 1:
-                        grams = _ngram_hashes(prompt_text(_internal(item["row"])), dc.decontaminate.ngram)
+                        grams = _ngram_hashes(decontam_text(item["row"]), dc.decontaminate.ngram)
                         if not grams.isdisjoint(held):
                             contaminated.append(i)
             for i in contaminated:
