@@ -75,6 +75,10 @@ class ExportConfig(StrictModel):
         ),
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="Token limit of those answers.")
+    num_threads: int | None = Field(
+        None, ge=1,
+        description="torch CPU threads for the export (default: torch's). 1 avoids OpenMP spin contention on a busy CPU.",
+    )
     speed_prompts: int = Field(2, ge=1, description="Prompts used to time greedy generation (tokens/s).")
     speed_new_tokens: int = Field(32, ge=1, description="New tokens generated per timed prompt.")
 

@@ -226,6 +226,8 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
 
     ecfg = cfg.export
     started = time.perf_counter()
+    if ecfg.num_threads:
+        torch.set_num_threads(ecfg.num_threads)
     rows, metric_skip = _val_rows(output_dir, ecfg.eval_rows)
     if metric_skip:
         console.print(f"[yellow]warning:[/] {metric_skip}")
@@ -352,6 +354,7 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         "artifacts": artifacts,
         "config": ecfg.model_dump(mode="json"),
         "libraries": _library_versions(),
+        "torch_threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
