@@ -163,6 +163,9 @@ class GeneralConfig(StrictModel):
     max_rows: int | None = Field(None, description="Keep at most this many rows (deterministic).")
 
 
+from domaintune.data.augment.config import AugmentConfig  # noqa: E402  (the augment section's models)
+
+
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(default_factory=list, description="Inputs; rows are read in this order.")
     normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
@@ -177,6 +180,9 @@ class DataConfig(StrictModel):
     system_prompt: str | None = Field(None, description="System prompt added to every row (messages/sharegpt).")
     general: GeneralConfig | None = Field(None, description="Optional general-domain set for replay.")
     batch_size: int = Field(256, ge=1, description="Rows per work unit sent to a worker process.")
+    augment: AugmentConfig | None = Field(
+        None, description="Optional augmentation/synthesis of the train split (see data.augment)."
+    )
 
     @field_validator("sample", mode="before")
     @classmethod

@@ -436,6 +436,9 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
         rep_snippets: dict[str, str] = {}
         handles = {s: atomic_write(out / f"{s}.jsonl") for s in SPLITS}
         files = {s: h.__enter__() for s, h in handles.items()}
+        augment_on = dc.augment is not None and dc.augment.enabled and bool(dc.augment.ops)
+        augment_train: list[dict[str, Any]] = []  # train rows only: synthetic rows never reach val/test
+        augment_report = None
         try:
             for i, item in _read_spool(spool_path):
                 row = item["row"]
@@ -457,12 +460,23 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 elif dc.system_prompt and "instruction" in row and not row.get("system"):
                     row["system"] = dc.system_prompt
                 files[split].write(json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n")
+                if augment_on and split == "train":
+                    augment_train.append(row)
                 accounts.kept[item["source"]][split] += 1
                 split_counts[split] += 1
                 strata[split][stratum_names[meta_stratum[i]]] += 1
                 diff_counts[split][TIERS[difficulty[i]]] += 1
                 kept_lengths.append(meta_length[i])
                 kept_answer_lengths.append(meta_answer[i])
+            if augment_on:
+                from domaintune.data.augment import run_augment
+
+                synthetic, augment_report = run_augment(cfg, augment_train, out, quarantine, progress)
+                for row in synthetic:
+                    if dc.system_prompt and not any(m["role"] == "system" for m in row["messages"]):
+                        row["messages"].insert(0, {"role": "system", "content": dc.system_prompt})
+                    files["train"].write(json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n")
+                del augment_train
         except BaseException:
             for h in handles.values():
                 h.__exit__(RuntimeError, None, None)
@@ -526,6 +540,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 "kept_answer_chars": _hist_summary(kept_answer_lengths),
             },
             "general": general,
+            "augment": augment_report,
         }
         quarantine.close()
         ok = True
@@ -534,7 +549,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
         general_dropped = sum(general["dropped"].values()) if general else 0
         if general and not general["balanced"]:
             raise RuntimeError(f"general set accounting does not balance: {general}")
-        if quarantine.count != report["totals"]["dropped"] + general_dropped:
+        augment_quarantined = augment_report["quarantined"] if augment_report else 0
+        if quarantine.count != report["totals"]["dropped"] + general_dropped + augment_quarantined:
             raise RuntimeError(f"quarantine has {quarantine.count} rows but {report['totals']['dropped']} were dropped")
         write_json(out / "report.json", report)
         from domaintune.data.report import write_html_report

@@ -170,6 +170,19 @@ Decontamination ({{ r.decontaminate.ngram }}-grams): {{ r.decontaminate.dropped 
 
 {% if r.general %}<h2>General set (replay / forgetting)</h2>
 <p><code>{{ r.general.path }}</code>: {{ r.general.input }} instances → {{ r.general.written }} rows in general.jsonl; dropped {{ r.general.dropped }}.</p>{% endif %}
+{% if r.augment %}<h2>Augmentation (train split only)</h2>
+<p>{{ r.augment.train_rows_in }} real train rows → {{ r.augment.created }} synthetic rows added to train.jsonl
+({% for k, v in r.augment.by_origin.items() %}{{ k }}: {{ v }} {% endfor %}); {{ r.augment.quarantined }} items in quarantine.jsonl
+(generator failures and candidates that failed a check). Cache: <code>{{ r.augment.cache }}</code>.</p>
+<table><tr><th>#</th><th>op</th><th>created</th><th>from source rows</th><th>rejected (check)</th><th>generator failures</th><th>generator</th><th>examples</th></tr>
+{% for o in r.augment.ops %}<tr><td>{{ o.index }}</td><td>{{ o.op }}</td><td>{{ o.created }}</td><td>{{ o.from_rows }}
+<div class="small">{{ o.source_ids[:10]|join(", ") }}{% if o.source_ids_total > 10 %}, … ({{ o.source_ids_total }}){% endif %}</div></td>
+<td class="small">{% for k, v in o.rejected.items() %}{{ k }}: {{ v }}<br>{% endfor %}</td><td>{{ o.failed }}</td>
+<td class="small">{% if o.generator %}generated {{ o.generator.generated }} · cache hits {{ o.generator.cache_hits }} · failed {{ o.generator.failed }}{% endif %}
+{% if o.passages is defined %}<br>passages {{ o.passages }}, parsed pairs {{ o.pairs_parsed }}{% endif %}
+{% if o.shares_after is defined %}<br>{{ o.field }} shares {{ o.shares_before }} → {{ o.shares_after }}{% endif %}</td>
+<td class="small">{% for e in o.examples %}<b>Q:</b> {{ e.question }}<br><b>A:</b> {{ e.answer }}<br><i>from {{ e.derived_from|join(", ") }}</i><br>{% endfor %}</td></tr>{% endfor %}
+</table>{% endif %}
 </body></html>
 """
 )
