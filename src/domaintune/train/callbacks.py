@@ -41,6 +41,7 @@ class RichProgressCallback(TrainerCallback):
         )
         self._t0 = time.perf_counter()
         self._tokens0 = state.num_input_tokens_seen
+        self._step0 = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is None:
@@ -57,6 +58,17 @@ class RichProgressCallback(TrainerCallback):
             self.val_loss = float(logs["eval_loss"])
         if self.progress is not None:
             self.progress.update(self.task, loss=self.loss, val=self.val_loss)
+            if not self.progress.console.is_terminal and ("loss" in logs or "eval_loss" in logs):
+                # Logs / CI: no live bar, so print one line per logging step instead.
+                elapsed = max(time.perf_counter() - self._t0, 1e-9)
+                done = state.global_step - self._step0
+                eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else float("nan")
+                tps = (state.num_input_tokens_seen - self._tokens0) / elapsed
+                self.progress.console.print(
+                    f"step {state.global_step}/{state.max_steps} loss {self.loss:.4f} val {self.val_loss:.4f} "
+                    f"{tps:.0f} tok/s elapsed {elapsed:.0f}s ETA {eta:.0f}s",
+                    highlight=False,
+                )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -105,11 +105,9 @@ def _check_tracking(tcfg: TrainConfig) -> None:
 def _check_precision(tcfg: TrainConfig) -> None:
     import torch
 
+    # (bf16 autocast on a CPU is correct everywhere, and fast with AVX-512-BF16 / AMX.)
     if tcfg.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
-    if tcfg.precision == "bf16" and not torch.cuda.is_available():
-        # bf16 autocast on CPU is correct everywhere but only fast with AVX-512-BF16 / AMX.
-        pass
 
 
 def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_eval_on_start: bool, args_cls=None, **extra):
@@ -148,6 +146,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss only: never keep every batch's logits
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         **extra,
@@ -219,8 +218,13 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     else:
         datasets, data_info, collator = _sft_data(tcfg, tokenizer, data_dir, seed)
 
+    _check_resume_identity(train_dir, tcfg, data_info["fingerprint"], resume)
+
+    from transformers import set_seed
+
     from domaintune.train.methods import build_trainable
 
+    set_seed(seed)  # adapter initialisation (LoRA A, prompt embeddings...) draws from the global RNG
     model, method_info = build_trainable(effective, tcfg, model_dir, init_adapter, cfg.model.dtype)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -297,6 +301,28 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
 
     plot_losses(trainer.state.log_history, train_dir / "loss.png", title=f"{cfg.name}: {method}")
     return metrics
+
+
+def _check_resume_identity(train_dir: Path, tcfg: TrainConfig, fingerprint: str, resume: bool) -> None:
+    """A resumed run must see the same data and settings as the run that wrote the checkpoints."""
+    path = train_dir / "run_identity.json"
+    # Settings that define what the checkpoints are; max_steps, cadence etc. may change on resume.
+    keys = ("method", "lora", "freeze", "prompt_learning", "ia3", "distill", "dpo", "init_from", "max_length",
+            "packing", "batch_size", "gradient_accumulation_steps", "replay", "seed", "max_train_samples")
+    settings = {k: v for k, v in tcfg.model_dump(mode="json").items() if k in keys}
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            raise UserError(
+                "--resume: the training files changed since the checkpoints were written "
+                "(data fingerprint differs); train again without --resume"
+            )
+        changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                         if settings.get(k) != old.get("settings", {}).get(k))
+        if changed:
+            raise UserError(f"--resume: train settings changed since the checkpoints were written: {changed}")
+    elif not resume:
+        write_json(path, {"fingerprint": fingerprint, "settings": settings})
 
 
 # --------------------------------------------------------------------------- data
