@@ -124,6 +124,10 @@ class EvalConfig(StrictModel):
         description="Pass/fail rules such as `rougeL_char_delta >= 2` or `retention >= 0.95`; eval exits 1 on failure.",
     )
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while evaluating (default: torch's). 1 avoids OpenMP spin "
+        "contention on a busy CPU."
+    )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
     worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional LLM-as-judge (skipped without url).")

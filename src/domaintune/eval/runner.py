@@ -360,6 +360,20 @@ def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
     """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.eval.num_threads:
+        torch.set_num_threads(cfg.eval.num_threads)
+    try:
+        return _run_eval(cfg, output_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
+    import torch
+
     t_start = time.perf_counter()
     ecfg = cfg.eval
     output_dir = Path(output_dir)
@@ -477,6 +491,7 @@ def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
             for name, items in sets.items()
         },
         "decoding": {**gens.settings, "batch_size": ecfg.decoding.batch_size, "greedy": ecfg.decoding.temperature == 0},
+        "torch_threads": torch.get_num_threads(),
         "latency_note": (
             f"local models: an answer's latency is the wall time of its batch (up to {ecfg.decoding.batch_size} "
             "prompts, CPU/GPU shared with other work); endpoints: one request each; tokens/s counts generated "
