@@ -149,8 +149,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for both sides (default: torch's choice). On a shared, "
+                             "busy CPU use 1: spinning OpenMP threads that lose their core slow both sides erratically.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
+    import os
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()[0]:.2f}",
+          file=sys.stderr)
 
     from domaintune.config import config_from_dict
     from domaintune.model.config import ModelConfig
@@ -168,7 +179,13 @@ def main() -> None:
     print(f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
           f"model {args.model}, greedy", file=sys.stderr)
     server = run_server_load(cfg, prompts, args.clients, args.max_tokens)
+    load_after_server = os.getloadavg()[0]
+    print(f"server: {len(server['latencies'])} ok, {len(server['errors'])} errors in {server['wall_s']:.1f} s "
+          f"(load average {load_after_server:.2f})", file=sys.stderr)
     baseline = run_baseline(resolve_model_dir(ModelConfig(name_or_path=args.model)), prompts, args.max_tokens)
+    load_after_baseline = os.getloadavg()[0]
+    print(f"baseline: {len(baseline['latencies'])} in {baseline['wall_s']:.1f} s (load average "
+          f"{load_after_baseline:.2f})", file=sys.stderr)
 
     def row(name: str, r: dict) -> dict:
         lat = r["latencies"]
@@ -200,11 +217,15 @@ def main() -> None:
                   f"(lower is better; baseline latencies include waiting for earlier requests)")
     console.print(f"server batches: {server['batches']} for {n} requests; greedy outputs identical to the "
                   f"baseline: {same}/{n}")
+    console.print(f"load average (1 min) after the server phase {load_after_server:.2f}, after the baseline "
+                  f"{load_after_baseline:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
     if server["errors"]:
         console.print(f"[red]errors:[/] {server['errors'][:5]}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "identical_outputs": same, "batches": server["batches"],
-                                         "errors": server["errors"]}, indent=2))
+                                         "errors": server["errors"], "threads": torch.get_num_threads(),
+                                         "load_after_server": load_after_server,
+                                         "load_after_baseline": load_after_baseline}, indent=2))
 
 
 if __name__ == "__main__":
