@@ -146,3 +146,31 @@ def test_missing_api_key_env_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="DT_NO_SUCH_KEY is not set"):
         run_data(cfg_for(tmp_path, gen, [QA]), tmp_path / "run", progress=False)
     assert GenerationError("x").args == ("x",)
+
+
+def test_example_yaml_loads():
+    from domaintune.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "augment-en.yaml")
+    (op,) = cfg.data.augment.ops
+    assert op.op == "synthetic_qa" and op.max_passages == 50 and cfg.data.augment.generator.kind == "local"
+
+
+@pytest.mark.slow
+def test_bundled_model_paraphrases_and_back_translates(tmp_path):
+    """SmolLM2-135M writes real paraphrases: the accepted rows keep the answer and point at their source."""
+    rows = [{"q": "What are the symptoms of type 2 diabetes?", "a": "Thirst, frequent urination and tiredness."},
+            {"q": "How can I lower my blood pressure?", "a": "Less salt, more exercise and prescribed medicine."}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    data = {"sources": [{"name": "qa", "path": "in.jsonl", "fields": {"instruction": "q", "output": "a"}}],
+            "split": {"ratios": [1, 0, 0]}, "filters": {"outlier_sigma": None}, "dedup": {"near": False},
+            "augment": {"generator": {"max_new_tokens": 48}, "ops": [{"op": "paraphrase", "n": 2}]}}  # fmt: skip
+    cfg = config_from_dict({"name": "t", "data": data}, config_path=tmp_path / "p.yaml")
+    rep = run_data(cfg, tmp_path / "run", progress=False)["augment"]["ops"][0]
+    train = read(tmp_path / "run/data/train.jsonl")
+    syn = [r for r in train if r.get("origin") == "synthetic/paraphrase"]
+    assert rep["created"] == len(syn) >= 1
+    by_id = {r["id"]: r for r in train if "origin" not in r}
+    for r in syn:
+        src = by_id[r["derived_from"][0]]
+        assert r["messages"][-1] == src["messages"][-1] and r["messages"][0]["content"] != src["messages"][0]["content"]

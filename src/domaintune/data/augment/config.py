@@ -24,6 +24,9 @@ class GeneratorConfig(StrictModel):
     max_input_tokens: int = Field(
         1024, ge=8, description="local: a prompt longer than this fails (that item is quarantined)."
     )
+    num_threads: int | None = Field(
+        None, ge=1, description="local: torch CPU threads (default: torch's choice; set it on a shared CPU)."
+    )
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout.")
     seed: int = Field(0, description="Sampling seed (used when temperature > 0).")
 

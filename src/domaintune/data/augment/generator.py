@@ -40,8 +40,12 @@ class LocalGenerator:
     def _load(self) -> None:
         if self._model is not None:
             return
+        import torch
+
         from domaintune.model.loader import end_of_turn_token_ids, load_model_and_tokenizer
 
+        if self.gcfg.num_threads:
+            torch.set_num_threads(self.gcfg.num_threads)
         self._model, self._tok = load_model_and_tokenizer(self.model_cfg)
         self._model.eval()
         self._tok.padding_side = "left"
