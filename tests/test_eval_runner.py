@@ -292,3 +292,30 @@ def test_interrupted_generation_keeps_finished_batches(run_dir, tmp_path, monkey
     monkeypatch.setattr(EvalModel, "generate", original)
     report = run_eval(cfg, out)
     assert report["cache"]["answers_reused"] == 2 and report["cache"]["answers_generated"] == 4
+
+
+def test_reference_nll_matches_a_plain_computation(tiny_model_dir):
+    """Batched, left-padded, logits-trimmed NLL equals one unpadded forward pass per item."""
+    import torch
+    import torch.nn.functional as F
+
+    from domaintune.config import config_from_dict as cfd
+    from domaintune.eval.models import build_models
+
+    cfg = cfd({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "eval": {"tuned": False}})
+    (model,) = build_models(cfg, Path("/nonexistent"))
+    prompts = [[{"role": "user", "content": "头痛怎么办？请详细说明。"}], [{"role": "user", "content": "hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+    refs = ["多休息，必要时服用止痛药。", "Hello! How can I help you today, my friend?", "4"]
+    got = model.reference_nll(prompts, refs, max_length=512, batch_size=3, desc="nll")
+    hf, tok = model._loaded
+    for (nll, n), prompt, ref in zip(got, prompts, refs):
+        p_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        a_ids = tok(ref + "<|im_end|>", add_special_tokens=False).input_ids  # answer + end of turn only
+        p_ids = tok(p_text, add_special_tokens=False).input_ids
+        ids = torch.tensor([p_ids + a_ids])
+        with torch.inference_mode():
+            logits = hf(input_ids=ids).logits[0]
+        expected = F.cross_entropy(logits[len(p_ids) - 1 : -1], torch.tensor(a_ids), reduction="sum")
+        assert n == len(a_ids)
+        assert nll == pytest.approx(float(expected), rel=1e-4)

@@ -83,11 +83,8 @@ class EvalModel:
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            import torch
-
             model, tokenizer = self.loader()
-            model.eval()
-            torch.set_grad_enabled(False)
+            model.eval()  # generation and scoring run under torch.inference_mode(); no global grad switch
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             self._loaded = (model, tokenizer)
@@ -246,7 +243,12 @@ class EvalModel:
             a_ids = tokenizer(answer_text, add_special_tokens=False).input_ids[: max_length - 1]
             p_ids = p_ids[-(max_length - len(a_ids)) :]
             rows.append((p_ids, a_ids))
+        import inspect
+
         pad = tokenizer.pad_token_id
+        # Left padding: every answer ends at the right edge, so only the last (longest answer + 1) positions
+        # need logits (`logits_to_keep`), sparing most of the vocabulary projection and softmax.
+        keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
         results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
         bar = tqdm(total=len(rows), desc=desc, unit="ref", dynamic_ncols=True)
@@ -254,18 +256,24 @@ class EvalModel:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx)
+                keep = max(len(rows[i][1]) for i in idx) + 1
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
                 labels = torch.full((len(idx), width), -100, dtype=torch.long)
                 for r, i in enumerate(idx):
                     p_ids, a_ids = rows[i]
                     seq = p_ids + a_ids
-                    ids[r, : len(seq)] = torch.tensor(seq)
-                    mask[r, : len(seq)] = 1
-                    labels[r, len(p_ids) : len(seq)] = torch.tensor(a_ids)
+                    ids[r, width - len(seq) :] = torch.tensor(seq)
+                    mask[r, width - len(seq) :] = 1
+                    labels[r, width - len(a_ids) :] = torch.tensor(a_ids)
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                kwargs = {"logits_to_keep": keep} if keep_ok and keep < width else {}
                 with torch.inference_mode():
-                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
+                kept = logits.shape[1]
+                # logits at position t predict token t + 1
+                shift_logits = logits[:, :-1].float()
+                shift_labels = labels[:, width - kept + 1 :]
                 nll = F.cross_entropy(
                     shift_logits.reshape(-1, shift_logits.size(-1)),
                     shift_labels.reshape(-1),
