@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 
-out = Console(width=160)
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _mb(n: int | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +15,7 @@ from rich.table import Table
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 from domaintune.errors import UserError
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Project YAML (gives registry.url, store and name).")
