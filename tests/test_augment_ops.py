@@ -152,3 +152,22 @@ def test_qa_checks_and_passages():
     parts = split_passages(text, 200, 50)
     assert parts and all(50 <= len(p) <= 200 for p in parts)
     assert "".join(parts).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+
+
+def test_synthetic_rows_are_decontaminated_against_val_and_test(tmp_path):
+    # records that render every corpus question again: those of val/test rows must not reach train
+    lines = ["i,m,c"] + [f"{i},{i * 7 % 31},{i % 5}" for i in range(60)]
+    (tmp_path / "recs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    aug = {"ops": [{"op": "records_to_dialogue", "source": {"path": "recs.csv"},
+                    "instruction": "How should patient group {{ i }} take medicine number {{ m }} for condition {{ c }}?",
+                    "output": "Ask your doctor about medicine {{ m }}."}]}  # fmt: skip
+    report = run_data(cfg_for(tmp_path, aug, decontaminate={"ngram": 8}), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    held = {r["messages"][0]["content"] for r in read(run, "val") + read(run, "test")}
+    syn = [r for r in read(run, "train") if r.get("origin")]
+    aug_rep = report["augment"]
+    assert held and aug_rep["decontaminated"] == {"synthetic/records_to_dialogue": len(held)}
+    assert aug_rep["written"] == len(syn) == 60 - len(held)
+    assert not held & {r["messages"][0]["content"] for r in syn}
+    q = [json.loads(x) for x in (run / "data/quarantine.jsonl").read_text().splitlines()]
+    assert sum(e["stage"] == "augment/decontaminate" for e in q) == len(held)

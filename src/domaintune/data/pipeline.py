@@ -409,8 +409,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 return prompt_text(internal)
             return prompt_text(internal) + "\n" + answer_text(internal)
 
+        held: set[int] = set()  # n-gram hashes of val/test prompts (also checked against synthetic rows)
         if dc.decontaminate.enabled and assign.any():
-            held: set[int] = set()
             contaminated = []
             for i, item in _read_spool(spool_path):
                 if i not in status and assign[i] in (2, 3):
@@ -472,11 +472,21 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 from domaintune.data.augment import run_augment
 
                 synthetic, augment_report = run_augment(cfg, augment_train, out, quarantine, progress)
+                decontaminated = Counter()
                 for row in synthetic:
+                    if held and not _ngram_hashes(decontam_text(row), dc.decontaminate.ngram).isdisjoint(held):
+                        decontaminated[row["origin"]] += 1
+                        quarantine.add(row["source"], "augment", row["id"], "augment/decontaminate",
+                                       f"synthetic row shares a {dc.decontaminate.ngram}-gram with a val/test prompt",
+                                       row=row)  # fmt: skip
+                        continue
                     if dc.system_prompt and not any(m["role"] == "system" for m in row["messages"]):
                         row["messages"].insert(0, {"role": "system", "content": dc.system_prompt})
                     files["train"].write(json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n")
                 del augment_train
+                augment_report["decontaminated"] = dict(decontaminated)
+                augment_report["written"] = len(synthetic) - sum(decontaminated.values())
+                augment_report["quarantined"] += sum(decontaminated.values())
         except BaseException:
             for h in handles.values():
                 h.__exit__(RuntimeError, None, None)

@@ -171,9 +171,11 @@ Decontamination ({{ r.decontaminate.ngram }}-grams): {{ r.decontaminate.dropped 
 {% if r.general %}<h2>General set (replay / forgetting)</h2>
 <p><code>{{ r.general.path }}</code>: {{ r.general.input }} instances → {{ r.general.written }} rows in general.jsonl; dropped {{ r.general.dropped }}.</p>{% endif %}
 {% if r.augment %}<h2>Augmentation (train split only)</h2>
-<p>{{ r.augment.train_rows_in }} real train rows → {{ r.augment.created }} synthetic rows added to train.jsonl
-({% for k, v in r.augment.by_origin.items() %}{{ k }}: {{ v }} {% endfor %}); {{ r.augment.quarantined }} items in quarantine.jsonl
-(generator failures and candidates that failed a check). Cache: <code>{{ r.augment.cache }}</code>.</p>
+<p>{{ r.augment.train_rows_in }} real train rows → {{ r.augment.created }} synthetic rows
+({% for k, v in r.augment.by_origin.items() %}{{ k }}: {{ v }} {% endfor %}), {{ r.augment.written }} added to train.jsonl
+after decontamination against val/test ({% for k, v in r.augment.decontaminated.items() %}{{ k }}: {{ v }} {% else %}none{% endfor %} dropped);
+{{ r.augment.quarantined }} items in quarantine.jsonl (generator failures, candidates that failed a check, decontaminated rows).
+Cache: <code>{{ r.augment.cache }}</code>.</p>
 <table><tr><th>#</th><th>op</th><th>created</th><th>from source rows</th><th>rejected (check)</th><th>generator failures</th><th>generator</th><th>examples</th></tr>
 {% for o in r.augment.ops %}<tr><td>{{ o.index }}</td><td>{{ o.op }}</td><td>{{ o.created }}</td><td>{{ o.from_rows }}
 <div class="small">{{ o.source_ids[:10]|join(", ") }}{% if o.source_ids_total > 10 %}, … ({{ o.source_ids_total }}){% endif %}</div></td>
