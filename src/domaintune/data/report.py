@@ -173,7 +173,7 @@ Decontamination ({{ r.decontaminate.ngram }}-grams): {{ r.decontaminate.dropped 
 {% if r.augment %}<h2>Augmentation (train split only)</h2>
 <p>{{ r.augment.train_rows_in }} real train rows → {{ r.augment.created }} synthetic rows
 ({% for k, v in r.augment.by_origin.items() %}{{ k }}: {{ v }} {% endfor %}), {{ r.augment.written }} added to train.jsonl
-after decontamination against val/test ({% for k, v in r.augment.decontaminated.items() %}{{ k }}: {{ v }} {% else %}none{% endfor %} dropped);
+after decontamination against val/test ({% for k, v in (r.augment.decontaminated or {}).items() %}{{ k }}: {{ v }} {% else %}none{% endfor %} dropped);
 {{ r.augment.quarantined }} items in quarantine.jsonl (generator failures, candidates that failed a check, decontaminated rows).
 Cache: <code>{{ r.augment.cache }}</code>.</p>
 <table><tr><th>#</th><th>op</th><th>created</th><th>from source rows</th><th>rejected (check)</th><th>generator failures</th><th>generator</th><th>examples</th></tr>
