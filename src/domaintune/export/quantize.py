@@ -88,6 +88,8 @@ def load_int8(folder: str | Path):
     if not (folder / INT8_SPEC).is_file() or not (folder / INT8_WEIGHTS).is_file():
         raise UserError(f"{folder} is not an INT8 export (needs {INT8_SPEC} and {INT8_WEIGHTS})")
     spec = json.loads((folder / INT8_SPEC).read_text(encoding="utf-8"))
+    if "quantized" not in spec:
+        raise UserError(f"{folder / INT8_SPEC} lists no quantised layers (written by an older export); re-run the export")
     config = AutoConfig.from_pretrained(folder)
     try:
         from transformers.initialization import no_init_weights
