@@ -66,7 +66,7 @@ def _project(tmp_path: Path, **overrides) -> Path:
             "max_items": 4, "max_general_items": 2, "decoding": {"max_new_tokens": 6, "batch_size": 4},
             "robustness": {"enabled": False}, "bootstrap_samples": 100, "gates": [],
         },
-        "export": {"gguf": [], "int8": False, "eval_rows": 2, "eval_items": 0},
+        "export": {"gguf": [], "int8": False, "eval_rows": 2, "eval_items": 0, "speed_prompts": 1, "speed_new_tokens": 4},
         "registry": {"url": "sqlite:///registry.db", "store": "artifacts"},
     }
     for dotted, value in overrides.items():
@@ -130,7 +130,7 @@ def test_failed_gate_registers_rejected_and_cli_exits_1(tmp_path):
 
 
 def test_killed_run_resumes_training_from_its_checkpoint(tmp_path):
-    config = _project(tmp_path, **{"train.max_steps": 40, "train.save_steps": 2, "train.eval_steps": 2})
+    config = _project(tmp_path, **{"train.max_steps": 40, "train.save_steps": 10, "train.eval_steps": 10})
     cmd = [sys.executable, "-m", "domaintune", "run", str(config), "--stages", "data,train"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -139,8 +139,7 @@ def test_killed_run_resumes_training_from_its_checkpoint(tmp_path):
     while time.time() < deadline and not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
         if proc.poll() is not None:
             pytest.fail(f"run exited with {proc.returncode} before its first checkpoint")
-        time.sleep(0.2)
-    time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9: no cleanup code runs
     proc.wait()
     state = json.loads((tmp_path / "run" / "run" / "state.json").read_text())
