@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from domaintune.config import load_config
+from domaintune.train.runner import last_complete_checkpoint
 from domaintune.workflow.pipeline import run_pipeline
 
 WORDS = (
@@ -136,7 +137,7 @@ def test_killed_run_resumes_training_from_its_checkpoint(tmp_path):
                             start_new_session=True)
     checkpoints = tmp_path / "run" / "train" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while time.time() < deadline and last_complete_checkpoint(checkpoints) is None:
         if proc.poll() is not None:
             pytest.fail(f"run exited with {proc.returncode} before its first checkpoint")
         time.sleep(0.05)

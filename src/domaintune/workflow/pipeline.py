@@ -196,7 +196,7 @@ def run_pipeline(
         interrupted = previous.get("status") == "running" and previous.get("fingerprint") == fingerprint
         ctx = {
             "workers": workers,
-            "resume_train": name == "train" and interrupted and (output_dir / "train" / "checkpoints").is_dir(),
+            "resume_train": name == "train" and interrupted and _has_complete_checkpoint(output_dir),
             "parent_version": parent_version,
         }
         if on_stage:
@@ -218,6 +218,12 @@ def run_pipeline(
     registered = output_dir / "run" / "registered.json"
     version = json.loads(registered.read_text())["version"] if registered.is_file() else None
     return RunResult(output_dir, outcomes, gates[0], gates[1], version)
+
+
+def _has_complete_checkpoint(output_dir: Path) -> bool:
+    from domaintune.train.runner import last_complete_checkpoint
+
+    return last_complete_checkpoint(output_dir / "train" / "checkpoints") is not None
 
 
 def _read_gates(output_dir: Path) -> tuple[bool | None, list[str]]:
