@@ -25,6 +25,13 @@ _ID_RE = re.compile(r"(?<![0-9A-Za-z])\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:
 # 16-19 contiguous digits, or groups of four separated by one space/hyphen (last group 1-4 digits)
 _CARD_RE = re.compile(r"(?<![\d-])(?:\d{16,19}|\d{4}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?)(?![\d-])")
 _MOBILE_RE = re.compile(r"(?<![\d+])(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
+# International numbers in E.164 style (+1 212 555 0199, +44 20 7946 0958) and North American
+# 3-3-4 numbers with separators ((415) 555-0132, 415-555-0132). Separators are required so that
+# dosages and ranges ("120-130") never match.
+_INTL_PHONE_RE = re.compile(
+    r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
+    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])"
+)
 _LANDLINE_RE = re.compile(r"(?<![\d-])(?:\(0\d{2,3}\)\s?|0\d{2,3}[- ])[2-9]\d{6,7}(?:-\d{1,5})?(?!\d)")
 _IPV4_RE = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
 _DIGITS_RE = re.compile(r"\d[\d .()-]{5,}\d")  # any number long enough to be a phone, ID, card or IP
@@ -84,7 +91,8 @@ def redact_pii(text: str, types: tuple[str, ...] | list[str] | None = None) -> t
     """Replace PII with typed placeholders; returns the new text and counts per type.
 
     Types: url, email, id_card (18-digit resident ID, check digit validated), bank_card (16-19
-    digits, Luhn validated), phone (Chinese mobile), landline, ipv4.
+    digits, Luhn validated), phone (Chinese mobile, international +CC and North American 3-3-4),
+    landline, ipv4.
     """
     wanted = ALL_TYPES if types is None else tuple(types)
     counts: Counter = Counter()
@@ -107,6 +115,7 @@ def redact_pii(text: str, types: tuple[str, ...] | list[str] | None = None) -> t
         text = _sub(_CARD_RE, "bank_card", text, counts, _card_ok)
     if "phone" in wanted:
         text = _sub(_MOBILE_RE, "phone", text, counts)
+        text = _sub(_INTL_PHONE_RE, "phone", text, counts)
     if "landline" in wanted:
         text = _sub(_LANDLINE_RE, "landline", text, counts)
     if "ipv4" in wanted:
