@@ -208,7 +208,7 @@ def main() -> None:
     for r in rows:
         table.add_row(*[str(r[c]) for c in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s",
                                              "p50_s", "p95_s", "p99_s")])
-    console = Console()
+    console = Console(width=160)
     console.print(table)
     s, b = rows
     console.print(f"throughput ratio (server / one-by-one baseline): {s['req_per_s'] / b['req_per_s']:.2f}x requests/s, "

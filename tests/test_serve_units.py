@@ -75,3 +75,24 @@ def test_serve_config_errors_name_the_field():
         config_from_dict({**base, "serve": {"default_max_tokens": 500, "max_tokens_cap": 100}})
     with pytest.raises(ConfigError, match="serve.engine"):
         config_from_dict({**base, "serve": {"engine": "tensorrt"}})
+
+
+def test_batches_group_similar_prompt_lengths_within_the_token_budget():
+    import asyncio
+
+    from domaintune.serve.engine import GenRequest, SamplingParams, select_batch
+
+    loop = asyncio.new_event_loop()
+
+    def req(n, backbone="b"):
+        return GenRequest(f"r{n}", backbone, None, [1] * n, SamplingParams(max_tokens=4), loop, asyncio.Queue())
+
+    try:
+        pending = [req(40), req(1000), req(45), req(38, "other"), req(300), req(42), req(39)]
+        batch = select_batch(pending, max_batch_size=8, max_batch_tokens=400)
+        assert [len(r.prompt_ids) for r in batch] == [40, 39, 42, 45]  # oldest first, then closest lengths
+        assert len(select_batch(pending, max_batch_size=2, max_batch_tokens=400)) == 2
+        alone = select_batch([req(1000), req(40)], max_batch_size=8, max_batch_tokens=400)
+        assert [len(r.prompt_ids) for r in alone] == [1000]  # over the budget: runs alone, never starves
+    finally:
+        loop.close()

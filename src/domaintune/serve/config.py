@@ -68,6 +68,10 @@ class ServeConfig(StrictModel):
         None, description="Weights dtype for serving (default: model.dtype)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded together in one batch.")
+    max_batch_tokens: int = Field(
+        4096, ge=1,
+        description="Padded prompt tokens per batch (size x longest prompt); similar lengths are batched together.",
+    )
     batch_wait_ms: float = Field(10.0, ge=0, description="How long the batcher waits to fill a batch.")
     max_queue: int = Field(512, ge=1, description="Queued requests beyond this get 503.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 504.")

@@ -285,15 +285,39 @@ def _make_hooks(rows: list[_Row]):
     return PerRowSampler(), PerRowStop()
 
 
+def select_batch(pending: list[GenRequest], max_batch_size: int, max_batch_tokens: int) -> list[GenRequest]:
+    """The oldest request plus the same-backbone requests closest to its prompt length that fit the budget.
+
+    Prompts are left-padded to the longest one, so a batch costs (size x longest prompt) tokens of
+    prefill and attention: mixing a 1,000-token prompt with 40-token ones wastes most of it. The
+    oldest request is always taken, so nothing waits forever; one request over the budget runs alone.
+    """
+    first = pending[0]
+    batch = [first]
+    longest = len(first.prompt_ids)
+    others = [r for r in pending[1:] if r.backbone == first.backbone]
+    others.sort(key=lambda r: abs(len(r.prompt_ids) - len(first.prompt_ids)))  # stable: older first on ties
+    for req in others:
+        if len(batch) >= max_batch_size:
+            break
+        width = max(longest, len(req.prompt_ids))
+        if (len(batch) + 1) * width > max_batch_tokens:
+            continue
+        batch.append(req)
+        longest = width
+    return batch
+
+
 class TransformersEngine(Engine):
     """Batched generation with transformers + peft on CPU (or one GPU)."""
 
     name = "transformers"
 
     def __init__(self, dtype: str = "float32", max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                 max_queue: int = 512):
+                 max_queue: int = 512, max_batch_tokens: int = 4096):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self._backbones: dict[str, Backbone] = {}
@@ -402,17 +426,10 @@ class TransformersEngine(Engine):
                 if left <= 0:
                     break
                 self._cond.wait(timeout=left)
-            first = self._pending[0]
-            batch: list[GenRequest] = []
-            keep: collections.deque[GenRequest] = collections.deque()
-            while self._pending:
-                req = self._pending.popleft()
-                if req.backbone == first.backbone and len(batch) < self.max_batch_size:
-                    batch.append(req)
-                else:
-                    keep.append(req)
-            self._pending = keep
-            return batch
+            picked = select_batch(list(self._pending), self.max_batch_size, self.max_batch_tokens)
+            chosen = {id(r) for r in picked}
+            self._pending = collections.deque(r for r in self._pending if id(r) not in chosen)
+            return picked
 
     def _loop(self) -> None:
         while True:
@@ -633,4 +650,5 @@ def build_engine(name: str, dtype: str, serve_cfg) -> Engine:
         max_batch_size=serve_cfg.max_batch_size,
         batch_wait_ms=serve_cfg.batch_wait_ms,
         max_queue=serve_cfg.max_queue,
+        max_batch_tokens=serve_cfg.max_batch_tokens,
     )
