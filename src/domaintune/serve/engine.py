@@ -412,6 +412,9 @@ class TransformersEngine(Engine):
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        with self._cond:  # whatever is still queued will never run: tell its waiters now
+            while self._pending:
+                self._pending.popleft().emit("error", RuntimeError("the server is shutting down"))
 
     def _take_batch(self) -> list[GenRequest] | None:
         with self._cond:
