@@ -21,7 +21,7 @@ SetOpt = Annotated[
 ]
 OutputDirOpt = Annotated[
     Path | None,
-    typer.Option("--output-dir", help="Run folder (default: output_dir in the YAML, else runs/<name>)."),
+    typer.Option("--output-dir", help="Run folder (default: output_dir in the YAML, else runs/<name> beside the YAML)."),
 ]
 
 
