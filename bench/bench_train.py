@@ -13,7 +13,7 @@ and like-for-like (fp32, padded batches: LLaMA-Factory's defaults), so the gain 
 LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 installed first, then
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
-Usage: python bench/bench_train.py [--steps 30] [--lf-python /work/lf-venv/bin/python] [--skip-lf]
+Usage: python bench/bench_train.py [--steps 12] [--threads 1] [--lf-python /work/lf-venv/bin/python] [--skip-lf]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def write_domaintune_data(rows, run_dir: Path) -> None:
     (data / "val.jsonl").write_text("".join(json.dumps(msg(r), ensure_ascii=False) + "\n" for r in rows[:8]), "utf-8")
 
 
-def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: bool) -> dict:
+def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int) -> dict:
     from domaintune.config import config_from_dict
     from domaintune.train.runner import run_train
 
@@ -75,6 +75,7 @@ def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: boo
                   "max_length": MAX_LEN, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.0,
                   "lr_scheduler": "cosine", "max_steps": steps, "eval_steps": steps, "save_steps": steps,
                   "logging_steps": 5, "max_val_samples": 8, "precision": precision, "packing": packing,
+                  "num_threads": threads,
                   "tracking": "none"},
     })
     m = run_train(cfg, run_dir)
@@ -84,7 +85,7 @@ def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: boo
             "mean_train_loss": m["mean_train_loss"], "steps": m["steps"], "truncated": m["truncated"]}
 
 
-def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool) -> dict:
+def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int) -> dict:
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir
 
@@ -109,7 +110,8 @@ def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool
     }
     cfg_path, out_path = workdir / "lf-config.json", workdir / "lf-result.json"
     cfg_path.write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=str(REPO / "bench" / "lf_shim"), DISABLE_VERSION_CHECK="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "bench" / "lf_shim"), DISABLE_VERSION_CHECK="1",
+               OMP_NUM_THREADS=str(threads))
     proc = subprocess.run([lf_python, str(REPO / "bench" / "lf_runner.py"), str(cfg_path), str(out_path)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
@@ -120,7 +122,9 @@ def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every run (1 is fastest on a CPU shared with other jobs)")
     parser.add_argument("--lf-python", default="/work/lf-venv/bin/python")
     parser.add_argument("--skip-lf", action="store_true")
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16")
@@ -128,20 +132,21 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     rows = load_rows(args.steps * BATCH)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        results["domaintune bf16 padding-free"] = run_domaintune(rows, args.steps, workdir, "bf16", True)
-        results["domaintune fp32 padded"] = run_domaintune(rows, args.steps, workdir, "fp32", False)
-        lf_error = None
+        results["domaintune bf16 padding-free"] = run_domaintune(rows, args.steps, workdir, "bf16", True, args.threads)
+        results["domaintune fp32 padded"] = run_domaintune(rows, args.steps, workdir, "fp32", False, args.threads)
+        lf_errors = {}
         if not args.skip_lf:
-            try:
-                results["LLaMA-Factory 0.9.5 fp32"] = run_llamafactory(rows, args.steps, workdir, args.lf_python, False)
-                if args.lf_bf16:
-                    results["LLaMA-Factory 0.9.5 bf16"] = run_llamafactory(rows, args.steps, workdir, args.lf_python, True)
-            except (RuntimeError, FileNotFoundError) as exc:
-                lf_error = str(exc)
+            for bf16 in (False, True) if args.lf_bf16 else (False,):
+                name = f"LLaMA-Factory 0.9.5 {'bf16' if bf16 else 'fp32'}"
+                try:
+                    results[name] = run_llamafactory(rows, args.steps, workdir, args.lf_python, bf16, args.threads)
+                except (RuntimeError, FileNotFoundError) as exc:
+                    lf_errors[name] = str(exc)
 
     print(f"\nLoRA r=8 all-linear, SmolLM2-135M, max_len {MAX_LEN}, batch {BATCH}, {args.steps} steps, "
           f"{len(rows)} zh medical rows, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -158,8 +163,10 @@ def main() -> None:
         if "LLaMA-Factory 0.9.5 bf16" in results:
             ratio = results["domaintune bf16 padding-free"]["tokens_per_second"] / results["LLaMA-Factory 0.9.5 bf16"]["tokens_per_second"]
             print(f"ratio domaintune bf16 padding-free / LLaMA-Factory bf16: {ratio:.2f}x tokens/s")
-    else:
-        print(f"LLaMA-Factory: not measured ({'--skip-lf' if args.skip_lf else lf_error})")
+    elif args.skip_lf:
+        print("LLaMA-Factory: not measured (--skip-lf)")
+    for name, error in lf_errors.items():
+        print(f"{name}: not measured: {error}")
     print(json.dumps(results, indent=2, default=str))
 
 

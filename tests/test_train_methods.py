@@ -149,3 +149,33 @@ def test_init_from_continues_an_existing_adapter(tmp_path):
     b = load_file(second / "model" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_registry_alias(tmp_path):
+    from domaintune.config import config_from_dict
+    from domaintune.registry import register_run, registry_from_config
+
+    def cfg_for(run, **train):
+        base = tiny_config(**train).model_dump(mode="json", exclude={"config_path", "output_dir"})
+        return config_from_dict({**base, "output_dir": str(run)})
+
+    first = make_run_dir(tmp_path / "first")
+    cfg1 = cfg_for(first, lora={"r": 4})
+    run_train(cfg1, first)
+    version = register_run(cfg1, first)
+    registry_from_config(cfg1).promote("t", version, alias="production", force=True)
+
+    second = make_run_dir(tmp_path / "second", seed=1)
+    cfg2 = cfg_for(second, init_from="registry://t@production")
+    metrics = run_train(cfg2, second)
+    assert "registry" in metrics["init_from"]  # the verified copy in the registry's artefact store
+    assert json.loads((second / "model" / "adapter_config.json").read_text())["r"] == 4
+    _reload_and_generate(second / "model")
+
+
+def test_bf16_packing_and_gradient_checkpointing_together(tmp_path):
+    run = make_run_dir(tmp_path)
+    metrics = run_train(tiny_config(precision="bf16", packing=True, gradient_checkpointing=True), run)
+    assert metrics["precision"] == "bf16" and metrics["config"]["packing"] is True
+    assert torch.isfinite(torch.tensor([metrics["final_train_loss"], metrics["final_val_loss"]])).all()
+    _reload_and_generate(run / "model")

@@ -132,6 +132,13 @@ class TrainConfig(StrictModel):
         "fp32", description="fp32; bf16 autocast (CPU with AVX-512-BF16/AMX, or GPU); fp16 (GPU only)."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    half_precision_base: bool = Field(
+        True,
+        description=(
+            "Adapter methods with precision bf16/fp16: hold the frozen base weights in that dtype (adapters and "
+            "optimizer stay fp32), saving the per-step weight casts and half the weight memory traffic."
+        ),
+    )
 
     eval_steps: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
     early_stopping_patience: int | None = Field(

@@ -21,7 +21,7 @@ from typing import Any
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
 from domaintune.model.loader import BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA, is_adapter_dir, load_tokenizer, resolve_model_dir
-from domaintune.train.config import FULL_MODEL_METHODS, TrainConfig
+from domaintune.train.config import ADAPTER_METHODS, TrainConfig
 from domaintune.train.dataset import (
     EncodeStats,
     ReplayMixDataset,
@@ -167,6 +167,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     """Train `cfg.train.method` on `<output_dir>/data/` and write model/ and train/. Returns the metrics dict."""
     import torch
 
+    started = time.time()
     output_dir = Path(output_dir)
     tcfg: TrainConfig = cfg.train
     seed = tcfg.seed if tcfg.seed is not None else cfg.seed
@@ -183,9 +184,6 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         resume_from = last_complete_checkpoint(checkpoint_dir)
         if resume_from is None:
             raise UserError(f"--resume: no complete checkpoint in {checkpoint_dir} (train without --resume)")
-    elif checkpoint_dir.exists():
-        log.info("starting fresh: removing old checkpoints in %s", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
 
     # Base model, possibly a full model from init_from; an adapter from init_from is continued.
@@ -211,7 +209,6 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     else:
         effective = method
 
-    started = time.time()
     data_dir = output_dir / "data"
     if method == "dpo":
         datasets, data_info, collator = _dpo_data(tcfg, data_dir, seed)
@@ -219,13 +216,20 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         datasets, data_info, collator = _sft_data(tcfg, tokenizer, data_dir, seed)
 
     _check_resume_identity(train_dir, tcfg, data_info["fingerprint"], resume)
+    if not resume and checkpoint_dir.exists():
+        log.info("starting fresh: removing old checkpoints in %s", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
 
     from transformers import set_seed
 
     from domaintune.train.methods import build_trainable
 
     set_seed(seed)  # adapter initialisation (LoRA A, prompt embeddings...) draws from the global RNG
-    model, method_info = build_trainable(effective, tcfg, model_dir, init_adapter, cfg.model.dtype)
+    base_dtype = cfg.model.dtype
+    if tcfg.half_precision_base and tcfg.precision != "fp32" and effective in ADAPTER_METHODS and effective != "qlora":
+        base_dtype = "bfloat16" if tcfg.precision == "bf16" else "float16"
+    model, method_info = build_trainable(effective, tcfg, model_dir, init_adapter, base_dtype)
+    method_info["base_dtype"] = base_dtype
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -290,7 +294,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     train_wall = time.perf_counter() - train_start
 
     # Save what the best checkpoint holds (load_best_model_at_end put it in trainer.model).
-    saved_kind = _save_model(trainer, tokenizer, model_out, cfg.model, model_dir, effective, method)
+    saved_kind = _save_model(trainer, tokenizer, model_out, model_cfg, model_dir, effective, method)
 
     metrics = _metrics(
         cfg, tcfg, trainer, output, timer, data_info, method_info, effective, saved_kind, train_wall,
