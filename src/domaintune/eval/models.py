@@ -58,6 +58,11 @@ def decoding_key(decoding: DecodingConfig, seed: int) -> dict[str, Any]:
     return key
 
 
+def clean_answer(text: str) -> str:
+    """Strip blanks and the U+FFFD left when max_new_tokens cuts a multi-byte character in half."""
+    return text.strip().rstrip("\ufffd").rstrip()
+
+
 @dataclass
 class Answer:
     text: str
@@ -159,7 +164,7 @@ class EvalModel:
                     stop = next((k for k, tok in enumerate(row) if tok in eot), None)
                     kept = row if stop is None else row[:stop]
                     n_tokens = len(row) if stop is None else stop + 1
-                    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    text = clean_answer(tokenizer.decode(kept, skip_special_tokens=True))
                     answers[i] = Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=len(idx))
                 bar.update(len(idx))
                 if on_batch:

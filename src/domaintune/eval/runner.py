@@ -27,7 +27,7 @@ from domaintune.eval.items import (
     detect_stratum_field,
     load_items,
 )
-from domaintune.eval.models import EvalModel, build_models, decoding_key, perplexity
+from domaintune.eval.models import EvalModel, build_models, clean_answer, decoding_key, perplexity
 from domaintune.eval.perturb import perturb_prompt
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.utils.io import write_json, write_jsonl
@@ -61,6 +61,7 @@ class _Generations:
     def answers(self, model: EvalModel, set_name: str, ids: list[str], prompts: list[list[dict]]) -> list[dict]:
         keys = [cache_key("generate", model.identity, p, self.settings) for p in prompts]
         rows: list[dict | None] = [self.cache.get(k) if model.cacheable else None for k in keys]
+        rows = [dict(r, prediction=clean_answer(r["prediction"])) if r else None for r in rows]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
 
