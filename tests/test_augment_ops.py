@@ -144,6 +144,8 @@ def test_qa_checks_and_passages():
     passage = "Metformin lowers blood glucose in type 2 diabetes. It is taken with meals to reduce stomach upset."
     assert qa_check(op, "What does metformin do?", "Metformin lowers blood glucose in type 2 diabetes.", passage) is None
     assert "not grounded" in qa_check(op, "What does metformin do?", "It cures cancer and heals broken bones fast.", passage)
+    assert "stand alone" in qa_check(op, "What is the passage about?", "Metformin lowers blood glucose.", passage)
+    assert "stand alone" in qa_check(op, "这段文字主要讲了哪些内容呢？", "二甲双胍可以降低血糖水平。", "二甲双胍可以降低血糖水平。")
     assert "question length" in qa_check(op, "Why?", "Metformin lowers blood glucose.", passage)
     assert "PII" in qa_check(op, "Who to call about metformin?", "Call 13812345678 about metformin blood glucose.",
                              passage + " Call 13812345678.")  # fmt: skip

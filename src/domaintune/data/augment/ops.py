@@ -30,6 +30,8 @@ _CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _SENT_END = re.compile(r"(?<=[.!?。！？；;])\s+|(?<=[。！？；])")
 _QA_RE = re.compile(r"(?:question|问题)\s*[:：]\s*(.+?)\s*(?:answer|答案)\s*[:：]\s*(.+)", re.I | re.S)
 _BULLET = re.compile(r"^\s*(?:\d+\s*[.)、:：]|[-*•]|(?:question|问题)\s*\d*\s*[:：])\s*", re.I)
+_NEXT_Q = re.compile(r"\n\s*(?:question|问题)\s*[:：]", re.I)
+_DEICTIC = re.compile(r"\b(?:the|this|that|above|given) (?:passage|text|paragraph|article)\b|(?:该|这个|这段|上述|上面的?)(?:段落|文章|文本|文字)|段落中", re.I)
 _ROW_KEYS = {"id", "messages", "instruction", "input", "output", "text", "system", "history", "conversations"}
 
 
@@ -336,7 +338,8 @@ def synthetic_qa(ctx: Context, op: SyntheticQAOp, index: int, rows: list[dict], 
             ctx.reject(res, parent, "unparseable output (no Question:/Answer:)", {"passage": passage, "output": text})
             continue
         parsed += 1
-        question, answer = m.group(1).strip(), m.group(2).strip()
+        question = m.group(1).strip()
+        answer = _NEXT_Q.split(m.group(2), maxsplit=1)[0].strip()  # small models repeat the pattern: first pair only
         cand = {"passage": passage, "question": question, "answer": answer}
         reason = qa_check(op, question, answer, passage, ctx.pii_types)
         if reason is None:
@@ -356,6 +359,8 @@ def synthetic_qa(ctx: Context, op: SyntheticQAOp, index: int, rows: list[dict], 
 
 def qa_check(op: SyntheticQAOp, question: str, answer: str, passage: str, pii_types=None) -> str | None:
     """None when the pair passes; else the first failed check."""
+    if _DEICTIC.search(question):
+        return "question refers to the passage (does not stand alone)"
     if not _within(question, op.question_chars):
         return f"question length {len(question)} outside {list(op.question_chars)}"
     if not _within(answer, op.answer_chars):
