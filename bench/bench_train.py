@@ -106,7 +106,7 @@ def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool
         "logging_steps": 5, "save_strategy": "no", "report_to": "none", "seed": SEED,
         "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}"), "overwrite_output_dir": True,
         "bf16": bf16, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "overwrite_cache": True,
-        "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True, "use_cpu": True,
     }
     cfg_path, out_path = workdir / "lf-config.json", workdir / "lf-result.json"
     cfg_path.write_text(json.dumps(config))

@@ -124,3 +124,26 @@ def test_replay_rows_reach_training(tmp_path):
     # 16 domain + 8 general rows, batch 4: one epoch is 6 steps.
     assert metrics["steps"] == 6
     assert metrics["data"]["replay"]["file"].endswith("general.jsonl")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sparse_logits_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, packing):
+    """Logits only where a label exists give exactly the full causal-LM loss (and its gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.train.sft_trainer import sparse_causal_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}, {"messages": CONVERSATION[1:3]}]
+    examples, _ = encode_rows(tokenizer, rows, max_length=512)
+    batch = make_collator(tokenizer, packing=packing)(examples)
+    full = model(**batch).loss
+    full.backward()
+    grad_full = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    sparse, outputs = sparse_causal_lm_loss(model, batch)
+    sparse.backward()
+    assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # fewer positions projected on the vocabulary
+    torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, grad_full, atol=1e-6, rtol=1e-4)

@@ -21,7 +21,7 @@ from typing import Any
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
 from domaintune.model.loader import BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA, is_adapter_dir, load_tokenizer, resolve_model_dir
-from domaintune.train.config import ADAPTER_METHODS, TrainConfig
+from domaintune.train.config import ADAPTER_METHODS, PROMPT_LEARNING_METHODS, TrainConfig
 from domaintune.train.dataset import (
     EncodeStats,
     ReplayMixDataset,
@@ -280,10 +280,15 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
             trainer = DistillTrainer(
                 teacher=teacher, alpha=tcfg.distill.alpha, temperature=tcfg.distill.temperature, **trainer_kwargs
             )
-        else:
+        elif effective in PROMPT_LEARNING_METHODS:
             from transformers import Trainer
 
+            # Virtual tokens shift positions inside peft's forward: use the model's own loss.
             trainer = Trainer(**trainer_kwargs)
+        else:
+            from domaintune.train.sft_trainer import SparseLogitsTrainer
+
+            trainer = SparseLogitsTrainer(**trainer_kwargs)
     from transformers.trainer_callback import ProgressCallback, PrinterCallback
 
     trainer.remove_callback(ProgressCallback)
