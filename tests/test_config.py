@@ -63,3 +63,11 @@ def test_cli_reference_lists_every_section():
     assert result.exit_code == 0
     for section in ("model.name_or_path", "`data`", "`train`", "`eval`", "`export`", "`serve`"):
         assert section in result.output
+
+
+def test_docs_config_reference_is_current():
+    """docs/config-reference.md is generated; regenerate with `domaintune config-reference > docs/config-reference.md`."""
+    from domaintune.config_reference import render_reference
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "config-reference.md").read_text(encoding="utf-8")
+    assert committed.strip() == render_reference().strip()
