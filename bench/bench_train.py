@@ -8,8 +8,13 @@ with the same system prompt, loss on the answer tokens.
 Measured the same way for both: non-padding tokens the Trainer fed the model / seconds inside optimizer
 steps (evaluation, checkpointing, model loading and tokenisation excluded).
 
-domaintune is run twice: with its levers (bf16 autocast on AVX-512-BF16/AMX CPUs, padding-free batches),
-and like-for-like (fp32, padded batches: LLaMA-Factory's defaults), so the gain of each is visible.
+domaintune is run twice: with its levers (bf16 autocast on AVX-512-BF16/AMX CPUs with the frozen base held
+in bf16, padding-free batches), and like-for-like (fp32, padded batches: LLaMA-Factory's defaults). Both
+use domaintune's loss that projects onto the vocabulary only the positions that predict a label
+(`train/sft_trainer.py`): with assistant-only labels most positions are prompt. LLaMA-Factory runs in
+fp32 (its CPU default) and, with --lf-bf16, in bf16 too (use_cpu + bf16 autocast, like ours).
+Note: at max length 256 most rows are truncated; LLaMA-Factory cuts prompt and answer proportionally,
+domaintune keeps the prompt and cuts the answer, so the two losses are over different answer tokens.
 LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 installed first, then
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
