@@ -25,6 +25,7 @@ from domaintune.config import ProjectConfig
 from domaintune.errors import UserError
 from domaintune.export import measure
 from domaintune.utils.io import read_jsonl, sha256_file, write_json
+from domaintune.utils.process import pid_alive
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -180,22 +181,12 @@ def run_export(cfg: ProjectConfig, output_dir: str | Path) -> dict:
     return manifest
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_staging(output_dir: Path) -> None:
     """Staging folders of exports that were killed (their process is gone) are deleted."""
     for folder in output_dir.glob(".export-staging-*"):
         parts = folder.name.split("-")
         pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             log.info("removing %s left by an interrupted export", folder)
             shutil.rmtree(folder, ignore_errors=True)
 

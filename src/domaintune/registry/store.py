@@ -46,6 +46,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from domaintune.errors import UserError
 from domaintune.utils.io import sha256_file
+from domaintune.utils.process import pid_alive
 
 SCHEME = "registry://"
 STATUSES = ("registered", "candidate", "rejected", "archived")
@@ -152,16 +153,6 @@ def parse_uri(uri: str) -> RegistryRef:
     return RegistryRef(name, ref, sub or None)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_retryable(exc: Exception) -> bool:
     if isinstance(exc, IntegrityError):
         return True
@@ -256,7 +247,7 @@ class ModelRegistry:
         model_root.mkdir(parents=True, exist_ok=True)
         for leftover in model_root.glob(".staging-*"):  # from a register that was killed mid-copy
             pid = leftover.name.split("-")[1]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not pid.isdigit() or not pid_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
         staging = model_root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
