@@ -30,10 +30,15 @@ NAMED_GPUS: dict[str, tuple[float, float]] = {
     "V100-32G": (125.0, 32.0),
 }
 GPU_MFU = {"full": 0.40, "adapter": 0.30}  # typical HF Trainer utilisation on one GPU
-# Share of the measured matmul FLOP/s that a training step reaches on a CPU. Calibrated on
-# this project's real runs (LoRA on SmolLM2-135M, 2-core Xeon): see README "Estimating".
-CPU_EFFICIENCY = 0.30
-RUNTIME_OVERHEAD_GIB = {"cpu": 1.0, "gpu": 1.0}  # python + framework (CPU) / CUDA context (GPU)
+# Share of the measured matmul FLOP/s that a training step reaches on a CPU, by precision.
+# Calibrated on this project's real runs (LoRA r=8 all-linear, SmolLM2-135M, 1 thread of a
+# Xeon with AMX): fp32 147 tok/s = 79 GFLOP/s of a 184 GFLOP/s matmul (0.43); bf16 161 tok/s =
+# 87 GFLOP/s of a 1.2 TFLOP/s AMX matmul (0.07): with AMX the matmuls are no longer the
+# bottleneck, the element-wise work, attention and casts are.
+CPU_EFFICIENCY = {"fp32": 0.43, "bf16": 0.07}
+# python, torch, tokenizer, data and the fp32 copy made while loading (CPU; the real LoRA run peaked
+# at 4.3 GB against 2.2 GiB of tensors) / CUDA context (GPU)
+RUNTIME_OVERHEAD_GIB = {"cpu": 2.0, "gpu": 1.0}
 
 ADAPTER_METHODS = {"lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3"}
 METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "ptuning", "distill", "dpo"]
@@ -204,7 +209,7 @@ def estimate_all(
         if device == "gpu":
             efficiency = GPU_MFU["full" if method in ("full", "distill", "freeze") else "adapter"]
         else:
-            efficiency = CPU_EFFICIENCY
+            efficiency = CPU_EFFICIENCY["bf16" if run.precision == "bf16" else "fp32"]
         tokens_per_s = peak_flops * efficiency / flops_per_token(method, shape, run)
         seconds = run.total_tokens / tokens_per_s if run.total_tokens else None
         results.append(

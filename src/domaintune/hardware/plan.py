@@ -77,9 +77,18 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
         peak = next((tf for gpu, (tf, _) in NAMED_GPUS.items() if gpu.split("-")[0] in name), 100.0)
         targets.append(Target(f"this machine: {name}", "gpu", memory, peak))
     else:
+        import torch
+
         precision = "bf16" if run.precision == "bf16" and hardware.cpu_bf16 else "fp32"
-        flops = measure_cpu_flops(precision)
-        targets.append(Target(f"this machine: CPU {hardware.cpu_cores} cores ({precision})", "cpu",
+        run.precision = precision  # bf16 without AVX-512-BF16/AMX runs at fp32 speed or worse
+        threads = cfg.train.num_threads or torch.get_num_threads()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            flops = measure_cpu_flops(precision)
+        finally:
+            torch.set_num_threads(previous)
+        targets.append(Target(f"this machine: CPU, {threads} thread(s) ({precision})", "cpu",
                               hardware.memory_gib, flops / 1e12))
     for gpu in gpus:
         peak, memory = NAMED_GPUS[gpu]
