@@ -152,3 +152,26 @@ def test_killed_run_resumes_training_from_its_checkpoint(tmp_path):
     metrics = json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())
     assert metrics["resumed_from"] and "checkpoint-" in metrics["resumed_from"]
     assert metrics["steps"] == 40
+
+
+def test_continue_from_trains_on_parent_and_registers_a_child(tmp_path):
+    from domaintune.registry import registry_from_config
+    from domaintune.workflow.incremental import prepare_continuation
+
+    config = _project(tmp_path, **{"registry.artifacts": ["model", "data/train.jsonl"], "export.gguf": []})
+    first = run_pipeline(load_config(config))
+    registry = registry_from_config(load_config(config))
+    registry.promote("tiny", first.version, alias="production")
+    parent_rows = sum(1 for _ in (tmp_path / "run" / "data" / "train.jsonl").open(encoding="utf-8"))
+
+    cfg, parent = prepare_continuation(load_config(config, output_dir=tmp_path / "round2"), "registry://tiny@production")
+    assert parent == first.version
+    assert cfg.train.init_from == f"registry://tiny@{first.version}"
+    assert cfg.data.sources[-1].reader == "messages"
+    second = run_pipeline(cfg, parent_version=parent)
+    report = json.loads((tmp_path / "round2" / "data" / "report.json").read_text())
+    # the parent's rows come back as one more source; near-identical new rows are deduplicated against them
+    assert report["sources"][cfg.data.sources[-1].name]["input"] == parent_rows
+    metrics = json.loads((tmp_path / "round2" / "train" / "metrics.json").read_text())
+    assert metrics["init_from"] and first.version in metrics["init_from"]
+    assert registry.show("tiny", second.version)["parent"] == first.version
