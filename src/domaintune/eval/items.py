@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.utils.io import read_jsonl_numbered
 from domaintune.utils.io import read_jsonl, write_jsonl
 
 STRATUM_FIELDS = ("department", "qtype", "category", "stratum", "task_type", "domain")
@@ -37,40 +38,37 @@ def load_items(path: Path, limit: int | None, what: str, system_prompt: str | No
         raise UserError(f"{what} set {path} does not exist (run `domaintune data` first or set eval.{what}_file)")
     items: list[Item] = []
     seen: set[str] = set()
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
-            for k, message in enumerate(messages):
-                if (
-                    not isinstance(message, dict)
-                    or message.get("role") not in ("system", "user", "assistant")
-                    or not isinstance(message.get("content"), str)
-                ):
-                    raise UserError(f"{where}: messages[{k}] needs role system/user/assistant and a string content")
-            last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last_assistant is None:
-                raise UserError(f"{where}: no assistant message to use as the reference")
-            prompt = [dict(role=m["role"], content=m["content"]) for m in messages[:last_assistant]]
-            if not any(m["role"] == "user" for m in prompt):
-                raise UserError(f"{where}: no user message before the reference answer")
-            if system_prompt and prompt[0]["role"] != "system":
-                prompt.insert(0, {"role": "system", "content": system_prompt})
-            item_id = str(row.get("id") or f"{path.stem}-{line_no}")
-            if item_id in seen:
-                raise UserError(f"{where}: duplicate id {item_id!r}")
-            seen.add(item_id)
-            items.append(Item(id=item_id, prompt=prompt, reference=messages[last_assistant]["content"], row=row))
-            if limit is not None and len(items) >= limit:
-                break
+    try:
+        numbered = list(read_jsonl_numbered(path))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for line_no, row in numbered:
+        where = f"{path}:{line_no}"
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+        for k, message in enumerate(messages):
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ("system", "user", "assistant")
+                or not isinstance(message.get("content"), str)
+            ):
+                raise UserError(f"{where}: messages[{k}] needs role system/user/assistant and a string content")
+        last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last_assistant is None:
+            raise UserError(f"{where}: no assistant message to use as the reference")
+        prompt = [dict(role=m["role"], content=m["content"]) for m in messages[:last_assistant]]
+        if not any(m["role"] == "user" for m in prompt):
+            raise UserError(f"{where}: no user message before the reference answer")
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system_prompt})
+        item_id = str(row.get("id") or f"{path.stem}-{line_no}")
+        if item_id in seen:
+            raise UserError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        items.append(Item(id=item_id, prompt=prompt, reference=messages[last_assistant]["content"], row=row))
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise UserError(f"{path}: no items")
     return items

@@ -10,7 +10,6 @@ their datasheet dense bf16/fp16 peak times a model-FLOPs utilisation.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,15 +220,17 @@ def estimate_all(
 
 def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: int) -> int | None:
     """Tokens in a messages JSONL (each row capped at max_length); None when the split is absent."""
+    from domaintune.utils.io import read_jsonl
+
     if not path.is_file():
         return None
-    total_chars, rows = 0, 0
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                total_chars += sum(len(m.get("content", "")) for m in row.get("messages", []))
-                rows += 1
+    total_chars, rows, sample = 0, 0, []
+    for row in read_jsonl(path):
+        text = "\n".join(m.get("content", "") for m in row.get("messages", []))
+        total_chars += len(text)
+        rows += 1
+        if len(sample) < 200:
+            sample.append(text)
     if rows == 0:
         return 0
     # Characters per token of the model's tokenizer on this very data (sampled), not a guess.
@@ -238,14 +239,7 @@ def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: in
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        sample, sample_chars = [], 0
-        with path.open(encoding="utf-8") as handle:
-            for line, _ in zip(handle, range(200)):
-                if line.strip():
-                    text = "\n".join(m.get("content", "") for m in json.loads(line).get("messages", []))
-                    sample.append(text)
-                    sample_chars += len(text)
         sample_tokens = sum(len(ids) for ids in tokenizer(sample)["input_ids"])
-        chars_per_token = sample_chars / max(sample_tokens, 1)
+        chars_per_token = sum(len(t) for t in sample) / max(sample_tokens, 1)
     per_row = min(total_chars / rows / chars_per_token + 20, max_length)  # +20: chat-template tokens
     return int(per_row * rows)

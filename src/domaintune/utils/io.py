@@ -11,17 +11,23 @@ from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield one dict per non-empty line; a broken line raises with file and line number."""
+def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, row) per non-empty line; a broken line raises with file and line number."""
     path = Path(path)
     with path.open("r", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-empty line; a broken line raises with file and line number."""
+    for _, row in read_jsonl_numbered(path):
+        yield row
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
