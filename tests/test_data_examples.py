@@ -27,6 +27,7 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     assert row["department"] and row["difficulty"] in ("easy", "medium", "hard")
     assert len(row["messages"][2]["content"]) <= 130
     assert report["general"]["input"] == report["general"]["written"] == 175  # one instance per seed task
+    assert (report["general"]["replay_rows"], report["general"]["holdout_rows"]) == (131, 44)  # 25% of tasks held out
     quarantined = len((tmp_path / "data" / "quarantine.jsonl").read_text(encoding="utf-8").splitlines())
     assert quarantined == report["totals"]["quarantined"] == report["totals"]["dropped"]
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from domaintune.config import config_from_dict
 from domaintune.data.pipeline import run_data
+from domaintune.errors import UserError
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -185,8 +188,32 @@ def test_general_set_one_row_per_instance(tmp_path):
     gen = read(tmp_path, "general")
     assert [g["id"] for g in gen] == ["t0-0", "t0-1"]
     assert gen[0]["messages"] == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
-    assert report["general"] == {"path": str(tmp_path / "seed.jsonl"), "input": 3, "written": 2,
+    # a single usable task cannot be split: it stays in the replay pool and no holdout file is written
+    assert not (tmp_path / "run" / "data" / "general_holdout.jsonl").exists()
+    assert report["general"] == {"path": str(tmp_path / "seed.jsonl"), "input": 3, "written": 2, "replay_rows": 2,
+                                 "holdout_rows": 0, "holdout_tasks": 0,
                                  "dropped": {"empty instruction/output": 1}, "balanced": True}  # fmt: skip
+
+
+def test_general_holdout_keeps_whole_tasks_out_of_the_replay_pool(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", corpus(20))
+    write_jsonl(tmp_path / "seed.jsonl", [
+        {"id": f"t{i}", "instruction": f"Task {i}", "instances": [{"input": f"x{k}", "output": f"y{i}.{k}"} for k in range(2)]}
+        for i in range(8)
+    ])  # fmt: skip
+    cfg = cfg_for(tmp_path, {"general": {"path": "seed.jsonl", "holdout": 0.25}})
+    report = run_data(cfg, tmp_path / "run", progress=False)
+    replay = read(tmp_path, "general")
+    holdout = read(tmp_path, "general_holdout")
+    task = lambda row: row["id"].rsplit("-", 1)[0]  # noqa: E731
+    assert {task(r) for r in replay}.isdisjoint({task(r) for r in holdout})
+    assert len({task(r) for r in holdout}) == 2 and len(holdout) == 4 and len(replay) == 12
+    assert report["general"]["holdout_tasks"] == 2 and report["general"]["balanced"]
+    again = run_data(cfg, tmp_path / "run2", progress=False)  # the same seed holds out the same tasks
+    assert again["general"] == report["general"]
+    assert read(tmp_path, "general_holdout", "run2") == holdout
+    with pytest.raises(UserError, match="holdout: 9 tasks"):
+        run_data(cfg_for(tmp_path, {"general": {"path": "seed.jsonl", "holdout": 9}}), tmp_path / "run3", progress=False)
 
 
 def test_normalise_and_pii_changes_are_counted(tmp_path):

@@ -319,3 +319,23 @@ def test_reference_nll_matches_a_plain_computation(tiny_model_dir):
         expected = F.cross_entropy(logits[len(p_ids) - 1 : -1], torch.tensor(a_ids), reduction="sum")
         assert n == len(a_ids)
         assert nll == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_retention_uses_the_holdout_and_refuses_the_replay_set(tmp_path):
+    from domaintune.errors import UserError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps(_row(i, f"q{i}", f"a{i}")) + "\n" for i in range(2))
+    for name in ("test", "general", "general_holdout"):
+        (data / f"{name}.jsonl").write_text(rows, encoding="utf-8")
+    cfg = config_from_dict({"name": "t", "model": {"name_or_path": "tiny-random-llama"},
+                            "train": {"replay": {"ratio": 0.2}}, "eval": {"general_file": str(data / "general.jsonl")}})
+    with pytest.raises(UserError, match="also the replay set"):
+        run_eval(cfg, tmp_path)  # refused before any model loads
+    from domaintune.eval.runner import _default_general_file, _refuse_replayed_retention_set
+
+    assert _default_general_file(tmp_path) == data / "general_holdout.jsonl"
+    _refuse_replayed_retention_set(cfg, tmp_path, data / "general_holdout.jsonl")  # held out: accepted
+    (data / "general_holdout.jsonl").unlink()
+    assert _default_general_file(tmp_path) == data / "general.jsonl"

@@ -227,7 +227,13 @@ def test_register_run_gathers_lineage_and_status(tmp_path, artefact):
     (run / "eval" / "report.json").write_text(json.dumps({"metrics": {}, "gates": {"passed": True, "failures": []}}))
     v2 = register_run(cfg, run, bump="minor")
     info2 = registry.show("med", v2)
-    assert info2["status"] == "candidate" and info2["parent"] == v1
+    # lineage follows weights: a second run from the base model is not the (rejected) v1's child ...
+    assert info2["status"] == "candidate" and info2["parent"] is None
+    # ... while one that started from a registered version is
+    child_cfg = config_from_dict({"name": "med", "output_dir": str(run), "train": {"init_from": "registry://med@" + v2}})
+    v3 = register_run(child_cfg, run)
+    assert registry.show("med", v3)["parent"] == v2
+    assert registry.show("med", v3)["metadata"]["lineage"]["parent_version"] == v2
     assert registry.resolve("registry://med@" + v2.split("_")[0]).name == "model"
 
 

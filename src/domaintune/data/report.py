@@ -169,7 +169,7 @@ Decontamination ({{ r.decontaminate.ngram }}-grams): {{ r.decontaminate.dropped 
 {% for s, d in r.split.difficulty.items() %}{{ s }}: {{ d }} {% endfor %}</p>{% endif %}
 
 {% if r.general %}<h2>General set (replay / forgetting)</h2>
-<p><code>{{ r.general.path }}</code>: {{ r.general.input }} instances → {{ r.general.written }} rows in general.jsonl; dropped {{ r.general.dropped }}.</p>{% endif %}
+<p><code>{{ r.general.path }}</code>: {{ r.general.input }} instances → {{ r.general.written }} rows: {{ r.general.replay_rows }} in general.jsonl (replay pool), {{ r.general.holdout_rows }} from {{ r.general.holdout_tasks }} held-out tasks in general_holdout.jsonl (retention check; never replayed); dropped {{ r.general.dropped }}.</p>{% endif %}
 {% if r.augment %}<h2>Augmentation (train split only)</h2>
 <p>{{ r.augment.train_rows_in }} real train rows → {{ r.augment.created }} synthetic rows
 ({% for k, v in r.augment.by_origin.items() %}{{ k }}: {{ v }} {% endfor %}), {{ r.augment.written }} added to train.jsonl

@@ -95,7 +95,11 @@ class EvalConfig(StrictModel):
     test_file: ConfigPath | None = Field(None, description="Domain test set. Default: `<output_dir>/data/test.jsonl`.")
     general_file: ConfigPath | None = Field(
         None,
-        description="General set for retention. Default: `<output_dir>/data/general.jsonl` (skipped when absent).",
+        description=(
+            "General set for retention. Default: `<output_dir>/data/general_holdout.jsonl` (tasks the data stage "
+            "held out of the replay pool), else `<output_dir>/data/general.jsonl`; skipped when neither exists. "
+            "A file that `train.replay` also trains on is refused: retention must be measured on unseen rows."
+        ),
     )
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N test items (CPU budgets).")
     max_general_items: int | None = Field(None, ge=1, description="Evaluate only the first N general items.")

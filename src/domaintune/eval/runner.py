@@ -359,6 +359,25 @@ def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _default_general_file(output_dir: Path) -> Path:
+    holdout = output_dir / "data" / "general_holdout.jsonl"
+    return holdout if holdout.is_file() else output_dir / "data" / "general.jsonl"
+
+
+def _refuse_replayed_retention_set(cfg, output_dir: Path, general_file: Path) -> None:
+    """Retention on rows the model was trained on (replay) would report no forgetting however much there was."""
+    replay = cfg.train.replay
+    if replay.ratio <= 0:
+        return
+    replay_file = Path(replay.path) if replay.path else output_dir / "data" / "general.jsonl"
+    if replay_file.resolve() == general_file.resolve():
+        raise UserError(
+            f"eval.general_file: {general_file} is also the replay set (train.replay.ratio={replay.ratio}), so "
+            "retention would be measured on trained rows; set data.general.holdout > 0 (the data stage then writes "
+            "data/general_holdout.jsonl) or point eval.general_file at a held-out file"
+        )
+
+
 def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
     """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
     import torch
@@ -388,7 +407,8 @@ def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
 
     test_file = Path(ecfg.test_file or output_dir / "data" / "test.jsonl")
     sets: dict[str, list[Item]] = {"test": load_items(test_file, ecfg.max_items, "test", ecfg.system_prompt)}
-    general_file = Path(ecfg.general_file or output_dir / "data" / "general.jsonl")
+    general_file = Path(ecfg.general_file or _default_general_file(output_dir))
+    _refuse_replayed_retention_set(cfg, output_dir, general_file)
     if general_file.is_file():
         sets["general"] = load_items(general_file, ecfg.max_general_items, "general", ecfg.system_prompt)
     elif ecfg.general_file:

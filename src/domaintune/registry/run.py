@@ -144,13 +144,25 @@ def gather_run_metadata(cfg, output_dir: Path) -> tuple[dict, str]:
     return meta, data_fingerprint or "nodata"
 
 
+def _weights_parent(cfg, registry: ModelRegistry) -> str | None:
+    """The registered version whose weights training started from (`train.init_from: registry://...`).
+
+    A run trained from the base model has no parent: lineage follows weights, not registration order, so a
+    rejected or unrelated earlier version never becomes a parent by accident.
+    """
+    init_from = cfg.train.init_from
+    if not init_from or not str(init_from).startswith("registry://"):
+        return None
+    return registry.version_of(str(init_from))
+
+
 def register_run(cfg, output_dir, bump: str = "patch", status: str | None = None,
                  reasons: list[str] | None = None, parent: str | None = None) -> str:
     """Register `<output_dir>` as a new version of `registry.name` (default: the project name).
 
     status None: `candidate` when the eval gates passed, `rejected` (with the failed gates as
-    reasons) when they failed, `registered` when there is no eval report. parent None: the
-    latest version already registered under this name, if any.
+    reasons) when they failed, `registered` when there is no eval report. parent None: the version
+    `train.init_from` names when it is a registry URI, else none (trained from the base model).
     """
     from domaintune.export.runner import verify_manifest
 
@@ -185,9 +197,7 @@ def register_run(cfg, output_dir, bump: str = "patch", status: str | None = None
         else:
             status, reasons = "rejected", list(reasons or []) + list(gates.get("failures", []))
     if parent is None:
-        existing = registry.list(name)
-        if existing:
-            parent = max(existing, key=lambda r: r["created_at"] + r["version"])["version"]
+        parent = _weights_parent(cfg, registry)
     meta["lineage"]["parent_version"] = parent
     return registry.register(
         name, artifacts=artifacts, metadata=meta, data_hash=data_hash, bump=bump, status=status,
