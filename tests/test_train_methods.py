@@ -126,12 +126,45 @@ def test_dpo_on_lora_adapter(tmp_path):
     pairs = [
         {"prompt": f"What is {i} plus 1?", "chosen": f"{i} plus 1 is {i + 1}.", "rejected": "No idea."} for i in range(20)
     ]
-    (run / "data" / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    metrics = run_train(tiny_config(method="dpo", dpo={"adapter": "lora", "beta": 0.1}), run)
+    (run / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    metrics = run_train(tiny_config(method="dpo", dpo={"adapter": "lora", "beta": 0.1, "path": str(run / "pairs.jsonl")}), run)
     assert metrics["method"] == "dpo" and metrics["trained_as"] == "lora"
     assert metrics["step0_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at step 0
     assert metrics["data"]["train"]["rows"] == 18 and metrics["data"]["val"]["rows"] == 2
     _reload_and_generate(run / "model")
+
+
+def test_dpo_trains_on_the_feedback_export_without_a_path(tmp_path):
+    """`domaintune feedback export` writes feedback/preference.jsonl; method dpo reads it by default."""
+    from domaintune.serve.feedback import export_feedback
+    from domaintune.serve.store import Store, default_store_url
+
+    run = make_run_dir(tmp_path)
+    cfg = tiny_config(method="dpo", dpo={"adapter": "lora"})
+    store = Store(default_store_url(run), key_hash_iterations=1000)
+    topics = ["sore throat", "a sprained ankle", "heartburn", "a tension headache", "seasonal hay fever", "dry eyes"]
+    for i, topic in enumerate(topics):
+        store.log_request(id=f"req-{i}", endpoint="chat", model="tiny", served="tiny", version="v1",
+                          prompt=[{"role": "user", "content": f"How should I look after {topic} at home?"}],
+                          response="I cannot say.", status=200, outcome="ok")
+        store.add_feedback(f"req-{i}", None, -1, f"For {topic}: rest, fluids, and see a doctor if it lasts a week.", None)
+    store.engine.dispose()
+    report = export_feedback(cfg, run)
+    assert report["preference_rows"] == len(topics)
+    assert report["files"]["preference"] == str(run / "feedback" / "preference.jsonl")
+
+    metrics = run_train(cfg, run)
+    assert metrics["data"]["train_file"] == str(run / "feedback" / "preference.jsonl")
+    assert metrics["data"]["train"]["rows"] == 5 and metrics["data"]["val"]["rows"] == 1
+    assert metrics["step0_val_loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_dpo_without_pairs_names_the_export_command(tmp_path):
+    from domaintune.errors import UserError
+
+    run = make_run_dir(tmp_path)
+    with pytest.raises(UserError, match=r"feedback/preference\.jsonl: preference file not found.*feedback export"):
+        run_train(tiny_config(method="dpo"), run)
 
 
 def test_init_from_continues_an_existing_adapter(tmp_path):

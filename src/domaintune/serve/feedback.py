@@ -78,10 +78,18 @@ class _Deduper:
         return True, None
 
 
+PREFERENCE_FILE = "preference.jsonl"  # also `train.dpo.path`'s default (train/runner.py)
+
+
+def feedback_export_dir(cfg, output_dir: Path) -> Path:
+    """Where `domaintune feedback export` writes: serve.feedback_dir, else <output_dir>/feedback."""
+    return Path(cfg.serve.feedback_dir or Path(output_dir) / "feedback")
+
+
 def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
     """Write sft.jsonl, preference.jsonl and report.json; returns the report."""
     output_dir = Path(output_dir or cfg.output_dir)
-    out_dir = Path(out_dir or cfg.serve.feedback_dir or output_dir / "feedback")
+    out_dir = Path(out_dir or feedback_export_dir(cfg, output_dir))
     url = cfg.serve.store_url or default_store_url(output_dir)
     store = Store(url, key_hash_iterations=cfg.serve.key_hash_iterations)
     pairs = store.feedback_with_requests()
@@ -131,7 +139,7 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
             })
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "sft.jsonl", sft)
-    write_jsonl(out_dir / "preference.jsonl", pref)
+    write_jsonl(out_dir / PREFERENCE_FILE, pref)
     report = {
         "store": url,
         "feedback_rows": len(pairs),
@@ -142,7 +150,7 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
         "dropped": dropped,
         "deduplicated_against": str(train_path) if train_path.is_file() else None,
         "train_rows_compared": train_rows,
-        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / "preference.jsonl")},
+        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / PREFERENCE_FILE)},
     }
     write_json(out_dir / "report.json", report)
     return report

@@ -70,7 +70,8 @@ class DPOSettings(StrictModel):
         None,
         description=(
             "JSONL of preference pairs: `prompt` (text or messages), `chosen`, `rejected` (text or messages). "
-            "Default: <output_dir>/data/preferences.jsonl."
+            "Default: the pairs `domaintune feedback export` writes, "
+            "<serve.feedback_dir or output_dir/feedback>/preference.jsonl."
         ),
     )
     val_path: ConfigPath | None = Field(None, description="Held-out pairs; default: 10% of `path`.")

@@ -199,7 +199,10 @@ class PreferenceRows:
 def load_preference_rows(path: Path, limit: int | None = None) -> list[dict]:
     """prompt/chosen/rejected rows in trl's conversational form."""
     if not Path(path).is_file():
-        raise UserError(f"{path}: preference file not found (train.dpo.path)")
+        raise UserError(
+            f"{path}: preference file not found (write it with `domaintune feedback export CONFIG`, "
+            "or set train.dpo.path)"
+        )
     rows = []
     try:
         for line_no, row in enumerate(read_jsonl(path), start=1):
