@@ -93,6 +93,81 @@ class ReplaySettings(StrictModel):
     )
 
 
+class FSDPSettings(StrictModel):
+    sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description=(
+            "full_shard: parameters, gradients and optimizer state sharded, parameters re-gathered per layer in "
+            "forward and backward (least memory); shard_grad_op: parameters stay gathered after forward (faster, "
+            "more memory)."
+        ),
+    )
+    wrap_class: str | None = Field(
+        None,
+        description=(
+            "Decoder layer class wrapped as one FSDP unit; default: the model's own `_no_split_modules` "
+            "(e.g. LlamaDecoderLayer)."
+        ),
+    )
+    state_dict: Literal["full", "sharded"] = Field(
+        "full",
+        description=(
+            "Checkpoint format: `full` gathers the whole state dict on rank 0; `sharded` writes one shard per rank "
+            "(faster for big models). The final `model/` is always a plain transformers/peft folder."
+        ),
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and gradients in CPU memory (GPU runs).")
+    activation_checkpointing: bool = Field(False, description="FSDP's own activation checkpointing of each layer.")
+
+
+class DeepSpeedSettings(StrictModel):
+    zero_stage: Literal[2, 3] = Field(
+        2, description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also shards the parameters."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="`cpu`: optimizer state and step on the CPU (DeepSpeedCPUAdam)."
+    )
+    offload_param: Literal["none", "cpu"] = Field("none", description="`cpu`: parameters offloaded (ZeRO-3 only).")
+    config_file: ConfigPath | None = Field(
+        None,
+        description=(
+            "Use this DeepSpeed JSON instead of generating one from these settings (its `auto` values are still "
+            "filled from the train section)."
+        ),
+    )
+
+
+class DistributedSettings(StrictModel):
+    """`train.distributed`: `none`, `ddp`, `fsdp`, `deepspeed`, or a mapping with `strategy:` and sub-settings."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none",
+        description=(
+            "How `domaintune train --nproc N` (torchrun) shares the work: ddp replicates the model; fsdp shards it "
+            "(torch FSDP2); deepspeed uses ZeRO. `none`: a single process."
+        ),
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA GPUs, gloo on CPUs.")
+    timeout_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="A collective waiting longer than this (a rank stuck or gone) fails the job instead of hanging.",
+    )
+    fsdp: FSDPSettings = Field(default_factory=FSDPSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"strategy": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedSettings:
+        if self.deepspeed.offload_param == "cpu" and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param: cpu needs zero_stage 3 (ZeRO-2 does not shard parameters)")
+        return self
+
+
 class TrainConfig(StrictModel):
     method: Method = Field("lora", description="Fine-tuning method.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA / DoRA / QLoRA settings.")
@@ -121,7 +196,14 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description=(
+            "Examples per forward/backward, over all processes: with `--nproc N` each process takes batch_size / N "
+            "(must divide), so 1 and N processes see the same batches."
+        ),
+    )
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0.0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -151,6 +233,10 @@ class TrainConfig(StrictModel):
     logging_steps: int = Field(5, ge=1)
 
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings,
+        description="Multi-process training through torchrun: `none`, `ddp`, `fsdp`, `deepspeed` (see docs/distributed.md).",
+    )
     tracking: Literal["tensorboard", "mlflow", "none"] = Field(
         "tensorboard", description="TensorBoard logs in train/tensorboard; `mlflow` logs there as well as to MLflow."
     )

@@ -110,15 +110,19 @@ def _check_precision(tcfg: TrainConfig) -> None:
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
 
 
-def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_eval_on_start: bool, args_cls=None, **extra):
+def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_eval_on_start: bool, args_cls=None,
+                        per_device_batch_size: int | None = None, **extra):
     import torch
     from transformers import TrainingArguments
 
     args_cls = args_cls or TrainingArguments
+    batch = per_device_batch_size or tcfg.batch_size
+    # DeepSpeed picks its own accelerator (CUDA, or its CPU accelerator): accelerate must not force plain CPU.
+    use_cpu = not torch.cuda.is_available() and "deepspeed" not in extra
     return args_cls(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=tcfg.batch_size,
-        per_device_eval_batch_size=tcfg.batch_size,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
         gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         learning_rate=tcfg.learning_rate,
         warmup_steps=tcfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
@@ -131,7 +135,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
         data_seed=seed,
         bf16=tcfg.precision == "bf16",
         fp16=tcfg.precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=use_cpu,
         eval_strategy="steps",
         eval_steps=tcfg.eval_steps,
         eval_on_start=run_eval_on_start,
@@ -176,6 +180,15 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
 
+    from domaintune.train import distributed as dist
+
+    world = dist.current_world()
+    dist.check_launch(tcfg, world)
+    dist_state = None
+    if dist.launched_by_torchrun() and tcfg.distributed.strategy != "none":
+        dist_state = dist.init_process_group(tcfg.distributed)
+    per_device_batch = dist.per_device_batch_size(tcfg, world)
+
     train_dir = output_dir / "train"
     checkpoint_dir = train_dir / "checkpoints"
     model_out = output_dir / "model"
@@ -215,10 +228,13 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     else:
         datasets, data_info, collator = _sft_data(tcfg, tokenizer, data_dir, seed)
 
-    _check_resume_identity(train_dir, tcfg, data_info["fingerprint"], resume)
-    if not resume and checkpoint_dir.exists():
-        log.info("starting fresh: removing old checkpoints in %s", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
+    if world.is_main:  # only rank 0 writes; the others wait for it below
+        _check_resume_identity(train_dir, tcfg, data_info["fingerprint"], resume)
+        if not resume and checkpoint_dir.exists():
+            log.info("starting fresh: removing old checkpoints in %s", checkpoint_dir)
+            shutil.rmtree(checkpoint_dir)
+    if dist_state is not None:
+        dist_state.wait_for_everyone()
 
     from transformers import set_seed
 
@@ -243,7 +259,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     )
 
     timer = StepTimerCallback()
-    callbacks = [RichProgressCallback(), timer, FinalEvalCallback()]
+    callbacks = [RichProgressCallback(disable=not world.is_main), timer, FinalEvalCallback()]
     if isinstance(datasets["train"], ReplayMixDataset):
         callbacks.append(ReplayEpochCallback(datasets["train"]))
     if tcfg.early_stopping_patience:
@@ -255,11 +271,21 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
                 early_stopping_threshold=tcfg.early_stopping_min_delta,
             )
         )
-    callbacks += _tracking_callbacks(tcfg, train_dir, cfg.name)
+    if world.is_main:  # TensorBoard/MLflow logs from rank 0 only
+        callbacks += _tracking_callbacks(tcfg, train_dir, cfg.name)
     callbacks += list(extra_callbacks or [])
 
     tokens_mode = "all" if (tcfg.packing and method != "dpo") else "non_padding"
-    common = dict(include_num_input_tokens_seen=tokens_mode)
+    common = dict(include_num_input_tokens_seen=tokens_mode, per_device_batch_size=per_device_batch)
+    common.update(dist.training_arguments(tcfg, world, model, train_dir))
+    if "deepspeed" in common:
+        ds_config = dist.deepspeed_config(tcfg)
+        problems = dist.validate_deepspeed_config(ds_config)
+        if problems:
+            raise UserError("train.distributed.deepspeed: invalid DeepSpeed config: " + "; ".join(problems))
+        if world.is_main:
+            dist.write_deepspeed_config(tcfg, train_dir)  # the record of what ran
+        common["deepspeed"] = ds_config
     if method == "dpo":
         trainer = _dpo_trainer(tcfg, seed, checkpoint_dir, not resume, model, tokenizer, datasets, callbacks, common)
     else:
@@ -299,16 +325,29 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     train_wall = time.perf_counter() - train_start
 
     # Save what the best checkpoint holds (load_best_model_at_end put it in trainer.model).
-    saved_kind = _save_model(trainer, tokenizer, model_out, model_cfg, model_dir, effective, method)
+    if dist_state is not None:
+        saved_kind = _save_model_distributed(trainer, tokenizer, model_out, model_cfg, model_dir, effective, method)
+    else:
+        saved_kind = _save_model(trainer, tokenizer, model_out, model_cfg, model_dir, effective, method)
 
     metrics = _metrics(
         cfg, tcfg, trainer, output, timer, data_info, method_info, effective, saved_kind, train_wall,
         time.time() - started, resume_from, model_dir, init_ref,
     )
-    write_json(train_dir / "metrics.json", metrics)
-    from domaintune.train.plot import plot_losses
+    metrics["distributed"] = {
+        "strategy": tcfg.distributed.strategy if dist_state is not None else "none",
+        "world_size": world.world_size,
+        "per_device_batch_size": per_device_batch,
+        "global_batch_size": per_device_batch * world.world_size,
+        "backend": None if dist_state is None else str(dist_state.backend),
+    }
+    if world.is_main:  # reports and plots from rank 0 only
+        write_json(train_dir / "metrics.json", metrics)
+        from domaintune.train.plot import plot_losses
 
-    plot_losses(trainer.state.log_history, train_dir / "loss.png", title=f"{cfg.name}: {method}")
+        plot_losses(trainer.state.log_history, train_dir / "loss.png", title=f"{cfg.name}: {method}")
+    if dist_state is not None:
+        dist_state.wait_for_everyone()
     return metrics
 
 
@@ -474,6 +513,38 @@ def _save_model(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, mod
     if model_out.exists():
         shutil.rmtree(model_out)
     os.replace(tmp, model_out)
+    return kind
+
+
+def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, model_dir: Path, effective,
+                            method) -> str:
+    """Gather the (possibly sharded) weights with the Trainer's own save_model; rank 0 writes a plain folder."""
+    from peft import PeftModel
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    kind = "adapter" if isinstance(unwrapped, PeftModel) else "full"
+    if kind == "full":
+        unwrapped.config.use_cache = True
+    tmp = model_out.with_name(model_out.name + ".tmp")
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # a collective under FSDP / ZeRO-3: every rank takes part, rank 0 writes
+    if trainer.args.should_save:
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        if kind == "adapter":
+            cfg_path = tmp / "adapter_config.json"
+            data = json.loads(cfg_path.read_text())
+            data["base_model_name_or_path"] = _adapter_base_reference(model_cfg, model_dir)
+            cfg_path.write_text(json.dumps(data, indent=2))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "domaintune.json").write_text(
+            json.dumps({"method": method, "trained_as": effective, "kind": kind, "base": str(model_dir)}, indent=2)
+        )
+        if model_out.exists():
+            shutil.rmtree(model_out)
+        os.replace(tmp, model_out)
+    trainer.accelerator.wait_for_everyone()
     return kind
 
 

@@ -39,4 +39,8 @@ def sparse_causal_lm_loss(model, inputs, num_items_in_batch=None):
 class SparseLogitsTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = sparse_causal_lm_loss(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the labels of every process while DDP/FSDP average the gradients over
+            # processes: scale back as Trainer.compute_loss does, so N processes match one on the same global batch.
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,282 @@
+"""Multi-process training: torchrun launch, and the `train.distributed` settings mapped onto TrainingArguments.
+
+Nothing here trains: DDP, FSDP (torch FSDP2 through accelerate) and DeepSpeed ZeRO are driven by the HF
+Trainer's own `ddp_backend` / `ddp_timeout` / `fsdp` / `fsdp_config` / `deepspeed` options, and processes are
+started by `torch.distributed.run` (torchrun), which also stops every worker when one fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from domaintune.errors import UserError
+from domaintune.train.config import DistributedSettings, TrainConfig
+
+LAUNCH_ENV = ("LOCAL_RANK", "WORLD_SIZE", "RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current_world() -> World:
+    """Rank and world size as torchrun sets them (a plain process: rank 0 of 1)."""
+    if not all(name in os.environ for name in LAUNCH_ENV):
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in LAUNCH_ENV)
+
+
+def resolve_backend(settings: DistributedSettings) -> str:
+    import torch
+
+    if settings.backend != "auto":
+        if settings.backend == "nccl" and not torch.cuda.is_available():
+            raise UserError("train.distributed.backend: nccl needs CUDA GPUs; use gloo (or auto) on CPUs")
+        return settings.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def per_device_batch_size(tcfg: TrainConfig, world: World) -> int:
+    """`train.batch_size` is the batch over all processes; each process takes an equal share."""
+    if tcfg.batch_size % world.world_size:
+        raise UserError(
+            f"train.batch_size: {tcfg.batch_size} does not divide over {world.world_size} processes; use a multiple "
+            f"of {world.world_size} (batch_size is the batch over all processes, each takes batch_size / N)"
+        )
+    return tcfg.batch_size // world.world_size
+
+
+def check_launch(tcfg: TrainConfig, world: World) -> None:
+    strategy = tcfg.distributed.strategy
+    if world.distributed and strategy == "none":
+        raise UserError(
+            f"started as {world.world_size} processes but train.distributed is `none`: "
+            "set train.distributed to ddp, fsdp or deepspeed (e.g. --set train.distributed=ddp)"
+        )
+    if strategy in ("fsdp", "deepspeed") and not launched_by_torchrun():
+        raise UserError(
+            f"train.distributed {strategy} runs under torchrun: use `domaintune train CONFIG --nproc N` "
+            "(N may be 1), or start `torchrun ... -m domaintune train CONFIG` yourself"
+        )
+    if strategy == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'")
+
+
+def init_process_group(settings: DistributedSettings):
+    """Start the process group now (the Trainer reuses it), so rank 0 can prepare folders and others wait."""
+    from accelerate import PartialState
+
+    kwargs: dict[str, Any] = {"timeout": timedelta(minutes=settings.timeout_minutes)}
+    if settings.strategy == "deepspeed":
+        kwargs["use_deepspeed"] = True
+    else:
+        kwargs["backend"] = resolve_backend(settings)
+        import torch
+
+        if not torch.cuda.is_available():
+            kwargs["cpu"] = True
+    return PartialState(**kwargs)
+
+
+# --------------------------------------------------------------------------- TrainingArguments
+
+
+def wrap_class_name(model, settings: DistributedSettings) -> str:
+    """The decoder layer class FSDP wraps as one unit: configured, or the model's `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {type(m).__name__ for m in base.modules()}
+    wanted = settings.fsdp.wrap_class
+    if wanted:
+        if wanted not in present:
+            layer_like = sorted(n for n in present if "Layer" in n or "Block" in n)
+            raise UserError(f"train.distributed.fsdp.wrap_class: {wanted} is not in the model; candidates: {layer_like}")
+        return wanted
+    for name in getattr(base, "_no_split_modules", None) or []:
+        if name in present:
+            return name
+    raise UserError(
+        f"train.distributed.fsdp: cannot tell the decoder layer class of {type(base).__name__}; "
+        "set train.distributed.fsdp.wrap_class"
+    )
+
+
+def training_arguments(tcfg: TrainConfig, world: World, model, train_dir: Path) -> dict[str, Any]:
+    """Extra TrainingArguments for the configured strategy (empty for a single plain process)."""
+    settings = tcfg.distributed
+    if settings.strategy == "none" or not launched_by_torchrun():
+        return {}
+    args: dict[str, Any] = {"ddp_timeout": int(settings.timeout_minutes * 60)}
+    if settings.strategy != "deepspeed":
+        args["ddp_backend"] = resolve_backend(settings)
+    if settings.strategy == "ddp":
+        # Every trainable parameter takes part in the loss: no extra autograd graph traversal per step.
+        args["ddp_find_unused_parameters"] = False
+    elif settings.strategy == "fsdp":
+        fsdp = settings.fsdp
+        args["fsdp"] = True
+        args["fsdp_config"] = {
+            "version": 2,
+            "reshard_after_forward": fsdp.sharding == "full_shard",
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": [wrap_class_name(model, settings)],
+            "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict == "full" else "SHARDED_STATE_DICT",
+            "cpu_offload": fsdp.cpu_offload,
+            "activation_checkpointing": fsdp.activation_checkpointing,
+            # Every rank loads the (small enough) base model itself; no meta-device loading.
+            "cpu_ram_efficient_loading": False,
+        }
+    elif settings.strategy == "deepspeed":
+        path = train_dir / "deepspeed.json"
+        args["deepspeed"] = str(path)
+    return args
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(tcfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed JSON from the YAML; `auto` values are filled by transformers from the TrainingArguments."""
+    ds = tcfg.distributed.deepspeed
+    if ds.config_file is not None:
+        try:
+            return json.loads(Path(ds.config_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"train.distributed.deepspeed.config_file: {ds.config_file}: {exc}") from None
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if ds.zero_stage == 2:
+        zero["allgather_partitions"] = True
+        zero["allgather_bucket_size"] = 2e8
+        zero["reduce_scatter"] = True
+    else:
+        zero["stage3_prefetch_bucket_size"] = "auto"
+        zero["stage3_param_persistence_threshold"] = "auto"
+        zero["stage3_max_live_parameters"] = 1e9
+        zero["stage3_max_reuse_distance"] = 1e9
+        # The final model/ must be a plain folder: gather the full weights on rank 0 when saving.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # Offloaded optimizer state is stepped by DeepSpeed's CPU Adam: name the optimizer so DeepSpeed builds it.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    if ds.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return config
+
+
+def validate_deepspeed_config(config: dict[str, Any]) -> list[str]:
+    """Problems in a DeepSpeed config, checked with DeepSpeed's own pydantic models when it is installed."""
+    problems: list[str] = []
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0-3, got {zero.get('stage')!r}")
+    if "offload_param" in zero and zero.get("stage") != 3:
+        problems.append("zero_optimization.offload_param needs stage 3")
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except Exception:  # noqa: BLE001 - deepspeed absent or its accelerator cannot start: structural checks only
+        return problems
+    concrete = {k: v for k, v in zero.items() if v != "auto"}
+    try:
+        DeepSpeedZeroConfig(**concrete)
+    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError text names the field
+        problems.append(f"zero_optimization: {exc}")
+    return problems
+
+
+def write_deepspeed_config(tcfg: TrainConfig, train_dir: Path) -> Path:
+    config = deepspeed_config(tcfg)
+    problems = validate_deepspeed_config(config)
+    if problems:
+        raise UserError("train.distributed.deepspeed: invalid DeepSpeed config: " + "; ".join(problems))
+    path = train_dir / "deepspeed.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- launch
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29500
+
+
+def torchrun_argv(spec: LaunchSpec, child_args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ... -m domaintune <child_args>` for this node."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={spec.nproc}"]
+    if spec.nnodes == 1 and spec.master_addr is None:
+        argv.append("--standalone")  # picks a free port on this machine
+    else:
+        if spec.master_addr is None:
+            raise UserError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+        argv += [
+            f"--nnodes={spec.nnodes}",
+            f"--node-rank={spec.node_rank}",
+            f"--master-addr={spec.master_addr}",
+            f"--master-port={spec.master_port}",
+        ]
+    argv += ["--max-restarts=0", "--monitor-interval=1", "-m", "domaintune", *child_args]
+    return argv
+
+
+def launch(spec: LaunchSpec, child_args: list[str]) -> int:
+    """Run torchrun for this node and return its exit status (non-zero when any rank failed)."""
+    if spec.nproc < 1 or spec.nnodes < 1 or not 0 <= spec.node_rank < spec.nnodes:
+        raise UserError(f"--nproc {spec.nproc} --nnodes {spec.nnodes} --node-rank {spec.node_rank}: invalid")
+    env = dict(os.environ)
+    # One CPU thread per process unless the user chose otherwise (torchrun's own default, stated here).
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    proc = subprocess.run(torchrun_argv(spec, child_args), env=env)
+    return proc.returncode
