@@ -163,6 +163,39 @@ class GeneralConfig(StrictModel):
     max_rows: int | None = Field(None, description="Keep at most this many rows (deterministic).")
 
 
+class RayConfig(StrictModel):
+    """Where the `engine: ray` data stage runs (see docs/data-at-scale.md).
+
+    Distributed on the cluster: per-row work (field mapping, normalisation, PII redaction, filters,
+    row hashes and MinHash signatures) as Ray Data `map_batches`, exact-duplicate grouping and the
+    near-duplicate banding (group by LSH band key, verify candidate pairs) as Ray Data shuffles.
+    On the driver: reading the sources, the keep-first resolution of verified pairs, outliers,
+    split, decontamination, sampling and writing, so outputs are byte-identical to `engine: local`.
+    """
+
+    address: str | None = Field(
+        None,
+        description="null: start a Ray instance inside this process (num_cpus); `auto`: join the cluster started "
+        "with `ray start` on this node; `ray://host:10001`: Ray Client to a remote head node.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the in-process Ray instance (address null; default: all of this machine)."
+    )
+    shuffle_partitions: int | None = Field(
+        None, ge=1, description="Partitions of the dedup shuffles (default: 2 x the cluster's CPUs)."
+    )
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"] = Field(
+        "sort_shuffle_pull_based",
+        description="Ray Data shuffle used by the dedup group-bys (sort-based measured 3-7x faster than "
+        "hash_shuffle on 7,644 rows / 2 CPUs; hash_shuffle suits very large clusters).",
+    )
+    ship_code: bool = Field(
+        True,
+        description="With an address: send this domaintune package to the workers (runtime_env py_modules); "
+        "its dependencies must be installed on every node.",
+    )
+
+
 from domaintune.data.augment.config import AugmentConfig  # noqa: E402  (the augment section's models)
 
 
@@ -179,7 +212,13 @@ class DataConfig(StrictModel):
     format: Literal["messages", "alpaca", "sharegpt"] = Field("messages", description="Output row format.")
     system_prompt: str | None = Field(None, description="System prompt added to every row (messages/sharegpt).")
     general: GeneralConfig | None = Field(None, description="Optional general-domain set for replay.")
-    batch_size: int = Field(256, ge=1, description="Rows per work unit sent to a worker process.")
+    batch_size: int = Field(256, ge=1, description="Rows per work unit sent to a worker process (or Ray task).")
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="`local`: this machine (worker processes with --workers); `ray`: the same operations as Ray "
+        "Data transforms on a Ray cluster (data.ray), with byte-identical outputs.",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings (engine: ray).")
     augment: AugmentConfig | None = Field(
         None, description="Optional augmentation/synthesis of the train split (see data.augment)."
     )

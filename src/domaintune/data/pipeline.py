@@ -223,8 +223,18 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
         per_source_seq: Counter = Counter()
         rid_info: dict[int, tuple[str, str, str]] = {}
 
-        def records() -> Iterator[tuple[int, str, Record]]:
+        def parse_error(rec: Record) -> None:
+            accounts.drop(rec.source, "parse", rec.error.split(":")[0])
+            quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error,
+                           raw=processor.redact_payload(rec.raw))  # fmt: skip
+            funnel["parse_dropped"] += 1
+            task_advance(1)
+
+        def records(deferred: list | None = None) -> Iterator[tuple[int, str, Record]]:
+            """(rid, row id, record) of parseable records; parse errors are accounted as met, or, with
+            `deferred`, appended as (records yielded before it, record) for the ray engine to replay."""
             rid = 0
+            yielded = 0
             for i, src in enumerate(dc.sources):
                 for rec in iter_source(src, i, cfg.base_dir):
                     rid += 1
@@ -234,13 +244,13 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                     if rec.error is not None:
                         if strict:
                             raise UserError(f"{rec.file}: {rec.loc}: {rec.error} (--strict)")
-                        accounts.drop(rec.source, "parse", rec.error.split(":")[0])
-                        quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error,
-                                       raw=processor.redact_payload(rec.raw))  # fmt: skip
-                        funnel["parse_dropped"] += 1
-                        task_advance(1)
+                        if deferred is not None:
+                            deferred.append((yielded, rec))
+                        else:
+                            parse_error(rec)
                         continue
                     rid_info[rid] = (rec.source, rec.file, rec.loc)
+                    yielded += 1
                     yield rid, f"{rec.source}-{per_source_seq[rec.source]:06d}", rec
 
         with (_progress() if progress else _NoProgress()) as bar, spool_path.open("w", encoding="utf-8") as spool:
@@ -249,7 +259,15 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
             def task_advance(n: int) -> None:
                 bar.advance(task, n)
 
-            for batch, result in _bounded_map(run_batch, _batches(records(), dc.batch_size), workers, processor):
+            if dc.engine == "ray":
+                from domaintune.data.ray_engine import RayEngine
+
+                engine = RayEngine(dc, processor, lsh, progress=progress)
+                stream = engine.stream(records, parse_error, rid_info)
+            else:
+                engine = None
+                stream = _bounded_map(run_batch, _batches(records(), dc.batch_size), workers, processor)
+            for batch, result in stream:
                 sig_i = 0
                 near_rows = []
                 for o in result["outcomes"]:
@@ -271,17 +289,22 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                     sig = result["sigs"][sig_i] if result["sigs"] is not None else None
                     sig_i += 1
                     pub = public_row(row, source)
-                    first = exact_seen.get(o["exact"]) if dc.dedup.exact else None
+                    if engine is not None:  # decided by the cluster's exact-duplicate grouping
+                        first = engine.exact_duplicate_of.get(o["rid"])
+                    else:
+                        first = exact_seen.get(o["exact"]) if dc.dedup.exact else None
                     if first is not None:
                         accounts.drop(source, "dedup_exact", "exact duplicate")
                         funnel["dedup_exact_dropped"] += 1
                         quarantine.add(source, file, loc, "dedup_exact", "exact duplicate", duplicate_of=first, row=pub)
                         _cluster_add(clusters, cluster_sizes, first, pub, 1.0, "exact", dc.dedup.max_clusters_reported)
                         continue
-                    if dc.dedup.exact:
+                    if dc.dedup.exact and engine is None:
                         exact_seen[o["exact"]] = row["id"]
                     near_rows.append((source, file, loc, row, pub, o, sig))
-                if lsh is not None and near_rows:
+                if engine is not None:  # decided by the cluster's banding step (see ray_engine)
+                    verdicts = [engine.near_verdict(r[5]["rid"]) for r in near_rows]
+                elif lsh is not None and near_rows:
                     sigs = np.stack([r[6] for r in near_rows])
                     verdicts = lsh.add_batch(sigs, [r[3]["id"] for r in near_rows])
                 else:
@@ -503,6 +526,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
             "project": cfg.name,
             "output_dir": str(out),
             "workers": workers,
+            "engine": dc.engine,
             "format": dc.format,
             "sources": sources,
             "balanced": all(s["balanced"] for s in sources.values()),
@@ -521,8 +545,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 "near_dropped": funnel["dedup_near_dropped"],
                 "threshold": dc.dedup.threshold,
                 "num_perm": dc.dedup.num_perm,
-                "bands": lsh.bands if lsh else None,
-                "rows_per_band": lsh.rows if lsh else None,
+                "bands": lsh.bands if lsh is not None else None,
+                "rows_per_band": lsh.rows if lsh is not None else None,
                 "clusters": len(cluster_sizes),
                 "largest_cluster": max(cluster_sizes.values()) + 1 if cluster_sizes else 0,
                 "cluster_sample": [

@@ -1,0 +1,349 @@
+"""`data.engine: ray` — the data stage's heavy steps as Ray Data transforms on a Ray cluster.
+
+What runs where (docs/data-at-scale.md has the operator's view):
+
+* driver: the readers stream the sources (one pass, in input order) and ship batches of
+  `data.batch_size` records to the object store;
+* cluster, `map_batches`: `RowProcessor.process` — the very function the local engine runs in
+  its worker processes — maps, normalises, redacts PII, filters, hashes each row and computes its
+  MinHash signature;
+* cluster, hash shuffle on the row hash: exact-duplicate groups, the first row (input position) of
+  each group is kept;
+* cluster, hash shuffle on the LSH band key ("banding"): every surviving row emits one
+  (band key, position, signature) entry per band; each band bucket yields its candidate pairs,
+  verified on the signatures (estimated Jaccard >= threshold) exactly as `LSHIndex` does;
+* driver: the keep-first resolution over the verified pairs (sequential by nature: a row is a
+  near duplicate when it matches a row that was itself kept; O(verified pairs)), then the
+  local engine's own code for accounting, outliers, split, decontamination, sampling and writing,
+  replaying the cluster's per-row results in input order.
+
+So train/val/test/quarantine and report.json are byte-identical to `engine: local` (workers=1)
+for the same config and seed; tests/test_data_ray.py checks that on the shared datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import pickle
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domaintune.data.config import DataConfig
+from domaintune.data.minhash import DedupResult, LSHIndex
+from domaintune.data.processing import RowProcessor
+from domaintune.errors import UserError
+
+_KEPT = DedupResult(None, 0.0)
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "data.engine: ray needs Ray Data, which is not installed: pip install 'domaintune[ray]' "
+            "(or set data.engine: local)"
+        ) from None
+    return ray
+
+
+class RaySession:
+    """Joins (or starts) the Ray instance that `data.ray` names; shuts it down only if it started it."""
+
+    def __init__(self, dc: DataConfig, progress: bool = False):
+        self.ray = import_ray()
+        self.started = False
+        rc = dc.ray
+        if not self.ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+            if rc.address is None:
+                kwargs["num_cpus"] = rc.num_cpus
+            else:
+                kwargs["address"] = rc.address
+                if rc.ship_code:
+                    import domaintune
+
+                    kwargs["runtime_env"] = {"py_modules": [str(Path(domaintune.__file__).parent)]}
+            try:
+                self.ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UserError(f"data.ray.address: cannot reach the Ray cluster {rc.address!r}: {exc}") from None
+            self.started = True
+        from ray.data.context import ShuffleStrategy
+
+        ctx = self.ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        ctx.print_on_execution_start = False
+        ctx.shuffle_strategy = ShuffleStrategy(rc.shuffle_strategy)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        self.cpus = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+        self.partitions = rc.shuffle_partitions or 2 * self.cpus
+
+    def close(self) -> None:
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.started = False
+
+
+# ---- cluster-side functions (pure: numpy batches in, numpy batches out) ------------------------
+
+
+def process_chunks(batch: dict[str, np.ndarray], processor: RowProcessor) -> dict[str, np.ndarray]:
+    """One row per chunk of records → the chunk's outcomes (for the driver) and dedup keys (for the shuffles)."""
+    ks, results, keys = [], [], []
+    for k, payload in zip(batch["k"].tolist(), batch["payload"]):
+        chunk = pickle.loads(payload)
+        result = processor.process(chunk)
+        sigs = result["sigs"]
+        where = {rid: (rec.source, rec.file, rec.loc) for rid, _, rec in chunk}
+        survivors = [o for o in result["outcomes"] if "drop" not in o]
+        rids = np.asarray([o["rid"] for o in survivors], dtype=np.int64)
+        ids = [o["row"]["id"] for o in survivors]
+        exact = np.asarray([o["exact"] for o in survivors], dtype=np.uint64)
+        keys.append(pickle.dumps((rids, ids, exact, sigs), protocol=5))
+        result["sigs"] = None  # the driver gets verdicts, not signatures
+        result["where"] = where
+        results.append(pickle.dumps(result, protocol=5))
+        ks.append(k)
+    return {"k": np.asarray(ks, dtype=np.int64), "result": np.asarray(results, dtype=object),
+            "keys": np.asarray(keys, dtype=object)}  # fmt: skip
+
+
+def expand_rows(batch: dict[str, np.ndarray], partitions: int, num_perm: int) -> dict[str, np.ndarray]:
+    """Chunk dedup keys → one row per surviving record: pos, id, exact hash, signature, shuffle partition."""
+    pos, ids, exact, sigs = [], [], [], []
+    for blob in batch["keys"]:
+        r, i, e, s = pickle.loads(blob)
+        pos.append(r)
+        ids.extend(i)
+        exact.append(e)
+        sigs.append(s if s is not None else np.zeros((len(r), num_perm), dtype=np.uint32))
+    exact_all = np.concatenate(exact) if exact else np.zeros(0, dtype=np.uint64)
+    return {
+        "pos": np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64),
+        "id": np.asarray(ids, dtype=object),
+        "exact": exact_all,
+        "sig": np.concatenate(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32),
+        "part": (exact_all % np.uint64(partitions)).astype(np.int64),
+    }
+
+
+def exact_groups(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One shuffle partition: rows grouped by exact hash; the first by input position is kept."""
+    order = np.lexsort((batch["pos"], batch["exact"]))
+    exact = batch["exact"][order]
+    pos = batch["pos"][order]
+    ids = batch["id"][order]
+    head = np.ones(len(order), dtype=bool)
+    head[1:] = exact[1:] != exact[:-1]
+    first_idx = np.maximum.accumulate(np.where(head, np.arange(len(order)), 0))
+    dup_of = np.where(head, "", ids[first_idx].astype(object))
+    return {"pos": pos, "id": ids, "sig": batch["sig"][order], "first": head, "dup_of": dup_of.astype(object)}
+
+
+def _select(batch: dict[str, np.ndarray], first: bool, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    mask = batch["first"] == first
+    return {c: batch[c][mask] for c in columns}
+
+
+def emit_bands(batch: dict[str, np.ndarray], lsh: LSHIndex, partitions: int) -> dict[str, np.ndarray]:
+    """Each surviving row → one entry per LSH band: (band key, pos, id, signature, shuffle partition)."""
+    sigs = batch["sig"]
+    keys = lsh.band_keys(sigs)  # (n, bands) uint64, salted per band
+    b = keys.shape[1]
+    flat = keys.ravel()
+    return {
+        "key": flat,
+        "pos": np.repeat(batch["pos"], b),
+        "id": np.repeat(batch["id"], b),
+        "sig": np.repeat(sigs, b, axis=0),
+        "part": (flat % np.uint64(partitions)).astype(np.int64),
+    }
+
+
+def band_pairs(batch: dict[str, np.ndarray], threshold: float, num_perm: int) -> dict[str, np.ndarray]:
+    """One shuffle partition: each band bucket with >= 2 rows → its pairs (a < b) whose estimated Jaccard
+    (share of equal signature values, as `LSHIndex`) reaches the threshold."""
+    order = np.lexsort((batch["pos"], batch["key"]))
+    key, pos, ids, sig = batch["key"][order], batch["pos"][order], batch["id"][order], batch["sig"][order]
+    out_a, out_b, out_aid, out_sim = [], [], [], []
+    if len(key) > 1:
+        same = np.nonzero(key[1:] == key[:-1])[0]
+        if len(same):
+            starts = same[np.r_[True, same[1:] != same[:-1] + 1]]
+            for st in starts.tolist():
+                en = st + 1
+                while en < len(key) and key[en] == key[st]:
+                    en += 1
+                ia, ib = np.triu_indices(en - st, k=1)
+                ia, ib = ia + st, ib + st
+                sims = np.count_nonzero(sig[ia] == sig[ib], axis=1) / num_perm
+                ok = sims >= threshold
+                out_a.append(pos[ia[ok]])
+                out_b.append(pos[ib[ok]])
+                out_aid.append(ids[ia[ok]])
+                out_sim.append(sims[ok])
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+    return {"a": cat(out_a, np.int64), "b": cat(out_b, np.int64), "a_id": cat(out_aid, object),
+            "sim": cat(out_sim, np.float64)}  # fmt: skip
+
+
+def banding_pairs(rows, lsh: LSHIndex, partitions: int) -> list[tuple[int, int, str, float]]:
+    """The distributed banding step over a Ray dataset of (pos, id, sig) rows: emit one entry per band,
+    group by band key (a shuffle on key mod `partitions`), verify each bucket's pairs on the signatures.
+    Returns the verified pairs (a, b, id of a, estimated Jaccard) with a < b, possibly repeated across bands."""
+    pairs = (
+        rows.map_batches(emit_bands, fn_kwargs={"lsh": lsh, "partitions": partitions}, batch_format="numpy")
+        .groupby("part", num_partitions=partitions)
+        .map_groups(band_pairs, fn_kwargs={"threshold": lsh.threshold, "num_perm": lsh.num_perm},
+                    batch_format="numpy")  # fmt: skip
+    )
+    edges = []
+    for b in pairs.iter_batches(batch_format="numpy", batch_size=65536):
+        edges.extend(zip(b["a"].tolist(), b["b"].tolist(), b["a_id"].tolist(), b["sim"].tolist()))
+    return edges
+
+
+def resolve_keep_first(edges: list[tuple[int, int, str, float]], batch_of: Callable[[int], int]) -> dict:
+    """Verified pairs (a < b) → {b: (id of the kept row it duplicates, similarity)} with `LSHIndex.add_batch`'s
+    rule: rows are taken in input order; a row is a near duplicate when it matches a row that was kept; the
+    match is the most similar kept row of an earlier batch (earliest on ties), or, when there is none, the most
+    similar kept row of its own batch (earliest on ties)."""
+    incoming: dict[int, dict[int, tuple[str, float]]] = {}
+    for a, b, a_id, sim in edges:
+        incoming.setdefault(b, {})[a] = (a_id, sim)  # the same pair found in several bands: same sim
+    dropped: dict[int, tuple[str, float]] = {}
+    for b in sorted(incoming):
+        cands = [(a, aid, sim) for a, (aid, sim) in incoming[b].items() if a not in dropped]
+        if not cands:
+            continue
+        mine = batch_of(b)
+        pool = [c for c in cands if batch_of(c[0]) < mine] or cands
+        a, aid, sim = min(pool, key=lambda c: (-c[2], c[0]))
+        dropped[b] = (aid, sim)
+    return dropped
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+class RayEngine:
+    """Runs the per-row map and both dedup steps on Ray; `stream` replays the results in input order."""
+
+    def __init__(self, dc: DataConfig, processor: RowProcessor, lsh: LSHIndex | None, progress: bool = False):
+        self.dc = dc
+        self.processor = processor
+        self.lsh = lsh
+        self.progress = progress
+        self.exact_duplicate_of: dict[int, str] = {}
+        self.near: dict[int, tuple[str, float]] = {}
+        self.stats: dict[str, Any] = {}
+
+    def near_verdict(self, rid: int) -> DedupResult | None:
+        if self.lsh is None:
+            return None
+        hit = self.near.get(rid)
+        return DedupResult(*hit) if hit else _KEPT
+
+    def stream(self, records: Callable, parse_error: Callable, rid_info: dict) -> Iterator[tuple[list, dict]]:
+        session = RaySession(self.dc, self.progress)
+        try:
+            yield from self._run(session, records, parse_error, rid_info)
+        finally:
+            session.close()
+
+    def _run(self, session: RaySession, records, parse_error, rid_info) -> Iterator[tuple[list, dict]]:
+        import pyarrow as pa
+
+        ray = session.ray
+        size = self.dc.batch_size
+        deferred: list = []
+        refs, starts, lengths = [], [], []
+        chunk: list = []
+
+        def ship() -> None:
+            k = len(refs)
+            starts.append(chunk[0][0])
+            lengths.append(len(chunk))
+            table = pa.table({"k": pa.array([k], pa.int64()),
+                              "payload": pa.array([pickle.dumps(chunk, protocol=5)], pa.large_binary())})  # fmt: skip
+            refs.append(ray.put(table))
+            for rid, _, _ in chunk:  # the driver keeps no per-row state while reading
+                rid_info.pop(rid, None)
+            chunk.clear()
+
+        clock = time.perf_counter()
+        for item in records(deferred):
+            chunk.append(item)
+            if len(chunk) >= size:
+                ship()
+        if chunk:
+            ship()
+        self.stats["read_s"] = time.perf_counter() - clock
+        self.stats["chunks"] = len(refs)
+        self.stats["rows"] = sum(lengths)
+        parts = session.partitions
+        num_perm = self.dc.dedup.num_perm
+
+        if refs:
+            ctx = ray.data.DataContext.get_current()
+            ctx.execution_options.preserve_order = True
+            results = (
+                ray.data.from_arrow_refs(refs)
+                .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=1,
+                             batch_format="numpy")  # fmt: skip
+                .materialize()
+            )
+            ctx.execution_options.preserve_order = False
+            self.stats["map_s"] = time.perf_counter() - clock - self.stats["read_s"]
+            dedup_on = self.dc.dedup.exact or self.lsh is not None
+            if dedup_on:
+                rows = results.select_columns(["keys"]).map_batches(
+                    expand_rows, fn_kwargs={"partitions": parts, "num_perm": num_perm}, batch_format="numpy"
+                )
+                if self.dc.dedup.exact:
+                    grouped = rows.groupby("part", num_partitions=parts).map_groups(exact_groups, batch_format="numpy")
+                    grouped = grouped.materialize()
+                    dups = grouped.map_batches(_select, fn_kwargs={"first": False, "columns": ("pos", "dup_of")},
+                                               batch_format="numpy")  # fmt: skip
+                    for b in dups.iter_batches(batch_format="numpy", batch_size=65536):
+                        self.exact_duplicate_of.update(zip(b["pos"].tolist(), b["dup_of"].tolist()))
+                    self.stats["exact_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
+                    survivors = grouped.map_batches(_select, fn_kwargs={"first": True, "columns": ("pos", "id", "sig")},
+                                                    batch_format="numpy")  # fmt: skip
+                else:
+                    survivors = rows.select_columns(["pos", "id", "sig"])
+                if self.lsh is not None:
+                    edges = banding_pairs(survivors, self.lsh, parts)
+                    self.stats["verified_pairs"] = len(edges)
+                    self.near = resolve_keep_first(edges, lambda rid: bisect_right(starts, rid) - 1)
+            self.stats["dedup_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
+            replay = results.select_columns(["k", "result"]).iter_batches(batch_format="numpy", batch_size=1)
+        else:
+            replay = iter(())
+
+        # replay in input order, with parse errors where the local engine (workers=1) meets them
+        d = 0
+        expected = 0
+        for b in replay:
+            k = int(b["k"][0])
+            if k != expected:
+                raise RuntimeError(f"ray engine: chunk {k} arrived where chunk {expected} was expected")
+            expected += 1
+            while d < len(deferred) and deferred[d][0] // size <= k:
+                parse_error(deferred[d][1])
+                d += 1
+            result = pickle.loads(b["result"][0])
+            rid_info.update(result.pop("where"))
+            yield [None] * lengths[k], result
+        if expected != len(refs):
+            raise RuntimeError(f"ray engine: {expected} of {len(refs)} chunks came back")
+        while d < len(deferred):
+            parse_error(deferred[d][1])
+            d += 1
