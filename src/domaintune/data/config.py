@@ -181,6 +181,10 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the in-process Ray instance (address null; default: all of this machine)."
     )
+    batches_per_block: int = Field(
+        8, ge=1, description="data.batch_size chunks per Ray block, i.e. per map task (fewer, larger tasks "
+        "cost less scheduling; the outputs do not depend on it).",
+    )
     shuffle_partitions: int | None = Field(
         None, ge=1, description="Partitions of the dedup shuffles (default: 2 x the cluster's CPUs)."
     )

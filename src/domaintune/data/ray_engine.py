@@ -39,6 +39,7 @@ from domaintune.data.processing import RowProcessor
 from domaintune.errors import UserError
 
 _KEPT = DedupResult(None, 0.0)
+last_stats: dict[str, Any] = {}  # stage timings of the latest run (bench/bench_data_engine.py prints them)
 
 
 def import_ray():
@@ -153,13 +154,16 @@ def _select(batch: dict[str, np.ndarray], first: bool, columns: tuple[str, ...])
 
 
 def emit_bands(batch: dict[str, np.ndarray], lsh: LSHIndex, partitions: int) -> dict[str, np.ndarray]:
-    """Each surviving row → one entry per LSH band: (band key, pos, id, signature, shuffle partition)."""
+    """Each surviving row → one entry per LSH band: (band key, band, all its band keys, pos, id, signature,
+    shuffle partition). The row's other band keys let a bucket skip pairs that an earlier band also finds."""
     sigs = batch["sig"]
     keys = lsh.band_keys(sigs)  # (n, bands) uint64, salted per band
     b = keys.shape[1]
     flat = keys.ravel()
     return {
         "key": flat,
+        "band": np.tile(np.arange(b, dtype=np.int64), len(sigs)),
+        "keys": np.repeat(keys, b, axis=0),
         "pos": np.repeat(batch["pos"], b),
         "id": np.repeat(batch["id"], b),
         "sig": np.repeat(sigs, b, axis=0),
@@ -169,9 +173,11 @@ def emit_bands(batch: dict[str, np.ndarray], lsh: LSHIndex, partitions: int) -> 
 
 def band_pairs(batch: dict[str, np.ndarray], threshold: float, num_perm: int) -> dict[str, np.ndarray]:
     """One shuffle partition: each band bucket with >= 2 rows → its pairs (a < b) whose estimated Jaccard
-    (share of equal signature values, as `LSHIndex`) reaches the threshold."""
+    (share of equal signature values, as `LSHIndex`) reaches the threshold. A pair is reported by the first
+    band its rows share only, so each verified pair comes back once."""
     order = np.lexsort((batch["pos"], batch["key"]))
     key, pos, ids, sig = batch["key"][order], batch["pos"][order], batch["id"][order], batch["sig"][order]
+    band, keys = batch["band"][order], batch["keys"][order]
     out_a, out_b, out_aid, out_sim = [], [], [], []
     if len(key) > 1:
         same = np.nonzero(key[1:] == key[:-1])[0]
@@ -183,6 +189,9 @@ def band_pairs(batch: dict[str, np.ndarray], threshold: float, num_perm: int) ->
                     en += 1
                 ia, ib = np.triu_indices(en - st, k=1)
                 ia, ib = ia + st, ib + st
+                first_band = np.argmax(keys[ia] == keys[ib], axis=1)
+                mine = first_band == band[st]
+                ia, ib = ia[mine], ib[mine]
                 sims = np.count_nonzero(sig[ia] == sig[ib], axis=1) / num_perm
                 ok = sims >= threshold
                 out_a.append(pos[ia[ok]])
@@ -197,9 +206,10 @@ def band_pairs(batch: dict[str, np.ndarray], threshold: float, num_perm: int) ->
 def banding_pairs(rows, lsh: LSHIndex, partitions: int) -> list[tuple[int, int, str, float]]:
     """The distributed banding step over a Ray dataset of (pos, id, sig) rows: emit one entry per band,
     group by band key (a shuffle on key mod `partitions`), verify each bucket's pairs on the signatures.
-    Returns the verified pairs (a, b, id of a, estimated Jaccard) with a < b, possibly repeated across bands."""
+    Returns the verified pairs (a, b, id of a, estimated Jaccard) with a < b, each once."""
     pairs = (
-        rows.map_batches(emit_bands, fn_kwargs={"lsh": lsh, "partitions": partitions}, batch_format="numpy")
+        rows.map_batches(emit_bands, fn_kwargs={"lsh": lsh, "partitions": partitions}, batch_format="numpy",
+                         batch_size=None)
         .groupby("part", num_partitions=partitions)
         .map_groups(band_pairs, fn_kwargs={"threshold": lsh.threshold, "num_perm": lsh.num_perm},
                     batch_format="numpy")  # fmt: skip
@@ -244,6 +254,8 @@ class RayEngine:
         self.exact_duplicate_of: dict[int, str] = {}
         self.near: dict[int, tuple[str, float]] = {}
         self.stats: dict[str, Any] = {}
+        global last_stats
+        last_stats = self.stats
 
     def near_verdict(self, rid: int) -> DedupResult | None:
         if self.lsh is None:
@@ -267,13 +279,21 @@ class RayEngine:
         refs, starts, lengths = [], [], []
         chunk: list = []
 
-        def ship() -> None:
-            k = len(refs)
-            starts.append(chunk[0][0])
-            lengths.append(len(chunk))
-            table = pa.table({"k": pa.array([k], pa.int64()),
-                              "payload": pa.array([pickle.dumps(chunk, protocol=5)], pa.large_binary())})  # fmt: skip
+        pending: list[tuple[int, bytes]] = []
+        per_block = self.dc.ray.batches_per_block
+
+        def put_block() -> None:
+            table = pa.table({"k": pa.array([k for k, _ in pending], pa.int64()),
+                              "payload": pa.array([p for _, p in pending], pa.large_binary())})  # fmt: skip
             refs.append(ray.put(table))
+            pending.clear()
+
+        def ship() -> None:
+            starts.append(chunk[0][0])
+            pending.append((len(lengths), pickle.dumps(chunk, protocol=5)))
+            lengths.append(len(chunk))
+            if len(pending) >= per_block:
+                put_block()
             for rid, _, _ in chunk:  # the driver keeps no per-row state while reading
                 rid_info.pop(rid, None)
             chunk.clear()
@@ -285,8 +305,11 @@ class RayEngine:
                 ship()
         if chunk:
             ship()
+        if pending:
+            put_block()
         self.stats["read_s"] = time.perf_counter() - clock
-        self.stats["chunks"] = len(refs)
+        self.stats["chunks"] = len(lengths)
+        self.stats["blocks"] = len(refs)
         self.stats["rows"] = sum(lengths)
         parts = session.partitions
         num_perm = self.dc.dedup.num_perm
@@ -296,7 +319,7 @@ class RayEngine:
             ctx.execution_options.preserve_order = True
             results = (
                 ray.data.from_arrow_refs(refs)
-                .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=1,
+                .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None,
                              batch_format="numpy")  # fmt: skip
                 .materialize()
             )
@@ -305,18 +328,21 @@ class RayEngine:
             dedup_on = self.dc.dedup.exact or self.lsh is not None
             if dedup_on:
                 rows = results.select_columns(["keys"]).map_batches(
-                    expand_rows, fn_kwargs={"partitions": parts, "num_perm": num_perm}, batch_format="numpy"
+                    expand_rows, fn_kwargs={"partitions": parts, "num_perm": num_perm}, batch_format="numpy",
+                    batch_size=None,
                 )
                 if self.dc.dedup.exact:
                     grouped = rows.groupby("part", num_partitions=parts).map_groups(exact_groups, batch_format="numpy")
                     grouped = grouped.materialize()
                     dups = grouped.map_batches(_select, fn_kwargs={"first": False, "columns": ("pos", "dup_of")},
-                                               batch_format="numpy")  # fmt: skip
+                                               batch_format="numpy", batch_size=None)  # fmt: skip
                     for b in dups.iter_batches(batch_format="numpy", batch_size=65536):
                         self.exact_duplicate_of.update(zip(b["pos"].tolist(), b["dup_of"].tolist()))
                     self.stats["exact_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
-                    survivors = grouped.map_batches(_select, fn_kwargs={"first": True, "columns": ("pos", "id", "sig")},
-                                                    batch_format="numpy")  # fmt: skip
+                    survivors = grouped.map_batches(
+                        _select, fn_kwargs={"first": True, "columns": ("pos", "id", "sig")}, batch_format="numpy",
+                        batch_size=None,
+                    )
                 else:
                     survivors = rows.select_columns(["pos", "id", "sig"])
                 if self.lsh is not None:
@@ -342,8 +368,8 @@ class RayEngine:
             result = pickle.loads(b["result"][0])
             rid_info.update(result.pop("where"))
             yield [None] * lengths[k], result
-        if expected != len(refs):
-            raise RuntimeError(f"ray engine: {expected} of {len(refs)} chunks came back")
+        if expected != len(lengths):
+            raise RuntimeError(f"ray engine: {expected} of {len(lengths)} chunks came back")
         while d < len(deferred):
             parse_error(deferred[d][1])
             d += 1
