@@ -109,13 +109,6 @@ class FSDPSettings(StrictModel):
             "(e.g. LlamaDecoderLayer)."
         ),
     )
-    state_dict: Literal["full", "sharded"] = Field(
-        "full",
-        description=(
-            "Checkpoint format: `full` gathers the whole state dict on rank 0; `sharded` writes one shard per rank "
-            "(faster for big models). The final `model/` is always a plain transformers/peft folder."
-        ),
-    )
     cpu_offload: bool = Field(False, description="Keep sharded parameters and gradients in CPU memory (GPU runs).")
     activation_checkpointing: bool = Field(False, description="FSDP's own activation checkpointing of each layer.")
 

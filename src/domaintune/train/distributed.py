@@ -75,6 +75,9 @@ def check_launch(tcfg: TrainConfig, world: World) -> None:
             f"started as {world.world_size} processes but train.distributed is `none`: "
             "set train.distributed to ddp, fsdp or deepspeed (e.g. --set train.distributed=ddp)"
         )
+    if strategy == "fsdp" and tcfg.early_stopping_patience:
+        raise UserError("train.early_stopping_patience needs the best checkpoint reloaded at the end, which "
+                        "train.distributed fsdp does not do: use ddp or deepspeed, or drop early stopping")
     if strategy in ("fsdp", "deepspeed") and not launched_by_torchrun():
         raise UserError(
             f"train.distributed {strategy} runs under torchrun: use `domaintune train CONFIG --nproc N` "
@@ -144,12 +147,16 @@ def training_arguments(tcfg: TrainConfig, world: World, model, train_dir: Path) 
             "reshard_after_forward": fsdp.sharding == "full_shard",
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": [wrap_class_name(model, settings)],
-            "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict == "full" else "SHARDED_STATE_DICT",
+            # Checkpoints: one shard per rank (torch.distributed.checkpoint); model/ is consolidated at the end.
+            "state_dict_type": "SHARDED_STATE_DICT",
             "cpu_offload": fsdp.cpu_offload,
             "activation_checkpointing": fsdp.activation_checkpointing,
             # Every rank loads the (small enough) base model itself; no meta-device loading.
             "cpu_ram_efficient_loading": False,
         }
+        # Reloading the best sharded checkpoint at the end deadlocks in torch.distributed.checkpoint's load
+        # (gloo, torch 2.13): model/ holds the final weights; metrics.json names the best checkpoint.
+        args["load_best_model_at_end"] = False
     elif settings.strategy == "deepspeed":
         path = train_dir / "deepspeed.json"
         args["deepspeed"] = str(path)
@@ -280,3 +287,71 @@ def launch(spec: LaunchSpec, child_args: list[str]) -> int:
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     proc = subprocess.run(torchrun_argv(spec, child_args), env=env)
     return proc.returncode
+
+
+def enable_fsdp_on_cpu(trainer) -> None:
+    """Switch the Trainer's own FSDP2 plugin on when running on CPUs.
+
+    accelerate turns `fsdp_plugin` into DistributedType.FSDP only on accelerator devices (CUDA, XPU, NPU...); on
+    CPUs it silently keeps plain multi-CPU DDP. torch's FSDP2 (`fully_shard`) itself runs on CPU with gloo, so
+    we give the same plugin to the accelerator state here; everything after that (wrapping, sharded
+    optimizer, checkpoints, state-dict gathering) is accelerate's and the Trainer's own FSDP code.
+    """
+    import torch
+
+    args = trainer.args
+    if getattr(args, "fsdp_plugin_args", None) is None or trainer.is_fsdp_enabled or torch.cuda.is_available():
+        return
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise UserError(f"train.distributed fsdp: accelerate chose {state.distributed_type}, not FSDP")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def check_strategy_active(trainer, tcfg: TrainConfig) -> None:
+    """Fail instead of silently training with another strategy than the configured one."""
+    strategy = tcfg.distributed.strategy
+    if strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        raise UserError("train.distributed fsdp: the Trainer did not enable FSDP (accelerate state "
+                        f"{trainer.accelerator.state.distributed_type})")
+    if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:
+        raise UserError("train.distributed deepspeed: the Trainer did not enable DeepSpeed (accelerate state "
+                        f"{trainer.accelerator.state.distributed_type})")
+
+
+def save_fsdp_consolidated(trainer, unwrapped, out: Path) -> None:
+    """Gather the FSDP-sharded weights onto rank 0 and write a plain transformers / peft folder there.
+
+    A collective: every rank calls it. Saving goes through a fresh (meta-device) copy of the model on rank 0,
+    so transformers' save_pretrained never touches the sharded DTensors of the training model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(
+        trainer.model_wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not trainer.args.should_save:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    from peft import PeftModel
+
+    if isinstance(unwrapped, PeftModel):
+        unwrapped.save_pretrained(str(out), state_dict=state)
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(unwrapped.config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    still_meta = [name for name, p in plain.named_parameters() if p.is_meta]
+    if unexpected or still_meta:
+        raise RuntimeError(f"FSDP consolidation: unexpected keys {unexpected[:5]}, missing {still_meta[:5]}")
+    if getattr(unwrapped, "generation_config", None) is not None:
+        plain.generation_config = unwrapped.generation_config
+    plain.save_pretrained(str(out), safe_serialization=True)

@@ -117,6 +117,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
 
     args_cls = args_cls or TrainingArguments
     batch = per_device_batch_size or tcfg.batch_size
+    load_best = extra.pop("load_best_model_at_end", True)
     # DeepSpeed picks its own accelerator (CUDA, or its CPU accelerator): accelerate must not force plain CPU.
     use_cpu = not torch.cuda.is_available() and "deepspeed" not in extra
     return args_cls(
@@ -142,7 +143,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
         save_strategy="steps",
         save_steps=tcfg.save_steps,
         save_total_limit=tcfg.save_total_limit,
-        load_best_model_at_end=True,
+        load_best_model_at_end=load_best,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=tcfg.logging_steps,
@@ -319,6 +320,10 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    if dist_state is not None:
+        if tcfg.distributed.strategy == "fsdp":
+            dist.enable_fsdp_on_cpu(trainer)
+        dist.check_strategy_active(trainer, tcfg)
 
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -529,7 +534,12 @@ def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: Mode
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # a collective under FSDP / ZeRO-3: every rank takes part, rank 0 writes
+    if getattr(trainer, "is_fsdp_enabled", False):
+        from domaintune.train.distributed import save_fsdp_consolidated
+
+        save_fsdp_consolidated(trainer, unwrapped, tmp)
+    else:
+        trainer.save_model(str(tmp))  # a collective under ZeRO-3: every rank takes part, rank 0 writes
     if trainer.args.should_save:
         (tmp / "training_args.bin").unlink(missing_ok=True)
         if kind == "adapter":
