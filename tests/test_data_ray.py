@@ -144,7 +144,8 @@ def test_banding_step_finds_the_local_index_clusters(ray_session, zh_slice):
                 expected[start + i] = (verdict.duplicate_of, verdict.similarity)
     assert len(expected) >= 100  # the 150 perturbed copies (and the 20 verbatim ones)
 
-    rows = ray_session.data.from_items([{"pos": i, "id": ids[i], "sig": sigs[i]} for i in range(len(texts))])
+    rows = ray_session.data.from_items([{"pos": i, "id": ids[i], "sig": sigs[i]} for i in range(len(texts))],
+                                       override_num_blocks=2)  # fmt: skip
     edges = banding_pairs(rows, LSHIndex(0.8, 128), partitions=4)
     starts = list(range(0, len(texts), batch))
     got = resolve_keep_first(edges, lambda pos: bisect_right(starts, pos) - 1)
@@ -154,3 +155,32 @@ def test_banding_step_finds_the_local_index_clusters(ray_session, zh_slice):
         clusters.setdefault(rep, set()).add(dup)
     assert len(clusters) >= 90 and all(int(rep[3:]) < min(d) for rep, d in clusters.items())
     assert np.all(np.diff(sorted(got)) > 0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"dedup": {"exact": False, "word_ngram": 2}, "split": {"by": "time", "time_field": "day"}},
+        {"dedup": {"near": False}, "batch_size": 16, "sample": {"train": 40}},
+    ],
+    ids=["near-only+time-split", "exact-only+sample"],
+)
+def test_ray_engine_dedup_options_and_broken_lines(ray_session, tmp_path, data):
+    """Dedup switched partly off, another split and sampling, broken JSON lines at the start and the end."""
+    from test_data_pipeline import cfg_for, corpus
+
+    rows = corpus(150)
+    rows += [dict(r) for r in rows[:15]]  # exact copies
+    rows += [dict(r, a=r["a"] + " more") for r in rows[20:35]]  # near copies (one extra word)
+    lines = ["{broken"] + [json.dumps(r) for r in rows] + ['{"q": "unterminated']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def cfg_for_engine(engine):
+        return cfg_for(tmp_path, {**data, "engine": engine, "filters": {"outlier_sigma": None}})
+
+    report = _compare(tmp_path, cfg_for_engine)
+    assert report["totals"]["input"] == 182 and report["balanced"]
+    assert report["funnel"][1] == {**report["funnel"][1], "stage": "parse", "dropped": 2}
+    dedup = report["dedup"]
+    assert (dedup["exact_dropped"] > 0) == data["dedup"].get("exact", True)
+    assert (dedup["near_dropped"] > 0) == data["dedup"].get("near", True)

@@ -263,7 +263,8 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 from domaintune.data.ray_engine import RayEngine
 
                 engine = RayEngine(dc, processor, lsh, progress=progress)
-                stream = engine.stream(records, parse_error, rid_info)
+                stream = engine.stream(records, parse_error, rid_info,
+                                       describe=lambda text: bar.update(task, description=text))  # fmt: skip
             else:
                 engine = None
                 stream = _bounded_map(run_batch, _batches(records(), dc.batch_size), workers, processor)

@@ -263,7 +263,12 @@ class RayEngine:
         hit = self.near.get(rid)
         return DedupResult(*hit) if hit else _KEPT
 
-    def stream(self, records: Callable, parse_error: Callable, rid_info: dict) -> Iterator[tuple[list, dict]]:
+    def stream(self, records: Callable, parse_error: Callable, rid_info: dict,
+               describe: Callable[[str], None] = lambda text: None) -> Iterator[tuple[list, dict]]:  # fmt: skip
+        """(chunk, result) in input order, as the local engine's map yields them; `describe` names the phase
+        on the driver's progress bar (Ray Data shows its own per-operator bars while the cluster works)."""
+        self.describe = describe
+        describe("data (ray): starting Ray")
         session = RaySession(self.dc, self.progress)
         try:
             yield from self._run(session, records, parse_error, rid_info)
@@ -299,6 +304,7 @@ class RayEngine:
             chunk.clear()
 
         clock = time.perf_counter()
+        self.describe(f"data (ray, {session.cpus} CPUs): reading, shipping to the object store")
         for item in records(deferred):
             chunk.append(item)
             if len(chunk) >= size:
@@ -315,6 +321,7 @@ class RayEngine:
         num_perm = self.dc.dedup.num_perm
 
         if refs:
+            self.describe(f"data (ray): map + dedup on the cluster ({len(lengths)} chunks)")
             ctx = ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True
             results = (
@@ -355,6 +362,7 @@ class RayEngine:
             replay = iter(())
 
         # replay in input order, with parse errors where the local engine (workers=1) meets them
+        self.describe("data (ray): accounting and spooling (driver)")
         d = 0
         expected = 0
         for b in replay:
