@@ -184,3 +184,14 @@ def test_ray_engine_dedup_options_and_broken_lines(ray_session, tmp_path, data):
     dedup = report["dedup"]
     assert (dedup["exact_dropped"] > 0) == data["dedup"].get("exact", True)
     assert (dedup["near_dropped"] > 0) == data["dedup"].get("near", True)
+
+
+def test_workers_flag_is_refused_with_engine_ray(tmp_path):
+    from test_data_pipeline import cfg_for, corpus
+
+    from domaintune.errors import UserError
+    from domaintune.utils.io import write_jsonl
+
+    write_jsonl(tmp_path / "in.jsonl", corpus(10))
+    with pytest.raises(UserError, match="--workers is for data.engine: local"):
+        run_data(cfg_for(tmp_path, {"engine": "ray"}), tmp_path / "run", workers=2, progress=False)

@@ -262,6 +262,10 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
             if dc.engine == "ray":
                 from domaintune.data.ray_engine import RayEngine
 
+                if workers > 1:
+                    raise UserError("--workers is for data.engine: local; with engine ray the cluster's CPUs do "
+                                    "the work (data.ray.num_cpus or data.ray.address)")  # fmt: skip
+
                 engine = RayEngine(dc, processor, lsh, progress=progress)
                 stream = engine.stream(records, parse_error, rid_info,
                                        describe=lambda text: bar.update(task, description=text))  # fmt: skip
