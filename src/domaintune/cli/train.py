@@ -52,6 +52,7 @@ def train(
                 f"--nproc {nproc} --nnodes {nnodes}: train.distributed is `none`; choose ddp, fsdp or deepspeed "
                 "(e.g. --set train.distributed=ddp)"
             )
+        dist.check_supported(cfg.train, cfg.output_dir / "train")
         child = ["train", str(config.resolve()), "--output-dir", str(cfg.output_dir.resolve())]
         for assignment in set_ or []:
             child += ["--set", assignment]

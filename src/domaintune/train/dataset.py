@@ -100,6 +100,9 @@ def encode_messages(tokenizer, messages, max_length: int) -> tuple[list[int], li
             span_index += 1
         if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
             labels[t] = ids[t]
+    # Tokens after the last label (the newline after the final end-of-turn) are fed but predict nothing: drop them.
+    last = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=len(ids) - 1)
+    ids, labels = ids[: last + 1], labels[: last + 1]
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 

@@ -68,26 +68,41 @@ def per_device_batch_size(tcfg: TrainConfig, world: World) -> int:
     return tcfg.batch_size // world.world_size
 
 
-def check_launch(tcfg: TrainConfig, world: World) -> None:
+def check_supported(tcfg: TrainConfig, train_dir: Path) -> None:
+    """What this machine cannot run fails before any process starts, with the reason."""
+    strategy = tcfg.distributed.strategy
+    if strategy == "fsdp" and tcfg.early_stopping_patience:
+        raise UserError("train.early_stopping_patience needs the best checkpoint reloaded at the end, which "
+                        "train.distributed fsdp does not do: use ddp or deepspeed, or drop early stopping")
+    if strategy != "deepspeed":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'")
+    path = write_deepspeed_config(tcfg, train_dir)  # generated and validated by DeepSpeed's own config parser
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"train.distributed deepspeed needs CUDA GPUs: accelerate/transformers run DeepSpeed only on accelerator "
+            f"devices (the config was generated and validated: {path}); on CPUs use ddp or fsdp"
+        )
+
+
+def check_launch(tcfg: TrainConfig, world: World, train_dir: Path) -> None:
     strategy = tcfg.distributed.strategy
     if world.distributed and strategy == "none":
         raise UserError(
             f"started as {world.world_size} processes but train.distributed is `none`: "
             "set train.distributed to ddp, fsdp or deepspeed (e.g. --set train.distributed=ddp)"
         )
-    if strategy == "fsdp" and tcfg.early_stopping_patience:
-        raise UserError("train.early_stopping_patience needs the best checkpoint reloaded at the end, which "
-                        "train.distributed fsdp does not do: use ddp or deepspeed, or drop early stopping")
+    check_supported(tcfg, train_dir)
     if strategy in ("fsdp", "deepspeed") and not launched_by_torchrun():
         raise UserError(
             f"train.distributed {strategy} runs under torchrun: use `domaintune train CONFIG --nproc N` "
             "(N may be 1), or start `torchrun ... -m domaintune train CONFIG` yourself"
         )
-    if strategy == "deepspeed":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'")
 
 
 def init_process_group(settings: DistributedSettings):
@@ -96,7 +111,12 @@ def init_process_group(settings: DistributedSettings):
 
     kwargs: dict[str, Any] = {"timeout": timedelta(minutes=settings.timeout_minutes)}
     if settings.strategy == "deepspeed":
-        kwargs["use_deepspeed"] = True
+        # As TrainingArguments does it: accelerate starts DeepSpeed's own comm layer when this is set.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        try:
+            return PartialState(**kwargs)
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
     else:
         kwargs["backend"] = resolve_backend(settings)
         import torch
@@ -182,17 +202,18 @@ def deepspeed_config(tcfg: TrainConfig) -> dict[str, Any]:
     }
     if ds.zero_stage == 2:
         zero["allgather_partitions"] = True
-        zero["allgather_bucket_size"] = 2e8
+        zero["allgather_bucket_size"] = 200_000_000
         zero["reduce_scatter"] = True
     else:
         zero["stage3_prefetch_bucket_size"] = "auto"
         zero["stage3_param_persistence_threshold"] = "auto"
-        zero["stage3_max_live_parameters"] = 1e9
-        zero["stage3_max_reuse_distance"] = 1e9
+        zero["stage3_max_live_parameters"] = 1_000_000_000
+        zero["stage3_max_reuse_distance"] = 1_000_000_000
         # The final model/ must be a plain folder: gather the full weights on rank 0 when saving.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config: dict[str, Any] = {
-        "train_batch_size": "auto",
+        # train.batch_size is the batch over all processes already (per step, before accumulation).
+        "train_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -214,8 +235,9 @@ def deepspeed_config(tcfg: TrainConfig) -> dict[str, Any]:
     return config
 
 
-def validate_deepspeed_config(config: dict[str, Any]) -> list[str]:
-    """Problems in a DeepSpeed config, checked with DeepSpeed's own pydantic models when it is installed."""
+def validate_deepspeed_config(config: dict[str, Any], tcfg: TrainConfig) -> list[str]:
+    """Problems in a DeepSpeed config: DeepSpeed's own `DeepSpeedConfig` parses it (when deepspeed is installed)
+    with the `auto` values filled the way the transformers integration fills them for one process."""
     problems: list[str] = []
     zero = config.get("zero_optimization", {})
     if zero.get("stage") not in (0, 1, 2, 3):
@@ -223,20 +245,40 @@ def validate_deepspeed_config(config: dict[str, Any]) -> list[str]:
     if "offload_param" in zero and zero.get("stage") != 3:
         problems.append("zero_optimization.offload_param needs stage 3")
     try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except Exception:  # noqa: BLE001 - deepspeed absent or its accelerator cannot start: structural checks only
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except Exception:  # noqa: BLE001 - deepspeed absent (or cannot start): the structural checks above only
         return problems
-    concrete = {k: v for k, v in zero.items() if v != "auto"}
+    filled = json.loads(json.dumps(config))
+    values = {
+        "train_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": tcfg.batch_size,
+        "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
+        "gradient_clipping": 1.0,
+    }
+    for key, value in values.items():
+        if filled.get(key) == "auto":
+            filled[key] = value
+    for key, on in (("bf16", tcfg.precision == "bf16"), ("fp16", tcfg.precision == "fp16")):
+        if isinstance(filled.get(key), dict) and filled[key].get("enabled") == "auto":
+            filled[key]["enabled"] = on
+    for key, value in list(filled.get("zero_optimization", {}).items()):
+        if value == "auto":
+            filled["zero_optimization"][key] = int(5e7)
+    params = filled.get("optimizer", {}).get("params", {})
+    auto_params = {"lr": tcfg.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": tcfg.weight_decay}
+    for key, value in list(params.items()):
+        if value == "auto":
+            params[key] = auto_params.get(key, value)
     try:
-        DeepSpeedZeroConfig(**concrete)
-    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError text names the field
-        problems.append(f"zero_optimization: {exc}")
+        DeepSpeedConfig(filled)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises AssertionError / pydantic errors naming the field
+        problems.append(f"{type(exc).__name__}: {exc}")
     return problems
 
 
 def write_deepspeed_config(tcfg: TrainConfig, train_dir: Path) -> Path:
     config = deepspeed_config(tcfg)
-    problems = validate_deepspeed_config(config)
+    problems = validate_deepspeed_config(config, tcfg)
     if problems:
         raise UserError("train.distributed.deepspeed: invalid DeepSpeed config: " + "; ".join(problems))
     path = train_dir / "deepspeed.json"

@@ -184,7 +184,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     from domaintune.train import distributed as dist
 
     world = dist.current_world()
-    dist.check_launch(tcfg, world)
+    dist.check_launch(tcfg, world, output_dir / "train")
     dist_state = None
     if dist.launched_by_torchrun() and tcfg.distributed.strategy != "none":
         dist_state = dist.init_process_group(tcfg.distributed)
@@ -280,13 +280,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     common = dict(include_num_input_tokens_seen=tokens_mode, per_device_batch_size=per_device_batch)
     common.update(dist.training_arguments(tcfg, world, model, train_dir))
     if "deepspeed" in common:
-        ds_config = dist.deepspeed_config(tcfg)
-        problems = dist.validate_deepspeed_config(ds_config)
-        if problems:
-            raise UserError("train.distributed.deepspeed: invalid DeepSpeed config: " + "; ".join(problems))
-        if world.is_main:
-            dist.write_deepspeed_config(tcfg, train_dir)  # the record of what ran
-        common["deepspeed"] = ds_config
+        common["deepspeed"] = dist.deepspeed_config(tcfg)  # validated by check_launch
     if method == "dpo":
         trainer = _dpo_trainer(tcfg, seed, checkpoint_dir, not resume, model, tokenizer, datasets, callbacks, common)
     else:
