@@ -195,3 +195,17 @@ def test_workers_flag_is_refused_with_engine_ray(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", corpus(10))
     with pytest.raises(UserError, match="--workers is for data.engine: local"):
         run_data(cfg_for(tmp_path, {"engine": "ray"}), tmp_path / "run", workers=2, progress=False)
+
+
+def test_user_error_in_a_ray_task_reaches_the_user_as_one_line(ray_session, tmp_path):
+    """A config problem met inside a map task (the tokenizer of a missing model) is the same UserError as locally."""
+    from test_data_pipeline import cfg_for, corpus
+
+    from domaintune.errors import UserError
+    from domaintune.utils.io import write_jsonl
+
+    write_jsonl(tmp_path / "in.jsonl", corpus(10))
+    cfg = cfg_for(tmp_path, {"engine": "ray", "filters": {"min_tokens": 1}},
+                  model={"name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
+    with pytest.raises(UserError, match=r"model.name_or_path: .*no-such-model does not exist$"):
+        run_data(cfg, tmp_path / "run", progress=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import pickle
+import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -243,6 +244,22 @@ def resolve_keep_first(edges: list[tuple[int, int, str, float]], batch_of: Calla
 # ---- the engine ---------------------------------------------------------------------------------
 
 
+def _user_error(exc: BaseException) -> UserError | None:
+    """The UserError a Ray task raised, found through Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    found = re.search(r"domaintune\.errors\.UserError: (.+)", str(exc))  # Ray keeps only the remote traceback text
+    return UserError(found.group(1)) if found else None
+
+
 class RayEngine:
     """Runs the per-row map and both dedup steps on Ray; `stream` replays the results in input order."""
 
@@ -272,6 +289,11 @@ class RayEngine:
         session = RaySession(self.dc, self.progress)
         try:
             yield from self._run(session, records, parse_error, rid_info)
+        except Exception as exc:  # a UserError raised in a Ray task (e.g. tokenizer not found): one clear line
+            user = _user_error(exc)
+            if user is not None:
+                raise user from None
+            raise
         finally:
             session.close()
 
@@ -323,14 +345,17 @@ class RayEngine:
         if refs:
             self.describe(f"data (ray): map + dedup on the cluster ({len(lengths)} chunks)")
             ctx = ray.data.DataContext.get_current()
-            ctx.execution_options.preserve_order = True
-            results = (
-                ray.data.from_arrow_refs(refs)
-                .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None,
-                             batch_format="numpy")  # fmt: skip
-                .materialize()
-            )
-            ctx.execution_options.preserve_order = False
+            preserve = ctx.execution_options.preserve_order
+            ctx.execution_options.preserve_order = True  # chunk order kept (the replay checks it anyway)
+            try:
+                results = (
+                    ray.data.from_arrow_refs(refs)
+                    .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None,
+                                 batch_format="numpy")  # fmt: skip
+                    .materialize()
+                )
+            finally:
+                ctx.execution_options.preserve_order = preserve
             self.stats["map_s"] = time.perf_counter() - clock - self.stats["read_s"]
             dedup_on = self.dc.dedup.exact or self.lsh is not None
             if dedup_on:
