@@ -48,6 +48,8 @@ def test_only_assistant_tokens_are_labelled(tokenizer):
     for part in ("You are a careful doctor.", "头痛怎么办？", "What else?", "<|im_start|>assistant", "<|im_start|>user"):
         assert part in masked_text
     assert "多休息" not in masked_text and "See a doctor" not in masked_text
+    # The sequence ends at the last learned token: nothing after the final end-of-turn is fed.
+    assert ids[-1] == end and labels[-1] == end
 
 
 def test_truncation_is_counted_and_examples_without_targets_dropped(tokenizer):
