@@ -62,11 +62,12 @@ class RichProgressCallback(TrainerCallback):
                 # Logs / CI: no live bar, so print one line per logging step instead.
                 elapsed = max(time.perf_counter() - self._t0, 1e-9)
                 done = state.global_step - self._step0
-                eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else float("nan")
+                eta = f"{elapsed / done * (state.max_steps - state.global_step):.0f}s" if done > 0 else "-"
                 tps = (state.num_input_tokens_seen - self._tokens0) / elapsed
+                loss = f"{self.loss:.4f}" if self.loss == self.loss else "-"  # nan before the first logged step
                 self.progress.console.print(
-                    f"step {state.global_step}/{state.max_steps} loss {self.loss:.4f} val {self.val_loss:.4f} "
-                    f"{tps:.0f} tok/s elapsed {elapsed:.0f}s ETA {eta:.0f}s",
+                    f"step {state.global_step}/{state.max_steps} loss {loss} val {self.val_loss:.4f} "
+                    f"{tps:.0f} tok/s elapsed {elapsed:.0f}s ETA {eta}",
                     highlight=False,
                 )
 
