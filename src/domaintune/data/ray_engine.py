@@ -75,7 +75,11 @@ class RaySession:
             try:
                 self.ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"data.ray.address: cannot reach the Ray cluster {rc.address!r}: {exc}") from None
+                raise UserError(
+                    f"data.ray.address: cannot reach the Ray cluster {rc.address!r}: {exc} (is it started, "
+                    "`ray status`? Ray 2.60 authenticates with a token: the driver needs the cluster's, see "
+                    "docs.ray.io/en/latest/ray-security/token-auth.html)"
+                ) from None
             self.started = True
         from ray.data.context import ShuffleStrategy
 
