@@ -106,7 +106,7 @@ def main() -> int:
     RowProcessor.process = timed_process
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     print(f"ray.init (in-process, {args.cpus} CPUs): {time.perf_counter() - t0:.1f} s (not counted below)")
     work = Path(tempfile.mkdtemp(prefix="bench_data_engine_"))
     try:

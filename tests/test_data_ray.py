@@ -32,7 +32,7 @@ OUTPUTS = ("train", "val", "test", "quarantine")
 def ray_session():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     if started:
         ray.shutdown()

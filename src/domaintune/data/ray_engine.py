@@ -64,8 +64,8 @@ class RaySession:
         rc = dc.ray
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-            if rc.address is None:
-                kwargs["num_cpus"] = rc.num_cpus
+            if rc.address is None:  # "local": a new instance even if `ray start` left a cluster address behind
+                kwargs.update(address="local", num_cpus=rc.num_cpus)
             else:
                 kwargs["address"] = rc.address
                 if rc.ship_code:
