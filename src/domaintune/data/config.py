@@ -157,10 +157,21 @@ class SampleConfig(StrictModel):
 
 
 class GeneralConfig(StrictModel):
-    """The general-domain set (replay and forgetting checks), written as data/general.jsonl."""
+    """The general-domain set, split by task into a replay pool (data/general.jsonl, what `train.replay` mixes in)
+    and a held-out retention set (data/general_holdout.jsonl, what eval measures forgetting on). The two never share
+    a task, so replay cannot inflate the retention score."""
 
     path: ConfigPath = Field(..., description="Self-instruct style JSONL (instruction, instances[{input,output}]).")
     max_rows: int | None = Field(None, description="Keep at most this many rows (deterministic).")
+    holdout: float = Field(
+        0.25,
+        ge=0.0,
+        description=(
+            "Tasks held out for the retention check, written to data/general_holdout.jsonl: a fraction (< 1) of "
+            "the tasks, or a number of tasks (>= 1). 0 writes every row to general.jsonl (then replay and "
+            "retention cannot both use it)."
+        ),
+    )
 
 
 class RayConfig(StrictModel):

@@ -756,25 +756,51 @@ def build_general(dc: DataConfig, out: Path, accounts: Accounts, quarantine: Qua
                 "task": data.get("name"),
                 "is_classification": bool(data.get("is_classification", False)),
                 "_loc": (rec.file, loc),
+                "_group": str(data.get("id", rec.loc)),
             })  # fmt: skip
     cap = dc.general.max_rows
     keep = set(range(len(rows)))
     if cap is not None and len(rows) > cap:
         rng = np.random.default_rng([seed, _stable_int("general") & 0xFFFFFFFF])
         keep = set(rng.permutation(len(rows))[:cap].tolist())
-    with atomic_write(out / "general.jsonl") as fh:
+    held_out = _holdout_groups(sorted({rows[i]["_group"] for i in keep}), dc.general.holdout, seed)
+    with atomic_write(out / "general.jsonl") as replay_fh, atomic_write(out / "general_holdout.jsonl") as holdout_fh:
         for i, row in enumerate(rows):
             file, loc = row.pop("_loc")
+            group = row.pop("_group")
             if i not in keep:
                 dropped["sampled out"] += 1
                 quarantine.add(name, file, loc, "general", f"sampled out (general capped at {cap})", row=row)
                 continue
-            fh.write(json.dumps(convert_row(row, dc.format), ensure_ascii=False) + "\n")
-            counts["written"] += 1
+            line = json.dumps(convert_row(row, dc.format), ensure_ascii=False) + "\n"
+            if group in held_out:
+                holdout_fh.write(line)
+                counts["holdout"] += 1
+            else:
+                replay_fh.write(line)
+                counts["replay"] += 1
+    if not counts["holdout"]:
+        (out / "general_holdout.jsonl").unlink(missing_ok=True)  # no holdout asked for: eval uses general.jsonl
+    written = counts["replay"] + counts["holdout"]
     return {
         "path": str(path),
         "input": n_input,
-        "written": counts["written"],
+        "written": written,
+        "replay_rows": counts["replay"],
+        "holdout_rows": counts["holdout"],
+        "holdout_tasks": len(held_out),
         "dropped": dict(dropped),
-        "balanced": n_input == counts["written"] + sum(dropped.values()),
+        "balanced": n_input == written + sum(dropped.values()),
     }
+
+
+def _holdout_groups(groups: list[str], holdout: float, seed: int) -> set[str]:
+    """The seed tasks held out for retention: a seeded choice of whole tasks (a fraction, or a count when >= 1)."""
+    if holdout <= 0 or not groups:
+        return set()
+    # a fraction always leaves at least one task for the replay pool; a count is taken as asked
+    n = int(holdout) if holdout >= 1 else min(max(1, round(holdout * len(groups))), len(groups) - 1)
+    if n > len(groups):
+        raise UserError(f"data.general.holdout: {int(holdout)} tasks asked for, the general set has {len(groups)}")
+    rng = np.random.default_rng([seed, _stable_int("general-holdout") & 0xFFFFFFFF])
+    return {groups[i] for i in rng.permutation(len(groups))[:n].tolist()}
