@@ -71,9 +71,6 @@ def per_device_batch_size(tcfg: TrainConfig, world: World) -> int:
 def check_supported(tcfg: TrainConfig, train_dir: Path) -> None:
     """What this machine cannot run fails before any process starts, with the reason."""
     strategy = tcfg.distributed.strategy
-    if strategy == "fsdp" and tcfg.early_stopping_patience:
-        raise UserError("train.early_stopping_patience needs the best checkpoint reloaded at the end, which "
-                        "train.distributed fsdp does not do: use ddp or deepspeed, or drop early stopping")
     if strategy != "deepspeed":
         return
     import importlib.util
@@ -174,9 +171,6 @@ def training_arguments(tcfg: TrainConfig, world: World, model, train_dir: Path) 
             # Every rank loads the (small enough) base model itself; no meta-device loading.
             "cpu_ram_efficient_loading": False,
         }
-        # Reloading the best sharded checkpoint at the end deadlocks in torch.distributed.checkpoint's load
-        # (gloo, torch 2.13): model/ holds the final weights; metrics.json names the best checkpoint.
-        args["load_best_model_at_end"] = False
     elif settings.strategy == "deepspeed":
         path = train_dir / "deepspeed.json"
         args["deepspeed"] = str(path)
@@ -352,6 +346,25 @@ def enable_fsdp_on_cpu(trainer) -> None:
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+def create_checkpoint_folder_first(trainer) -> None:
+    """Make each rank create the checkpoint folder before the Trainer checks which checkpoint is the best.
+
+    With sharded FSDP checkpoints the Trainer writes nothing in `save_model`; the folder appears only later, in
+    the optimizer/shard saving, yet right after `save_model` (and a barrier) each rank records the best
+    checkpoint only `if os.path.exists(folder)`. Ranks then disagree on `best_model_checkpoint` (seen here:
+    rank 0 checkpoint-3, rank 1 checkpoint-6), and the final best-model reload deadlocks with mismatched
+    collectives. Creating the (empty) folder first gives every rank the same answer.
+    """
+    original = trainer.save_model
+
+    def save_model(output_dir=None, _internal_call: bool = False):
+        if _internal_call and output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+        return original(output_dir, _internal_call=_internal_call)
+
+    trainer.save_model = save_model
 
 
 def check_strategy_active(trainer, tcfg: TrainConfig) -> None:

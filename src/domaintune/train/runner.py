@@ -117,7 +117,6 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
 
     args_cls = args_cls or TrainingArguments
     batch = per_device_batch_size or tcfg.batch_size
-    load_best = extra.pop("load_best_model_at_end", True)
     # DeepSpeed picks its own accelerator (CUDA, or its CPU accelerator): accelerate must not force plain CPU.
     use_cpu = not torch.cuda.is_available() and "deepspeed" not in extra
     return args_cls(
@@ -143,7 +142,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
         save_strategy="steps",
         save_steps=tcfg.save_steps,
         save_total_limit=tcfg.save_total_limit,
-        load_best_model_at_end=load_best,
+        load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=tcfg.logging_steps,
@@ -317,6 +316,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     if dist_state is not None:
         if tcfg.distributed.strategy == "fsdp":
             dist.enable_fsdp_on_cpu(trainer)
+            dist.create_checkpoint_folder_first(trainer)
         dist.check_strategy_active(trainer, tcfg)
 
     train_start = time.perf_counter()
