@@ -164,6 +164,20 @@ def test_fsdp_lora_matches_one_process(tmp_path):
     assert _generate(run / "model") is not None
 
 
+@pytest.mark.slow
+def test_fsdp_resume_from_sharded_checkpoint(tmp_path):
+    config = _config(tmp_path, "fsdpresume", method="full", distributed="fsdp", max_steps=8, save_steps=4,
+                     tracking="none")
+    single = _single(config)
+    first = _cli(str(config), "--nproc", "2", "--set", "train.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _cli(str(config), "--nproc", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = _metrics(config)
+    assert metrics["resumed_from"].endswith("checkpoint-4") and metrics["steps"] == 8
+    _assert_curves_match(metrics, single)
+
+
 # --------------------------------------------------------------------------- no process launched
 
 
