@@ -182,7 +182,9 @@ class TrainConfig(StrictModel):
         False,
         description=(
             "Padding-free batches: each batch is one flattened row with per-example position_ids, so attention and "
-            "loss never cross example boundaries."
+            "loss never cross example boundaries. Pays off when lengths in a batch differ a lot; on a CPU, attention "
+            "runs over the whole flattened row under a block mask, so with lengths all near max_length padded "
+            "batches are faster (docs/train-performance.md)."
         ),
     )
     learning_rate: float = Field(2e-4, gt=0.0)
