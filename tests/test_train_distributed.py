@@ -152,6 +152,36 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
     assert not (run / "train" / "metrics.json").exists() and not (run / "model").exists()
 
 
+def test_deepspeed_zero2_matches_one_process_and_reloads(tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'domaintune[distributed]'")
+    config = _config(tmp_path, "zero2", distributed="deepspeed", max_steps=4, tracking="none")
+    single = _single(config)
+    result = _cli(str(config), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(config)
+    assert metrics["distributed"]["strategy"] == "deepspeed" and metrics["distributed"]["world_size"] == 2
+    _assert_curves_match(metrics, single)
+    run = Path(metrics["data"]["train_file"]).parent.parent
+    written = json.loads((run / "train" / "deepspeed.json").read_text())
+    assert written["zero_optimization"]["stage"] == 2 and written["train_batch_size"] == 4
+    assert (run / "train" / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own checkpoint
+    assert _generate(run / "model") is not None
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_cpu_offload_full_finetune(tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'domaintune[distributed]'")
+    config = _config(tmp_path, "zero3", method="full", max_steps=4, tracking="none", distributed={
+        "strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}})
+    single = _single(config)
+    result = _cli(str(config), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_curves_match(_metrics(config), single)
+    run = Path(_metrics(config)["data"]["train_file"]).parent.parent
+    assert (run / "model" / "model.safetensors").is_file()  # gathered from ZeRO-3 shards on save
+    assert _generate(run / "model") is not None
+
+
 @pytest.mark.slow
 def test_fsdp_lora_matches_one_process(tmp_path):
     config = _config(tmp_path, "fsdplora", distributed="fsdp", max_steps=4)
@@ -236,17 +266,3 @@ def test_deepspeed_config_generated_from_yaml_and_validated(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed's own parser checks the rest: pip install 'domaintune[distributed]'")
     wrong_batch = dict(config, train_batch_size=7)
     assert any("train_batch_size" in p for p in dist.validate_deepspeed_config(wrong_batch, tcfg))
-
-
-def test_deepspeed_on_a_cpu_only_machine_writes_the_config_and_says_why(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: DeepSpeed runs here")
-    pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'domaintune[distributed]'")
-    config = _config(tmp_path, "ds", distributed="deepspeed")
-    result = _cli(str(config), "--nproc", "2", timeout=120)
-    assert result.returncode == 2
-    assert "deepspeed needs CUDA GPUs" in " ".join(result.stderr.split())
-    run = Path(json.loads(config.read_text())["output_dir"])
-    assert json.loads((run / "train" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2

@@ -75,16 +75,9 @@ def check_supported(tcfg: TrainConfig, train_dir: Path) -> None:
         return
     import importlib.util
 
-    import torch
-
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'")
-    path = write_deepspeed_config(tcfg, train_dir)  # generated and validated by DeepSpeed's own config parser
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"train.distributed deepspeed needs CUDA GPUs: accelerate/transformers run DeepSpeed only on accelerator "
-            f"devices (the config was generated and validated: {path}); on CPUs use ddp or fsdp"
-        )
+    write_deepspeed_config(tcfg, train_dir)  # generated and validated by DeepSpeed's own config parser
 
 
 def check_launch(tcfg: TrainConfig, world: World, train_dir: Path) -> None:
@@ -108,10 +101,13 @@ def init_process_group(settings: DistributedSettings):
 
     kwargs: dict[str, Any] = {"timeout": timedelta(minutes=settings.timeout_minutes)}
     if settings.strategy == "deepspeed":
-        # As TrainingArguments does it: accelerate starts DeepSpeed's own comm layer when this is set.
+        # As TrainingArguments does it: accelerate starts DeepSpeed's own comm layer when this is set. The
+        # backend is named (nccl, or gloo on CPUs, where DeepSpeed runs on its CPU accelerator), so accelerate
+        # also counts the processes on CPU-only machines; TrainingArguments then keeps this state
+        # (accelerator_config use_configured_state).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         try:
-            return PartialState(**kwargs)
+            return PartialState(backend=resolve_backend(settings), **kwargs)
         finally:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
     else:
@@ -172,8 +168,9 @@ def training_arguments(tcfg: TrainConfig, world: World, model, train_dir: Path) 
             "cpu_ram_efficient_loading": False,
         }
     elif settings.strategy == "deepspeed":
-        path = train_dir / "deepspeed.json"
-        args["deepspeed"] = str(path)
+        args["deepspeed"] = str(train_dir / "deepspeed.json")
+        # Keep the process group started by init_process_group (TrainingArguments would otherwise reset it).
+        args["accelerator_config"] = {"use_configured_state": True}
     return args
 
 
