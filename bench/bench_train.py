@@ -1,24 +1,45 @@
-"""Training throughput: domaintune LoRA vs LLaMA-Factory 0.9.5, same model, data and settings, same run.
+"""Training throughput: domaintune LoRA vs LLaMA-Factory 0.9.5, same model, same tokens, same settings, same run.
 
-Settings (both): bundled SmolLM2-135M-Instruct (the converted safetensors folder), LoRA r=8 alpha=16
+Settings (every run): bundled SmolLM2-135M-Instruct (its converted safetensors folder), LoRA r=8 alpha=16
 dropout 0.05 on all linear layers, max length 256, batch 4, no accumulation, lr 2e-4 cosine, no warmup,
-seed 42, the same STEPS*4 Chinese medical Q&A rows (one epoch, so both see the same examples), ChatML
-with the same system prompt, loss on the answer tokens.
+seed 42, logging every step, STEPS*4 Chinese medical Q&A rows = exactly one epoch, ChatML with the same
+system prompt, loss on the answer tokens and the <|im_end|> after them.
 
-Measured the same way for both: non-padding tokens the Trainer fed the model / seconds inside optimizer
-steps (evaluation, checkpointing, model loading and tokenisation excluded).
+Identical tokens: most CSV rows are longer than 256 tokens with this tokenizer, and the two tools truncate
+differently (LLaMA-Factory cuts prompt and answer proportionally, domaintune keeps the prompt and cuts the
+answer). So each answer that does not fit is shortened here, before either tool sees it, to the longest prefix
+whose whole conversation fits in 256 tokens; neither tool truncates. LLaMA-Factory uses `chatml_turn_end`
+(its chatml with the assistant slot ending at <|im_end|>, see lf_runner.py) so it neither feeds nor learns
+the newline after the last <|im_end|> -- as domaintune. Every training step's batch is recorded on both
+sides (bench/batch_trace.py: a hash of each example's token ids and labels) and the table says whether
+each run trained on exactly the same examples in the same steps as the reference; the label-token and
+token totals are printed per run, and so is the step-1 loss (computed before any update, so it checks
+that the loss definitions agree: assistant-token mean cross-entropy).
 
-domaintune is run twice: with its levers (bf16 autocast on AVX-512-BF16/AMX CPUs with the frozen base held
-in bf16, padding-free batches), and like-for-like (fp32, padded batches: LLaMA-Factory's defaults). Both
-use domaintune's loss that projects onto the vocabulary only the positions that predict a label
-(`train/sft_trainer.py`): with assistant-only labels most positions are prompt. LLaMA-Factory runs in
-fp32 (its CPU default) and, with --lf-bf16, in bf16 too (use_cpu + bf16 autocast, like ours).
-Note: at max length 256 most rows are truncated; LLaMA-Factory cuts prompt and answer proportionally,
-domaintune keeps the prompt and cuts the answer, so the two losses are over different answer tokens.
+Measured the same way for both (the same callback, batch_trace.step_clock, in both processes): tokens the
+Trainer fed (num_input_tokens_seen: non-padding tokens; every token of a padding-free batch) / seconds
+between on_step_begin and on_step_end (forward, backward, optimizer step; no evaluation, checkpointing,
+loading or tokenisation). Both wall-clock and process-CPU seconds are reported: on a CPU shared with other
+jobs the per-CPU-second ratio is the steadier one; on a quiet machine with --threads 1 they agree.
+
+Runs (alternating tools, so a change in machine load hits both sides):
+  domaintune bf16               precision bf16: autocast on AVX-512-BF16/AMX CPUs, frozen base held in bf16
+                                (train.half_precision_base), LoRA input cast skipped under autocast, padded batches
+  LLaMA-Factory bf16            bf16 + use_cpu, its defaults otherwise -- including gradient checkpointing
+  LLaMA-Factory bf16 no-GC      the same with disable_gradient_checkpointing (domaintune's default is off):
+                                identical settings, the like-for-like comparison
+  domaintune fp32 / LLaMA-Factory fp32   fp32 padded (LLaMA-Factory's CPU default, with its checkpointing)
+  domaintune bf16 padding-free  train.packing: true, measured as a lever (on these near-256-token rows it
+                                is slower: CPU SDPA attends over the whole flattened row under a block mask)
+All domaintune runs use its loss that projects onto the vocabulary only the positions that predict a label
+(train/sft_trainer.py). Levers measured and not kept: torch.compile (inductor, CPU) did not finish compiling
+the first step in 15 minutes on the 2-core machine; see docs/train-performance.md.
+
 LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 installed first, then
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
-Usage: python bench/bench_train.py [--steps 12] [--threads 1] [--lf-python /work/lf-venv/bin/python] [--skip-lf]
+Usage: python bench/bench_train.py --steps 10 --lf-bf16 [--threads 1] [--lf-python PATH] [--skip-lf]
+       [--skip-packing] [--json]
 """
 
 from __future__ import annotations
@@ -39,58 +60,105 @@ CSV_PATH = Path(os.environ.get("DOMAINTUNE_SHARED_DATASETS", REPO.parent / "shar
 )
 SYSTEM = "你是一名专业的内科医生，请用简洁、准确的中文回答患者的问题。"
 BATCH, MAX_LEN, LR, SEED = 4, 256, 2e-4, 42
+MIN_ANSWER_CHARS = 16
 
 
-def load_rows(n: int) -> list[dict]:
+def load_rows(n: int) -> tuple[list[dict], dict]:
+    """The first n usable CSV rows, each fitting in MAX_LEN tokens so that neither tool truncates anything.
+
+    Most rows are longer than 256 tokens (median ~490 with this tokenizer), and the two tools truncate
+    differently (LLaMA-Factory cuts prompt and answer proportionally, domaintune keeps the prompt and cuts
+    the answer). So an answer that does not fit is shortened here, to the longest character prefix whose whole
+    ChatML conversation (system + user + assistant + <|im_end|>) is at most MAX_LEN tokens; both tools then
+    get the same text and feed the same token ids. Rows whose question leaves < MIN_ANSWER_CHARS are skipped.
+    """
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import load_tokenizer
+    from domaintune.train.dataset import encode_messages
+
     if not CSV_PATH.is_file():
         sys.exit(f"bench needs the shared datasets: {CSV_PATH} not found")
-    rows = []
+    tokenizer = load_tokenizer(ModelConfig())
+
+    def length(question, answer):
+        return len(encode_messages(tokenizer, messages(question, answer), max_length=10**9)[0])
+
+    rows, stats = [], {"whole": 0, "answer_shortened": 0, "skipped_long_question": 0}
     with CSV_PATH.open(encoding="gb18030", newline="") as handle:
         for rec in csv.DictReader(handle):
             question = "\n".join(x.strip() for x in (rec["title"], rec["ask"]) if x and x.strip())
             answer = (rec["answer"] or "").strip()
-            if question and answer:
-                rows.append({"question": question, "answer": answer})
+            if not (question and answer):
+                continue
+            if length(question, answer) <= MAX_LEN:
+                stats["whole"] += 1
+            elif length(question, answer[:MIN_ANSWER_CHARS]) > MAX_LEN:
+                stats["skipped_long_question"] += 1
+                continue
+            else:
+                lo, hi = MIN_ANSWER_CHARS, len(answer)  # lo fits, hi does not
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if length(question, answer[:mid]) <= MAX_LEN else (lo, mid)
+                answer = answer[:lo].rstrip()
+                stats["answer_shortened"] += 1
+            rows.append({"question": question, "answer": answer, "tokens": length(question, answer)})
             if len(rows) >= n:
                 break
-    return rows
+    if len(rows) < n:
+        sys.exit(f"only {len(rows)} usable rows in {CSV_PATH}; ask for fewer --steps")
+    return rows, stats
+
+
+def messages(question: str, answer: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
+            {"role": "assistant", "content": answer}]
 
 
 def write_domaintune_data(rows, run_dir: Path) -> None:
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
 
-    def msg(r):
-        return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["question"]},
-                             {"role": "assistant", "content": r["answer"]}]}
+    def line(r):
+        return json.dumps({"messages": messages(r["question"], r["answer"])}, ensure_ascii=False) + "\n"
 
-    (data / "train.jsonl").write_text("".join(json.dumps(msg(r), ensure_ascii=False) + "\n" for r in rows), "utf-8")
-    (data / "val.jsonl").write_text("".join(json.dumps(msg(r), ensure_ascii=False) + "\n" for r in rows[:8]), "utf-8")
+    (data / "train.jsonl").write_text("".join(line(r) for r in rows), "utf-8")
+    (data / "val.jsonl").write_text("".join(line(r) for r in rows[:8]), "utf-8")
 
 
-def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int) -> dict:
+TRACE: list[dict] = []  # per-step batch records of the current in-process run (bench/batch_trace.py)
+
+
+def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int,
+                   extra: dict | None = None) -> dict:
     from domaintune.config import config_from_dict
     from domaintune.train.runner import run_train
 
-    run_dir = workdir / f"dt-{precision}-{'packed' if packing else 'padded'}"
+    run_dir = workdir / f"dt-{precision}-{'packed' if packing else 'padded'}-{len(list(workdir.iterdir()))}"
     write_domaintune_data(rows, run_dir)
     cfg = config_from_dict({
         "name": "bench", "seed": SEED, "model": {"name_or_path": "smollm2-135m-instruct"},
         "train": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
                   "max_length": MAX_LEN, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.0,
                   "lr_scheduler": "cosine", "max_steps": steps, "eval_steps": steps, "save_steps": steps,
-                  "logging_steps": 5, "max_val_samples": 8, "precision": precision, "packing": packing,
-                  "num_threads": threads,
-                  "tracking": "none"},
+                  "logging_steps": 1, "max_val_samples": 8, "precision": precision, "packing": packing,
+                  "num_threads": threads, "tracking": "none", **(extra or {})},
     })
-    m = run_train(cfg, run_dir)
+    import batch_trace
+
+    TRACE.clear()
+    clock = batch_trace.step_clock()
+    m = run_train(cfg, run_dir, extra_callbacks=[clock])
     gc.collect()
-    return {"tokens": m["tokens_this_session"], "step_seconds": m["train_step_seconds"],
-            "tokens_per_second": m["tokens_per_second"], "final_logged_loss": m["final_train_loss"],
-            "mean_train_loss": m["mean_train_loss"], "steps": m["steps"], "truncated": m["truncated"]}
+    figures = clock.figures()
+    assert figures["tokens"] == m["tokens_this_session"], (figures, m["tokens_this_session"])
+    return {**figures, "runner_tokens_per_second": m["tokens_per_second"], "final_logged_loss": m["final_train_loss"],
+            "mean_train_loss": m["mean_train_loss"], "steps": m["steps"], "truncated": m["truncated"],
+            "train_curve": m["train_curve"], "batches": list(TRACE)}
 
 
-def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int) -> dict:
+def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int,
+                     gradient_checkpointing: bool = True) -> dict:
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir
 
@@ -104,17 +172,19 @@ def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool
     config = {
         "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "model_name_or_path": str(resolve_model_dir(ModelConfig())),
-        "template": "chatml", "dataset": "zhmed", "dataset_dir": str(data_dir), "cutoff_len": MAX_LEN,
+        "template": "chatml_turn_end", "dataset": "zhmed", "dataset_dir": str(data_dir), "cutoff_len": MAX_LEN,
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all",
         "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "learning_rate": LR,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "max_steps": steps, "num_train_epochs": 1.0,
-        "logging_steps": 5, "save_strategy": "no", "report_to": "none", "seed": SEED,
+        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": SEED,
         "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}"), "overwrite_output_dir": True,
         "bf16": bf16, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "overwrite_cache": True,
         "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True, "use_cpu": True,
+        "disable_gradient_checkpointing": not gradient_checkpointing,
     }
     cfg_path, out_path = workdir / "lf-config.json", workdir / "lf-result.json"
     cfg_path.write_text(json.dumps(config))
+    out_path.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO / "bench" / "lf_shim"), DISABLE_VERSION_CHECK="1",
                OMP_NUM_THREADS=str(threads))
     proc = subprocess.run([lf_python, str(REPO / "bench" / "lf_runner.py"), str(cfg_path), str(out_path)],
@@ -122,57 +192,117 @@ def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool
     if proc.returncode != 0 or not out_path.is_file():
         tail = (proc.stderr or proc.stdout)[-3000:]
         raise RuntimeError(f"LLaMA-Factory run failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out_path.read_text())
+    result = json.loads(out_path.read_text())
+    result["truncated"] = None
+    return result
+
+
+def same_batches(a: dict, b: dict) -> str:
+    """'identical' when both runs trained on the same examples (token ids and labels) in the same steps."""
+    if not a.get("batches") or not b.get("batches"):
+        return "not recorded"
+    if [x["examples"] for x in a["batches"]] == [x["examples"] for x in b["batches"]]:
+        return "identical"
+    sa = sorted(e for x in a["batches"] for e in x["examples"])
+    sb = sorted(e for x in b["batches"] for e in x["examples"])
+    return "same examples, different order" if sa == sb else "DIFFERENT examples"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every run (1 is fastest on a CPU shared with other jobs)")
     parser.add_argument("--lf-python", default="/work/lf-venv/bin/python")
     parser.add_argument("--skip-lf", action="store_true")
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16")
+    parser.add_argument("--skip-packing", action="store_true", help="skip the domaintune padding-free run")
+    parser.add_argument("--json", action="store_true", help="also print every figure as JSON")
     args = parser.parse_args()
 
     import torch
+    from transformers import Trainer
 
+    sys.path.insert(0, str(REPO / "bench"))
+    import batch_trace
+
+    batch_trace.install(Trainer, TRACE)
     torch.set_num_threads(args.threads)
-    rows = load_rows(args.steps * BATCH)
+    rows, selection = load_rows(args.steps * BATCH)
+    ours_fast, ours_packed, ours_like = ("domaintune bf16", "domaintune bf16 padding-free", "domaintune fp32")
+    lf_fp32, lf_bf16, lf_bf16_nogc = ("LLaMA-Factory fp32", "LLaMA-Factory bf16", "LLaMA-Factory bf16 no-GC")
     results: dict[str, dict] = {}
+    lf_errors = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
-        results["domaintune bf16 padding-free"] = run_domaintune(rows, args.steps, workdir, "bf16", True, args.threads)
-        results["domaintune fp32 padded"] = run_domaintune(rows, args.steps, workdir, "fp32", False, args.threads)
-        lf_errors = {}
-        if not args.skip_lf:
-            for bf16 in (False, True) if args.lf_bf16 else (False,):
-                name = f"LLaMA-Factory 0.9.5 {'bf16' if bf16 else 'fp32'}"
-                try:
-                    results[name] = run_llamafactory(rows, args.steps, workdir, args.lf_python, bf16, args.threads)
-                except (RuntimeError, FileNotFoundError) as exc:
-                    lf_errors[name] = str(exc)
 
-    print(f"\nLoRA r=8 all-linear, SmolLM2-135M, max_len {MAX_LEN}, batch {BATCH}, {args.steps} steps, "
-          f"{len(rows)} zh medical rows, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'run':34s} {'tokens':>8s} {'step s':>8s} {'tok/s':>8s} {'last loss':>10s} {'mean loss':>10s}")
+        def ours(precision, packing):
+            return lambda: run_domaintune(rows, args.steps, workdir, precision, packing, args.threads)
+
+        def lf(bf16, gc=True):
+            return lambda: run_llamafactory(rows, args.steps, workdir, args.lf_python, bf16, args.threads, gc)
+
+        # Alternate the tools so that a change in machine load hits both sides alike.
+        plan = [(ours_fast, ours("bf16", False))]
+        if not args.skip_lf and args.lf_bf16:
+            plan += [(lf_bf16, lf(True)), (lf_bf16_nogc, lf(True, gc=False))]
+        plan.append((ours_like, ours("fp32", False)))
+        if not args.skip_lf:
+            plan.append((lf_fp32, lf(False)))
+        if not args.skip_packing:
+            plan.append((ours_packed, ours("bf16", True)))
+        for name, run in plan:
+            try:
+                results[name] = run()
+            except (RuntimeError, FileNotFoundError) as exc:
+                if not name.startswith("LLaMA"):
+                    raise
+                lf_errors[name] = str(exc)
+
+    lengths = [r["tokens"] for r in rows]
+    print(f"\nLoRA r=8 all-linear (dropout 0.05), SmolLM2-135M-Instruct, max_len {MAX_LEN}, batch {BATCH}, "
+          f"{args.steps} steps = one epoch over {len(rows)} zh medical rows, torch {torch.__version__}, "
+          f"{args.threads} thread(s)")
+    print(f"rows: {selection['whole']} whole, {selection['answer_shortened']} with the answer shortened to fit "
+          f"{MAX_LEN} tokens ({selection['skipped_long_question']} skipped: question too long); "
+          f"{min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.0f}: neither tool truncates")
+    lf_versions = next((r["versions"] for r in results.values() if "versions" in r), None)
+    if lf_versions:
+        print(f"LLaMA-Factory {lf_versions['llamafactory']} (transformers {lf_versions['transformers']}) in its own venv; "
+              "GC = gradient checkpointing (LLaMA-Factory's default; domaintune's default is off)")
+    print(f"{'run':28s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
+          f"{'step-1 loss':>11s} {'mean loss':>9s} {'final loss':>10s}  batches vs {ours_fast}")
+    reference = results[ours_fast]
     for name, r in results.items():
-        print(f"{name:34s} {r['tokens']:8d} {r['step_seconds']:8.1f} {r['tokens_per_second']:8.1f} "
-              f"{r['final_logged_loss']:10.4f} {r['mean_train_loss']:10.4f}")
-    baseline = results.get("LLaMA-Factory 0.9.5 fp32")
-    if baseline:
-        for name in ("domaintune bf16 padding-free", "domaintune fp32 padded"):
-            ratio = results[name]["tokens_per_second"] / baseline["tokens_per_second"]
-            print(f"ratio {name} / LLaMA-Factory fp32: {ratio:.2f}x tokens/s; "
-                  f"mean loss {results[name]['mean_train_loss']:.4f} vs {baseline['mean_train_loss']:.4f}")
-        if "LLaMA-Factory 0.9.5 bf16" in results:
-            ratio = results["domaintune bf16 padding-free"]["tokens_per_second"] / results["LLaMA-Factory 0.9.5 bf16"]["tokens_per_second"]
-            print(f"ratio domaintune bf16 padding-free / LLaMA-Factory bf16: {ratio:.2f}x tokens/s")
-    elif args.skip_lf:
+        label_tokens = sum(b["label_tokens"] for b in r["batches"])
+        first = r["train_curve"][0][1] if r["train_curve"] else float("nan")
+        gc_flag = "yes" if r.get("gradient_checkpointing") else "no"
+        print(f"{name:28s} {gc_flag:>3s} {r['tokens']:7d} {label_tokens:7d} {r['step_seconds']:7.1f} "
+              f"{r['tokens_per_second']:7.1f} {r['tokens_per_cpu_second']:9.1f} {first:11.4f} {r['mean_train_loss']:9.4f} {r['final_logged_loss']:10.4f}  "
+              f"{'(reference)' if r is reference else same_batches(reference, r)}")
+    pairs = [
+        (ours_fast, lf_bf16_nogc, "bf16 vs bf16, identical settings"),
+        (ours_fast, lf_bf16, "bf16 vs bf16, LLaMA-Factory's default gradient checkpointing"),
+        (ours_fast, lf_fp32, "ours bf16 vs LLaMA-Factory's CPU default"),
+        (ours_like, lf_fp32, "fp32 vs fp32"),
+        (ours_packed, ours_fast, "padding-free vs padded batches"),
+    ]
+    for ours_name, theirs, what in pairs:
+        if ours_name in results and theirs in results:
+            a, b = results[ours_name], results[theirs]
+            print(f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s "
+                  f"({a['tokens_per_cpu_second'] / b['tokens_per_cpu_second']:.2f}x per CPU-second)  "
+                  f"{ours_name} / {theirs} ({what}); "
+                  f"mean loss {a['mean_train_loss']:.4f} vs {b['mean_train_loss']:.4f}, "
+                  f"final {a['final_logged_loss']:.4f} vs {b['final_logged_loss']:.4f}")
+    if args.skip_lf:
         print("LLaMA-Factory: not measured (--skip-lf)")
     for name, error in lf_errors.items():
         print(f"{name}: not measured: {error}")
-    print(json.dumps(results, indent=2, default=str))
+    if args.json:
+        for r in results.values():
+            r.pop("batches", None)
+        print(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
