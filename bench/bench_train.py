@@ -39,7 +39,7 @@ LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 install
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
 Usage: python bench/bench_train.py --steps 10 --lf-bf16 [--threads 1] [--lf-python PATH] [--skip-lf]
-       [--skip-packing] [--json]
+       [--skip-packing] [--only "domaintune bf16,LLaMA-Factory bf16 no-GC"] [--json]
 """
 
 from __future__ import annotations
@@ -217,6 +217,8 @@ def main() -> None:
     parser.add_argument("--skip-lf", action="store_true")
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16")
     parser.add_argument("--skip-packing", action="store_true", help="skip the domaintune padding-free run")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated run names to keep, e.g. 'domaintune bf16,LLaMA-Factory bf16 no-GC'")
     parser.add_argument("--json", action="store_true", help="also print every figure as JSON")
     args = parser.parse_args()
 
@@ -251,6 +253,12 @@ def main() -> None:
             plan.append((lf_fp32, lf(False)))
         if not args.skip_packing:
             plan.append((ours_packed, ours("bf16", True)))
+        if args.only:
+            keep = {name.strip() for name in args.only.split(",")}
+            unknown = keep - {name for name, _ in plan}
+            if unknown:
+                sys.exit(f"--only: unknown run(s) {sorted(unknown)}; runs: {[name for name, _ in plan]}")
+            plan = [(name, run) for name, run in plan if name in keep]
         for name, run in plan:
             try:
                 results[name] = run()
@@ -272,7 +280,7 @@ def main() -> None:
               "GC = gradient checkpointing (LLaMA-Factory's default; domaintune's default is off)")
     print(f"{'run':28s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
           f"{'step-1 loss':>11s} {'mean loss':>9s} {'final loss':>10s}  batches vs {ours_fast}")
-    reference = results[ours_fast]
+    reference = results[next(iter(results))]
     for name, r in results.items():
         label_tokens = sum(b["label_tokens"] for b in r["batches"])
         first = r["train_curve"][0][1] if r["train_curve"] else float("nan")
