@@ -73,6 +73,33 @@ def test_mlflow_tracking_without_mlflow_is_a_clear_error(tmp_path):
         run_train(tiny_config(tracking="mlflow"), run)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed (pip install 'domaintune[tracking]')")
+def test_mlflow_tracking_logs_the_run(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tiny-mlflow")
+    run = make_run_dir(tmp_path)
+    metrics = run_train(tiny_config(tracking="mlflow", max_steps=4, logging_steps=1), run)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny-mlflow")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    losses = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]  # one point per logging step
+    assert losses[-1].value == pytest.approx(metrics["final_train_loss"], rel=1e-4)
+    assert runs[0].data.params["learning_rate"]  # the Trainer's arguments are logged as params
+    assert (run / "train" / "tensorboard").is_dir()  # TensorBoard keeps logging beside MLflow
+    assert not (run / "train" / "mlflow.db").exists()  # the configured server (here a file) got the run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # no server configured: a store inside the run folder
+    run2 = make_run_dir(tmp_path / "second")
+    run_train(tiny_config(tracking="mlflow", max_steps=2), run2)
+    local = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run2 / 'train' / 'mlflow.db'}")
+    assert len(local.search_runs([local.get_experiment_by_name("tiny-mlflow").experiment_id])) == 1
+
+
 def test_missing_data_points_at_the_data_stage(tmp_path):
     with pytest.raises(UserError, match=r"train.jsonl: not found \(run `domaintune data"):
         run_train(tiny_config(), tmp_path)

@@ -233,7 +233,11 @@ class TrainConfig(StrictModel):
         description="Multi-process training through torchrun: `none`, `ddp`, `fsdp`, `deepspeed` (see docs/distributed.md).",
     )
     tracking: Literal["tensorboard", "mlflow", "none"] = Field(
-        "tensorboard", description="TensorBoard logs in train/tensorboard; `mlflow` logs there as well as to MLflow."
+        "tensorboard",
+        description=(
+            "TensorBoard logs in train/tensorboard; `mlflow` logs there as well as to MLflow: the server in "
+            "MLFLOW_TRACKING_URI, else a SQLite store in train/mlflow.db (pip install 'domaintune[tracking]')."
+        ),
     )
 
     @model_validator(mode="after")

@@ -130,7 +130,7 @@ def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_
         weight_decay=tcfg.weight_decay,
         num_train_epochs=tcfg.epochs,
         max_steps=tcfg.max_steps or -1,
-        gradient_checkpointing=tcfg.gradient_checkpointing,
+        activation_checkpointing=tcfg.gradient_checkpointing,  # transformers 5 name (gradient_* is a deprecated alias)
         seed=seed,
         data_seed=seed,
         bf16=tcfg.precision == "bf16",
@@ -477,8 +477,16 @@ def _tracking_callbacks(tcfg: TrainConfig, train_dir: Path, run_name: str) -> li
     if tcfg.tracking == "mlflow":
         from transformers.integrations import MLflowCallback
 
+        class RunFolderMLflowCallback(MLflowCallback):
+            """MLFLOW_TRACKING_URI when set; otherwise a SQLite store in train/mlflow.db, not mlflow's cwd default."""
+
+            def setup(self, args, state, model):
+                if not os.environ.get("MLFLOW_TRACKING_URI"):
+                    self._ml_flow.set_tracking_uri(f"sqlite:///{(train_dir / 'mlflow.db').resolve()}")
+                super().setup(args, state, model)
+
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", run_name)
-        callbacks.append(MLflowCallback())
+        callbacks.append(RunFolderMLflowCallback())
     return callbacks
 
 
