@@ -25,12 +25,14 @@ _ID_RE = re.compile(r"(?<![0-9A-Za-z])\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:
 # 16-19 contiguous digits, or groups of four separated by one space/hyphen (last group 1-4 digits)
 _CARD_RE = re.compile(r"(?<![\d-])(?:\d{16,19}|\d{4}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?)(?![\d-])")
 _MOBILE_RE = re.compile(r"(?<![\d+])(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
-# International numbers in E.164 style (+1 212 555 0199, +44 20 7946 0958) and North American
-# 3-3-4 numbers with separators ((415) 555-0132, 415-555-0132). Separators are required so that
-# dosages and ranges ("120-130") never match.
+# International numbers in E.164 style (+1 212 555 0199, +44 20 7946 0958, +44 7700 900123), North
+# American 3-3-4 numbers with separators ((415) 555-0132, 415-555-0132) and national numbers with a
+# trunk 0 and two hyphens (090-1234-5678). Separators (or the leading +) are required so that dosages
+# and ranges ("120-130") never match.
 _INTL_PHONE_RE = re.compile(
     r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
-    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])"
+    r"|\+[1-9]\d{0,2}[ .-]\d{2,5}[ .-]\d{5,8}"
+    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}|0\d{1,3}-\d{3,4}-\d{4})(?![\w-])"
 )
 _LANDLINE_RE = re.compile(r"(?<![\d-])(?:\(0\d{2,3}\)\s?|0\d{2,3}[- ])[2-9]\d{6,7}(?:-\d{1,5})?(?!\d)")
 _IPV4_RE = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
