@@ -503,16 +503,24 @@ def _save_model(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, mod
 
     if isinstance(model, PeftModel):
         model.save_pretrained(tmp)
-        # Record a portable base reference so load_trained finds it on another machine.
-        cfg_path = tmp / "adapter_config.json"
-        data = json.loads(cfg_path.read_text())
-        data["base_model_name_or_path"] = _adapter_base_reference(model_cfg, model_dir)
-        cfg_path.write_text(json.dumps(data, indent=2))
         kind = "adapter"
     else:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         kind = "full"
+    _publish_model_folder(tmp, model_out, kind, tokenizer, model_cfg, model_dir, effective, method)
+    return kind
+
+
+def _publish_model_folder(tmp: Path, model_out: Path, kind: str, tokenizer, model_cfg: ModelConfig, model_dir: Path,
+                          effective, method) -> None:
+    """Complete a saved model folder (portable adapter base, tokenizer, domaintune.json) and move it into place."""
+    if kind == "adapter":
+        # Record a portable base reference so load_trained finds it on another machine.
+        cfg_path = tmp / "adapter_config.json"
+        data = json.loads(cfg_path.read_text())
+        data["base_model_name_or_path"] = _adapter_base_reference(model_cfg, model_dir)
+        cfg_path.write_text(json.dumps(data, indent=2))
     tokenizer.save_pretrained(tmp)
     (tmp / "domaintune.json").write_text(
         json.dumps({"method": method, "trained_as": effective, "kind": kind, "base": str(model_dir)}, indent=2)
@@ -520,7 +528,6 @@ def _save_model(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, mod
     if model_out.exists():
         shutil.rmtree(model_out)
     os.replace(tmp, model_out)
-    return kind
 
 
 def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, model_dir: Path, effective,
@@ -544,18 +551,7 @@ def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: Mode
         trainer.save_model(str(tmp))  # a collective under ZeRO-3: every rank takes part, rank 0 writes
     if trainer.args.should_save:
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        if kind == "adapter":
-            cfg_path = tmp / "adapter_config.json"
-            data = json.loads(cfg_path.read_text())
-            data["base_model_name_or_path"] = _adapter_base_reference(model_cfg, model_dir)
-            cfg_path.write_text(json.dumps(data, indent=2))
-        tokenizer.save_pretrained(tmp)
-        (tmp / "domaintune.json").write_text(
-            json.dumps({"method": method, "trained_as": effective, "kind": kind, "base": str(model_dir)}, indent=2)
-        )
-        if model_out.exists():
-            shutil.rmtree(model_out)
-        os.replace(tmp, model_out)
+        _publish_model_folder(tmp, model_out, kind, tokenizer, model_cfg, model_dir, effective, method)
     trainer.accelerator.wait_for_everyone()
     return kind
 
