@@ -63,6 +63,19 @@ def _assert_curves_match(got: dict, want: dict, rel: float = 1e-4) -> None:
     assert got["final_val_loss"] == pytest.approx(want["final_val_loss"], rel=rel)
 
 
+def _two_processes_match_one(config: Path, strategy: str) -> tuple[dict, Path]:
+    """Train with 1 process, then `--nproc 2`; assert the strategy that ran and equal curves.
+
+    Returns the one-process metrics and the 2-process run folder."""
+    single = _single(config)
+    result = _cli(str(config), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(config)
+    assert metrics["distributed"]["strategy"] == strategy and metrics["distributed"]["world_size"] == 2
+    _assert_curves_match(metrics, single)
+    return single, Path(metrics["data"]["train_file"]).parent.parent
+
+
 def _generate(model_dir: Path) -> str:
     from domaintune.model.loader import end_of_turn_token_ids, load_trained
 
@@ -106,14 +119,7 @@ def test_fsdp_full_finetune_matches_one_process_and_reloads(tmp_path):
     from safetensors.torch import load_file
 
     config = _config(tmp_path, "fsdp", method="full", distributed={"strategy": "fsdp"}, max_steps=4, save_steps=2)
-    single = _single(config)
-    result = _cli(str(config), "--nproc", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = _metrics(config)
-    assert metrics["distributed"]["strategy"] == "fsdp" and metrics["distributed"]["world_size"] == 2
-    _assert_curves_match(metrics, single)
-
-    run = Path(metrics["data"]["train_file"]).parent.parent
+    single, run = _two_processes_match_one(config, "fsdp")
     # Checkpoints are sharded per rank (torch.distributed.checkpoint), the final model/ is one plain folder.
     checkpoint = run / "train" / "checkpoints" / "checkpoint-4"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
@@ -155,13 +161,7 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
 def test_deepspeed_zero2_matches_one_process_and_reloads(tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'domaintune[distributed]'")
     config = _config(tmp_path, "zero2", distributed="deepspeed", max_steps=4, tracking="none")
-    single = _single(config)
-    result = _cli(str(config), "--nproc", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = _metrics(config)
-    assert metrics["distributed"]["strategy"] == "deepspeed" and metrics["distributed"]["world_size"] == 2
-    _assert_curves_match(metrics, single)
-    run = Path(metrics["data"]["train_file"]).parent.parent
+    _, run = _two_processes_match_one(config, "deepspeed")
     written = json.loads((run / "train" / "deepspeed.json").read_text())
     assert written["zero_optimization"]["stage"] == 2 and written["train_batch_size"] == 4
     assert (run / "train" / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own checkpoint
