@@ -126,6 +126,28 @@ def write_domaintune_data(rows, run_dir: Path) -> None:
     (data / "val.jsonl").write_text("".join(line(r) for r in rows[:8]), "utf-8")
 
 
+def train_section(steps: int, precision: str, packing: bool, threads: int, extra: dict | None) -> dict:
+    train = {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+             "max_length": MAX_LEN, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.0,
+             "lr_scheduler": "cosine", "max_steps": steps, "eval_steps": steps, "save_steps": steps,
+             "logging_steps": 1, "max_val_samples": 8, "precision": precision, "packing": packing,
+             "num_threads": threads, "tracking": "none"}
+    for key, value in (extra or {}).items():
+        train[key] = {**train[key], **value} if isinstance(value, dict) else value
+    return train
+
+
+# domaintune's CPU levers, each switched off alone by --ablations (in a fresh process, since the malloc
+# setting cannot be undone inside one): name -> train-section override.
+LEVERS = {
+    "cheap dropout mask": {"lora": {"cheap_mask_dropout": False}},
+    "fused LoRA linear": {"lora": {"fused_linear": False}},
+    "domaintune_cpu attention": {"attention": "sdpa"},
+    "label-token head": {"fused_head_loss": False},
+    "kept malloc buffers": {"keep_freed_buffers": False},
+}
+
+
 TRACE: list[dict] = []  # per-step batch records of the current in-process run (bench/batch_trace.py)
 
 
@@ -138,11 +160,7 @@ def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: boo
     write_domaintune_data(rows, run_dir)
     cfg = config_from_dict({
         "name": "bench", "seed": SEED, "model": {"name_or_path": "smollm2-135m-instruct"},
-        "train": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
-                  "max_length": MAX_LEN, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.0,
-                  "lr_scheduler": "cosine", "max_steps": steps, "eval_steps": steps, "save_steps": steps,
-                  "logging_steps": 1, "max_val_samples": 8, "precision": precision, "packing": packing,
-                  "num_threads": threads, "tracking": "none", **(extra or {})},
+        "train": train_section(steps, precision, packing, threads, extra),
     })
     import batch_trace
 
@@ -220,6 +238,9 @@ def main() -> None:
     parser.add_argument("--only", default=None,
                         help="comma-separated run names to keep, e.g. 'domaintune bf16,LLaMA-Factory bf16 no-GC'")
     parser.add_argument("--json", action="store_true", help="also print every figure as JSON")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run 'domaintune bf16' once with each CPU lever off (each in its own process)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: {extra, out} for an ablation run
     args = parser.parse_args()
 
     import torch
@@ -231,6 +252,12 @@ def main() -> None:
     batch_trace.install(Trainer, TRACE)
     torch.set_num_threads(args.threads)
     rows, selection = load_rows(args.steps * BATCH)
+    if args.child:  # one ablation run, in this fresh process
+        child = json.loads(args.child)
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            result = run_domaintune(rows, args.steps, Path(tmp), "bf16", False, args.threads, child["extra"])
+        Path(child["out"]).write_text(json.dumps(result, default=str))
+        return
     ours_fast, ours_packed, ours_like = ("domaintune bf16", "domaintune bf16 padding-free", "domaintune fp32")
     lf_fp32, lf_bf16, lf_bf16_nogc = ("LLaMA-Factory fp32", "LLaMA-Factory bf16", "LLaMA-Factory bf16 no-GC")
     results: dict[str, dict] = {}
@@ -243,6 +270,15 @@ def main() -> None:
 
         def lf(bf16, gc=True):
             return lambda: run_llamafactory(rows, args.steps, workdir, args.lf_python, bf16, args.threads, gc)
+
+        def ablation(lever):
+            def run():
+                out = workdir / f"ablation-{len(list(workdir.iterdir()))}.json"
+                child = json.dumps({"extra": LEVERS[lever], "out": str(out)})
+                subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
+                                "--child", child], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return json.loads(out.read_text())
+            return run
 
         # Alternate the tools so that a change in machine load hits both sides alike.
         plan = [(ours_fast, ours("bf16", False))]
@@ -259,6 +295,8 @@ def main() -> None:
             if unknown:
                 sys.exit(f"--only: unknown run(s) {sorted(unknown)}; runs: {[name for name, _ in plan]}")
             plan = [(name, run) for name, run in plan if name in keep]
+        if args.ablations:
+            plan += [(f"{ours_fast} - {lever}", ablation(lever)) for lever in LEVERS]
         for name, run in plan:
             try:
                 results[name] = run()
@@ -278,16 +316,23 @@ def main() -> None:
     if lf_versions:
         print(f"LLaMA-Factory {lf_versions['llamafactory']} (transformers {lf_versions['transformers']}) in its own venv; "
               "GC = gradient checkpointing (LLaMA-Factory's default; domaintune's default is off)")
-    print(f"{'run':28s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
+    print(f"{'run':44s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
           f"{'step-1 loss':>11s} {'mean loss':>9s} {'final loss':>10s}  batches vs {ours_fast}")
     reference = results[next(iter(results))]
     for name, r in results.items():
         label_tokens = sum(b["label_tokens"] for b in r["batches"])
         first = r["train_curve"][0][1] if r["train_curve"] else float("nan")
         gc_flag = "yes" if r.get("gradient_checkpointing") else "no"
-        print(f"{name:28s} {gc_flag:>3s} {r['tokens']:7d} {label_tokens:7d} {r['step_seconds']:7.1f} "
+        print(f"{name:44s} {gc_flag:>3s} {r['tokens']:7d} {label_tokens:7d} {r['step_seconds']:7.1f} "
               f"{r['tokens_per_second']:7.1f} {r['tokens_per_cpu_second']:9.1f} {first:11.4f} {r['mean_train_loss']:9.4f} {r['final_logged_loss']:10.4f}  "
               f"{'(reference)' if r is reference else same_batches(reference, r)}")
+    for lever in LEVERS:
+        name = f"{ours_fast} - {lever}"
+        if name in results and ours_fast in results:
+            a, b = results[ours_fast], results[name]
+            print(f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s from {lever} "
+                  f"({ours_fast} / the same with it off; mean loss {a['mean_train_loss']:.4f} vs "
+                  f"{b['mean_train_loss']:.4f})")
     pairs = [
         (ours_fast, lf_bf16_nogc, "bf16 vs bf16, identical settings"),
         (ours_fast, lf_bf16, "bf16 vs bf16, LLaMA-Factory's default gradient checkpointing"),

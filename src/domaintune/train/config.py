@@ -19,6 +19,22 @@ class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    fused_linear: bool = Field(
+        True,
+        description=(
+            "On CPU, run each plain LoRA linear layer as one autograd node with the rank-r update folded into "
+            "the GEMMs (train/fused_lora.py); same arithmetic as peft's five nodes, fewer passes over memory. "
+            "DoRA, several adapters, eval and GPUs use peft's forward."
+        ),
+    )
+    cheap_mask_dropout: bool = Field(
+        True,
+        description=(
+            "On CPU, draw each LoRA dropout mask from 16 random bits per element (same drop probability to "
+            "within 1e-5, independent per module) instead of torch's bernoulli_, which takes ~28% of a bf16 "
+            "LoRA step; GPUs keep nn.Dropout."
+        ),
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="`all-linear`, or module names such as [q_proj, v_proj]; an unknown name fails listing valid ones.",
@@ -210,6 +226,30 @@ class TrainConfig(StrictModel):
         "fp32", description="fp32; bf16 autocast (CPU with AVX-512-BF16/AMX, or GPU); fp16 (GPU only)."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    attention: Literal["auto", "sdpa", "eager", "domaintune_cpu"] = Field(
+        "auto",
+        description=(
+            "Attention kernel for training. auto: `domaintune_cpu` (eager attention with fewer passes over the "
+            "scores, train/cpu_attention.py) when training on a CPU a Llama/Mistral/Qwen-style model without "
+            "attention dropout, else the model's default (sdpa)."
+        ),
+    )
+    fused_head_loss: bool = Field(
+        True,
+        description=(
+            "Project onto the vocabulary only the tokens that have a label, with one fused head + cross-entropy "
+            "(train/sft_trainer.py); off: logits at every position that any row labels. FSDP, ZeRO-3 and models "
+            "that scale or soft-cap logits always use the latter."
+        ),
+    )
+    keep_freed_buffers: bool = Field(
+        True,
+        description=(
+            "CPU training on Linux/glibc: raise malloc's mmap and trim thresholds so the step's large buffers "
+            "are reused instead of page-faulted in again every step (as jemalloc/tcmalloc would); RSS then stays "
+            "at the step's peak."
+        ),
+    )
     half_precision_base: bool = Field(
         True,
         description=(

@@ -145,10 +145,37 @@ def load_base_model(model_dir: Path, method: str, dtype: str):
     return model
 
 
+# Architectures whose attention modules call the attention interface as Llama does (no soft-capping, sinks
+# or other extras), so `cpu_attention` computes exactly what their eager attention does.
+_CPU_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def select_attention(model, choice: str) -> str:
+    """Set the model's attention implementation for training; returns the one in use."""
+    import torch
+
+    if choice == "auto":
+        config = model.config
+        if (not torch.cuda.is_available() and config.model_type in _CPU_ATTENTION_MODEL_TYPES
+                and not getattr(config, "attention_dropout", 0.0)):
+            choice = "domaintune_cpu"
+        else:
+            return config._attn_implementation
+    if choice == "domaintune_cpu":
+        from domaintune.train.cpu_attention import register
+
+        register()
+        if getattr(model.config, "attention_dropout", 0.0):
+            raise UserError(f"train.attention: domaintune_cpu has no attention dropout; the model sets "
+                            f"attention_dropout={model.config.attention_dropout} (use sdpa or eager)")
+    model.set_attn_implementation(choice)
+    return choice
+
+
 def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter: Path | None, dtype: str):
     """Returns (model, info) where model is a PeftModel for adapter methods, else the plain model."""
     model = load_base_model(model_dir, method, dtype)
-    info: dict = {"method": method}
+    info: dict = {"method": method, "attention": select_attention(model, cfg.attention)}
     if init_adapter is not None:
         if method in ("full", "freeze"):
             raise UserError("train.init_from: an adapter folder cannot seed method full/freeze; use an adapter method")
@@ -180,6 +207,14 @@ def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter
         model = get_peft_model(model, peft_config_for(method, cfg, model, model_dir))
     if method == "lora" and cfg.precision != "fp32":
         info["lora_input_cast"] = skip_lora_input_cast(model)
+    if method in ("lora", "dora", "qlora") and cfg.lora.cheap_mask_dropout:
+        from domaintune.train.fast_dropout import use_cheap_mask_dropout
+
+        info["cheap_mask_dropout"] = use_cheap_mask_dropout(model)
+    if method == "lora" and cfg.lora.fused_linear:
+        from domaintune.train.fused_lora import use_fused_lora_linear
+
+        info["fused_lora_linear"] = use_fused_lora_linear(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     info.update({"trainable_params": trainable, "total_params": total})

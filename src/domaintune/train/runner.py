@@ -179,6 +179,11 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
     _check_precision(tcfg)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
+    allocator = {"malloc": "unchanged"}
+    if tcfg.keep_freed_buffers and not torch.cuda.is_available():
+        from domaintune.utils.allocator import keep_freed_buffers
+
+        allocator = keep_freed_buffers()
 
     from domaintune.train import distributed as dist
 
@@ -308,7 +313,12 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         else:
             from domaintune.train.sft_trainer import SparseLogitsTrainer
 
-            trainer = SparseLogitsTrainer(**trainer_kwargs)
+            # FSDP and ZeRO-3 shard the output head, so it cannot be called outside the model's forward.
+            sharded_head = dist_state is not None and (
+                tcfg.distributed.strategy == "fsdp"
+                or (tcfg.distributed.strategy == "deepspeed" and tcfg.distributed.deepspeed.zero_stage == 3))
+            trainer = SparseLogitsTrainer(fused_head=tcfg.fused_head_loss and not sharded_head, **trainer_kwargs)
+            method_info["fused_head_loss"] = trainer.fused_head
     from transformers.trainer_callback import ProgressCallback, PrinterCallback
 
     trainer.remove_callback(ProgressCallback)
@@ -333,6 +343,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         cfg, tcfg, trainer, output, timer, data_info, method_info, effective, saved_kind, train_wall,
         time.time() - started, resume_from, model_dir, init_ref,
     )
+    metrics["device"]["allocator"] = allocator
     metrics["distributed"] = {
         "strategy": tcfg.distributed.strategy if dist_state is not None else "none",
         "world_size": world.world_size,
