@@ -6,16 +6,26 @@
 - `LinearCrossEntropy` / `label_token_loss` (fused head + cross-entropy over the label tokens only): the same
   loss and gradients as a plain head and `F.cross_entropy`, as the model's own loss, chunked or not, and the
   model's output head is always put back.
+- `use_fused_lora_linear` (one autograd node per plain peft lora.Linear): the same loss and gradients as peft in
+  fp32 (with dropout: same masks), no worse than peft under bf16 autocast, and peft's own forward for eval, DoRA
+  and a trained base weight; `build_trainable` installs it only when `train.lora.fused_linear` is on.
+- `domaintune_cpu` attention: the same logits and gradients as eager attention on a padded batch (head size 16
+  and 12), close under bf16 autocast; `select_attention("auto")` picks it only for allow-listed architectures
+  without attention dropout; soft-capping and attention dropout are refused.
+- `keep_freed_buffers` (glibc mallopt) and what a real `run_train` records of all these levers in metrics.json.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_helpers import make_run_dir, tiny_config
 
 from domaintune.model.config import ModelConfig
 from domaintune.model.loader import load_tokenizer
@@ -388,3 +398,337 @@ def test_output_head_is_restored_even_when_the_forward_fails(tokenizer, tiny_mod
             label_token_loss(model, bad)
         assert model.get_output_embeddings() is head and model.lm_head is head
         assert model(input_ids=batch["input_ids"][:, :5]).logits.shape[-1] == vocab
+
+
+# ----------------------------------------------------------------------------------------- LoraLinearFunction
+
+
+def _fusable_lora_model(tiny_model_dir, dropout: float, use_dora: bool = False):
+    """A peft LoRA model with a non-zero adapter (lora_B ~ N(0, 0.1)) and cheap-mask dropout, as in training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM", use_dora=use_dora))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    use_cheap_mask_dropout(model)
+    return model.train()
+
+
+def _graph_nodes(tensor, name: str) -> int:
+    """How many nodes called `name` the autograd graph behind `tensor` holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return count
+
+
+_FUSED_NODE = "LoraLinearFunctionBackward"
+_IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def _train_forward(model, seed=7, autocast=False, ids=_IDS):
+    """(loss, {name: grad}) of one seeded training forward + backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    nodes = _graph_nodes(loss, _FUSED_NODE)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float(), grads, nodes
+
+
+def _rel(got, want):
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_linear_matches_peft_loss_and_gradients_in_fp32(tiny_model_dir, dropout):
+    from domaintune.train.fused_lora import use_fused_lora_linear
+
+    model = _fusable_lora_model(tiny_model_dir, dropout)
+    reference = copy.deepcopy(model)
+    assert use_fused_lora_linear(model) == N_LINEAR_LORA_LAYERS
+    loss_ref, grads_ref, nodes_ref = _train_forward(reference)
+    loss, grads, nodes = _train_forward(model)
+    assert nodes_ref == 0 and nodes == N_LINEAR_LORA_LAYERS  # every LoRA layer ran as one fused node
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    assert len(grads) == 2 * N_LINEAR_LORA_LAYERS and all("lora_" in n for n in grads)
+    for name, want in grads_ref.items():
+        assert want.abs().max() > 0, name
+        assert _rel(grads[name], want) < 1e-5, name
+    if dropout:  # the masks really drop: another seed gives another loss, on both paths alike
+        other, _, _ = _train_forward(model, seed=8)
+        other_ref, _, _ = _train_forward(reference, seed=8)
+        assert not torch.equal(other, loss)
+        torch.testing.assert_close(other, other_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_linear_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model_dir):
+    from domaintune.train.fused_lora import use_fused_lora_linear
+
+    model = _fusable_lora_model(tiny_model_dir, 0.1)
+    unfused = copy.deepcopy(model)
+    use_fused_lora_linear(model)
+    loss32, grads32, _ = _train_forward(unfused)
+    loss_peft, grads_peft, _ = _train_forward(unfused, autocast=True)
+    loss_fused, grads_fused, nodes = _train_forward(model, autocast=True)
+    assert nodes == N_LINEAR_LORA_LAYERS
+    names = sorted(grads32)
+    assert grads_fused.keys() == grads32.keys()
+    assert all(grads_fused[n].dtype == torch.float32 for n in names)  # adapter grads in the adapters' dtype
+
+    def flat(grads):
+        return torch.cat([grads[n].float().flatten() for n in names])
+
+    err_peft = _rel(flat(grads_peft), flat(grads32))
+    err_fused = _rel(flat(grads_fused), flat(grads32))
+    assert 0 < err_peft < 0.05  # bf16 really changed the numbers, but only by rounding
+    assert err_fused <= 1.5 * err_peft, f"fused bf16 error {err_fused:.3g} vs peft bf16 error {err_peft:.3g}"
+    assert abs(float(loss_fused) - float(loss32)) <= max(1.5 * abs(float(loss_peft) - float(loss32)), 1e-3)
+
+
+def test_fused_lora_linear_leaves_eval_mode_to_peft(tiny_model_dir):
+    from domaintune.train.fused_lora import use_fused_lora_linear
+
+    model = _fusable_lora_model(tiny_model_dir, 0.1)
+    reference = copy.deepcopy(model)
+    use_fused_lora_linear(model)
+    model.eval(), reference.eval()
+    out = model(input_ids=_IDS).logits
+    assert _graph_nodes(out, _FUSED_NODE) == 0
+    assert torch.equal(out, reference(input_ids=_IDS).logits)
+
+
+def test_fused_lora_linear_leaves_dora_to_peft(tiny_model_dir):
+    from domaintune.train.fused_lora import use_fused_lora_linear
+
+    model = _fusable_lora_model(tiny_model_dir, 0.0, use_dora=True)
+    reference = copy.deepcopy(model)
+    use_fused_lora_linear(model)
+    loss_ref, grads_ref, _ = _train_forward(reference)
+    loss, grads, nodes = _train_forward(model)
+    assert nodes == 0
+    assert torch.equal(loss, loss_ref)
+    assert any("magnitude" in n for n in grads)
+    for name, want in grads_ref.items():
+        assert torch.equal(grads[name], want), name
+
+
+def test_fused_lora_linear_falls_back_when_the_base_weight_trains(tiny_model_dir):
+    from domaintune.train.fused_lora import use_fused_lora_linear
+
+    model = _fusable_lora_model(tiny_model_dir, 0.1)
+    trained = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    dict(model.named_parameters())[trained].requires_grad_(True)
+    reference = copy.deepcopy(model)
+    use_fused_lora_linear(model)
+    loss_ref, grads_ref, _ = _train_forward(reference)
+    loss, grads, nodes = _train_forward(model)
+    assert nodes == N_LINEAR_LORA_LAYERS - 1  # only that layer went to peft
+    assert trained in grads and grads[trained].abs().max() > 0
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name, want in grads_ref.items():
+        assert _rel(grads[name], want) < 1e-5, name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_build_trainable_follows_the_fused_linear_setting(tiny_model_dir, fused):
+    from domaintune.train.config import TrainConfig
+    from domaintune.train.methods import build_trainable
+
+    cfg = TrainConfig(precision="fp32", lora={"dropout": 0.1, "fused_linear": fused})
+    model, info = build_trainable("lora", cfg, tiny_model_dir, None, "float32")
+    model.train()
+    if fused:
+        assert info["fused_lora_linear"] == N_LINEAR_LORA_LAYERS
+    else:
+        assert "fused_lora_linear" not in info
+    loss = model(input_ids=_IDS, labels=_IDS).loss
+    assert _graph_nodes(loss, _FUSED_NODE) == (N_LINEAR_LORA_LAYERS if fused else 0)
+
+
+# ------------------------------------------------------------------------------------------ domaintune_cpu attention
+
+
+def _tiny_llama(hidden=64, heads=4, kv_heads=2, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256,
+                         max_position_embeddings=64, use_cache=False, pad_token_id=0, **extra)
+    return LlamaForCausalLM(config).train()
+
+
+def _padded_batch(vocab=256):
+    ids = torch.randint(1, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # the second row is right-padded
+    ids[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _logits_and_grads(model, batch, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**batch).logits
+    keep = batch["attention_mask"].bool()
+    (logits.float()[keep] * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("hidden", "heads"), [(64, 4), (48, 4)])  # head size 16 (scale 1/4) and 12 (not 2^k)
+def test_domaintune_cpu_attention_matches_eager_attention(hidden, heads):
+    from transformers import AttentionInterface
+
+    from domaintune.train.cpu_attention import ATTENTION_NAME, cpu_attention_forward, register
+    from domaintune.train.methods import select_attention
+
+    eager = _tiny_llama(hidden, heads)
+    eager.set_attn_implementation("eager")
+    ours = copy.deepcopy(eager)
+    assert select_attention(ours, ATTENTION_NAME) == ATTENTION_NAME
+    assert ours.config._attn_implementation == ATTENTION_NAME
+    assert eager.config._attn_implementation == "eager"
+    batch = _padded_batch()
+    logits_ref, grads_ref = _logits_and_grads(eager, batch)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return cpu_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register(ATTENTION_NAME, counting)  # see that the model really calls ours
+    try:
+        logits, grads = _logits_and_grads(ours, batch)
+    finally:
+        register()
+    assert len(calls) == 2  # one call per decoder layer
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[keep], logits_ref[keep], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(eager.parameters()))
+    for name, want in grads_ref.items():
+        assert _rel(grads[name], want) < 1e-5, name
+    # The padding mask is applied: changing a padded token changes nothing in the row's real positions.
+    with torch.no_grad():
+        other = dict(batch, input_ids=batch["input_ids"].clone())
+        other["input_ids"][1, 9] = 17
+        torch.testing.assert_close(ours(**other).logits[1, :8], logits[1, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_domaintune_cpu_attention_under_bf16_autocast_tracks_eager():
+    from domaintune.train.methods import select_attention
+
+    eager = _tiny_llama()
+    eager.set_attn_implementation("eager")
+    ours = copy.deepcopy(eager)
+    select_attention(ours, "domaintune_cpu")
+    batch = _padded_batch()
+    keep = batch["attention_mask"].bool()
+    logits_ref, grads_ref = _logits_and_grads(eager, batch, autocast=True)
+    logits, grads = _logits_and_grads(ours, batch, autocast=True)
+    torch.testing.assert_close(logits[keep], logits_ref[keep], rtol=3e-2, atol=3e-2)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.embed_tokens.weight"):
+        assert grads[name].dtype == torch.float32
+        assert _rel(grads[name], grads_ref[name]) < 0.05, name
+
+
+def test_select_attention_auto_picks_domaintune_cpu_only_where_it_is_exact():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from domaintune.errors import UserError
+    from domaintune.train.methods import select_attention
+
+    assert not torch.cuda.is_available()
+    llama = _tiny_llama()
+    assert select_attention(llama, "auto") == "domaintune_cpu"
+    assert llama.config._attn_implementation == "domaintune_cpu"
+    # An architecture outside the allow-list keeps its own implementation.
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    own = gpt2.config._attn_implementation
+    assert own != "domaintune_cpu"
+    assert select_attention(gpt2, "auto") == own
+    assert gpt2.config._attn_implementation == own
+    # Attention dropout: auto keeps the model's default, an explicit request is a user error.
+    dropping = _tiny_llama(attention_dropout=0.1)
+    own = dropping.config._attn_implementation
+    assert select_attention(dropping, "auto") == own != "domaintune_cpu"
+    with pytest.raises(UserError, match="attention_dropout"):
+        select_attention(dropping, "domaintune_cpu")
+    assert dropping.config._attn_implementation == own
+
+
+def test_cpu_attention_forward_refuses_what_it_does_not_implement():
+    from domaintune.train.cpu_attention import cpu_attention_forward
+
+    module = nn.Module().train()
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    out, weights = cpu_attention_forward(module, q, k, v, None, 0.25)
+    assert out.shape == (1, 5, 4, 16) and weights.shape == (1, 4, 5, 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 5))
+    with pytest.raises(ValueError, match="soft-capping"):
+        cpu_attention_forward(module, q, k, v, None, 0.25, softcap=30.0)
+    with pytest.raises(ValueError, match="dropout"):
+        cpu_attention_forward(module, q, k, v, None, 0.25, dropout=0.1)
+    module.eval()  # no dropout outside training: the dropout argument is then harmless
+    torch.testing.assert_close(cpu_attention_forward(module, q, k, v, None, 0.25, dropout=0.1)[0], out)
+
+
+# -------------------------------------------------------------------------------------- glibc kept freed buffers
+
+
+_KEPT = {
+    "malloc": "glibc: freed buffers kept for reuse",
+    "mmap_threshold": 32 * 1024 * 1024,
+    "trim_threshold": 2**31 - 1,
+    "top_pad": 256 * 1024 * 1024,
+}
+
+
+def _is_glibc_linux() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _is_glibc_linux(), reason="mallopt tuning applies to Linux/glibc only")
+def test_keep_freed_buffers_sets_glibc_malloc_thresholds():
+    from domaintune.utils.allocator import keep_freed_buffers
+
+    assert keep_freed_buffers() == _KEPT
+    assert keep_freed_buffers() == _KEPT  # idempotent: mallopt accepts the same values again
+
+
+@pytest.mark.skipif(not _is_glibc_linux(), reason="mallopt tuning applies to Linux/glibc only")
+@pytest.mark.parametrize("keep", [True, False])
+def test_run_train_records_allocator_and_speed_levers(tmp_path, keep):
+    from domaintune.train.runner import run_train
+
+    run = make_run_dir(tmp_path, n_train=8, n_val=4, n_general=4)
+    metrics = run_train(tiny_config(keep_freed_buffers=keep, max_steps=2), run)
+    assert metrics["steps"] == 2
+    assert metrics["device"]["allocator"] == (_KEPT if keep else {"malloc": "unchanged"})
+    params = metrics["params"]
+    assert params["method"] == "lora"
+    assert params["attention"] == "domaintune_cpu"
+    assert params["fused_head_loss"] is True
+    assert params["cheap_mask_dropout"] == N_LINEAR_LORA_LAYERS  # default LoRA dropout 0.05
+    assert params["fused_lora_linear"] == N_LINEAR_LORA_LAYERS
+    on_disk = json.loads((run / "train" / "metrics.json").read_text())
+    assert on_disk["device"]["allocator"] == metrics["device"]["allocator"]
+    assert on_disk["params"]["fused_lora_linear"] == N_LINEAR_LORA_LAYERS
