@@ -23,22 +23,27 @@ loading or tokenisation). Both wall-clock and process-CPU seconds are reported: 
 jobs the per-CPU-second ratio is the steadier one; on a quiet machine with --threads 1 they agree.
 
 Runs (alternating tools, so a change in machine load hits both sides):
-  domaintune bf16               precision bf16: autocast on AVX-512-BF16/AMX CPUs, frozen base held in bf16
-                                (train.half_precision_base), LoRA input cast skipped under autocast, padded batches
+  domaintune bf16               precision bf16 with every default CPU lever (docs/train-performance.md): frozen base
+                                held in bf16, cheap LoRA dropout masks, fused LoRA linear node, domaintune_cpu
+                                attention, label-token fused head + cross-entropy, malloc buffers kept; padded batches
   LLaMA-Factory bf16            bf16 + use_cpu, its defaults otherwise -- including gradient checkpointing
   LLaMA-Factory bf16 no-GC      the same with disable_gradient_checkpointing (domaintune's default is off):
                                 identical settings, the like-for-like comparison
   domaintune fp32 / LLaMA-Factory fp32   fp32 padded (LLaMA-Factory's CPU default, with its checkpointing)
   domaintune bf16 padding-free  train.packing: true, measured as a lever (on these near-256-token rows it
-                                is slower: CPU SDPA attends over the whole flattened row under a block mask)
-All domaintune runs use its loss that projects onto the vocabulary only the positions that predict a label
-(train/sft_trainer.py). Levers measured and not kept: torch.compile (inductor, CPU) did not finish compiling
-the first step in 15 minutes on the 2-core machine; see docs/train-performance.md.
+                                is slower: CPU attention works on the whole flattened row under a block mask)
+  --ablations                   domaintune bf16 again with one lever off at a time (LEVERS), each in a fresh
+                                process, to show what each contributes
+Same dropout rate on both sides (0.05 on every LoRA input, one independent mask per module); domaintune draws its
+masks from 16 random bits per element (train/fast_dropout.py: same law to within 1e-5), so it drops other elements
+than torch's bernoulli_ does and even step-1 losses (dropout is on in step 1) differ by dropout noise; the loss
+definitions are proven equal by the test suite (label_token_loss == the model's own loss). Levers measured and not kept:
+torch.compile (inductor, CPU) did not finish compiling the first step in 15 minutes on the 2-core machine.
 
 LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 installed first, then
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
-Usage: python bench/bench_train.py --steps 10 --lf-bf16 [--threads 1] [--lf-python PATH] [--skip-lf]
+Usage: python bench/bench_train.py --steps 10 --lf-bf16 [--ablations] [--threads 1] [--lf-python PATH] [--skip-lf]
        [--skip-packing] [--only "domaintune bf16,LLaMA-Factory bf16 no-GC"] [--json]
 """
 
