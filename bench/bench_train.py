@@ -36,8 +36,8 @@ Runs (alternating tools, so a change in machine load hits both sides):
                                 process, to show what each contributes
 Same dropout rate on both sides (0.05 on every LoRA input, one independent mask per module); domaintune draws its
 masks from 16 random bits per element (train/fast_dropout.py: same law to within 1e-5), so it drops other elements
-than torch's bernoulli_ does and even step-1 losses (dropout is on in step 1) differ by dropout noise; the loss
-definitions are proven equal by the test suite (label_token_loss == the model's own loss). Levers measured and not kept:
+than torch's bernoulli_ does and losses after step 1 differ by dropout noise. Step-1 losses are unaffected (LoRA B
+starts at zero, so the masked branch adds nothing yet) and still check that both compute the same loss. Levers measured and not kept:
 torch.compile (inductor, CPU) did not finish compiling the first step in 15 minutes on the 2-core machine.
 
 LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 installed first, then
