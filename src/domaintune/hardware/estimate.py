@@ -30,11 +30,12 @@ NAMED_GPUS: dict[str, tuple[float, float]] = {
 }
 GPU_MFU = {"full": 0.40, "adapter": 0.30}  # typical HF Trainer utilisation on one GPU
 # Share of the measured matmul FLOP/s that a training step reaches on a CPU, by precision.
-# Calibrated on this project's real runs (LoRA r=8 all-linear, SmolLM2-135M, 1 thread of a
-# Xeon with AMX): fp32 147 tok/s = 79 GFLOP/s of a 184 GFLOP/s matmul (0.43); bf16 161 tok/s =
-# 87 GFLOP/s of a 1.2 TFLOP/s AMX matmul (0.07): with AMX the matmuls are no longer the
-# bottleneck, the element-wise work, attention and casts are.
-CPU_EFFICIENCY = {"fp32": 0.43, "bf16": 0.07}
+# Calibrated on this project's runs (LoRA r=8 all-linear, SmolLM2-135M, 1 thread of a Xeon with
+# AMX; first 147 fp32 / 161 bf16 tok/s = 0.43 of a 184 GFLOP/s fp32 matmul / 0.07 of a 1.2 TFLOP/s
+# AMX matmul), rescaled to bench/bench_train.py with the CPU levers of docs/train-performance.md:
+# fp32 172.8 tok/s (0.50), bf16 314.5 tok/s (0.14). With AMX the matmuls are not the bottleneck;
+# the element-wise work, attention and random masks are.
+CPU_EFFICIENCY = {"fp32": 0.50, "bf16": 0.14}
 # python, torch, tokenizer, data and the fp32 copy made while loading (CPU; the real LoRA run peaked
 # at 4.3 GB against 2.2 GiB of tensors) / CUDA context (GPU)
 RUNTIME_OVERHEAD_GIB = {"cpu": 2.0, "gpu": 1.0}
