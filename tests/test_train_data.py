@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import CONVERSATION
 
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
@@ -16,14 +17,6 @@ from domaintune.train.dataset import (
     load_message_rows,
     make_collator,
 )
-
-CONVERSATION = [
-    {"role": "system", "content": "You are a careful doctor."},
-    {"role": "user", "content": "头痛怎么办？"},
-    {"role": "assistant", "content": "多休息，多喝水。"},
-    {"role": "user", "content": "What else?"},
-    {"role": "assistant", "content": "See a doctor if it lasts."},
-]
 
 
 @pytest.fixture(scope="module")

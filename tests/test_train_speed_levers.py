@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from train_helpers import make_run_dir, tiny_config
+from train_helpers import CONVERSATION, make_run_dir, tiny_config
 
 from domaintune.model.config import ModelConfig
 from domaintune.model.loader import load_tokenizer
@@ -35,15 +35,6 @@ from domaintune.train.fast_dropout import CheapMaskDropout, use_cheap_mask_dropo
 from domaintune.train.sft_trainer import LinearCrossEntropy, fused_head_supported, label_token_loss
 
 N_LINEAR_LORA_LAYERS = 14  # tiny Llama: 7 linear layers x 2 decoder layers
-
-CONVERSATION = [
-    {"role": "system", "content": "You are a careful doctor."},
-    {"role": "user", "content": "头痛怎么办？"},
-    {"role": "assistant", "content": "多休息，多喝水。"},
-    {"role": "user", "content": "What else?"},
-    {"role": "assistant", "content": "See a doctor if it lasts."},
-]
-
 
 # ---------------------------------------------------------------------------------------------- CheapMaskDropout
 

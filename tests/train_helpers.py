@@ -9,6 +9,16 @@ from pathlib import Path
 from domaintune.config import config_from_dict
 
 
+# A two-turn chat (Chinese and English) for the masking and loss tests.
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful doctor."},
+    {"role": "user", "content": "头痛怎么办？"},
+    {"role": "assistant", "content": "多休息，多喝水。"},
+    {"role": "user", "content": "What else?"},
+    {"role": "assistant", "content": "See a doctor if it lasts."},
+]
+
+
 def qa_row(i: int, rng: random.Random, source: str = "domain") -> dict:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     return {
