@@ -330,7 +330,7 @@ def test_label_token_loss_equals_the_lora_models_own_loss(tokenizer, tiny_model_
     lora_b = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
     params = [lora_a, lora_b]
     full, grads_full = _loss_and_grads(lambda: model(**batch).loss, model, params)
-    fused, grads_fused = _loss_and_grads(lambda: label_token_loss(model, batch, unwrapped=model)[0], model, params)
+    fused, grads_fused = _loss_and_grads(lambda: label_token_loss(model, batch)[0], model, params)
     torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads_fused, grads_full):
         assert want.abs().max() > 0

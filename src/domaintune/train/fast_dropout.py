@@ -24,9 +24,9 @@ _LEVELS = 1 << 16
 def cheap_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """x's shape and dtype: 0 where dropped (probability round(p * 65536) / 65536), 1 / (1 - p) elsewhere."""
     levels = round(p * _LEVELS)
-    keep = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
-    if levels >= _LEVELS:  # the int16 threshold would wrap: everything is dropped
+    if levels >= _LEVELS:  # p == 1, or so close that the int16 threshold would wrap: everything is dropped
         return torch.zeros_like(x)
+    keep = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
     if levels == 0:
         return keep.expand(x.shape).clone()
     n = x.numel()
@@ -46,8 +46,6 @@ class CheapMaskDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        if self.p >= 1.0:
-            return torch.zeros_like(x)
         return x * cheap_keep_mask(x, self.p)
 
 

@@ -137,15 +137,16 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-def label_token_loss(model, inputs, num_items_in_batch=None, unwrapped=None):
+def label_token_loss(model, inputs, num_items_in_batch=None, head_slot=None):
     """Token-mean cross-entropy over the label tokens, projecting only those tokens onto the vocabulary.
 
-    `model` is what the Trainer calls (possibly a DDP wrapper); `unwrapped` the model inside it.
+    `model` is what the Trainer calls (possibly a DDP wrapper); `head_slot` the `_output_head_slot` of the model
+    inside it, found once by the caller (default: looked up on `model`).
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     positions = label_positions(labels)
-    slot = _output_head_slot(unwrapped if unwrapped is not None else model)
+    slot = head_slot if head_slot is not None else _output_head_slot(model)
     with _head_as_identity(slot) as head:
         outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
     hidden = outputs.logits  # the head was the identity: final hidden states at `positions`
@@ -165,11 +166,12 @@ class SparseLogitsTrainer(Trainer):
     def __init__(self, *args, fused_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_head = fused_head and fused_head_supported(self.model)
+        # DDP wraps the model later but keeps its modules: the slot found now stays valid (not a per-step walk).
+        self._head_slot = _output_head_slot(self.model) if self.fused_head else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fused_head:
-            loss, outputs = label_token_loss(model, inputs, num_items_in_batch,
-                                             unwrapped=self.accelerator.unwrap_model(model))
+            loss, outputs = label_token_loss(model, inputs, num_items_in_batch, head_slot=self._head_slot)
         else:
             loss, outputs = sparse_causal_lm_loss(model, inputs, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
