@@ -81,9 +81,13 @@ def step_clock():
             self.tokens += state.num_input_tokens_seen - tokens
 
         def figures(self) -> dict:
-            return {"tokens": self.tokens, "step_seconds": self.wall, "step_cpu_seconds": self.cpu,
-                    "tokens_per_second": self.tokens / self.wall if self.wall else None,
-                    "tokens_per_cpu_second": self.tokens / self.cpu if self.cpu else None,
-                    "gradient_checkpointing": self.gradient_checkpointing}
+            return {
+                "tokens": self.tokens,
+                "step_seconds": self.wall,
+                "step_cpu_seconds": self.cpu,
+                "tokens_per_second": self.tokens / self.wall if self.wall else None,
+                "tokens_per_cpu_second": self.tokens / self.cpu if self.cpu else None,
+                "gradient_checkpointing": self.gradient_checkpointing,
+            }
 
     return StepClock()

@@ -115,8 +115,10 @@ def main() -> int:
         build_csv(args.csv, 0, warm)
         for engine in ("ray", "local"):
             run_data(config(warm, work / f"warm_{engine}", engine, args.cpus), work / f"warm_{engine}", progress=False)
-        print(f"{'corpus':>24} | {'local rows/s':>12} | {'ray rows/s':>10} | {'ray/local':>9} | identical | "
-              "local map share | ray stages (s): read, map, exact dedup, banding")  # fmt: skip
+        print(
+            f"{'corpus':>24} | {'local rows/s':>12} | {'ray rows/s':>10} | {'ray/local':>9} | identical | "
+            "local map share | ray stages (s): read, map, exact dedup, banding"
+        )
         for copies in args.copies:
             path = work / f"zh_x{copies + 1}.csv"
             n = build_csv(args.csv, copies, path)
@@ -130,17 +132,21 @@ def main() -> int:
                 if engine == "local":
                     share = map_seconds[0] / times["local"]
                 assert report["totals"]["input"] == n
-            same = all((work / f"local_{copies}" / "data" / f"{s}.jsonl").read_bytes()
-                       == (work / f"ray_{copies}" / "data" / f"{s}.jsonl").read_bytes()
-                       for s in ("train", "val", "test", "quarantine"))  # fmt: skip
+            same = all(
+                (work / f"local_{copies}" / "data" / f"{s}.jsonl").read_bytes()
+                == (work / f"ray_{copies}" / "data" / f"{s}.jsonl").read_bytes()
+                for s in ("train", "val", "test", "quarantine")
+            )
             st = ray_engine.last_stats
             local_rate, ray_rate = n / times["local"], n / times["ray"]
             label = f"{n:,} rows (x{copies + 1})"
-            print(f"{label:>24} | {local_rate:12,.0f} | {ray_rate:10,.0f} | {ray_rate / local_rate:8.2f}x | "
-                  f"{'yes' if same else 'NO':>9} | {share:6.0%} (Amdahl {1 / (1 - share):.1f}x) | "
-                  f"{st.get('read_s', 0):.1f}, {st.get('map_s', 0):.1f}, "
-                  f"{st.get('exact_s', 0):.1f}, {st.get('dedup_s', 0) - st.get('exact_s', 0):.1f} "
-                  f"({st.get('verified_pairs', 0):,} verified pairs)")  # fmt: skip
+            print(
+                f"{label:>24} | {local_rate:12,.0f} | {ray_rate:10,.0f} | {ray_rate / local_rate:8.2f}x | "
+                f"{'yes' if same else 'NO':>9} | {share:6.0%} (Amdahl {1 / (1 - share):.1f}x) | "
+                f"{st.get('read_s', 0):.1f}, {st.get('map_s', 0):.1f}, "
+                f"{st.get('exact_s', 0):.1f}, {st.get('dedup_s', 0) - st.get('exact_s', 0):.1f} "
+                f"({st.get('verified_pairs', 0):,} verified pairs)"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()

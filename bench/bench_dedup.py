@@ -31,9 +31,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for both sides
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from domaintune.data.minhash import LSHIndex, MinHasher  # noqa: E402
+from domaintune.data.minhash import LSHIndex, MinHasher
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "datasets" / "zh_medical_dialogue" / "internal_medicine_sample.csv"
@@ -173,8 +173,15 @@ def quality(corpus: list[str], group: list[int], n_groups: int, seed: int = 1) -
                 ds.add((min(i, j), max(i, j)))
     r_o, p_o = score(ours, truth)
     r_d, p_d = score(ds, truth)
-    return {"docs": len(texts), "true_pairs": len(truth), "pairs_with_J_0.7_to_0.9": near_band,
-            "ours_recall": r_o, "ours_precision": p_o, "ds_recall": r_d, "ds_precision": p_d}  # fmt: skip
+    return {
+        "docs": len(texts),
+        "true_pairs": len(truth),
+        "pairs_with_J_0.7_to_0.9": near_band,
+        "ours_recall": r_o,
+        "ours_precision": p_o,
+        "ds_recall": r_d,
+        "ds_precision": p_d,
+    }
 
 
 def main() -> int:
@@ -187,11 +194,15 @@ def main() -> int:
         print(f"shared dataset not found: {args.csv}", file=sys.stderr)
         return 2
     corpus, group = build_corpus(load_docs(args.csv), args.copies)
-    print(f"corpus: {len(corpus):,} documents ({len(set(group)):,} source rows x {args.copies + 1}), "
-          f"{NGRAM}-char shingles, {NUM_PERM} permutations, threshold {THRESHOLD}, 1 core")  # fmt: skip
+    print(
+        f"corpus: {len(corpus):,} documents ({len(set(group)):,} source rows x {args.copies + 1}), "
+        f"{NGRAM}-char shingles, {NUM_PERM} permutations, threshold {THRESHOLD}, 1 core"
+    )
     idx = LSHIndex(THRESHOLD, NUM_PERM)
-    print(f"domaintune: one-permutation MinHash + optimal densification, LSH {idx.bands} bands x {idx.rows} rows, "
-          "candidates verified on signatures")  # fmt: skip
+    print(
+        f"domaintune: one-permutation MinHash + optimal densification, LSH {idx.bands} bands x {idx.rows} rows, "
+        "candidates verified on signatures"
+    )
     run_ours(corpus[:2000])  # warm-up (imports, allocations)
     t_ours, d_ours = run_ours(corpus)
     t_ds, d_ds = run_datasketch(corpus)
@@ -202,8 +213,10 @@ def main() -> int:
     light = len(set(group)) * sum(1 for c in range(args.copies) if c % 3 in (0, 1))
     print(f"(the corpus holds {light:,} light-edit copies, i.e. the duplicates a perfect deduper removes)")
     q = quality(corpus, group, args.sample)
-    print(f"labelled sample: {q['docs']:,} docs, {q['true_pairs']:,} pairs with exact Jaccard >= {THRESHOLD} "
-          f"({q['pairs_with_J_0.7_to_0.9']:,} pairs with J in [0.7, 0.9))")  # fmt: skip
+    print(
+        f"labelled sample: {q['docs']:,} docs, {q['true_pairs']:,} pairs with exact Jaccard >= {THRESHOLD} "
+        f"({q['pairs_with_J_0.7_to_0.9']:,} pairs with J in [0.7, 0.9))"
+    )
     print(f"domaintune : recall {q['ours_recall']:.3f}  precision {q['ours_precision']:.3f}  (target >= 0.95 both)")
     print(f"datasketch : recall {q['ds_recall']:.3f}  precision {q['ds_precision']:.3f}")
     return 0

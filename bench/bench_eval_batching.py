@@ -23,7 +23,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,4,8")
-    parser.add_argument("--test", default=str(Path(__file__).resolve().parents[1] / "examples/runs/medical-zh/data/test.jsonl"))
+    parser.add_argument(
+        "--test", default=str(Path(__file__).resolve().parents[1] / "examples/runs/medical-zh/data/test.jsonl")
+    )
     args = parser.parse_args()
     items = load_items(Path(args.test), args.prompts, "test")
     cfg = config_from_dict({"name": "bench", "model": {"name_or_path": args.model}, "eval": {"tuned": False}})
@@ -33,8 +35,9 @@ def main() -> None:
     results = {}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         t0 = time.perf_counter()
-        answers = model.generate(prompts, DecodingConfig(max_new_tokens=args.new_tokens, batch_size=bs), 0,
-                                 desc=f"batch {bs}")
+        answers = model.generate(
+            prompts, DecodingConfig(max_new_tokens=args.new_tokens, batch_size=bs), 0, desc=f"batch {bs}"
+        )
         elapsed = time.perf_counter() - t0
         results[bs] = (elapsed, sum(a.n_tokens for a in answers), [a.text for a in answers])
     base_elapsed, base_tokens, base_texts = results[min(results)]
@@ -42,8 +45,10 @@ def main() -> None:
     print(f"baseline: batch size {min(results)} = {base_tokens / base_elapsed:.1f} tokens/s")
     for bs, (elapsed, tokens, texts) in results.items():
         differ = sum(a != b for a, b in zip(texts, base_texts))
-        print(f"batch {bs:>3}: {tokens / elapsed:7.1f} tokens/s  speed-up x{(tokens / elapsed) / (base_tokens / base_elapsed):.2f}"
-              f"  answers differing from batch {min(results)}: {differ}/{len(texts)}")
+        print(
+            f"batch {bs:>3}: {tokens / elapsed:7.1f} tokens/s  speed-up x{(tokens / elapsed) / (base_tokens / base_elapsed):.2f}"
+            f"  answers differing from batch {min(results)}: {differ}/{len(texts)}"
+        )
 
 
 if __name__ == "__main__":

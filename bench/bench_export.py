@@ -45,17 +45,25 @@ def main() -> int:
     rows = list(read_jsonl(args.run_dir / "data" / "val.jsonl"))[: max(args.rows, args.prompts)]
     examples = eval_examples(tokenizer, rows[: args.rows], 512)
     prompts = [r["messages"][:-1] for r in rows[: args.prompts]]
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-               for p in prompts]
+    encoded = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        for p in prompts
+    ]
 
     def loaders():
-        yield "merged (baseline)", export / "merged", lambda: AutoModelForCausalLM.from_pretrained(
-            export / "merged", dtype=torch.float32)
+        yield (
+            "merged (baseline)",
+            export / "merged",
+            lambda: AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32),
+        )
         if (export / "int8").is_dir():
             yield "int8 (torch dynamic)", export / "int8", lambda: load_int8(export / "int8")[0]
         for gguf in sorted((export / "gguf").glob("*.gguf")):
-            yield f"{gguf.stem.rsplit('-', 1)[-1]} gguf (transformers)", gguf, (
-                lambda g=gguf: AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32))
+            yield (
+                f"{gguf.stem.rsplit('-', 1)[-1]} gguf (transformers)",
+                gguf,
+                (lambda g=gguf: AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)),
+            )
 
     results = []
     for label, path, load in loaders():
@@ -68,23 +76,42 @@ def main() -> int:
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for batch in encoded:
-                    model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                    model.generate(
+                        **batch,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
                 passes.append(time.perf_counter() - start)
         tps = len(encoded) * args.new_tokens / statistics.median(passes)
         ppl = perplexity(model, examples)["perplexity"] if examples else float("nan")
-        results.append({"artefact": label, "bytes": folder_size(path), "load_s": load_s, "tokens_per_s": tps,
-                        "perplexity": ppl})
+        results.append(
+            {"artefact": label, "bytes": folder_size(path), "load_s": load_s, "tokens_per_s": tps, "perplexity": ppl}
+        )
         del model
 
     base = results[0]
-    print(f"{'artefact':28} {'size MB':>9} {'x':>6} {'load s':>8} {'x':>6} {'tok/s':>8} {'x':>6} {'ppl':>9} {'Δppl':>8}")
+    print(
+        f"{'artefact':28} {'size MB':>9} {'x':>6} {'load s':>8} {'x':>6} {'tok/s':>8} {'x':>6} {'ppl':>9} {'Δppl':>8}"
+    )
     for r in results:
-        print(f"{r['artefact']:28} {r['bytes'] / 1e6:9.1f} {r['bytes'] / base['bytes']:6.2f} {r['load_s']:8.2f} "
-              f"{r['load_s'] / base['load_s']:6.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f} "
-              f"{r['perplexity']:9.3f} {r['perplexity'] - base['perplexity']:+8.3f}")
-    print(json.dumps({"threads": torch.get_num_threads(), "prompts": len(encoded), "new_tokens": args.new_tokens,
-                      "repeats": args.repeats, "ppl_rows": len(examples)}))
+        print(
+            f"{r['artefact']:28} {r['bytes'] / 1e6:9.1f} {r['bytes'] / base['bytes']:6.2f} {r['load_s']:8.2f} "
+            f"{r['load_s'] / base['load_s']:6.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f} "
+            f"{r['perplexity']:9.3f} {r['perplexity'] - base['perplexity']:+8.3f}"
+        )
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "prompts": len(encoded),
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "ppl_rows": len(examples),
+            }
+        )
+    )
     return 0
 
 

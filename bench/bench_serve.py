@@ -20,10 +20,14 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "general_seed_tasks" / "seed_tasks.jsonl"
 FALLBACK_PROMPTS = [
-    "What are common symptoms of the flu?", "How much water should an adult drink per day?",
-    "Explain what blood pressure numbers mean.", "Give three tips for better sleep.",
-    "What is the difference between a virus and a bacterium?", "How does exercise help the heart?",
-    "Why is it important to finish a course of antibiotics?", "What should I do for a mild burn?",
+    "What are common symptoms of the flu?",
+    "How much water should an adult drink per day?",
+    "Explain what blood pressure numbers mean.",
+    "Give three tips for better sleep.",
+    "What is the difference between a virus and a bacterium?",
+    "How does exercise help the heart?",
+    "Why is it important to finish a course of antibiotics?",
+    "What should I do for a mild burn?",
 ]
 
 
@@ -64,18 +68,26 @@ def run_server_load(cfg, prompts: list[str], clients: int, max_tokens: int) -> d
     completion_tokens = 0
     outputs: dict[int, str] = {}
     with BackgroundServer(state) as server:
+
         async def main():
             nonlocal completion_tokens
             client = AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=600)
             model = state.catalog.base_name
             # Warm-up (first batch pays one-off costs).
-            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=4, temperature=0)
+            await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+            )
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(len(prompts)):
                 queue.put_nowait(i)
-            with Progress(TextColumn("server"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as progress:
+            with Progress(
+                TextColumn("server"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            ) as progress:
                 task = progress.add_task("requests", total=len(prompts))
 
                 async def worker():
@@ -85,8 +97,11 @@ def run_server_load(cfg, prompts: list[str], clients: int, max_tokens: int) -> d
                         start = time.perf_counter()
                         try:
                             r = await client.chat.completions.create(
-                                model=model, messages=[{"role": "user", "content": prompts[i]}],
-                                max_tokens=max_tokens, temperature=0)
+                                model=model,
+                                messages=[{"role": "user", "content": prompts[i]}],
+                                max_tokens=max_tokens,
+                                temperature=0,
+                            )
                             latencies.append(time.perf_counter() - start)
                             completion_tokens += r.usage.completion_tokens
                             outputs[i] = r.choices[0].message.content
@@ -102,14 +117,20 @@ def run_server_load(cfg, prompts: list[str], clients: int, max_tokens: int) -> d
 
         wall = asyncio.run(main())
         batches = state.engine.batches_run
-    return {"wall_s": wall, "latencies": latencies, "errors": errors, "completion_tokens": completion_tokens,
-            "outputs": outputs, "batches": batches}
+    return {
+        "wall_s": wall,
+        "latencies": latencies,
+        "errors": errors,
+        "completion_tokens": completion_tokens,
+        "outputs": outputs,
+        "batches": batches,
+    }
 
 
 def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from domaintune.model.loader import end_of_turn_token_ids
 
@@ -119,12 +140,13 @@ def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
 
     def generate(prompt: str, n: int):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=eot, pad_token_id=pad)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
         while new and new[-1] in eot + [pad]:
             new.pop()
         return tokenizer.decode(new, skip_special_tokens=True), len(new)
@@ -138,8 +160,13 @@ def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
         outputs[i] = text
         completion_tokens += n
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "latencies": latencies, "errors": [], "completion_tokens": completion_tokens,
-            "outputs": outputs}
+    return {
+        "wall_s": wall,
+        "latencies": latencies,
+        "errors": [],
+        "completion_tokens": completion_tokens,
+        "outputs": outputs,
+    }
 
 
 def main() -> None:
@@ -149,9 +176,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for both sides (default: torch's choice). On a shared, "
-                             "busy CPU use 1: spinning OpenMP threads that lose their core slow both sides erratically.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for both sides (default: torch's choice). On a shared, "
+        "busy CPU use 1: spinning OpenMP threads that lose their core slow both sides erratically.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     import os
@@ -160,8 +191,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()[0]:.2f}",
-          file=sys.stderr)
+    print(f"torch threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
 
     from domaintune.config import config_from_dict
     from domaintune.model.config import ModelConfig
@@ -170,34 +200,62 @@ def main() -> None:
     n = args.clients * args.requests_per_client
     prompts = load_prompts(n)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    cfg = config_from_dict({
-        "name": "bench", "output_dir": str(tmp), "model": {"name_or_path": args.model},
-        "serve": {"max_batch_size": args.max_batch_size, "batch_wait_ms": 20, "max_tokens_cap": args.max_tokens,
-                  "default_max_tokens": args.max_tokens, "key_hash_iterations": 1000, "serve_trained": False,
-                  "engine": "transformers", "request_timeout_s": 3600},
-    })
-    print(f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
-          f"model {args.model}, greedy", file=sys.stderr)
+    cfg = config_from_dict(
+        {
+            "name": "bench",
+            "output_dir": str(tmp),
+            "model": {"name_or_path": args.model},
+            "serve": {
+                "max_batch_size": args.max_batch_size,
+                "batch_wait_ms": 20,
+                "max_tokens_cap": args.max_tokens,
+                "default_max_tokens": args.max_tokens,
+                "key_hash_iterations": 1000,
+                "serve_trained": False,
+                "engine": "transformers",
+                "request_timeout_s": 3600,
+            },
+        }
+    )
+    print(
+        f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
+        f"model {args.model}, greedy",
+        file=sys.stderr,
+    )
     server = run_server_load(cfg, prompts, args.clients, args.max_tokens)
     load_after_server = os.getloadavg()[0]
-    print(f"server: {len(server['latencies'])} ok, {len(server['errors'])} errors in {server['wall_s']:.1f} s "
-          f"(load average {load_after_server:.2f})", file=sys.stderr)
+    print(
+        f"server: {len(server['latencies'])} ok, {len(server['errors'])} errors in {server['wall_s']:.1f} s "
+        f"(load average {load_after_server:.2f})",
+        file=sys.stderr,
+    )
     baseline = run_baseline(resolve_model_dir(ModelConfig(name_or_path=args.model)), prompts, args.max_tokens)
     load_after_baseline = os.getloadavg()[0]
-    print(f"baseline: {len(baseline['latencies'])} in {baseline['wall_s']:.1f} s (load average "
-          f"{load_after_baseline:.2f})", file=sys.stderr)
+    print(
+        f"baseline: {len(baseline['latencies'])} in {baseline['wall_s']:.1f} s (load average "
+        f"{load_after_baseline:.2f})",
+        file=sys.stderr,
+    )
 
     def row(name: str, r: dict) -> dict:
         lat = r["latencies"]
         return {
-            "name": name, "requests_ok": len(lat), "errors": len(r["errors"]), "wall_s": round(r["wall_s"], 2),
-            "req_per_s": round(len(lat) / r["wall_s"], 3), "tok_per_s": round(r["completion_tokens"] / r["wall_s"], 1),
-            "p50_s": round(pct(lat, 0.5), 2), "p95_s": round(pct(lat, 0.95), 2), "p99_s": round(pct(lat, 0.99), 2),
+            "name": name,
+            "requests_ok": len(lat),
+            "errors": len(r["errors"]),
+            "wall_s": round(r["wall_s"], 2),
+            "req_per_s": round(len(lat) / r["wall_s"], 3),
+            "tok_per_s": round(r["completion_tokens"] / r["wall_s"], 1),
+            "p50_s": round(pct(lat, 0.5), 2),
+            "p95_s": round(pct(lat, 0.95), 2),
+            "p99_s": round(pct(lat, 0.99), 2),
             "completion_tokens": r["completion_tokens"],
         }
 
-    rows = [row(f"domaintune serve ({args.clients} clients, batched)", server),
-            row("transformers generate, one by one", baseline)]
+    rows = [
+        row(f"domaintune serve ({args.clients} clients, batched)", server),
+        row("transformers generate, one by one", baseline),
+    ]
     same = sum(server["outputs"].get(i) == baseline["outputs"].get(i) for i in range(n))
     from rich.console import Console
     from rich.table import Table
@@ -206,26 +264,57 @@ def main() -> None:
     for col in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(*[str(r[c]) for c in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s",
-                                             "p50_s", "p95_s", "p99_s")])
+        table.add_row(
+            *[
+                str(r[c])
+                for c in (
+                    "name",
+                    "requests_ok",
+                    "errors",
+                    "wall_s",
+                    "req_per_s",
+                    "tok_per_s",
+                    "p50_s",
+                    "p95_s",
+                    "p99_s",
+                )
+            ]
+        )
     console = Console(width=160)
     console.print(table)
     s, b = rows
-    console.print(f"throughput ratio (server / one-by-one baseline): {s['req_per_s'] / b['req_per_s']:.2f}x requests/s, "
-                  f"{s['tok_per_s'] / b['tok_per_s']:.2f}x tokens/s")
-    console.print(f"latency ratio p50 {s['p50_s'] / b['p50_s']:.2f}x, p95 {s['p95_s'] / b['p95_s']:.2f}x "
-                  f"(lower is better; baseline latencies include waiting for earlier requests)")
-    console.print(f"server batches: {server['batches']} for {n} requests; greedy outputs identical to the "
-                  f"baseline: {same}/{n}")
-    console.print(f"load average (1 min) after the server phase {load_after_server:.2f}, after the baseline "
-                  f"{load_after_baseline:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
+    console.print(
+        f"throughput ratio (server / one-by-one baseline): {s['req_per_s'] / b['req_per_s']:.2f}x requests/s, "
+        f"{s['tok_per_s'] / b['tok_per_s']:.2f}x tokens/s"
+    )
+    console.print(
+        f"latency ratio p50 {s['p50_s'] / b['p50_s']:.2f}x, p95 {s['p95_s'] / b['p95_s']:.2f}x "
+        f"(lower is better; baseline latencies include waiting for earlier requests)"
+    )
+    console.print(
+        f"server batches: {server['batches']} for {n} requests; greedy outputs identical to the baseline: {same}/{n}"
+    )
+    console.print(
+        f"load average (1 min) after the server phase {load_after_server:.2f}, after the baseline "
+        f"{load_after_baseline:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"
+    )
     if server["errors"]:
         console.print(f"[red]errors:[/] {server['errors'][:5]}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "identical_outputs": same, "batches": server["batches"],
-                                         "errors": server["errors"], "threads": torch.get_num_threads(),
-                                         "load_after_server": load_after_server,
-                                         "load_after_baseline": load_after_baseline}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "identical_outputs": same,
+                    "batches": server["batches"],
+                    "errors": server["errors"],
+                    "threads": torch.get_num_threads(),
+                    "load_after_server": load_after_server,
+                    "load_after_baseline": load_after_baseline,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

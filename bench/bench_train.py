@@ -116,8 +116,11 @@ def load_rows(n: int) -> tuple[list[dict], dict]:
 
 
 def messages(question: str, answer: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def write_domaintune_data(rows, run_dir: Path) -> None:
@@ -132,11 +135,24 @@ def write_domaintune_data(rows, run_dir: Path) -> None:
 
 
 def train_section(steps: int, precision: str, packing: bool, threads: int, extra: dict | None) -> dict:
-    train = {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
-             "max_length": MAX_LEN, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.0,
-             "lr_scheduler": "cosine", "max_steps": steps, "eval_steps": steps, "save_steps": steps,
-             "logging_steps": 1, "max_val_samples": 8, "precision": precision, "packing": packing,
-             "num_threads": threads, "tracking": "none"}
+    train = {
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+        "max_length": MAX_LEN,
+        "batch_size": BATCH,
+        "learning_rate": LR,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "cosine",
+        "max_steps": steps,
+        "eval_steps": steps,
+        "save_steps": steps,
+        "logging_steps": 1,
+        "max_val_samples": 8,
+        "precision": precision,
+        "packing": packing,
+        "num_threads": threads,
+        "tracking": "none",
+    }
     for key, value in (extra or {}).items():
         train[key] = {**train[key], **value} if isinstance(value, dict) else value
     return train
@@ -156,17 +172,22 @@ LEVERS = {
 TRACE: list[dict] = []  # per-step batch records of the current in-process run (bench/batch_trace.py)
 
 
-def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int,
-                   extra: dict | None = None) -> dict:
+def run_domaintune(
+    rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int, extra: dict | None = None
+) -> dict:
     from domaintune.config import config_from_dict
     from domaintune.train.runner import run_train
 
     run_dir = workdir / f"dt-{precision}-{'packed' if packing else 'padded'}-{len(list(workdir.iterdir()))}"
     write_domaintune_data(rows, run_dir)
-    cfg = config_from_dict({
-        "name": "bench", "seed": SEED, "model": {"name_or_path": "smollm2-135m-instruct"},
-        "train": train_section(steps, precision, packing, threads, extra),
-    })
+    cfg = config_from_dict(
+        {
+            "name": "bench",
+            "seed": SEED,
+            "model": {"name_or_path": "smollm2-135m-instruct"},
+            "train": train_section(steps, precision, packing, threads, extra),
+        }
+    )
     import batch_trace
 
     TRACE.clear()
@@ -175,43 +196,89 @@ def run_domaintune(rows, steps: int, workdir: Path, precision: str, packing: boo
     gc.collect()
     figures = clock.figures()
     assert figures["tokens"] == m["tokens_this_session"], (figures, m["tokens_this_session"])
-    return {**figures, "runner_tokens_per_second": m["tokens_per_second"], "final_logged_loss": m["final_train_loss"],
-            "mean_train_loss": m["mean_train_loss"], "steps": m["steps"], "truncated": m["truncated"],
-            "train_curve": m["train_curve"], "batches": list(TRACE)}
+    return {
+        **figures,
+        "runner_tokens_per_second": m["tokens_per_second"],
+        "final_logged_loss": m["final_train_loss"],
+        "mean_train_loss": m["mean_train_loss"],
+        "steps": m["steps"],
+        "truncated": m["truncated"],
+        "train_curve": m["train_curve"],
+        "batches": list(TRACE),
+    }
 
 
-def run_llamafactory(rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int,
-                     gradient_checkpointing: bool = True) -> dict:
+def run_llamafactory(
+    rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int, gradient_checkpointing: bool = True
+) -> dict:
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir
 
     data_dir = workdir / "lf-data"
     data_dir.mkdir(exist_ok=True)
-    (data_dir / "zhmed.json").write_text(json.dumps(
-        [{"instruction": r["question"], "output": r["answer"], "system": SYSTEM} for r in rows], ensure_ascii=False),
-        "utf-8")
-    (data_dir / "dataset_info.json").write_text(json.dumps({"zhmed": {
-        "file_name": "zhmed.json", "columns": {"prompt": "instruction", "response": "output", "system": "system"}}}))
+    (data_dir / "zhmed.json").write_text(
+        json.dumps(
+            [{"instruction": r["question"], "output": r["answer"], "system": SYSTEM} for r in rows], ensure_ascii=False
+        ),
+        "utf-8",
+    )
+    (data_dir / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "zhmed": {
+                    "file_name": "zhmed.json",
+                    "columns": {"prompt": "instruction", "response": "output", "system": "system"},
+                }
+            }
+        )
+    )
     config = {
-        "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
         "model_name_or_path": str(resolve_model_dir(ModelConfig())),
-        "template": "chatml_turn_end", "dataset": "zhmed", "dataset_dir": str(data_dir), "cutoff_len": MAX_LEN,
-        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": "all",
-        "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "learning_rate": LR,
-        "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "max_steps": steps, "num_train_epochs": 1.0,
-        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": SEED,
-        "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}"), "overwrite_output_dir": True,
-        "bf16": bf16, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "overwrite_cache": True,
-        "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True, "use_cpu": True,
+        "template": "chatml_turn_end",
+        "dataset": "zhmed",
+        "dataset_dir": str(data_dir),
+        "cutoff_len": MAX_LEN,
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "all",
+        "per_device_train_batch_size": BATCH,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": LR,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.0,
+        "max_steps": steps,
+        "num_train_epochs": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": SEED,
+        "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}"),
+        "overwrite_output_dir": True,
+        "bf16": bf16,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "overwrite_cache": True,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
+        "use_cpu": True,
         "disable_gradient_checkpointing": not gradient_checkpointing,
     }
     cfg_path, out_path = workdir / "lf-config.json", workdir / "lf-result.json"
     cfg_path.write_text(json.dumps(config))
     out_path.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "bench" / "lf_shim"), DISABLE_VERSION_CHECK="1",
-               OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([lf_python, str(REPO / "bench" / "lf_runner.py"), str(cfg_path), str(out_path)],
-                          env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO / "bench" / "lf_shim"), DISABLE_VERSION_CHECK="1", OMP_NUM_THREADS=str(threads)
+    )
+    proc = subprocess.run(
+        [lf_python, str(REPO / "bench" / "lf_runner.py"), str(cfg_path), str(out_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0 or not out_path.is_file():
         tail = (proc.stderr or proc.stdout)[-3000:]
         raise RuntimeError(f"LLaMA-Factory run failed (exit {proc.returncode}):\n{tail}")
@@ -234,17 +301,27 @@ def same_batches(a: dict, b: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for every run (1 is fastest on a CPU shared with other jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every run (1 is fastest on a CPU shared with other jobs)",
+    )
     parser.add_argument("--lf-python", default="/work/lf-venv/bin/python")
     parser.add_argument("--skip-lf", action="store_true")
     parser.add_argument("--lf-bf16", action="store_true", help="also run LLaMA-Factory with bf16")
     parser.add_argument("--skip-packing", action="store_true", help="skip the domaintune padding-free run")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated run names to keep, e.g. 'domaintune bf16,LLaMA-Factory bf16 no-GC'")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated run names to keep, e.g. 'domaintune bf16,LLaMA-Factory bf16 no-GC'",
+    )
     parser.add_argument("--json", action="store_true", help="also print every figure as JSON")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run 'domaintune bf16' once with each CPU lever off (each in its own process)")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run 'domaintune bf16' once with each CPU lever off (each in its own process)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: {extra, out} for an ablation run
     args = parser.parse_args()
 
@@ -280,9 +357,23 @@ def main() -> None:
             def run():
                 out = workdir / f"ablation-{len(list(workdir.iterdir()))}.json"
                 child = json.dumps({"extra": LEVERS[lever], "out": str(out)})
-                subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
-                                "--child", child], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--threads",
+                        str(args.threads),
+                        "--child",
+                        child,
+                    ],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 return json.loads(out.read_text())
+
             return run
 
         # Alternate the tools so that a change in machine load hits both sides alike.
@@ -311,33 +402,45 @@ def main() -> None:
                 lf_errors[name] = str(exc)
 
     lengths = [r["tokens"] for r in rows]
-    print(f"\nLoRA r=8 all-linear (dropout 0.05), SmolLM2-135M-Instruct, max_len {MAX_LEN}, batch {BATCH}, "
-          f"{args.steps} steps = one epoch over {len(rows)} zh medical rows, torch {torch.__version__}, "
-          f"{args.threads} thread(s)")
-    print(f"rows: {selection['whole']} whole, {selection['answer_shortened']} with the answer shortened to fit "
-          f"{MAX_LEN} tokens ({selection['skipped_long_question']} skipped: question too long); "
-          f"{min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.0f}: neither tool truncates")
+    print(
+        f"\nLoRA r=8 all-linear (dropout 0.05), SmolLM2-135M-Instruct, max_len {MAX_LEN}, batch {BATCH}, "
+        f"{args.steps} steps = one epoch over {len(rows)} zh medical rows, torch {torch.__version__}, "
+        f"{args.threads} thread(s)"
+    )
+    print(
+        f"rows: {selection['whole']} whole, {selection['answer_shortened']} with the answer shortened to fit "
+        f"{MAX_LEN} tokens ({selection['skipped_long_question']} skipped: question too long); "
+        f"{min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.0f}: neither tool truncates"
+    )
     lf_versions = next((r["versions"] for r in results.values() if "versions" in r), None)
     if lf_versions:
-        print(f"LLaMA-Factory {lf_versions['llamafactory']} (transformers {lf_versions['transformers']}) in its own venv; "
-              "GC = gradient checkpointing (LLaMA-Factory's default; domaintune's default is off)")
-    print(f"{'run':44s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
-          f"{'step-1 loss':>11s} {'mean loss':>9s} {'final loss':>10s}  batches vs {ours_fast}")
+        print(
+            f"LLaMA-Factory {lf_versions['llamafactory']} (transformers {lf_versions['transformers']}) in its own venv; "
+            "GC = gradient checkpointing (LLaMA-Factory's default; domaintune's default is off)"
+        )
+    print(
+        f"{'run':44s} {'GC':>3s} {'tokens':>7s} {'labels':>7s} {'step s':>7s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
+        f"{'step-1 loss':>11s} {'mean loss':>9s} {'final loss':>10s}  batches vs {ours_fast}"
+    )
     reference = results[next(iter(results))]
     for name, r in results.items():
         label_tokens = sum(b["label_tokens"] for b in r["batches"])
         first = r["train_curve"][0][1] if r["train_curve"] else float("nan")
         gc_flag = "yes" if r.get("gradient_checkpointing") else "no"
-        print(f"{name:44s} {gc_flag:>3s} {r['tokens']:7d} {label_tokens:7d} {r['step_seconds']:7.1f} "
-              f"{r['tokens_per_second']:7.1f} {r['tokens_per_cpu_second']:9.1f} {first:11.4f} {r['mean_train_loss']:9.4f} {r['final_logged_loss']:10.4f}  "
-              f"{'(reference)' if r is reference else same_batches(reference, r)}")
+        print(
+            f"{name:44s} {gc_flag:>3s} {r['tokens']:7d} {label_tokens:7d} {r['step_seconds']:7.1f} "
+            f"{r['tokens_per_second']:7.1f} {r['tokens_per_cpu_second']:9.1f} {first:11.4f} {r['mean_train_loss']:9.4f} {r['final_logged_loss']:10.4f}  "
+            f"{'(reference)' if r is reference else same_batches(reference, r)}"
+        )
     for lever in LEVERS:
         name = f"{ours_fast} - {lever}"
         if name in results and ours_fast in results:
             a, b = results[ours_fast], results[name]
-            print(f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s from {lever} "
-                  f"({ours_fast} / the same with it off; mean loss {a['mean_train_loss']:.4f} vs "
-                  f"{b['mean_train_loss']:.4f})")
+            print(
+                f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s from {lever} "
+                f"({ours_fast} / the same with it off; mean loss {a['mean_train_loss']:.4f} vs "
+                f"{b['mean_train_loss']:.4f})"
+            )
     pairs = [
         (ours_fast, lf_bf16_nogc, "bf16 vs bf16, identical settings"),
         (ours_fast, lf_bf16, "bf16 vs bf16, LLaMA-Factory's default gradient checkpointing"),
@@ -348,11 +451,13 @@ def main() -> None:
     for ours_name, theirs, what in pairs:
         if ours_name in results and theirs in results:
             a, b = results[ours_name], results[theirs]
-            print(f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s "
-                  f"({a['tokens_per_cpu_second'] / b['tokens_per_cpu_second']:.2f}x per CPU-second)  "
-                  f"{ours_name} / {theirs} ({what}); "
-                  f"mean loss {a['mean_train_loss']:.4f} vs {b['mean_train_loss']:.4f}, "
-                  f"final {a['final_logged_loss']:.4f} vs {b['final_logged_loss']:.4f}")
+            print(
+                f"{a['tokens_per_second'] / b['tokens_per_second']:5.2f}x tokens/s "
+                f"({a['tokens_per_cpu_second'] / b['tokens_per_cpu_second']:.2f}x per CPU-second)  "
+                f"{ours_name} / {theirs} ({what}); "
+                f"mean loss {a['mean_train_loss']:.4f} vs {b['mean_train_loss']:.4f}, "
+                f"final {a['final_logged_loss']:.4f} vs {b['final_logged_loss']:.4f}"
+            )
     if args.skip_lf:
         print("LLaMA-Factory: not measured (--skip-lf)")
     for name, error in lf_errors.items():

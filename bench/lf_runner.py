@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def register_chatml_turn_end():
     from llamafactory.data.formatter import StringFormatter
     from llamafactory.data.template import register_template
@@ -33,9 +34,8 @@ def register_chatml_turn_end():
 
 def main():
     config = json.loads(open(sys.argv[1]).read())
-    from transformers import Trainer, TrainerCallback
-
     from llamafactory.train.tuner import run_exp
+    from transformers import Trainer, TrainerCallback
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import batch_trace
@@ -66,8 +66,11 @@ def main():
         "train_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
         "batches": records,
         "wall_seconds": time.perf_counter() - started,
-        "versions": {"llamafactory": llamafactory.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "llamafactory": llamafactory.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
     with open(sys.argv[2], "w") as handle:
         json.dump(out, handle, indent=2)

@@ -32,7 +32,11 @@ def serve_config(output_dir: Path, serve: dict | None = None, **extra):
         "max_body_bytes": 20_000,
     }
     section.update(serve or {})
-    data = {"name": "tiny", "output_dir": str(output_dir), "model": {"name_or_path": "tiny-random-llama"},
-            "serve": section}
+    data = {
+        "name": "tiny",
+        "output_dir": str(output_dir),
+        "model": {"name_or_path": "tiny-random-llama"},
+        "serve": section,
+    }
     data.update(extra)
     return config_from_dict(data)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from domaintune.config import config_from_dict
 
-
 # A two-turn chat (Chinese and English) for the masking and loss tests.
 CONVERSATION = [
     {"role": "system", "content": "You are a careful doctor."},

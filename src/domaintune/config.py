@@ -14,13 +14,13 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from domaintune.data.config import DataConfig
+from domaintune.errors import UserError
 from domaintune.eval.config import EvalConfig
 from domaintune.export.config import ExportConfig
 from domaintune.model.config import ModelConfig
 from domaintune.registry.config import RegistryConfig
 from domaintune.serve.config import ServeConfig
 from domaintune.train.config import TrainConfig
-from domaintune.errors import UserError
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 

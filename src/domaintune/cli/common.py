@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +22,9 @@ SetOpt = Annotated[
 ]
 OutputDirOpt = Annotated[
     Path | None,
-    typer.Option("--output-dir", help="Run folder (default: output_dir in the YAML, else runs/<name> beside the YAML)."),
+    typer.Option(
+        "--output-dir", help="Run folder (default: output_dir in the YAML, else runs/<name> beside the YAML)."
+    ),
 ]
 
 

@@ -39,8 +39,15 @@ def register(app: typer.Typer) -> None:
         for col in ("source", "input", "train", "val", "test", "dropped", "balanced"):
             table.add_column(col, justify="right" if col != "source" else "left")
         for name, s in report["sources"].items():
-            table.add_row(name, str(s["input"]), str(s["kept"]["train"]), str(s["kept"]["val"]),
-                          str(s["kept"]["test"]), str(s["dropped_total"]), "yes" if s["balanced"] else "NO")  # fmt: skip
+            table.add_row(
+                name,
+                str(s["input"]),
+                str(s["kept"]["train"]),
+                str(s["kept"]["val"]),
+                str(s["kept"]["test"]),
+                str(s["dropped_total"]),
+                "yes" if s["balanced"] else "NO",
+            )
         console.print(table)
         reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])
         console.print(f"drop reasons: {reasons}")

@@ -40,8 +40,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-_SUMMARY_METRICS = ("rougeL_char", "rougeL_word", "bleu", "chrf", "token_f1", "term_coverage", "accuracy",
-                    "valid_json", "json_field_f1", "perplexity", "judge_score", "tokens_per_s", "latency_p95_s")
+_SUMMARY_METRICS = (
+    "rougeL_char",
+    "rougeL_word",
+    "bleu",
+    "chrf",
+    "token_f1",
+    "term_coverage",
+    "accuracy",
+    "valid_json",
+    "json_field_f1",
+    "perplexity",
+    "judge_score",
+    "tokens_per_s",
+    "latency_p95_s",
+)
 
 
 def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
@@ -59,14 +72,20 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
             cells = [_fmt(agg.get(metric)) for agg in per_model.values()]
             for d in deltas.values():
                 x = d.get(metric)
-                cells.append("" if not x else f"{x['delta']:+.3g}" + (
-                    f" [{x['ci_low']:+.3g}, {x['ci_high']:+.3g}]" if x.get("ci_low") is not None else ""))
+                cells.append(
+                    ""
+                    if not x
+                    else f"{x['delta']:+.3g}"
+                    + (f" [{x['ci_low']:+.3g}, {x['ci_high']:+.3g}]" if x.get("ci_low") is not None else "")
+                )
             table.add_row(metric, *cells)
         console.print(table)
     for name, r in report.get("retention", {}).items():
         console.print(f"retention ({name}, {r['metric']} on general): [bold]{_fmt(r['ratio'])}[/]")
     for name, r in report.get("robustness", {}).get("models", {}).items():
-        console.print(f"robustness ({name}): mean drop {_fmt(r['mean_drop'])} points of {report['robustness']['metric']}")
+        console.print(
+            f"robustness ({name}): mean drop {_fmt(r['mean_drop'])} points of {report['robustness']['metric']}"
+        )
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     cache = report["cache"]
@@ -117,8 +136,12 @@ def export_review_cmd(
     cfg = load(config, set_, output_dir)
     rc = cfg.eval.review
     result = export_review(
-        Path(cfg.output_dir), n_items=n or rc.n_items, model_a=model_a or rc.model_a, model_b=model_b or rc.model_b,
-        seed=cfg.seed, show_reference=rc.show_reference,
+        Path(cfg.output_dir),
+        n_items=n or rc.n_items,
+        model_a=model_a or rc.model_a,
+        model_b=model_b or rc.model_b,
+        seed=cfg.seed,
+        show_reference=rc.show_reference,
     )
     console.print(f"review {result['review_id']}: {result['n_items']} items")
     console.print(f"  form for reviewers: {result['html']}\n  spreadsheet: {result['csv']}")
@@ -139,13 +162,20 @@ def import_review_cmd(
     from domaintune.eval.review import import_review
 
     result = import_review(files, key)
-    table = Table(title=f"blind review {result['review_id']}: {result['n_items']} items, "
-                        f"{len(result['reviewers'])} reviewer(s)")
+    table = Table(
+        title=f"blind review {result['review_id']}: {result['n_items']} items, {len(result['reviewers'])} reviewer(s)"
+    )
     for col in ("model", "win rate", "95% CI", "wins", "ties", "losses"):
         table.add_column(col)
     for model, r in result["win_rates"].items():
-        table.add_row(model, f"{r['win_rate']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", str(r["wins"]),
-                      str(r["ties"]), str(r["losses"]))
+        table.add_row(
+            model,
+            f"{r['win_rate']:.3f}",
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+            str(r["wins"]),
+            str(r["ties"]),
+            str(r["losses"]),
+        )
     console.print(table)
     for a in result["agreement"]:
         console.print(f"kappa {a['reviewers'][0]} vs {a['reviewers'][1]}: {_fmt(a['kappa'])} ({a['n_items']} items)")

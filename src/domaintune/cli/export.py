@@ -43,8 +43,10 @@ def export_summary(manifest: dict) -> Table:
         verified = entry.get("verified")
         if verified:
             lg = verified["logits_vs_merged"]
-            check = (f"logit err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}, "
-                     f"greedy {verified['greedy_common_prefix']}/{verified['greedy_tokens']}")
+            check = (
+                f"logit err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}, "
+                f"greedy {verified['greedy_common_prefix']}/{verified['greedy_tokens']}"
+            )
         elif "logits_vs_merged" in entry:
             lg = entry["logits_vs_merged"]
             check = f"logit err {lg['relative_error']:.1e}, argmax {lg['argmax_agreement']:.0%}"
@@ -81,7 +83,9 @@ def register(app: typer.Typer) -> None:
         manifest = run_export(cfg, cfg.output_dir)
         out.print(export_summary(manifest))
         if manifest["merge"].get("adapter"):
-            out.print(f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}")
+            out.print(
+                f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}"
+            )
         metric = manifest["metric"]
         out.print(f"perplexity: {metric['description'] or metric['skipped']}")
         quality = manifest.get("quality", {})

@@ -40,8 +40,12 @@ def register(app: typer.Typer) -> None:
         out.print(table)
         table = Table("feature", "status", "detail", "fix", title="capabilities")
         for check in checks:
-            table.add_row(escape(check.feature), "[green]ok[/]" if check.ok else "[yellow]missing[/]", escape(check.detail),
-                          escape(check.fix))
+            table.add_row(
+                escape(check.feature),
+                "[green]ok[/]" if check.ok else "[yellow]missing[/]",
+                escape(check.detail),
+                escape(check.fix),
+            )
         out.print(table)
 
     @app.command("estimate")
@@ -72,13 +76,26 @@ def register(app: typer.Typer) -> None:
         out = Console()
         out.print(plan.header)
         for target in plan.targets:
-            table = Table("method", "trainable", "memory GiB", "fits", "tokens/s", "run time",
-                          title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)")
+            table = Table(
+                "method",
+                "trainable",
+                "memory GiB",
+                "fits",
+                "tokens/s",
+                "run time",
+                title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)",
+            )
             for est in target.estimates:
                 fits = est.total_gib <= target.memory_gib * 0.95
                 run_time = _duration(est.run_seconds)
                 note = "" if target.supported(est.method) else " (needs CUDA)"
-                table.add_row(est.method + note, f"{est.trainable_params / 1e6:.2f}M", f"{est.total_gib:.2f}",
-                              "[green]yes[/]" if fits else "[red]no[/]", f"{est.tokens_per_s:,.0f}", run_time)
+                table.add_row(
+                    est.method + note,
+                    f"{est.trainable_params / 1e6:.2f}M",
+                    f"{est.total_gib:.2f}",
+                    "[green]yes[/]" if fits else "[red]no[/]",
+                    f"{est.tokens_per_s:,.0f}",
+                    run_time,
+                )
             out.print(table)
         out.print(plan.footer)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +20,20 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Project YAML (gives registry.url, store and name).")
 ]
 UrlOpt = Annotated[str | None, typer.Option("--url", help="SQLAlchemy URL of the registry (instead of --config).")]
-NameOpt = Annotated[str | None, typer.Option("--name", help="Registered model name (default: registry.name or project name).")]
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Registered model name (default: registry.name or project name).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _open(config: Path | None, url: str | None, name: str | None, set_: list[str] | None = None,
-          output_dir: Path | None = None, need_name: bool = True):
+def _open(
+    config: Path | None,
+    url: str | None,
+    name: str | None,
+    set_: list[str] | None = None,
+    output_dir: Path | None = None,
+    need_name: bool = True,
+):
     from domaintune.registry import ModelRegistry, registry_from_config
 
     if config is not None:
@@ -68,8 +75,9 @@ def _metric_summary(metrics: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     """Adds the registry stage's commands to the root app."""
-    reg = typer.Typer(help="Versioned models: register, list, show, diff, promote, roll back, archive.",
-                      no_args_is_help=True)
+    reg = typer.Typer(
+        help="Versioned models: register, list, show, diff, promote, roll back, archive.", no_args_is_help=True
+    )
     app.add_typer(reg, name="registry")
 
     @reg.command("register")
@@ -79,8 +87,12 @@ def register(app: typer.Typer) -> None:
         set_: SetOpt = None,
         output_dir: OutputDirOpt = None,
         bump: Annotated[str, typer.Option("--bump", help="major | minor | patch")] = "patch",
-        status: Annotated[str | None, typer.Option("--status", help="registered | candidate | rejected | archived "
-                                                   "(default: from the eval gates)")] = None,
+        status: Annotated[
+            str | None,
+            typer.Option(
+                "--status", help="registered | candidate | rejected | archived (default: from the eval gates)"
+            ),
+        ] = None,
         reason: Annotated[list[str] | None, typer.Option("--reason", help="Reason recorded with the status.")] = None,
         parent: Annotated[str | None, typer.Option("--parent", help="Parent version (default: the latest).")] = None,
         as_json: JsonOpt = False,
@@ -97,14 +109,21 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _print_json(info)
             return
-        out.print(f"registered [bold]{info['name']}@{version}[/] status={info['status']}"
-                  + (f" ({'; '.join(info['reasons'])})" if info["reasons"] else ""))
+        out.print(
+            f"registered [bold]{info['name']}@{version}[/] status={info['status']}"
+            + (f" ({'; '.join(info['reasons'])})" if info["reasons"] else "")
+        )
         out.print(f"{len(info['artifacts'])} files in {info['store_path']}")
 
     @reg.command("list")
     @friendly_errors
-    def list_cmd(config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False,
-                 all_names: Annotated[bool, typer.Option("--all", help="Every model in the registry.")] = False) -> None:
+    def list_cmd(
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+        as_json: JsonOpt = False,
+        all_names: Annotated[bool, typer.Option("--all", help="Every model in the registry.")] = False,
+    ) -> None:
         """List registered versions with status, aliases and headline metrics.
 
         Example: domaintune registry list -c examples/medical-zh.yaml
@@ -119,14 +138,25 @@ def register(app: typer.Typer) -> None:
             table.add_column(col)
         for row in rows:
             status = row["status"] + (f" ({'; '.join(row['reasons'])[:40]})" if row["reasons"] else "")
-            table.add_row(row["name"], row["version"], status, ", ".join(row["aliases"]), row["created_at"],
-                          _metric_summary(row["metrics"]))
+            table.add_row(
+                row["name"],
+                row["version"],
+                status,
+                ", ".join(row["aliases"]),
+                row["created_at"],
+                _metric_summary(row["metrics"]),
+            )
         out.print(table)
 
     @reg.command("show")
     @friendly_errors
-    def show_cmd(version: Annotated[str, typer.Argument(help="Version, vX.Y.Z prefix, alias or `latest`.")],
-                 config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    def show_cmd(
+        version: Annotated[str, typer.Argument(help="Version, vX.Y.Z prefix, alias or `latest`.")],
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
         """Show one version: metadata, lineage, artefacts with checksums, aliases and events.
 
         Example: domaintune registry show production -c examples/medical-zh.yaml --json
@@ -137,25 +167,35 @@ def register(app: typer.Typer) -> None:
             _print_json(info)
             return
         meta = info["metadata"] or {}
-        out.print(f"[bold]{info['name']}@{info['version']}[/]  status={info['status']}  "
-                  f"aliases={', '.join(info['aliases']) or '-'}")
+        out.print(
+            f"[bold]{info['name']}@{info['version']}[/]  status={info['status']}  "
+            f"aliases={', '.join(info['aliases']) or '-'}"
+        )
         if info["reasons"]:
             out.print(f"reasons: {'; '.join(info['reasons'])}")
         lineage = meta.get("lineage", {})
         data = meta.get("data", {})
         for label, value in [
-            ("created", info["created_at"]), ("parent", info["parent"]), ("base model", meta.get("base_model")),
-            ("method", meta.get("method")), ("data fingerprint", data.get("fingerprint")),
-            ("data rows", data.get("rows")), ("run folder", meta.get("run_dir")),
+            ("created", info["created_at"]),
+            ("parent", info["parent"]),
+            ("base model", meta.get("base_model")),
+            ("method", meta.get("method")),
+            ("data fingerprint", data.get("fingerprint")),
+            ("data rows", data.get("rows")),
+            ("run folder", meta.get("run_dir")),
             ("train run", (lineage.get("train_run") or {}).get("path")),
             ("eval report sha256", (lineage.get("eval_run") or {}).get("report_sha256")),
-            ("libraries", meta.get("libraries")), ("store", info["store_path"]),
+            ("libraries", meta.get("libraries")),
+            ("store", info["store_path"]),
         ]:
             out.print(f"  {label:20} {value}", highlight=False)
         hp = meta.get("hyperparameters") or {}
         if hp:
-            out.print("  hyperparameters      " + ", ".join(f"{k}={v}" for k, v in list(hp.items())[:12]
-                                                          if not isinstance(v, (dict, list))), highlight=False)
+            out.print(
+                "  hyperparameters      "
+                + ", ".join(f"{k}={v}" for k, v in list(hp.items())[:12] if not isinstance(v, (dict, list))),
+                highlight=False,
+            )
         from domaintune.registry.store import _flatten
 
         flat = {k: v for k, v in _flatten(meta.get("metrics", {})).items() if isinstance(v, (int, float))}
@@ -166,17 +206,26 @@ def register(app: typer.Typer) -> None:
             for key, value in list(flat.items())[:40]:
                 table.add_row(key, f"{value:.4g}")
             out.print(table)
-        out.print(f"  artefacts: {len(info['artifacts'])} files, "
-                  f"{sum(f['bytes'] for f in info['artifacts']) / 1e6:,.1f} MB (sha256 recorded)")
+        out.print(
+            f"  artefacts: {len(info['artifacts'])} files, "
+            f"{sum(f['bytes'] for f in info['artifacts']) / 1e6:,.1f} MB (sha256 recorded)"
+        )
         for event in info["events"]:
-            out.print(f"  event {event['at']} {event['kind']} {json.dumps(event['details'], ensure_ascii=False)}",
-                      highlight=False)
+            out.print(
+                f"  event {event['at']} {event['kind']} {json.dumps(event['details'], ensure_ascii=False)}",
+                highlight=False,
+            )
 
     @reg.command("diff")
     @friendly_errors
-    def diff_cmd(v1: Annotated[str, typer.Argument(help="First version (or alias).")],
-                 v2: Annotated[str, typer.Argument(help="Second version (or alias).")],
-                 config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    def diff_cmd(
+        v1: Annotated[str, typer.Argument(help="First version (or alias).")],
+        v2: Annotated[str, typer.Argument(help="Second version (or alias).")],
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
         """Config, data and metric differences between two versions.
 
         Example: domaintune registry diff v0.1.0 production -c examples/medical-zh.yaml
@@ -203,11 +252,15 @@ def register(app: typer.Typer) -> None:
 
     @reg.command("promote")
     @friendly_errors
-    def promote_cmd(version: Annotated[str, typer.Argument(help="Version (or vX.Y.Z prefix) to promote.")],
-                    alias: Annotated[str, typer.Option("--alias", help="production, candidate, staging, ...")] = "production",
-                    force: Annotated[bool, typer.Option("--force", help="Allow a rejected/archived version.")] = False,
-                    note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
-                    config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None) -> None:
+    def promote_cmd(
+        version: Annotated[str, typer.Argument(help="Version (or vX.Y.Z prefix) to promote.")],
+        alias: Annotated[str, typer.Option("--alias", help="production, candidate, staging, ...")] = "production",
+        force: Annotated[bool, typer.Option("--force", help="Allow a rejected/archived version.")] = False,
+        note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+    ) -> None:
         """Point an alias at a version (the previous holder is kept for `rollback`).
 
         Example: domaintune registry promote v0.0.2 --alias production -c examples/medical-zh.yaml
@@ -219,9 +272,13 @@ def register(app: typer.Typer) -> None:
 
     @reg.command("rollback")
     @friendly_errors
-    def rollback_cmd(alias: Annotated[str, typer.Argument(help="Alias to move back to its previous holder.")],
-                     note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
-                     config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None) -> None:
+    def rollback_cmd(
+        alias: Annotated[str, typer.Argument(help="Alias to move back to its previous holder.")],
+        note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+    ) -> None:
         """Move an alias back to the version that held it before (alias history is kept).
 
         Example: domaintune registry rollback production -c examples/medical-zh.yaml
@@ -232,9 +289,13 @@ def register(app: typer.Typer) -> None:
 
     @reg.command("archive")
     @friendly_errors
-    def archive_cmd(version: Annotated[str, typer.Argument(help="Version to archive.")],
-                    reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
-                    config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None) -> None:
+    def archive_cmd(
+        version: Annotated[str, typer.Argument(help="Version to archive.")],
+        reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+    ) -> None:
         """Mark a version archived (kept, but never promoted again without --force).
 
         Example: domaintune registry archive v0.0.1 --reason "superseded" -c examples/medical-zh.yaml
@@ -245,7 +306,9 @@ def register(app: typer.Typer) -> None:
 
     @reg.command("aliases")
     @friendly_errors
-    def aliases_cmd(config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    def aliases_cmd(
+        config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False
+    ) -> None:
         """Current aliases and their full promote/rollback history.
 
         Example: domaintune registry aliases -c examples/medical-zh.yaml
@@ -266,8 +329,12 @@ def register(app: typer.Typer) -> None:
 
     @reg.command("verify")
     @friendly_errors
-    def verify_cmd(version: Annotated[str, typer.Argument(help="Version or alias to check.")],
-                   config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None) -> None:
+    def verify_cmd(
+        version: Annotated[str, typer.Argument(help="Version or alias to check.")],
+        config: ConfigOpt = None,
+        url: UrlOpt = None,
+        name: NameOpt = None,
+    ) -> None:
         """Recompute the sha256 of every stored file of a version; exit 1 if any differ.
 
         Example: domaintune registry verify production -c examples/medical-zh.yaml

@@ -19,7 +19,9 @@ OptionalConfigArg = Annotated[
 ]
 StoreOpt = Annotated[
     str | None,
-    typer.Option("--store", help="SQLAlchemy URL of the store (instead of a project file; or $DOMAINTUNE_SERVE_STORE)."),
+    typer.Option(
+        "--store", help="SQLAlchemy URL of the store (instead of a project file; or $DOMAINTUNE_SERVE_STORE)."
+    ),
 ]
 
 
@@ -72,7 +74,9 @@ def register(app: typer.Typer) -> None:
         tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens (prompt + completion) per minute.")] = None,
         daily_tokens: Annotated[int | None, typer.Option("--daily-tokens", help="Tokens per UTC day.")] = None,
         models: Annotated[str | None, typer.Option("--models", help="Comma-separated models it may use.")] = None,
-        admin: Annotated[bool, typer.Option("--admin", help="May call /admin endpoints (and use every model).")] = False,
+        admin: Annotated[
+            bool, typer.Option("--admin", help="May call /admin endpoints (and use every model).")
+        ] = False,
         store: StoreOpt = None,
         set_: SetOpt = None,
         output_dir: OutputDirOpt = None,
@@ -83,11 +87,14 @@ def register(app: typer.Typer) -> None:
         """
         st = _open_store(config, store, set_, output_dir)
         allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        key, plaintext = st.create_key(name, rpm=rpm, tpm=tpm, daily_tokens=daily_tokens, models=allowed,
-                                       is_admin=admin)
+        key, plaintext = st.create_key(
+            name, rpm=rpm, tpm=tpm, daily_tokens=daily_tokens, models=allowed, is_admin=admin
+        )
         err = Console(stderr=True)
-        err.print(f"[green]created key[/] {key.id} for {key.name!r}"
-                  f"{' (admin)' if key.is_admin else ''}; store it now, it is not shown again:")
+        err.print(
+            f"[green]created key[/] {key.id} for {key.name!r}"
+            f"{' (admin)' if key.is_admin else ''}; store it now, it is not shown again:"
+        )
         typer.echo(plaintext)
 
     @keys_app.command("list")
@@ -106,9 +113,15 @@ def register(app: typer.Typer) -> None:
         table = Table("id", "name", "admin", "rpm", "tpm", "daily tokens", "used today", "models", "created", "state")
         for key in st.list_keys():
             table.add_row(
-                key.id, key.name, "yes" if key.is_admin else "", str(key.rpm or "-"), str(key.tpm or "-"),
-                str(key.daily_tokens or "-"), str(st.tokens_used_today(key.id)),
-                ",".join(key.models) if key.models else "all", key.created_at.strftime("%Y-%m-%d %H:%M"),
+                key.id,
+                key.name,
+                "yes" if key.is_admin else "",
+                str(key.rpm or "-"),
+                str(key.tpm or "-"),
+                str(key.daily_tokens or "-"),
+                str(st.tokens_used_today(key.id)),
+                ",".join(key.models) if key.models else "all",
+                key.created_at.strftime("%Y-%m-%d %H:%M"),
                 "revoked" if key.revoked_at else "active",
             )
         Console().print(table)
@@ -130,8 +143,7 @@ def register(app: typer.Typer) -> None:
         for revoked in st.revoke_key(key):
             Console().print(f"revoked {revoked.id} ({revoked.name})")
 
-    feedback_app = typer.Typer(help="The feedback loop: export logged feedback as training data.",
-                               no_args_is_help=True)
+    feedback_app = typer.Typer(help="The feedback loop: export logged feedback as training data.", no_args_is_help=True)
     app.add_typer(feedback_app, name="feedback")
 
     @feedback_app.command("export")
@@ -155,9 +167,10 @@ def register(app: typer.Typer) -> None:
         table.add_row("ratings +/-", f"{report['ratings']['positive']} / {report['ratings']['negative']}")
         table.add_row("SFT rows", str(report["sft_rows"]))
         table.add_row("preference rows", str(report["preference_rows"]))
-        table.add_row("dropped (exact / near / unchanged)",
-                      f"{report['dropped']['exact']} / {report['dropped']['near']} / "
-                      f"{report['dropped']['same_as_original']}")
+        table.add_row(
+            "dropped (exact / near / unchanged)",
+            f"{report['dropped']['exact']} / {report['dropped']['near']} / {report['dropped']['same_as_original']}",
+        )
         table.add_row("compared with", str(report["deduplicated_against"] or "(no data/train.jsonl)"))
         table.add_row("written to", str(Path(report["files"]["sft"]).parent))
         Console().print(table)

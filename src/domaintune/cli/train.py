@@ -73,7 +73,9 @@ def train(
     if not dist.current_world().is_main:
         return
     table = Table(title=f"train: {cfg.name} ({metrics['method']}, {metrics['model_kind']})", show_header=False)
-    table.add_row("steps", f"{metrics['steps']} / {metrics['max_steps']}" + (" (early stop)" if metrics["stopped_early"] else ""))
+    table.add_row(
+        "steps", f"{metrics['steps']} / {metrics['max_steps']}" + (" (early stop)" if metrics["stopped_early"] else "")
+    )
     table.add_row("val loss step 0 -> best", f"{_fmt(metrics['step0_val_loss'])} -> {_fmt(metrics['best_val_loss'])}")
     table.add_row("final train / val loss", f"{_fmt(metrics['final_train_loss'])} / {_fmt(metrics['final_val_loss'])}")
     table.add_row("tokens seen", f"{metrics['tokens_seen']:,}")

@@ -26,8 +26,11 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option("--workers", help="Processes for the data stage.")] = 1,
         continue_from: Annotated[
             str | None,
-            typer.Option("--continue-from", help="Incremental round: registry://name@alias to train on top of; "
-                         "its training data is merged with the new data and the result is registered as its child."),
+            typer.Option(
+                "--continue-from",
+                help="Incremental round: registry://name@alias to train on top of; "
+                "its training data is merged with the new data and the result is registered as its child.",
+            ),
         ] = None,
     ) -> None:
         """Run data -> train -> eval -> export -> register in one run folder, skipping unchanged stages.
@@ -56,6 +59,9 @@ def register(app: typer.Typer) -> None:
         html = write_summary_html(result)
         Console().print(f"summary: {html}")
         if result.gates_passed is False:
-            console.print("[bold red]eval gates failed:[/] " + "; ".join(result.gate_failures)
-                          + (f" — version {result.version} registered as rejected" if result.version else ""))
+            console.print(
+                "[bold red]eval gates failed:[/] "
+                + "; ".join(result.gate_failures)
+                + (f" — version {result.version} registered as rejected" if result.version else "")
+            )
             raise typer.Exit(1)

@@ -9,9 +9,22 @@ from pydantic import Field, field_validator, model_validator
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 ReaderName = Literal[
-    "auto", "csv", "tsv", "json", "jsonl", "parquet", "excel", "xml", "pdf", "docx", "sql",
-    "dataset_info", "alpaca", "sharegpt", "messages",
-]  # fmt: skip
+    "auto",
+    "csv",
+    "tsv",
+    "json",
+    "jsonl",
+    "parquet",
+    "excel",
+    "xml",
+    "pdf",
+    "docx",
+    "sql",
+    "dataset_info",
+    "alpaca",
+    "sharegpt",
+    "messages",
+]
 
 FieldRef = str | list[str]
 
@@ -34,14 +47,18 @@ class FieldMap(StrictModel):
 
 
 class SourceConfig(StrictModel):
-    name: str | None = Field(None, description="Source name in the report and in each row's `source` (default: file stem).")
+    name: str | None = Field(
+        None, description="Source name in the report and in each row's `source` (default: file stem)."
+    )
     path: ConfigPath | None = Field(None, description="A file, a folder (with `glob`) or, for sql, unused.")
     glob: str = Field("**/*", description="Files to read when `path` is a folder (sorted; e.g. `**/*.xml`).")
     reader: ReaderName = Field("auto", description="Reader; `auto` picks by file extension.")
     encoding: str | None = Field(None, description="Text encoding; default: auto-detected (charset-normalizer).")
     delimiter: str | None = Field(None, description="CSV delimiter (default `,`; `\\t` for tsv).")
     sheet: str | int | None = Field(None, description="Excel sheet name or index (default: the first).")
-    record_path: str | None = Field(None, description="XML: XPath of one record relative to the root (e.g. `.//QAPair`).")
+    record_path: str | None = Field(
+        None, description="XML: XPath of one record relative to the root (e.g. `.//QAPair`)."
+    )
     json_records: str | None = Field(None, description="JSON: dotted key of the record list inside the document.")
     url: str | None = Field(None, description="SQL: sqlalchemy URL, e.g. `sqlite:///data/qa.db`.")
     query: str | None = Field(None, description="SQL: the query returning one row per record.")
@@ -193,7 +210,9 @@ class RayConfig(StrictModel):
         None, ge=1, description="CPUs of the in-process Ray instance (address null; default: all of this machine)."
     )
     batches_per_block: int = Field(
-        8, ge=1, description="data.batch_size chunks per Ray block, i.e. per map task (fewer, larger tasks "
+        8,
+        ge=1,
+        description="data.batch_size chunks per Ray block, i.e. per map task (fewer, larger tasks "
         "cost less scheduling; the outputs do not depend on it).",
     )
     shuffle_partitions: int | None = Field(

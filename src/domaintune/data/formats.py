@@ -9,13 +9,21 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
-_FROM_SHAREGPT = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}  # fmt: skip
+_FROM_SHAREGPT = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 _ROW_KEYS = ("messages", "conversations", "instruction", "input", "output", "system", "history", "text")
 
 
-def qa_to_messages(instruction: str, input: str = "", output: str = "", system: str | None = None,
-                   history: list | None = None) -> list[dict[str, str]]:  # fmt: skip
+def qa_to_messages(
+    instruction: str, input: str = "", output: str = "", system: str | None = None, history: list | None = None
+) -> list[dict[str, str]]:
     """Alpaca fields to messages: the user turn is instruction, a blank line, then input."""
     messages: list[dict[str, str]] = []
     if system:
@@ -49,8 +57,9 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def sharegpt_to_messages(conversations: Any, tags: dict[str, str] | None = None,
-                         system: str | None = None) -> list[dict[str, str]]:  # fmt: skip
+def sharegpt_to_messages(
+    conversations: Any, tags: dict[str, str] | None = None, system: str | None = None
+) -> list[dict[str, str]]:
     tags = tags or {}
     role_tag = tags.get("role_tag", "from")
     content_tag = tags.get("content_tag", "value")
@@ -109,9 +118,12 @@ def messages_to_alpaca(messages: list[dict[str, str]]) -> dict[str, Any]:
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return qa_to_messages(
-        str(row.get("instruction") or ""), str(row.get("input") or ""), str(row.get("output") or ""),
-        row.get("system") or None, row.get("history") or None,
-    )  # fmt: skip
+        str(row.get("instruction") or ""),
+        str(row.get("input") or ""),
+        str(row.get("output") or ""),
+        row.get("system") or None,
+        row.get("history") or None,
+    )
 
 
 def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -145,17 +157,25 @@ def convert_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     return out
 
 
-def canonical_from_llamafactory(record: dict[str, Any], formatting: str, columns: dict[str, str],
-                                tags: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def canonical_from_llamafactory(
+    record: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]
+) -> dict[str, Any]:
     """One record of a LLaMA-Factory dataset → {messages: [...]} plus the record's other keys."""
     if formatting == "alpaca":
-        col = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history"} | columns  # fmt: skip
+        col = {
+            "prompt": "instruction",
+            "query": "input",
+            "response": "output",
+            "system": "system",
+            "history": "history",
+        } | columns
         messages = qa_to_messages(
-            str(record.get(col["prompt"]) or ""), str(record.get(col["query"]) or ""),
-            str(record.get(col["response"]) or ""), record.get(col["system"]) or None,
+            str(record.get(col["prompt"]) or ""),
+            str(record.get(col["query"]) or ""),
+            str(record.get(col["response"]) or ""),
+            record.get(col["system"]) or None,
             record.get(col["history"]) or None,
-        )  # fmt: skip
+        )
         used = {col[k] for k in ("prompt", "query", "response", "system", "history")}
     elif formatting == "sharegpt":
         col = {"messages": "conversations", "system": "system"} | columns

@@ -21,7 +21,6 @@ from itertools import repeat
 import numpy as np
 import xxhash
 
-
 _WORD_RE = re.compile(r"\w+", re.U)
 _WS_RE = re.compile(r"\s+")
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -388,12 +387,16 @@ class LSHIndex:
         for i, row in enumerate(keys.tolist()):
             for key in row:
                 buckets.setdefault(key, []).append(i)
-        cand = {(a, b) for members in buckets.values() if len(members) > 1
-                for x, a in enumerate(members) for b in members[x + 1 :]}  # fmt: skip
+        cand = {
+            (a, b)
+            for members in buckets.values()
+            if len(members) > 1
+            for x, a in enumerate(members)
+            for b in members[x + 1 :]
+        }
         out = []
         for a, b in sorted(cand):
             sim = float(np.count_nonzero(sigs[a] == sigs[b])) / self.num_perm
             if sim >= self.threshold:
                 out.append((a, b, sim))
         return out
-

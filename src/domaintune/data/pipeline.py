@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from array import array
-import os
 import re
+from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,15 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.progress import TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from domaintune.data.config import DataConfig
@@ -60,9 +66,15 @@ class CountColumn(ProgressColumn):
 
 def _progress() -> Progress:
     return Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), CountColumn(), RateColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-    )  # fmt: skip
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        CountColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
 
 
 def _stable_int(text: str) -> int:
@@ -225,8 +237,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
 
         def parse_error(rec: Record) -> None:
             accounts.drop(rec.source, "parse", rec.error.split(":")[0])
-            quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error,
-                           raw=processor.redact_payload(rec.raw))  # fmt: skip
+            quarantine.add(rec.source, rec.file, rec.loc, "parse", rec.error, raw=processor.redact_payload(rec.raw))
             funnel["parse_dropped"] += 1
             task_advance(1)
 
@@ -253,7 +264,7 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                     yielded += 1
                     yield rid, f"{rec.source}-{per_source_seq[rec.source]:06d}", rec
 
-        with (_progress() if progress else _NoProgress()) as bar, spool_path.open("w", encoding="utf-8") as spool:
+        with _progress() if progress else _NoProgress() as bar, spool_path.open("w", encoding="utf-8") as spool:
             task = bar.add_task("data: reading and cleaning", total=total)
 
             def task_advance(n: int) -> None:
@@ -263,12 +274,15 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 from domaintune.data.ray_engine import RayEngine
 
                 if workers > 1:
-                    raise UserError("--workers is for data.engine: local; with engine ray the cluster's CPUs do "
-                                    "the work (data.ray.num_cpus or data.ray.address)")  # fmt: skip
+                    raise UserError(
+                        "--workers is for data.engine: local; with engine ray the cluster's CPUs do "
+                        "the work (data.ray.num_cpus or data.ray.address)"
+                    )
 
                 engine = RayEngine(dc, processor, lsh, progress=progress)
-                stream = engine.stream(records, parse_error, rid_info,
-                                       describe=lambda text: bar.update(task, description=text))  # fmt: skip
+                stream = engine.stream(
+                    records, parse_error, rid_info, describe=lambda text: bar.update(task, description=text)
+                )
             else:
                 engine = None
                 stream = _bounded_map(run_batch, _batches(records(), dc.batch_size), workers, processor)
@@ -319,13 +333,32 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                         reason = f"near duplicate (Jaccard≈{verdict.similarity:.2f} ≥ {dc.dedup.threshold})"
                         accounts.drop(source, "dedup_near", "near duplicate")
                         funnel["dedup_near_dropped"] += 1
-                        quarantine.add(source, file, loc, "dedup_near", reason, duplicate_of=verdict.duplicate_of,
-                                       similarity=round(verdict.similarity, 3), row=pub)  # fmt: skip
-                        _cluster_add(clusters, cluster_sizes, verdict.duplicate_of, pub, verdict.similarity, "near",
-                                     dc.dedup.max_clusters_reported)  # fmt: skip
+                        quarantine.add(
+                            source,
+                            file,
+                            loc,
+                            "dedup_near",
+                            reason,
+                            duplicate_of=verdict.duplicate_of,
+                            similarity=round(verdict.similarity, 3),
+                            row=pub,
+                        )
+                        _cluster_add(
+                            clusters,
+                            cluster_sizes,
+                            verdict.duplicate_of,
+                            pub,
+                            verdict.similarity,
+                            "near",
+                            dc.dedup.max_clusters_reported,
+                        )
                         continue
-                    spool.write(json.dumps({"source": source, "file": file, "loc": loc, "row": pub},
-                                           ensure_ascii=False, default=str) + "\n")  # fmt: skip
+                    spool.write(
+                        json.dumps(
+                            {"source": source, "file": file, "loc": loc, "row": pub}, ensure_ascii=False, default=str
+                        )
+                        + "\n"
+                    )
                     meta_length.append(o["length"])
                     meta_answer.append(o["answer_length"])
                     extra = row["extra"]
@@ -429,8 +462,13 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
 
         sample("val", dc.sample.val)
         sample("test", dc.sample.test)
-        decontam = {"enabled": dc.decontaminate.enabled, "ngram": dc.decontaminate.ngram,
-                    "scope": dc.decontaminate.scope, "dropped": 0}  # fmt: skip
+        decontam = {
+            "enabled": dc.decontaminate.enabled,
+            "ngram": dc.decontaminate.ngram,
+            "scope": dc.decontaminate.scope,
+            "dropped": 0,
+        }
+
         def decontam_text(pub: dict[str, Any]) -> str:
             internal = _internal(pub)
             if dc.decontaminate.scope == "prompt":
@@ -504,13 +542,20 @@ def run_data(cfg, output_dir: str | Path, workers: int = 1, strict: bool = False
                 for row in synthetic:
                     if held and not _ngram_hashes(decontam_text(row), dc.decontaminate.ngram).isdisjoint(held):
                         decontaminated[row["origin"]] += 1
-                        quarantine.add(row["source"], "augment", row["id"], "augment/decontaminate",
-                                       f"synthetic row shares a {dc.decontaminate.ngram}-gram with a val/test prompt",
-                                       row=row)  # fmt: skip
+                        quarantine.add(
+                            row["source"],
+                            "augment",
+                            row["id"],
+                            "augment/decontaminate",
+                            f"synthetic row shares a {dc.decontaminate.ngram}-gram with a val/test prompt",
+                            row=row,
+                        )
                         continue
                     if dc.system_prompt and not any(m["role"] == "system" for m in row["messages"]):
                         row["messages"].insert(0, {"role": "system", "content": dc.system_prompt})
-                    files["train"].write(json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n")
+                    files["train"].write(
+                        json.dumps(convert_row(row, dc.format), ensure_ascii=False, default=str) + "\n"
+                    )
                 del augment_train
                 augment_report["decontaminated"] = dict(decontaminated)
                 augment_report["written"] = len(synthetic) - sum(decontaminated.values())
@@ -668,9 +713,16 @@ def _hist_summary(values: list[int]) -> dict[str, Any]:
         return {"count": 0}
     arr = np.asarray(values, dtype=np.float64)
     q = np.quantile(arr, [0.05, 0.5, 0.95])
-    return {"count": int(arr.size), "mean": round(float(arr.mean()), 1), "std": round(float(arr.std()), 1),
-            "min": int(arr.min()), "p5": float(q[0]), "median": float(q[1]), "p95": float(q[2]),
-            "max": int(arr.max())}  # fmt: skip
+    return {
+        "count": int(arr.size),
+        "mean": round(float(arr.mean()), 1),
+        "std": round(float(arr.std()), 1),
+        "min": int(arr.min()),
+        "p5": float(q[0]),
+        "median": float(q[1]),
+        "p95": float(q[2]),
+        "max": int(arr.max()),
+    }
 
 
 def _drop_reasons(accounts: Accounts) -> dict[str, int]:
@@ -692,29 +744,61 @@ def _funnel(funnel: Counter, changed: Counter, split_counts: Counter, split_befo
         ("decontaminate", "train rows sharing a long n-gram with val/test"),
         ("sample", "sampled out by data.sample caps"),
     ]
-    rows = [{"stage": "input", "rows_in": funnel["input"], "dropped": 0, "rows_out": funnel["input"],
-             "note": "records read (general set excluded)"}]  # fmt: skip
+    rows = [
+        {
+            "stage": "input",
+            "rows_in": funnel["input"],
+            "dropped": 0,
+            "rows_out": funnel["input"],
+            "note": "records read (general set excluded)",
+        }
+    ]
     current = funnel["input"]
     for stage, note in stages:
         if stage == "filter":  # in-place stages before the filters: rows changed, none dropped
-            rows.append({"stage": "normalise", "rows_in": current, "dropped": 0, "rows_out": current,
-                         "changed": changed["normalise"], "note": "NFKC, HTML, control characters, whitespace"})
-            rows.append({"stage": "pii", "rows_in": current, "dropped": 0, "rows_out": current,
-                         "changed": changed["pii"], "note": "rows with PII replaced by typed placeholders"})
+            rows.append(
+                {
+                    "stage": "normalise",
+                    "rows_in": current,
+                    "dropped": 0,
+                    "rows_out": current,
+                    "changed": changed["normalise"],
+                    "note": "NFKC, HTML, control characters, whitespace",
+                }
+            )
+            rows.append(
+                {
+                    "stage": "pii",
+                    "rows_in": current,
+                    "dropped": 0,
+                    "rows_out": current,
+                    "changed": changed["pii"],
+                    "note": "rows with PII replaced by typed placeholders",
+                }
+            )
         dropped = funnel[f"{stage}_dropped"]
-        rows.append({"stage": stage, "rows_in": current, "dropped": dropped, "rows_out": current - dropped,
-                     "note": note})  # fmt: skip
+        rows.append(
+            {"stage": stage, "rows_in": current, "dropped": dropped, "rows_out": current - dropped, "note": note}
+        )
         current -= dropped
-    rows.append({"stage": "output", "rows_in": current, "dropped": 0, "rows_out": sum(split_counts.values()),
-                 "note": ", ".join(f"{s}={split_counts[s]}" for s in SPLITS)})  # fmt: skip
+    rows.append(
+        {
+            "stage": "output",
+            "rows_in": current,
+            "dropped": 0,
+            "rows_out": sum(split_counts.values()),
+            "note": ", ".join(f"{s}={split_counts[s]}" for s in SPLITS),
+        }
+    )
     return rows
 
 
-def build_general(dc: DataConfig, out: Path, accounts: Accounts, quarantine: Quarantine, funnel: Counter,
-                  seed: int) -> dict[str, Any]:  # fmt: skip
+def build_general(
+    dc: DataConfig, out: Path, accounts: Accounts, quarantine: Quarantine, funnel: Counter, seed: int
+) -> dict[str, Any]:
     """Self-instruct seed tasks → one messages row per instance, in data/general.jsonl."""
-    from domaintune.data.readers import read_jsonl as read_jsonl_records
     from domaintune.data.config import SourceConfig
+    from domaintune.data.readers import read_jsonl as read_jsonl_records
 
     path = Path(dc.general.path)
     if not path.exists():
@@ -749,15 +833,17 @@ def build_general(dc: DataConfig, out: Path, accounts: Accounts, quarantine: Qua
                 quarantine.add(name, rec.file, loc, "general", "empty instruction/output", row=inst)
                 continue
             user = instruction if not inp else f"{instruction}\n\n{inp}"
-            rows.append({
-                "id": f"{data.get('id', rec.loc)}-{k}",
-                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
-                "source": name,
-                "task": data.get("name"),
-                "is_classification": bool(data.get("is_classification", False)),
-                "_loc": (rec.file, loc),
-                "_group": str(data.get("id", rec.loc)),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "id": f"{data.get('id', rec.loc)}-{k}",
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+                    "source": name,
+                    "task": data.get("name"),
+                    "is_classification": bool(data.get("is_classification", False)),
+                    "_loc": (rec.file, loc),
+                    "_group": str(data.get("id", rec.loc)),
+                }
+            )
     cap = dc.general.max_rows
     keep = set(range(len(rows)))
     if cap is not None and len(rows) > cap:

@@ -85,10 +85,13 @@ def map_record(rec: Record, src: SourceConfig, row_id: str) -> dict[str, Any]:
         elif "text" in data:
             kind = "text"
         else:
-            raise Drop("map", "no mapped fields: record has no messages/conversations/instruction+output/text "
-                              "(set fields: on this source)")  # fmt: skip
+            raise Drop(
+                "map",
+                "no mapped fields: record has no messages/conversations/instruction+output/text "
+                "(set fields: on this source)",
+            )
     try:
-        if f.messages or kind in ("messages", "canonical") and not mapped_any:
+        if f.messages or (kind in ("messages", "canonical") and not mapped_any):
             value = data.get(f.messages or "messages")
             if value is None:
                 raise Drop("filter", f"missing:{f.messages or 'messages'}")
@@ -121,8 +124,13 @@ def map_record(rec: Record, src: SourceConfig, row_id: str) -> dict[str, Any]:
             if history:
                 fl = row["fields"]
                 row["kind"] = "messages"
-                row["messages"] = qa_to_messages(fl.get("instruction", ""), fl.get("input", ""),
-                                                 fl.get("output", ""), fl.get("system") or None, history)  # fmt: skip
+                row["messages"] = qa_to_messages(
+                    fl.get("instruction", ""),
+                    fl.get("input", ""),
+                    fl.get("output", ""),
+                    fl.get("system") or None,
+                    history,
+                )
                 row["fields"] = {}
     except (ValueError, TypeError) as exc:
         raise Drop("map", f"invalid conversation: {exc}") from None
@@ -294,8 +302,9 @@ class RowProcessor:
         if n.enabled:
             info["normalised"] = _apply(
                 row,
-                lambda s: normalise_text(s, nfkc=n.nfkc, html_clean=n.html, control_chars=n.control_chars,
-                                         whitespace=n.whitespace),  # fmt: skip
+                lambda s: normalise_text(
+                    s, nfkc=n.nfkc, html_clean=n.html, control_chars=n.control_chars, whitespace=n.whitespace
+                ),
             )
         if self.cfg.pii.enabled:
             counts: Counter = Counter()
@@ -325,19 +334,27 @@ class RowProcessor:
                 res = self.process_one(rec, row_id)
             except Drop as drop:
                 payload = getattr(drop, "row", None) or self.redact_payload(rec.data)
-                outcomes.append({"rid": rid, "drop": (drop.stage, drop.reason), "payload": _json_safe(payload),
-                                 "info": getattr(drop, "info", None)})  # fmt: skip
+                outcomes.append(
+                    {
+                        "rid": rid,
+                        "drop": (drop.stage, drop.reason),
+                        "payload": _json_safe(payload),
+                        "info": getattr(drop, "info", None),
+                    }
+                )
                 continue
             row = res["row"]
             dtext = self.dedup_text(row)
-            outcomes.append({
-                "rid": rid,
-                "row": row,
-                "info": res["info"],
-                "exact": xxhash.xxh64_intdigest(_WS.sub("", dtext.lower()).encode()),
-                "length": sum(len(t) for t in text_fields(row)),
-                "answer_length": len(answer_text(row)),
-            })  # fmt: skip
+            outcomes.append(
+                {
+                    "rid": rid,
+                    "row": row,
+                    "info": res["info"],
+                    "exact": xxhash.xxh64_intdigest(_WS.sub("", dtext.lower()).encode()),
+                    "length": sum(len(t) for t in text_fields(row)),
+                    "answer_length": len(answer_text(row)),
+                }
+            )
             texts.append(dtext)
         sigs = self.hasher.signatures(texts) if self.hasher is not None and texts else None
         return {"outcomes": outcomes, "sigs": sigs}

@@ -24,9 +24,9 @@ for the same config and seed; tests/test_data_ray.py checks that on the shared d
 from __future__ import annotations
 
 import logging
-import time
 import pickle
 import re
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,7 +46,7 @@ last_stats: dict[str, Any] = {}  # stage timings of the latest run (bench/bench_
 def import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise UserError(
             "data.engine: ray needs Ray Data, which is not installed: pip install 'domaintune[ray]' "
@@ -117,8 +117,11 @@ def process_chunks(batch: dict[str, np.ndarray], processor: RowProcessor) -> dic
         result["where"] = where
         results.append(pickle.dumps(result, protocol=5))
         ks.append(k)
-    return {"k": np.asarray(ks, dtype=np.int64), "result": np.asarray(results, dtype=object),
-            "keys": np.asarray(keys, dtype=object)}  # fmt: skip
+    return {
+        "k": np.asarray(ks, dtype=np.int64),
+        "result": np.asarray(results, dtype=object),
+        "keys": np.asarray(keys, dtype=object),
+    }
 
 
 def expand_rows(batch: dict[str, np.ndarray], partitions: int, num_perm: int) -> dict[str, np.ndarray]:
@@ -204,8 +207,12 @@ def band_pairs(batch: dict[str, np.ndarray], threshold: float, num_perm: int) ->
                 out_aid.append(ids[ia[ok]])
                 out_sim.append(sims[ok])
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
-    return {"a": cat(out_a, np.int64), "b": cat(out_b, np.int64), "a_id": cat(out_aid, object),
-            "sim": cat(out_sim, np.float64)}  # fmt: skip
+    return {
+        "a": cat(out_a, np.int64),
+        "b": cat(out_b, np.int64),
+        "a_id": cat(out_aid, object),
+        "sim": cat(out_sim, np.float64),
+    }
 
 
 def banding_pairs(rows, lsh: LSHIndex, partitions: int) -> list[tuple[int, int, str, float]]:
@@ -213,11 +220,11 @@ def banding_pairs(rows, lsh: LSHIndex, partitions: int) -> list[tuple[int, int, 
     group by band key (a shuffle on key mod `partitions`), verify each bucket's pairs on the signatures.
     Returns the verified pairs (a, b, id of a, estimated Jaccard) with a < b, each once."""
     pairs = (
-        rows.map_batches(emit_bands, fn_kwargs={"lsh": lsh, "partitions": partitions}, batch_format="numpy",
-                         batch_size=None)
+        rows.map_batches(
+            emit_bands, fn_kwargs={"lsh": lsh, "partitions": partitions}, batch_format="numpy", batch_size=None
+        )
         .groupby("part", num_partitions=partitions)
-        .map_groups(band_pairs, fn_kwargs={"threshold": lsh.threshold, "num_perm": lsh.num_perm},
-                    batch_format="numpy")  # fmt: skip
+        .map_groups(band_pairs, fn_kwargs={"threshold": lsh.threshold, "num_perm": lsh.num_perm}, batch_format="numpy")
     )
     edges = []
     for b in pairs.iter_batches(batch_format="numpy", batch_size=65536):
@@ -284,8 +291,13 @@ class RayEngine:
         hit = self.near.get(rid)
         return DedupResult(*hit) if hit else _KEPT
 
-    def stream(self, records: Callable, parse_error: Callable, rid_info: dict,
-               describe: Callable[[str], None] = lambda text: None) -> Iterator[tuple[list, dict]]:  # fmt: skip
+    def stream(
+        self,
+        records: Callable,
+        parse_error: Callable,
+        rid_info: dict,
+        describe: Callable[[str], None] = lambda text: None,
+    ) -> Iterator[tuple[list, dict]]:
         """(chunk, result) in input order, as the local engine's map yields them; `describe` names the phase
         on the driver's progress bar (Ray Data shows its own per-operator bars while the cluster works)."""
         self.describe = describe
@@ -314,8 +326,12 @@ class RayEngine:
         per_block = self.dc.ray.batches_per_block
 
         def put_block() -> None:
-            table = pa.table({"k": pa.array([k for k, _ in pending], pa.int64()),
-                              "payload": pa.array([p for _, p in pending], pa.large_binary())})  # fmt: skip
+            table = pa.table(
+                {
+                    "k": pa.array([k for k, _ in pending], pa.int64()),
+                    "payload": pa.array([p for _, p in pending], pa.large_binary()),
+                }
+            )
             refs.append(ray.put(table))
             pending.clear()
 
@@ -354,8 +370,9 @@ class RayEngine:
             try:
                 results = (
                     ray.data.from_arrow_refs(refs)
-                    .map_batches(process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None,
-                                 batch_format="numpy")  # fmt: skip
+                    .map_batches(
+                        process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None, batch_format="numpy"
+                    )
                     .materialize()
                 )
             finally:
@@ -364,19 +381,27 @@ class RayEngine:
             dedup_on = self.dc.dedup.exact or self.lsh is not None
             if dedup_on:
                 rows = results.select_columns(["keys"]).map_batches(
-                    expand_rows, fn_kwargs={"partitions": parts, "num_perm": num_perm}, batch_format="numpy",
+                    expand_rows,
+                    fn_kwargs={"partitions": parts, "num_perm": num_perm},
+                    batch_format="numpy",
                     batch_size=None,
                 )
                 if self.dc.dedup.exact:
                     grouped = rows.groupby("part", num_partitions=parts).map_groups(exact_groups, batch_format="numpy")
                     grouped = grouped.materialize()
-                    dups = grouped.map_batches(_select, fn_kwargs={"first": False, "columns": ("pos", "dup_of")},
-                                               batch_format="numpy", batch_size=None)  # fmt: skip
+                    dups = grouped.map_batches(
+                        _select,
+                        fn_kwargs={"first": False, "columns": ("pos", "dup_of")},
+                        batch_format="numpy",
+                        batch_size=None,
+                    )
                     for b in dups.iter_batches(batch_format="numpy", batch_size=65536):
                         self.exact_duplicate_of.update(zip(b["pos"].tolist(), b["dup_of"].tolist()))
                     self.stats["exact_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
                     survivors = grouped.map_batches(
-                        _select, fn_kwargs={"first": True, "columns": ("pos", "id", "sig")}, batch_format="numpy",
+                        _select,
+                        fn_kwargs={"first": True, "columns": ("pos", "id", "sig")},
+                        batch_format="numpy",
                         batch_size=None,
                     )
                 else:

@@ -168,10 +168,12 @@ def read_csv(path: Path, src: SourceConfig, name: str, delimiter: str) -> Iterat
             loc = f"line {where['line']}"
             if len(row) != len(header):
                 yield Record(
-                    name, str(path), loc,
+                    name,
+                    str(path),
+                    loc,
                     error=f"wrong column count: expected {len(header)}, got {len(row)}",
                     raw=_snippet(delimiter.join(row)),
-                )  # fmt: skip
+                )
                 continue
             yield Record(name, str(path), loc, data=dict(zip(header, row)))
     except csv.Error as exc:
@@ -197,12 +199,24 @@ def read_jsonl(path: Path, src: SourceConfig, name: str, kind: str = "table") ->
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Record(name, str(path), loc, error=f"invalid JSON: {exc.msg} (column {exc.colno})",
-                         raw=_snippet(line), kind=kind)  # fmt: skip
+            yield Record(
+                name,
+                str(path),
+                loc,
+                error=f"invalid JSON: {exc.msg} (column {exc.colno})",
+                raw=_snippet(line),
+                kind=kind,
+            )
             continue
         if not isinstance(obj, dict):
-            yield Record(name, str(path), loc, error=f"expected a JSON object, got {type(obj).__name__}",
-                         raw=_snippet(line), kind=kind)  # fmt: skip
+            yield Record(
+                name,
+                str(path),
+                loc,
+                error=f"expected a JSON object, got {type(obj).__name__}",
+                raw=_snippet(line),
+                kind=kind,
+            )
             continue
         yield Record(name, str(path), loc, data=obj, kind=kind)
     while bad:
@@ -225,8 +239,14 @@ def read_json(path: Path, src: SourceConfig, name: str, kind: str = "table") -> 
         if exc.msg == "Extra data" and stripped.startswith("{"):
             yield from read_jsonl(path, src, name, kind)
             return
-        yield Record(name, str(path), f"line {exc.lineno}", error=f"invalid JSON: {exc.msg} (column {exc.colno})",
-                     raw=_snippet(text.splitlines()[exc.lineno - 1] if text.splitlines() else ""), kind=kind)  # fmt: skip
+        yield Record(
+            name,
+            str(path),
+            f"line {exc.lineno}",
+            error=f"invalid JSON: {exc.msg} (column {exc.colno})",
+            raw=_snippet(text.splitlines()[exc.lineno - 1] if text.splitlines() else ""),
+            kind=kind,
+        )
         return
     records = doc
     if src.json_records:
@@ -241,8 +261,14 @@ def read_json(path: Path, src: SourceConfig, name: str, kind: str = "table") -> 
     for i, obj in enumerate(records):
         loc = f"record {i}"
         if not isinstance(obj, dict):
-            yield Record(name, str(path), loc, error=f"expected a JSON object, got {type(obj).__name__}",
-                         raw=_snippet(json.dumps(obj, ensure_ascii=False)), kind=kind)  # fmt: skip
+            yield Record(
+                name,
+                str(path),
+                loc,
+                error=f"expected a JSON object, got {type(obj).__name__}",
+                raw=_snippet(json.dumps(obj, ensure_ascii=False)),
+                kind=kind,
+            )
             continue
         yield Record(name, str(path), loc, data=obj, kind=kind)
 
@@ -258,7 +284,7 @@ def read_parquet(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as exc:  # noqa: BLE001 - any pyarrow failure means the file is unreadable
+    except Exception as exc:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
     n = 0
     for batch in pf.iter_batches(batch_size=2048):
@@ -272,7 +298,7 @@ def read_excel(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
 
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UserError(f"{path}: not a readable Excel workbook ({exc})") from None
     try:
         if src.sheet is None:
@@ -355,7 +381,7 @@ def read_pdf(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
     try:
         reader = PdfReader(str(path))
         pages = [page.extract_text() or "" for page in reader.pages]
-    except Exception as exc:  # noqa: BLE001 - pypdf raises many types for broken files
+    except Exception as exc:
         yield Record(name, str(path), "file", error=f"unreadable PDF: {exc}", raw="", kind="text")
         return
     if src.pages == "page":
@@ -370,7 +396,7 @@ def read_docx(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
 
     try:
         document = docx.Document(str(path))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         yield Record(name, str(path), "file", error=f"unreadable DOCX: {exc}", raw="", kind="text")
         return
     parts = [p.text for p in document.paragraphs]

@@ -12,9 +12,7 @@ _HTML_TAGS = (
     "tfoot|th|thead|title|tr|tt|u|ul"
 )
 # Only real HTML tags are stripped ("x<y and y>z" is left alone); script/style go with their content.
-_TAG_RE = re.compile(
-    rf"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:{_HTML_TAGS})(?:\s[^<>]*)?/?>", re.S | re.I
-)
+_TAG_RE = re.compile(rf"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|</?(?:{_HTML_TAGS})(?:\s[^<>]*)?/?>", re.S | re.I)
 _SPACES_RE = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANKS_RE = re.compile(r"\n\s*\n\s*\n+")
 _TRAIL_RE = re.compile(r" *\n *")

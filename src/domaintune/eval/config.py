@@ -120,17 +120,17 @@ class EvalConfig(StrictModel):
     stratum_field: str | None = Field(
         None, description="Row field for the per-stratum breakdown. Default: the first of department/qtype/category."
     )
-    primary_metric: str = Field(
-        "rougeL_char", description="Metric used for worst cases, robustness and retention."
-    )
+    primary_metric: str = Field("rougeL_char", description="Metric used for worst cases, robustness and retention.")
     gates: list[str] = Field(
         default_factory=list,
         description="Pass/fail rules such as `rougeL_char_delta >= 2` or `retention >= 0.95`; eval exits 1 on failure.",
     )
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
     num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads while evaluating (default: torch's). 1 avoids OpenMP spin "
-        "contention on a busy CPU."
+        None,
+        ge=1,
+        description="torch CPU threads while evaluating (default: torch's). 1 avoids OpenMP spin "
+        "contention on a busy CPU.",
     )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
     worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")
@@ -138,7 +138,9 @@ class EvalConfig(StrictModel):
     robustness: RobustnessConfig = Field(
         default_factory=RobustnessConfig, description="Score drop on lightly perturbed prompts."
     )
-    review: ReviewConfig = Field(default_factory=ReviewConfig, description="Defaults of `domaintune eval export-review`.")
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="Defaults of `domaintune eval export-review`."
+    )
 
     @field_validator("gates")
     @classmethod

@@ -58,7 +58,9 @@ def evaluate_gates(gates: list[str], values: dict[str, Any]) -> dict[str, Any]:
         value = values.get(gate.name)
         if gate.name not in values:
             close = sorted(k for k in values if gate.name.split("_")[0].lower() in k.lower())[:8]
-            reason = f"{gate.text}: unknown metric {gate.name!r}" + (f" (did you mean one of {close}?)" if close else "")
+            reason = f"{gate.text}: unknown metric {gate.name!r}" + (
+                f" (did you mean one of {close}?)" if close else ""
+            )
             ok = False
         elif value is None or (isinstance(value, float) and math.isnan(value)):
             reason = f"{gate.text}: {gate.name} was not measured in this run"

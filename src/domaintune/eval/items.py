@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
-from domaintune.utils.io import read_jsonl_numbered
-from domaintune.utils.io import read_jsonl, write_jsonl
+from domaintune.utils.io import read_jsonl, read_jsonl_numbered, write_jsonl
 
 STRATUM_FIELDS = ("department", "qtype", "category", "stratum", "task_type", "domain")
 
@@ -96,8 +95,9 @@ def classification_gold(item: Item) -> str | None:
 
 
 def cache_key(kind: str, identity: str, payload: Any, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"kind": kind, "model": identity, "input": payload, "settings": settings}, sort_keys=True,
-                      ensure_ascii=False)
+    blob = json.dumps(
+        {"kind": kind, "model": identity, "input": payload, "settings": settings}, sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

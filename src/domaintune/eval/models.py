@@ -182,7 +182,9 @@ class EvalModel:
             raise UserError(f"eval.models[{spec.name}]: environment variable {spec.api_key_env} is not set")
         return OpenAI(base_url=spec.url, api_key=key or "no-key", timeout=spec.timeout_s, max_retries=2)
 
-    def _generate_endpoint(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None) -> list[Answer]:
+    def _generate_endpoint(
+        self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None
+    ) -> list[Answer]:
         import openai
 
         client = self._client()

@@ -10,8 +10,21 @@ from typing import Any
 from jinja2 import Environment, select_autoescape
 
 SCORE_METRICS = (
-    "rouge1_char", "rouge2_char", "rougeL_char", "rouge1_word", "rouge2_word", "rougeL_word", "bleu", "chrf",
-    "token_f1", "exact_match", "term_coverage", "accuracy", "macro_f1", "valid_json", "json_field_f1",
+    "rouge1_char",
+    "rouge2_char",
+    "rougeL_char",
+    "rouge1_word",
+    "rouge2_word",
+    "rougeL_word",
+    "bleu",
+    "chrf",
+    "token_f1",
+    "exact_match",
+    "term_coverage",
+    "accuracy",
+    "macro_f1",
+    "valid_json",
+    "json_field_f1",
 )
 
 
@@ -24,8 +37,18 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-              "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "AR PL UMing CN")
+_CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "Heiti SC",
+    "AR PL UMing CN",
+)
 
 
 def cjk_font() -> str | None:
@@ -45,8 +68,13 @@ def chart_labels(labels: list[str]) -> tuple[list[str], bool]:
     return labels, False
 
 
-def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], title: str, ylabel: str,
-                  errors: dict[str, list[tuple[float, float] | None]] | None = None) -> str:
+def _grouped_bars(
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    title: str,
+    ylabel: str,
+    errors: dict[str, list[tuple[float, float] | None]] | None = None,
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +97,13 @@ def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], titl
             yerr = [lows, highs]
         bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, label=name, yerr=yerr, capsize=3)
         for bar, v in zip(bars, vals):
-            ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                        va="bottom" if v >= 0 else "top", fontsize=7)
+            ax.annotate(
+                f"{v:.1f}",
+                (bar.get_x() + bar.get_width() / 2, v),
+                ha="center",
+                va="bottom" if v >= 0 else "top",
+                fontsize=7,
+            )
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_title(title)
@@ -87,49 +120,84 @@ def _charts(report: dict[str, Any]) -> list[dict[str, str]]:
         names = list(per_model)
         metrics = [m for m in SCORE_METRICS if any(m in per_model[n] for n in names)]
         if metrics:
-            charts.append({
-                "title": f"{set_name} set: scores per model (0-100)",
-                "png": _grouped_bars(metrics, {n: [per_model[n].get(m) for m in metrics] for n in names},
-                                     f"{set_name}: metrics per model", "score"),
-            })
+            charts.append(
+                {
+                    "title": f"{set_name} set: scores per model (0-100)",
+                    "png": _grouped_bars(
+                        metrics,
+                        {n: [per_model[n].get(m) for m in metrics] for n in names},
+                        f"{set_name}: metrics per model",
+                        "score",
+                    ),
+                }
+            )
     ppl_sets = [s for s in report["metrics"] if any("perplexity" in v for v in report["metrics"][s].values())]
     if ppl_sets:
         names = list(report["models"])
-        charts.append({
-            "title": "Perplexity of the reference answers (lower is better)",
-            "png": _grouped_bars(ppl_sets, {n: [report["metrics"][s].get(n, {}).get("perplexity") for s in ppl_sets]
-                                            for n in names}, "reference perplexity", "perplexity"),
-        })
+        charts.append(
+            {
+                "title": "Perplexity of the reference answers (lower is better)",
+                "png": _grouped_bars(
+                    ppl_sets,
+                    {n: [report["metrics"][s].get(n, {}).get("perplexity") for s in ppl_sets] for n in names},
+                    "reference perplexity",
+                    "perplexity",
+                ),
+            }
+        )
     for model, deltas in report["deltas"].get("test", {}).items():
         metrics = [m for m in SCORE_METRICS if m in deltas]
         if metrics:
-            errs = [(deltas[m]["ci_low"], deltas[m]["ci_high"]) if deltas[m].get("ci_low") is not None
-                    and not math.isnan(deltas[m]["ci_low"]) else None for m in metrics]
-            charts.append({
-                "title": f"Delta {model} - base on the test set, with 95% bootstrap CI",
-                "png": _grouped_bars(metrics, {f"{model} - base": [deltas[m]["delta"] for m in metrics]},
-                                     f"{model} - base", "points", errors={f"{model} - base": errs}),
-            })
+            errs = [
+                (deltas[m]["ci_low"], deltas[m]["ci_high"])
+                if deltas[m].get("ci_low") is not None and not math.isnan(deltas[m]["ci_low"])
+                else None
+                for m in metrics
+            ]
+            charts.append(
+                {
+                    "title": f"Delta {model} - base on the test set, with 95% bootstrap CI",
+                    "png": _grouped_bars(
+                        metrics,
+                        {f"{model} - base": [deltas[m]["delta"] for m in metrics]},
+                        f"{model} - base",
+                        "points",
+                        errors={f"{model} - base": errs},
+                    ),
+                }
+            )
     strata = report.get("strata") or {}
     if strata.get("groups"):
         groups = list(strata["groups"])[:12]
         metric = strata["metric"]
         names = list(report["models"])
         _, mapped = chart_labels(groups)
-        charts.append({
-            "title": f"{metric} per {strata['field']}"
-            + (" (bars labelled S1, S2, ... as in the table: no CJK font installed)" if mapped else ""),
-            "png": _grouped_bars(groups, {n: [strata["groups"][g].get(n, {}).get(metric) for g in groups]
-                                          for n in names}, f"{metric} by {strata['field']}", metric),
-        })
+        charts.append(
+            {
+                "title": f"{metric} per {strata['field']}"
+                + (" (bars labelled S1, S2, ... as in the table: no CJK font installed)" if mapped else ""),
+                "png": _grouped_bars(
+                    groups,
+                    {n: [strata["groups"][g].get(n, {}).get(metric) for g in groups] for n in names},
+                    f"{metric} by {strata['field']}",
+                    metric,
+                ),
+            }
+        )
     rob = report.get("robustness", {})
     if rob.get("models"):
         kinds = ["clean", *next(iter(rob["models"].values()))["perturbed"].keys()]
-        charts.append({
-            "title": f"Robustness: {rob['metric']} on clean vs perturbed prompts ({rob['n_items']} items)",
-            "png": _grouped_bars(kinds, {n: [r["clean"], *r["perturbed"].values()] for n, r in rob["models"].items()},
-                                 "robustness", rob["metric"]),
-        })
+        charts.append(
+            {
+                "title": f"Robustness: {rob['metric']} on clean vs perturbed prompts ({rob['n_items']} items)",
+                "png": _grouped_bars(
+                    kinds,
+                    {n: [r["clean"], *r["perturbed"].values()] for n, r in rob["models"].items()},
+                    "robustness",
+                    rob["metric"],
+                ),
+            }
+        )
     return charts
 
 
@@ -209,5 +277,6 @@ def _delta_class(metric: str, d: dict | None) -> str:
 def render_html(report: dict[str, Any]) -> str:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     template = env.from_string(TEMPLATE)
-    return template.render(r=report, charts=_charts(report), fmt=_fmt, metric_names=_metric_names,
-                           delta_class=_delta_class)
+    return template.render(
+        r=report, charts=_charts(report), fmt=_fmt, metric_names=_metric_names, delta_class=_delta_class
+    )

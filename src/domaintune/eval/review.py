@@ -77,15 +77,23 @@ def export_review(
         writer.writerows(records)
     (out_dir / "review.html").write_text(_review_html(records, review_id, show_reference), encoding="utf-8")
     write_json(out_dir / "review_key.json", key)
-    return {"review_id": review_id, "n_items": len(records), "csv": str(out_dir / "review.csv"),
-            "html": str(out_dir / "review.html"), "key": str(out_dir / "review_key.json")}
+    return {
+        "review_id": review_id,
+        "n_items": len(records),
+        "csv": str(out_dir / "review.csv"),
+        "html": str(out_dir / "review.html"),
+        "key": str(out_dir / "review_key.json"),
+    }
 
 
 def _review_html(records: list[dict], review_id: str, show_reference: bool) -> str:
     blocks = []
     for k, r in enumerate(records):
-        ref = (f"<details><summary>reference</summary><pre>{html.escape(r['reference'])}</pre></details>"
-               if show_reference else "")
+        ref = (
+            f"<details><summary>reference</summary><pre>{html.escape(r['reference'])}</pre></details>"
+            if show_reference
+            else ""
+        )
         radios = "".join(
             f'<label><input type="radio" name="c{k}" value="{c}"> {c if c != "tie" else "tie / equal"}</label> '
             for c in CHOICES
@@ -94,7 +102,7 @@ def _review_html(records: list[dict], review_id: str, show_reference: bool) -> s
             f'<div class="item" data-id="{html.escape(r["item_id"])}"><h3>{k + 1}. {html.escape(r["item_id"])}</h3>'
             f"<pre class=q>{html.escape(r['question'])}</pre>{ref}"
             f'<div class="pair"><div><b>A</b><pre>{html.escape(r["answer_a"])}</pre></div>'
-            f'<div><b>B</b><pre>{html.escape(r["answer_b"])}</pre></div></div>'
+            f"<div><b>B</b><pre>{html.escape(r['answer_b'])}</pre></div></div>"
             f'<div>Better answer: {radios}<input class="comment" placeholder="comment (optional)" size="50"></div></div>'
         )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Blind review {review_id}</title>
@@ -104,7 +112,7 @@ def _review_html(records: list[dict], review_id: str, show_reference: bool) -> s
 <h1>Blind review</h1><p>For each question pick the better answer (A or B) or "tie". The answers come from two models
 in random order. When done, press <b>Download CSV</b> and send the file back.</p>
 <p>Your name: <input id="reviewer" placeholder="reviewer name"> <span id="status"></span></p>
-{''.join(blocks)}
+{"".join(blocks)}
 <p><button id="dl">Download CSV</button></p>
 <script>
 const REVIEW_ID = {json.dumps(review_id)};
@@ -148,8 +156,15 @@ def _read_choices(path: Path) -> list[dict[str, str]]:
         if norm is None:
             raise UserError(f"{path}:{line_no}: choice {choice!r} must be A, B or tie")
         reviewer = (row.get("reviewer") or "").strip() or path.stem
-        rows.append({"item_id": row["item_id"], "choice": norm, "reviewer": reviewer,
-                     "review_id": (row.get("review_id") or "").strip(), "where": f"{path}:{line_no}"})
+        rows.append(
+            {
+                "item_id": row["item_id"],
+                "choice": norm,
+                "reviewer": reviewer,
+                "review_id": (row.get("review_id") or "").strip(),
+                "where": f"{path}:{line_no}",
+            }
+        )
     return rows
 
 
@@ -162,7 +177,9 @@ def _find_key(files: list[Path], key_path: Path | None) -> Path:
         candidate = f.parent / "review_key.json"
         if candidate.is_file():
             return candidate
-    raise UserError("cannot find review_key.json beside the review files; pass --key <output_dir>/eval/review/review_key.json")
+    raise UserError(
+        "cannot find review_key.json beside the review files; pass --key <output_dir>/eval/review/review_key.json"
+    )
 
 
 def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0, samples: int = 2000) -> dict:
@@ -179,16 +196,19 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
     for f in files:
         for row in _read_choices(f):
             if row["review_id"] and row["review_id"] != key["review_id"]:
-                raise UserError(f"{row['where']}: review_id {row['review_id']} does not match {key_file} "
-                                f"({key['review_id']})")
+                raise UserError(
+                    f"{row['where']}: review_id {row['review_id']} does not match {key_file} ({key['review_id']})"
+                )
             mapping = key["items"].get(row["item_id"])
             if mapping is None:
                 raise UserError(f"{row['where']}: item {row['item_id']!r} is not in {key_file}")
             winner = "tie" if row["choice"] == "tie" else mapping[row["choice"]]
             previous = judgements[row["reviewer"]].get(row["item_id"])
             if previous is not None and previous != winner:
-                raise UserError(f"{row['where']}: reviewer {row['reviewer']!r} rated item {row['item_id']} twice "
-                                "with different choices")
+                raise UserError(
+                    f"{row['where']}: reviewer {row['reviewer']!r} rated item {row['item_id']} twice "
+                    "with different choices"
+                )
             judgements[row["reviewer"]][row["item_id"]] = winner
     if not any(judgements.values()):
         raise UserError("no answered items in the review files (the choice column is empty)")
@@ -213,19 +233,29 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
         arr = np.asarray(per_item)
         boots = arr[rng.integers(0, arr.size, size=(samples, arr.size))].mean(axis=1)
         low, high = np.quantile(boots, [0.025, 0.975])
-        results[model] = {"win_rate": float(arr.mean()), "ci_low": float(low), "ci_high": float(high),
-                          "wins": int(wins), "ties": int(ties), "losses": int(losses)}
+        results[model] = {
+            "win_rate": float(arr.mean()),
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "wins": int(wins),
+            "ties": int(ties),
+            "losses": int(losses),
+        }
     agreement = []
     warnings = []
     for r1, r2 in combinations(sorted(judgements), 2):
         common = sorted(set(judgements[r1]) & set(judgements[r2]))
-        kappa = cohen_kappa([judgements[r1][i] for i in common], [judgements[r2][i] for i in common]) if common else None
+        kappa = (
+            cohen_kappa([judgements[r1][i] for i in common], [judgements[r2][i] for i in common]) if common else None
+        )
         agreement.append({"reviewers": [r1, r2], "n_items": len(common), "kappa": kappa})
         if kappa is None:
             warnings.append(f"kappa {r1} vs {r2}: undefined ({len(common)} common items, or a single category)")
         elif kappa < KAPPA_WARN:
-            warnings.append(f"kappa {r1} vs {r2} = {kappa:.2f} < {KAPPA_WARN}: reviewers disagree; "
-                            "tighten the guidelines or add reviewers")
+            warnings.append(
+                f"kappa {r1} vs {r2} = {kappa:.2f} < {KAPPA_WARN}: reviewers disagree; "
+                "tighten the guidelines or add reviewers"
+            )
     return {
         "review_id": key["review_id"],
         "models": models,

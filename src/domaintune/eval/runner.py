@@ -88,8 +88,13 @@ class _Generations:
                 self.cache.save()
 
             t0 = time.perf_counter()
-            model.generate([prompts[i] for i in todo], self.cfg.eval.decoding, self.seed,
-                           desc=f"{model.name} · {set_name}", on_batch=store)
+            model.generate(
+                [prompts[i] for i in todo],
+                self.cfg.eval.decoding,
+                self.seed,
+                desc=f"{model.name} · {set_name}",
+                on_batch=store,
+            )
             self.generation_s[model.name] += time.perf_counter() - t0
             self.generated += len(todo)
         return rows  # type: ignore[return-value]
@@ -109,8 +114,14 @@ def _nll_rows(model: EvalModel, items: list[Item], cache: JsonlCache, cfg, set_n
             desc=f"{model.name} · perplexity {set_name}",
         )
         for i, (nll, n) in zip(todo, computed):
-            rows[i] = {"key": keys[i], "model": model.name, "set": set_name, "item_id": items[i].id,
-                       "nll": nll, "tokens": n}
+            rows[i] = {
+                "key": keys[i],
+                "model": model.name,
+                "set": set_name,
+                "item_id": items[i].id,
+                "nll": nll,
+                "tokens": n,
+            }
             cache.put(rows[i])
         cache.save()
     return [(r["nll"], r["tokens"]) for r in rows]  # type: ignore[index]
@@ -147,9 +158,7 @@ def _score_set(
             agg["bleu_corpus"] = M.corpus_bleu([r["prediction"] for r in rows], [it.reference for it in items])
         cls_idx = [i for i, g in enumerate(gold) if g is not None]
         if cls_idx and "classification" in ecfg.metrics:
-            agg.update(
-                M.classification_scores([gold[i] for i in cls_idx], [scores[i]["pred_label"] for i in cls_idx])
-            )
+            agg.update(M.classification_scores([gold[i] for i in cls_idx], [scores[i]["pred_label"] for i in cls_idx]))
             agg["classification_items"] = len(cls_idx)
         if "latency" in ecfg.metrics:
             lat = [r["latency_s"] for r in rows]
@@ -254,8 +263,9 @@ def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: i
     chosen = [m for m in models if m.name in _robust_models(ecfg)]
     missing = sorted(set(rcfg.models or []) - {m.name for m in models})
     if missing:
-        raise UserError(f"eval.robustness.models: {missing} not evaluated in this run (evaluated: "
-                        f"{[m.name for m in models]})")
+        raise UserError(
+            f"eval.robustness.models: {missing} not evaluated in this run (evaluated: {[m.name for m in models]})"
+        )
     subset = items[: rcfg.max_items]
     metric = ecfg.primary_metric
     out: dict[str, Any] = {"metric": metric, "n_items": len(subset), "models": {}}
@@ -266,8 +276,10 @@ def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: i
         for kind in rcfg.perturbations:
             prompts = [perturb_prompt(it.prompt, kind, seed + k, rcfg.rate) for k, it in enumerate(subset)]
             rows = gens.answers(model, f"robust-{kind}", [it.id for it in subset], prompts)
-            vals = [M.score_item(r["prediction"], it.reference, [_metric_family(metric)]).get(metric)
-                    for r, it in zip(rows, subset)]
+            vals = [
+                M.score_item(r["prediction"], it.reference, [_metric_family(metric)]).get(metric)
+                for r, it in zip(rows, subset)
+            ]
             score = float(np.mean([v for v in vals if _finite(v)]))
             entry["perturbed"][kind] = score
             entry["drop"][kind] = clean - score
@@ -275,8 +287,10 @@ def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: i
         out["models"][model.name] = entry
     example = subset[0] if subset else None
     if example is not None:
-        out["example"] = {kind: perturb_prompt(example.prompt, kind, seed, rcfg.rate)[-1]["content"][:300]
-                          for kind in rcfg.perturbations}
+        out["example"] = {
+            kind: perturb_prompt(example.prompt, kind, seed, rcfg.rate)[-1]["content"][:300]
+            for kind in rcfg.perturbations
+        }
         out["example"]["original"] = example.prompt[-1]["content"][:300]
     return out
 
@@ -302,8 +316,13 @@ def _judge(items, answers, models, ecfg, eval_dir: Path) -> dict[str, Any]:
     cache = JsonlCache(eval_dir / "judge.jsonl")
     settings = judge_settings(ecfg.judge)
     subset = list(range(len(items)))[: ecfg.judge.max_items or len(items)]
-    out: dict[str, Any] = {"model": ecfg.judge.model, "url": ecfg.judge.url, "n_items": len(subset), "models": {},
-                           "per_item": {}}
+    out: dict[str, Any] = {
+        "model": ecfg.judge.model,
+        "url": ecfg.judge.url,
+        "n_items": len(subset),
+        "models": {},
+        "per_item": {},
+    }
     from tqdm.auto import tqdm
 
     for model in models:
@@ -339,8 +358,11 @@ def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
     for set_name, by_model in report["deltas"].items():
         for model, deltas in by_model.items():
             for metric, d in deltas.items():
-                prefix = "" if set_name == "test" and model == main else (
-                    f"{model}." if set_name == "test" else f"{set_name}.{model}.")
+                prefix = (
+                    ""
+                    if set_name == "test" and model == main
+                    else (f"{model}." if set_name == "test" else f"{set_name}.{model}.")
+                )
                 values[f"{prefix}{metric}_delta"] = d["delta"]
                 values[f"{prefix}{metric}_delta_ci_low"] = d["ci_low"]
                 values[f"{prefix}{metric}_delta_ci_high"] = d["ci_high"]
@@ -525,12 +547,20 @@ def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
         "robustness": robustness,
         "strata": _strata(sets["test"], per_item["test"], stratum_field, ecfg.primary_metric),
         "worst": _worst_cases(
-            sets["test"], per_item["test"], answers["test"], focus, ref if focus != ref else None,
-            ecfg.primary_metric, ecfg.worst_n,
+            sets["test"],
+            per_item["test"],
+            answers["test"],
+            focus,
+            ref if focus != ref else None,
+            ecfg.primary_metric,
+            ecfg.worst_n,
         ),
         "judge": {k: v for k, v in judge.items() if k != "per_item"},
-        "cache": {"answers_reused": gens.cache.hits, "answers_generated": gens.generated,
-                  "perplexity_reused": nll_cache.hits},
+        "cache": {
+            "answers_reused": gens.cache.hits,
+            "answers_generated": gens.generated,
+            "perplexity_reused": nll_cache.hits,
+        },
         "notes": notes,
     }
     report["gate_values"] = {k: v for k, v in sorted(_flat_values(report).items())}
@@ -543,15 +573,17 @@ def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
     item_rows = []
     for set_name, items in sets.items():
         for i, it in enumerate(items):
-            item_rows.append({
-                "set": set_name,
-                "id": it.id,
-                "prompt": it.prompt,
-                "reference": it.reference,
-                "stratum": it.row.get(stratum_field) if stratum_field else None,
-                "answers": {name: rows[i]["prediction"] for name, rows in answers[set_name].items()},
-                "scores": {name: scores[i] for name, scores in per_item[set_name].items()},
-            })
+            item_rows.append(
+                {
+                    "set": set_name,
+                    "id": it.id,
+                    "prompt": it.prompt,
+                    "reference": it.reference,
+                    "stratum": it.row.get(stratum_field) if stratum_field else None,
+                    "answers": {name: rows[i]["prediction"] for name, rows in answers[set_name].items()},
+                    "scores": {name: scores[i] for name, scores in per_item[set_name].items()},
+                }
+            )
     write_jsonl(eval_dir / "items.jsonl", item_rows)
     write_json(eval_dir / "report.json", report)
     from domaintune.eval.report import render_html

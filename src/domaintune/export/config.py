@@ -68,7 +68,8 @@ class ExportConfig(StrictModel):
     )
     eval_max_length: int = Field(512, ge=16, description="Token limit per row for that perplexity.")
     eval_items: int = Field(
-        8, ge=0,
+        8,
+        ge=0,
         description=(
             "Test rows answered greedily by every artefact and scored with the eval stage's metric "
             "(`eval.primary_metric`, e.g. rougeL_char): the answer-quality change of each export. 0: skip."
@@ -76,7 +77,8 @@ class ExportConfig(StrictModel):
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="Token limit of those answers.")
     num_threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="torch CPU threads for the export (default: torch's). 1 avoids OpenMP spin contention on a busy CPU.",
     )
     speed_prompts: int = Field(2, ge=1, description="Prompts used to time greedy generation (tokens/s).")

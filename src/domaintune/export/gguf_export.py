@@ -76,7 +76,9 @@ def _vocab(tokenizer, vocab_size: int):
             if not added[index].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
             looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(gguf.TokenType.CONTROL if added[index].special or looks_special else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.CONTROL if added[index].special or looks_special else gguf.TokenType.USER_DEFINED
+            )
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
@@ -157,7 +159,9 @@ def write_gguf(
         writer.add_token_types(token_types)
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
         if not special.merges:
-            raise UserError(f"{model_dir}: tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported")
+            raise UserError(
+                f"{model_dir}: tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported"
+            )
         special.add_to_gguf(writer, quiet=True)
         if special.chat_template is None:
             if not tokenizer.chat_template:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from domaintune.errors import UserError
 
@@ -96,9 +97,7 @@ def greedy_tokens(model, tokenizer, messages: list[dict], new_tokens: int) -> li
 
     batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
-        out = model.generate(
-            **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
@@ -138,8 +137,9 @@ def answer_quality(model, tokenizer, rows: list[dict], primary_metric: str, max_
     from domaintune.eval.metrics import score_item
     from domaintune.model.loader import end_of_turn_token_ids
 
-    family = next((f for f in ("rouge", "bleu", "chrf", "exact_match", "token_f1") if primary_metric.startswith(f)),
-                  None)
+    family = next(
+        (f for f in ("rouge", "bleu", "chrf", "exact_match", "token_f1") if primary_metric.startswith(f)), None
+    )
     if family is None:
         raise UserError(f"eval.primary_metric {primary_metric!r} is not a text metric the export can score")
     stop = end_of_turn_token_ids(tokenizer)
@@ -147,15 +147,27 @@ def answer_quality(model, tokenizer, rows: list[dict], primary_metric: str, max_
     with torch.inference_mode():
         for row in rows:
             messages = row["messages"]
-            batch = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id)
-            text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            batch = tokenizer.apply_chat_template(
+                messages[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
             value = score_item(text, messages[-1]["content"], [family]).get(primary_metric)
             if value is None:
                 raise UserError(f"eval.primary_metric {primary_metric!r} is not produced by the {family} scorer")
             scores.append(value)
             answers.append(text)
-    return {"metric": primary_metric, "mean": sum(scores) / len(scores), "items": len(scores),
-            "max_new_tokens": max_new_tokens, "scores": scores, "first_answer": answers[0] if answers else None}
+    return {
+        "metric": primary_metric,
+        "mean": sum(scores) / len(scores),
+        "items": len(scores),
+        "max_new_tokens": max_new_tokens,
+        "scores": scores,
+        "first_answer": answers[0] if answers else None,
+    }

@@ -28,7 +28,7 @@ def _quantize_dynamic(model, names: list[str]):
         # torch points users of torch.ao's eager quantisation at torchao; the API still works.
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
-            model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8
+            model, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8
         )
 
 
@@ -66,9 +66,16 @@ def save_int8(model, tokenizer, folder: str | Path, exclude: list[str] | tuple[s
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        spec = {"method": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8",
-                "weight_scheme": "per-channel", "quantized": names, "kept_float": kept, "exclude": list(exclude),
-                "weights": INT8_WEIGHTS, "torch": torch.__version__}
+        spec = {
+            "method": "torch.ao.quantization.quantize_dynamic",
+            "dtype": "qint8",
+            "weight_scheme": "per-channel",
+            "quantized": names,
+            "kept_float": kept,
+            "exclude": list(exclude),
+            "weights": INT8_WEIGHTS,
+            "torch": torch.__version__,
+        }
         (tmp / INT8_SPEC).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
@@ -89,7 +96,9 @@ def load_int8(folder: str | Path):
         raise UserError(f"{folder} is not an INT8 export (needs {INT8_SPEC} and {INT8_WEIGHTS})")
     spec = json.loads((folder / INT8_SPEC).read_text(encoding="utf-8"))
     if "quantized" not in spec:
-        raise UserError(f"{folder / INT8_SPEC} lists no quantised layers (written by an older export); re-run the export")
+        raise UserError(
+            f"{folder / INT8_SPEC} lists no quantised layers (written by an older export); re-run the export"
+        )
     config = AutoConfig.from_pretrained(folder)
     try:
         from transformers.initialization import no_init_weights
@@ -101,7 +110,9 @@ def load_int8(folder: str | Path):
     state = torch.load(folder / INT8_WEIGHTS, weights_only=True, map_location="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{folder}/{INT8_WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"{folder}/{INT8_WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

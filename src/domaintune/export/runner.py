@@ -75,8 +75,10 @@ def _probe_sequences(tokenizer, examples) -> list[list[int]]:
     if examples:
         return [ids for ids, _ in examples[:3]]
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "头痛发热三天，应该怎么办？ What should I do about a headache?"},
-         {"role": "assistant", "content": "请多休息，多喝水，如持续发热请就医。Rest and drink water."}],
+        [
+            {"role": "user", "content": "头痛发热三天，应该怎么办？ What should I do about a headache?"},
+            {"role": "assistant", "content": "请多休息，多喝水，如持续发热请就医。Rest and drink water."},
+        ],
         tokenize=False,
     )
     return [tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -312,8 +314,12 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         file_name = f"{cfg.name}-{qtype}.gguf"
         _say(f"[gguf-{qtype}] writing {file_name}")
         info = write_gguf(merged_dir, gguf_dir / file_name, qtype, tokenizer_pre=ecfg.gguf_tokenizer_pre, name=cfg.name)
-        entry: dict[str, Any] = {"path": f"gguf/{file_name}", "bytes": (gguf_dir / file_name).stat().st_size,
-                                 "tokenizer_pre": info["tokenizer_pre"], "tensors": info["tensors"]}
+        entry: dict[str, Any] = {
+            "path": f"gguf/{file_name}",
+            "bytes": (gguf_dir / file_name).stat().st_size,
+            "tokenizer_pre": info["tokenizer_pre"],
+            "tensors": info["tensors"],
+        }
         if ecfg.verify_gguf:
             entry.update(_verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, prompts, examples, ctx))
         artifacts[f"gguf-{qtype}"] = entry
@@ -322,8 +328,14 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
         stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_token_ids(tokenizer)]
         if "<|im_start|>" in (tokenizer.chat_template or "") and "<|im_start|>" not in stops:
             stops.append("<|im_start|>")
-        text = ollama_modelfile(f"{cfg.name}-{target}.gguf", tokenizer, stops, ecfg.ollama_template,
-                                ecfg.ollama_parameters, system=getattr(cfg.data, "system_prompt", None))
+        text = ollama_modelfile(
+            f"{cfg.name}-{target}.gguf",
+            tokenizer,
+            stops,
+            ecfg.ollama_template,
+            ecfg.ollama_parameters,
+            system=getattr(cfg.data, "system_prompt", None),
+        )
         (gguf_dir / "Modelfile").write_text(text, encoding="utf-8")
 
     _with_deltas(artifacts, "merged")
@@ -331,17 +343,30 @@ def _build(cfg: ProjectConfig, output_dir: Path, model_dir: Path, staging: Path)
     return {
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "project": cfg.name,
-        "source": {"model_dir": str(model_dir), "adapter": adapter, "files": source_files,
-                   "base_model": cfg.model.name_or_path},
+        "source": {
+            "model_dir": str(model_dir),
+            "adapter": adapter,
+            "files": source_files,
+            "base_model": cfg.model.name_or_path,
+        },
         "merge": merge_check,
-        "metric": {"name": "perplexity",
-                   "description": METRIC_DESCRIPTION.format(rows=len(examples)) if examples else None,
-                   "skipped": metric_skip},
-        "quality": {"metric": cfg.eval.primary_metric, "scorer": "domaintune.eval.metrics.score_item",
-                    "description": (f"greedy answers to the first {len(quality_rows)} rows of data/test.jsonl "
-                                    f"(max {ecfg.eval_max_new_tokens} new tokens), scored with the eval stage's "
-                                    f"{cfg.eval.primary_metric} (x100; higher is better)") if quality_rows else None,
-                    "skipped": quality_skip},
+        "metric": {
+            "name": "perplexity",
+            "description": METRIC_DESCRIPTION.format(rows=len(examples)) if examples else None,
+            "skipped": metric_skip,
+        },
+        "quality": {
+            "metric": cfg.eval.primary_metric,
+            "scorer": "domaintune.eval.metrics.score_item",
+            "description": (
+                f"greedy answers to the first {len(quality_rows)} rows of data/test.jsonl "
+                f"(max {ecfg.eval_max_new_tokens} new tokens), scored with the eval stage's "
+                f"{cfg.eval.primary_metric} (x100; higher is better)"
+            )
+            if quality_rows
+            else None,
+            "skipped": quality_skip,
+        },
         "artifacts": artifacts,
         "config": ecfg.model_dump(mode="json"),
         "libraries": _library_versions(),
@@ -374,7 +399,10 @@ def _verify_gguf(gguf_dir, file_name, qtype, reference, tokenizer, probes, promp
     loaded.eval()
     gguf_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=file_name)
     sample = tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True) + TOKENIZER_PROBE
-    same_ids = tokenizer(sample, add_special_tokens=False)["input_ids"] == gguf_tok(sample, add_special_tokens=False)["input_ids"]
+    same_ids = (
+        tokenizer(sample, add_special_tokens=False)["input_ids"]
+        == gguf_tok(sample, add_special_tokens=False)["input_ids"]
+    )
     if not same_ids:
         raise RuntimeError(f"{file_name}: the tokenizer stored in the GGUF file encodes text differently")
     if (gguf_tok.chat_template or "") != (tokenizer.chat_template or ""):

@@ -213,8 +213,13 @@ def estimate_all(
         tokens_per_s = peak_flops * efficiency / flops_per_token(method, shape, run)
         seconds = run.total_tokens / tokens_per_s if run.total_tokens else None
         results.append(
-            Estimate(method, trainable_params(method, shape, run), memory_breakdown(method, shape, run, device),
-                     tokens_per_s, seconds)
+            Estimate(
+                method,
+                trainable_params(method, shape, run),
+                memory_breakdown(method, shape, run, device),
+                tokens_per_s,
+                seconds,
+            )
         )
     return results
 

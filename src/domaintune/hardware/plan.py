@@ -88,8 +88,9 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
             flops = measure_cpu_flops(precision)
         finally:
             torch.set_num_threads(previous)
-        targets.append(Target(f"this machine: CPU, {threads} thread(s) ({precision})", "cpu",
-                              hardware.memory_gib, flops / 1e12))
+        targets.append(
+            Target(f"this machine: CPU, {threads} thread(s) ({precision})", "cpu", hardware.memory_gib, flops / 1e12)
+        )
     for gpu in gpus:
         peak, memory = NAMED_GPUS[gpu]
         targets.append(Target(gpu, "gpu", memory, peak))

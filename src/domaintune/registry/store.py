@@ -141,7 +141,7 @@ def parse_uri(uri: str) -> RegistryRef:
     """`registry://name@alias`, `registry://name@v1.2.3[...]`, optionally `/sub/path` inside the version."""
     if not uri.startswith(SCHEME):
         raise UserError(f"{uri}: not a registry URI (registry://name@alias or registry://name@v1.2.3)")
-    rest = uri[len(SCHEME):]
+    rest = uri[len(SCHEME) :]
     if "@" not in rest:
         raise UserError(f"{uri}: a registry URI looks like registry://name@alias or registry://name@v1.2.3")
     name, ref = rest.split("@", 1)
@@ -158,7 +158,8 @@ def _is_retryable(exc: Exception) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, OperationalError) and any(
-        word in text for word in ("locked", "busy", "deadlock", "already exists"))
+        word in text for word in ("locked", "busy", "deadlock", "already exists")
+    )
 
 
 class ModelRegistry:
@@ -259,7 +260,9 @@ class ModelRegistry:
                 latest = conn.execute(
                     select(versions_table.c.major, versions_table.c.minor, versions_table.c.patch)
                     .where(versions_table.c.name == name)
-                    .order_by(versions_table.c.major.desc(), versions_table.c.minor.desc(), versions_table.c.patch.desc())
+                    .order_by(
+                        versions_table.c.major.desc(), versions_table.c.minor.desc(), versions_table.c.patch.desc()
+                    )
                     .limit(1)
                 ).first()
                 major, minor, patch = latest if latest else (0, 0, 0)
@@ -274,17 +277,32 @@ class ModelRegistry:
                 final = model_root / version
                 result = conn.execute(
                     versions_table.insert().values(
-                        name=name, version=version, major=major, minor=minor, patch=patch, data_hash=data_hash,
-                        created_at=_iso(now), status=status, reasons=list(reasons or []), parent=parent,
-                        store_path=str(final), meta=metadata,
+                        name=name,
+                        version=version,
+                        major=major,
+                        minor=minor,
+                        patch=patch,
+                        data_hash=data_hash,
+                        created_at=_iso(now),
+                        status=status,
+                        reasons=list(reasons or []),
+                        parent=parent,
+                        store_path=str(final),
+                        meta=metadata,
                     )
                 )
                 version_id = result.inserted_primary_key[0]
                 if files:
                     conn.execute(artifacts_table.insert(), [{"version_id": version_id, **item} for item in files])
-                conn.execute(events_table.insert().values(
-                    name=name, version=version, kind="registered",
-                    details={"status": status, "reasons": list(reasons or []), "bump": bump}, at=_iso(now)))
+                conn.execute(
+                    events_table.insert().values(
+                        name=name,
+                        version=version,
+                        kind="registered",
+                        details={"status": status, "reasons": list(reasons or []), "bump": bump},
+                        at=_iso(now),
+                    )
+                )
                 return version, final
 
             def attempt() -> str:
@@ -328,16 +346,19 @@ class ModelRegistry:
             else:
                 raise UserError(f"artefact {rel}: {source} does not exist")
         for file in sorted(p for p in staging.rglob("*") if p.is_file()):
-            files.append({
-                "path": file.relative_to(staging).as_posix(),
-                "sha256": sha256_file(file),
-                "bytes": file.stat().st_size,
-            })
+            files.append(
+                {
+                    "path": file.relative_to(staging).as_posix(),
+                    "sha256": sha256_file(file),
+                    "bytes": file.stat().st_size,
+                }
+            )
         return files
 
     # ------------------------------------------------------------------ lookups
     def _version_row(self, name: str, ref: str, conn: Connection | None = None) -> dict:
         """A version by full name, by `vX.Y.Z` prefix, by alias, or `latest`."""
+
         def lookup(c: Connection) -> dict:
             table = versions_table
             row = c.execute(select(table).where(table.c.name == name, table.c.version == ref)).mappings().first()
@@ -348,16 +369,27 @@ class ModelRegistry:
                 if alias is not None:
                     row = c.execute(select(table).where(table.c.version == alias)).mappings().first()
             if row is None and ref == "latest":
-                row = c.execute(
-                    select(table).where(table.c.name == name)
-                    .order_by(table.c.major.desc(), table.c.minor.desc(), table.c.patch.desc()).limit(1)
-                ).mappings().first()
+                row = (
+                    c.execute(
+                        select(table)
+                        .where(table.c.name == name)
+                        .order_by(table.c.major.desc(), table.c.minor.desc(), table.c.patch.desc())
+                        .limit(1)
+                    )
+                    .mappings()
+                    .first()
+                )
             if row is None and (m := _VERSION_RE.match(ref)):
                 major, minor, patch = map(int, m.groups())
-                rows = c.execute(
-                    select(table).where(table.c.name == name, table.c.major == major, table.c.minor == minor,
-                                        table.c.patch == patch)
-                ).mappings().all()
+                rows = (
+                    c.execute(
+                        select(table).where(
+                            table.c.name == name, table.c.major == major, table.c.minor == minor, table.c.patch == patch
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
                 matching = [r for r in rows if r["version"].startswith(ref)]
                 if len(matching) == 1:
                     row = matching[0]
@@ -375,7 +407,9 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         with self.engine.connect() as conn:
-            return list(conn.execute(select(versions_table.c.name).distinct().order_by(versions_table.c.name)).scalars())
+            return list(
+                conn.execute(select(versions_table.c.name).distinct().order_by(versions_table.c.name)).scalars()
+            )
 
     def list(self, name: str | None = None, include_archived: bool = True) -> list[dict]:
         with self.engine.connect() as conn:
@@ -391,34 +425,60 @@ class ModelRegistry:
             if not include_archived and row["status"] == "archived":
                 continue
             held = sorted(a["alias"] for a in aliases if a["name"] == row["name"] and a["version"] == row["version"])
-            out.append({
-                "name": row["name"], "version": row["version"], "status": row["status"],
-                "created_at": row["created_at"], "aliases": held, "parent": row["parent"],
-                "reasons": row["reasons"], "metrics": (row["meta"] or {}).get("metrics", {}),
-            })
+            out.append(
+                {
+                    "name": row["name"],
+                    "version": row["version"],
+                    "status": row["status"],
+                    "created_at": row["created_at"],
+                    "aliases": held,
+                    "parent": row["parent"],
+                    "reasons": row["reasons"],
+                    "metrics": (row["meta"] or {}).get("metrics", {}),
+                }
+            )
         return out
 
     def show(self, name: str, ref: str) -> dict:
         with self.engine.connect() as conn:
             row = self._version_row(name, ref, conn)
-            files = [dict(r) for r in conn.execute(
-                select(artifacts_table.c.path, artifacts_table.c.sha256, artifacts_table.c.bytes)
-                .where(artifacts_table.c.version_id == row["id"]).order_by(artifacts_table.c.path)
-            ).mappings()]
-            aliases = list(conn.execute(
-                select(aliases_table.c.alias).where(aliases_table.c.name == name,
-                                                    aliases_table.c.version == row["version"])
-            ).scalars())
-            events = [dict(r) for r in conn.execute(
-                select(events_table.c.kind, events_table.c.details, events_table.c.at)
-                .where(events_table.c.name == name, events_table.c.version == row["version"])
-                .order_by(events_table.c.id)
-            ).mappings()]
+            files = [
+                dict(r)
+                for r in conn.execute(
+                    select(artifacts_table.c.path, artifacts_table.c.sha256, artifacts_table.c.bytes)
+                    .where(artifacts_table.c.version_id == row["id"])
+                    .order_by(artifacts_table.c.path)
+                ).mappings()
+            ]
+            aliases = list(
+                conn.execute(
+                    select(aliases_table.c.alias).where(
+                        aliases_table.c.name == name, aliases_table.c.version == row["version"]
+                    )
+                ).scalars()
+            )
+            events = [
+                dict(r)
+                for r in conn.execute(
+                    select(events_table.c.kind, events_table.c.details, events_table.c.at)
+                    .where(events_table.c.name == name, events_table.c.version == row["version"])
+                    .order_by(events_table.c.id)
+                ).mappings()
+            ]
         return {
-            "name": row["name"], "version": row["version"], "semver": f"{row['major']}.{row['minor']}.{row['patch']}",
-            "data_hash": row["data_hash"], "created_at": row["created_at"], "status": row["status"],
-            "reasons": row["reasons"], "parent": row["parent"], "aliases": sorted(aliases),
-            "store_path": row["store_path"], "metadata": row["meta"], "artifacts": files, "events": events,
+            "name": row["name"],
+            "version": row["version"],
+            "semver": f"{row['major']}.{row['minor']}.{row['patch']}",
+            "data_hash": row["data_hash"],
+            "created_at": row["created_at"],
+            "status": row["status"],
+            "reasons": row["reasons"],
+            "parent": row["parent"],
+            "aliases": sorted(aliases),
+            "store_path": row["store_path"],
+            "metadata": row["meta"],
+            "artifacts": files,
+            "events": events,
         }
 
     def version_of(self, uri: str) -> str:
@@ -469,9 +529,7 @@ class ModelRegistry:
         problems = self.verify(ref.name, info["version"], under=sub)
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            raise UserError(
-                f"{uri} -> {info['version']}: refusing a tampered artefact in {root / sub}: {shown}"
-            )
+            raise UserError(f"{uri} -> {info['version']}: refusing a tampered artefact in {root / sub}: {shown}")
         return root / sub
 
     # ------------------------------------------------------------------ status, aliases, events
@@ -485,10 +543,15 @@ class ModelRegistry:
             if reasons is not None:
                 values["reasons"] = list(reasons)
             conn.execute(versions_table.update().where(versions_table.c.id == row["id"]).values(**values))
-            conn.execute(events_table.insert().values(
-                name=name, version=row["version"], kind=f"status:{status}",
-                details={"from": row["status"], "reasons": list(reasons or [])}, at=_iso(),
-            ))
+            conn.execute(
+                events_table.insert().values(
+                    name=name,
+                    version=row["version"],
+                    kind=f"status:{status}",
+                    details={"from": row["status"], "reasons": list(reasons or [])},
+                    at=_iso(),
+                )
+            )
             return row["version"]
 
         return self._transaction(update)
@@ -496,23 +559,39 @@ class ModelRegistry:
     def archive(self, name: str, ref: str, reason: str | None = None) -> str:
         def update(conn: Connection) -> str:
             row = self._version_row(name, ref, conn)
-            held = list(conn.execute(select(aliases_table.c.alias).where(
-                aliases_table.c.name == name, aliases_table.c.version == row["version"])).scalars())
+            held = list(
+                conn.execute(
+                    select(aliases_table.c.alias).where(
+                        aliases_table.c.name == name, aliases_table.c.version == row["version"]
+                    )
+                ).scalars()
+            )
             if held:
                 raise UserError(
                     f"{name}@{row['version']} still holds alias(es) {', '.join(sorted(held))}: "
                     "promote another version or roll the alias back first"
                 )
-            conn.execute(versions_table.update().where(versions_table.c.id == row["id"]).values(
-                status="archived", reasons=list(row["reasons"] or []) + ([reason] if reason else [])))
-            conn.execute(events_table.insert().values(
-                name=name, version=row["version"], kind="archived", details={"reason": reason,
-                                                                              "from": row["status"]}, at=_iso()))
+            conn.execute(
+                versions_table.update()
+                .where(versions_table.c.id == row["id"])
+                .values(status="archived", reasons=list(row["reasons"] or []) + ([reason] if reason else []))
+            )
+            conn.execute(
+                events_table.insert().values(
+                    name=name,
+                    version=row["version"],
+                    kind="archived",
+                    details={"reason": reason, "from": row["status"]},
+                    at=_iso(),
+                )
+            )
             return row["version"]
 
         return self._transaction(update)
 
-    def promote(self, name: str, ref: str, alias: str = "production", force: bool = False, note: str | None = None) -> str:
+    def promote(
+        self, name: str, ref: str, alias: str = "production", force: bool = False, note: str | None = None
+    ) -> str:
         """Point `alias` at a version (recording the previous holder for rollback)."""
         if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias) or alias == "latest":
             raise UserError(f"alias {alias!r}: use a word such as production, candidate or staging")
@@ -524,18 +603,33 @@ class ModelRegistry:
                 raise UserError(
                     f"{name}@{row['version']} is {row['status']}{why}; it cannot be promoted (use --force to override)"
                 )
-            current = conn.execute(select(aliases_table.c.version).where(
-                aliases_table.c.name == name, aliases_table.c.alias == alias)).scalar()
+            current = conn.execute(
+                select(aliases_table.c.version).where(aliases_table.c.name == name, aliases_table.c.alias == alias)
+            ).scalar()
             if current == row["version"]:
                 return row["version"]
             now = _iso()
             if current is None:
-                conn.execute(aliases_table.insert().values(name=name, alias=alias, version=row["version"], updated_at=now))
+                conn.execute(
+                    aliases_table.insert().values(name=name, alias=alias, version=row["version"], updated_at=now)
+                )
             else:
-                conn.execute(aliases_table.update().where(aliases_table.c.name == name, aliases_table.c.alias == alias)
-                             .values(version=row["version"], updated_at=now))
-            conn.execute(alias_history_table.insert().values(
-                name=name, alias=alias, action="promote", version=row["version"], previous=current, at=now, note=note))
+                conn.execute(
+                    aliases_table.update()
+                    .where(aliases_table.c.name == name, aliases_table.c.alias == alias)
+                    .values(version=row["version"], updated_at=now)
+                )
+            conn.execute(
+                alias_history_table.insert().values(
+                    name=name,
+                    alias=alias,
+                    action="promote",
+                    version=row["version"],
+                    previous=current,
+                    at=now,
+                    note=note,
+                )
+            )
             return row["version"]
 
         return self._transaction(update)
@@ -555,27 +649,38 @@ class ModelRegistry:
 
     def rollback(self, name: str, alias: str = "production", note: str | None = None) -> tuple[str, str]:
         """Point `alias` back at the version that held it before the current one; returns (from, to)."""
+
         def update(conn: Connection) -> tuple[str, str]:
-            current = conn.execute(select(aliases_table.c.version).where(
-                aliases_table.c.name == name, aliases_table.c.alias == alias)).scalar()
+            current = conn.execute(
+                select(aliases_table.c.version).where(aliases_table.c.name == name, aliases_table.c.alias == alias)
+            ).scalar()
             if current is None:
                 raise UserError(f"{name}: alias {alias!r} is not set; nothing to roll back")
             stack = self._alias_stack(conn, name, alias)
             if not stack or stack[-1] != current:
                 stack.append(current)
             stack.pop()
-            statuses = dict(conn.execute(select(versions_table.c.version, versions_table.c.status)
-                                         .where(versions_table.c.name == name)).all())
+            statuses = dict(
+                conn.execute(
+                    select(versions_table.c.version, versions_table.c.status).where(versions_table.c.name == name)
+                ).all()
+            )
             while stack and statuses.get(stack[-1]) == "archived":
                 stack.pop()
             if not stack:
                 raise UserError(f"{name}@{alias}: no previous holder to roll back to (it has only held {current})")
             target = stack[-1]
             now = _iso()
-            conn.execute(aliases_table.update().where(aliases_table.c.name == name, aliases_table.c.alias == alias)
-                         .values(version=target, updated_at=now))
-            conn.execute(alias_history_table.insert().values(
-                name=name, alias=alias, action="rollback", version=target, previous=current, at=now, note=note))
+            conn.execute(
+                aliases_table.update()
+                .where(aliases_table.c.name == name, aliases_table.c.alias == alias)
+                .values(version=target, updated_at=now)
+            )
+            conn.execute(
+                alias_history_table.insert().values(
+                    name=name, alias=alias, action="rollback", version=target, previous=current, at=now, note=note
+                )
+            )
             return current, target
 
         return self._transaction(update)
@@ -589,16 +694,26 @@ class ModelRegistry:
 
     def aliases(self, name: str) -> dict[str, str]:
         with self.engine.connect() as conn:
-            return dict(conn.execute(select(aliases_table.c.alias, aliases_table.c.version)
-                                     .where(aliases_table.c.name == name)).all())
+            return dict(
+                conn.execute(
+                    select(aliases_table.c.alias, aliases_table.c.version).where(aliases_table.c.name == name)
+                ).all()
+            )
 
     def record_event(self, name: str, version: str | None, kind: str, details: dict | None = None) -> None:
         """Record something that happened to a version (e.g. a canary rollback while serving)."""
+
         def insert(conn: Connection) -> None:
             full = self._version_row(name, version, conn)["version"] if version else None
-            conn.execute(events_table.insert().values(
-                name=name, version=full, kind=kind, details=json.loads(json.dumps(details or {}, default=str)),
-                at=_iso()))
+            conn.execute(
+                events_table.insert().values(
+                    name=name,
+                    version=full,
+                    kind=kind,
+                    details=json.loads(json.dumps(details or {}, default=str)),
+                    at=_iso(),
+                )
+            )
 
         self._transaction(insert)
 
@@ -630,12 +745,14 @@ class ModelRegistry:
                 entry["delta"] = vb - va
             metrics[key] = entry
         return {
-            "a": a["version"], "b": b["version"],
+            "a": a["version"],
+            "b": b["version"],
             "config": changed(ma.get("config", {}), mb.get("config", {})),
             "metrics": metrics,
             "data": changed(ma.get("data", {}), mb.get("data", {})),
             "base_model": {"a": ma.get("base_model"), "b": mb.get("base_model")}
-            if ma.get("base_model") != mb.get("base_model") else {},
+            if ma.get("base_model") != mb.get("base_model")
+            else {},
             "status": {"a": a["status"], "b": b["status"]} if a["status"] != b["status"] else {},
         }
 

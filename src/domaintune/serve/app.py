@@ -46,8 +46,15 @@ log = logging.getLogger("domaintune.serve")
 
 # ---- errors -------------------------------------------------------------------------------------
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
@@ -233,8 +240,12 @@ def _setup_canary(state: ServeState, scfg: ServeConfig) -> None:
     initial = "running"
     for ev in state.store.events():
         d = ev.details
-        if ev.kind in ("canary_rolled_back", "canary_promoted") and d.get("model") == c.model and \
-                d.get("stable_source") == c.stable and d.get("candidate_source") == c.candidate:
+        if (
+            ev.kind in ("canary_rolled_back", "canary_promoted")
+            and d.get("model") == c.model
+            and d.get("stable_source") == c.stable
+            and d.get("candidate_source") == c.candidate
+        ):
             initial = ROLLED_BACK if ev.kind == "canary_rolled_back" else PROMOTED
     state.canary = CanaryController(c, on_decision=lambda d: _on_canary_decision(state, d), state=initial)
     state.metrics.canary_state.labels(c.model).set(STATE_CODES[initial])
@@ -259,12 +270,20 @@ def _on_canary_decision(state: ServeState, decision: Decision) -> None:
     state.metrics.canary_state.labels(c.model).set(STATE_CODES[decision.kind])
     if decision.kind == ROLLED_BACK:
         state.metrics.canary_rollbacks.labels(c.model, candidate.version).inc()
-        log.warning("canary rollback: all traffic for %s back to stable: %s", c.model, decision.reason,
-                    extra={"event": kind, **details})
+        log.warning(
+            "canary rollback: all traffic for %s back to stable: %s",
+            c.model,
+            decision.reason,
+            extra={"event": kind, **details},
+        )
     else:
         state.metrics.canary_promotions.labels(c.model, candidate.version).inc()
-        log.info("canary promoted: %s now serves the candidate: %s", c.model, decision.reason,
-                 extra={"event": kind, **details})
+        log.info(
+            "canary promoted: %s now serves the candidate: %s",
+            c.model,
+            decision.reason,
+            extra={"event": kind, **details},
+        )
     state.store.add_event(kind, details)
     if candidate.registry_name:
         try:
@@ -273,10 +292,19 @@ def _on_canary_decision(state: ServeState, decision: Decision) -> None:
             stable_alias = _registry_alias(c.stable)
             if decision.kind == PROMOTED and stable_alias and stable.registry_name == candidate.registry_name:
                 # The stable alias (e.g. production) now points at the candidate, so a restart serves it.
-                registry.promote(candidate.registry_name, candidate.version, alias=stable_alias,
-                                 note=f"canary promoted: {decision.reason}")
-                log.info("registry: %s@%s now points at %s", candidate.registry_name, stable_alias,
-                         candidate.version, extra={"event": "registry_alias_moved"})
+                registry.promote(
+                    candidate.registry_name,
+                    candidate.version,
+                    alias=stable_alias,
+                    note=f"canary promoted: {decision.reason}",
+                )
+                log.info(
+                    "registry: %s@%s now points at %s",
+                    candidate.registry_name,
+                    stable_alias,
+                    candidate.version,
+                    extra={"event": "registry_alias_moved"},
+                )
         except Exception as exc:  # the routing change already happened; the log says the record failed
             log.error("could not record %s in the registry: %s", kind, exc, extra={"event": kind})
     else:
@@ -289,7 +317,7 @@ def _registry_alias(source: str) -> str | None:
     if not source.startswith("registry://") or "@" not in source:
         return None
     ref = source.split("@", 1)[1].split("/", 1)[0]
-    if ref[:1] == "v" and ref[1:2].isdigit() or ref == "latest":
+    if (ref[:1] == "v" and ref[1:2].isdigit()) or ref == "latest":
         return None
     return ref
 
@@ -337,10 +365,15 @@ class _Job:
 def create_app(state: ServeState) -> FastAPI:
     scfg = state.scfg
     metrics = state.metrics
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        log.info("serving %d models with the %s engine", len(state.catalog.models), state.engine.name,
-                 extra={"event": "started", "models": sorted(state.catalog.models)})
+        log.info(
+            "serving %d models with the %s engine",
+            len(state.catalog.models),
+            state.engine.name,
+            extra={"event": "started", "models": sorted(state.catalog.models)},
+        )
         yield
         # Runs on SIGTERM/SIGINT before the process exits: finish the batch in progress, close the store.
         await asyncio.to_thread(state.close)
@@ -360,17 +393,28 @@ def create_app(state: ServeState) -> FastAPI:
         try:
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > scfg.max_body_bytes:
-                err = ApiError(413, f"request body is {int(length)} bytes; the limit is {scfg.max_body_bytes}",
-                               "invalid_request_error", "request_too_large")
+                err = ApiError(
+                    413,
+                    f"request body is {int(length)} bytes; the limit is {scfg.max_body_bytes}",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
                 response = JSONResponse(err.body(), status_code=413)
             else:
                 response = await call_next(request)
             response.headers["x-request-id"] = getattr(request.state, "response_id", rid)
             log.info(
-                "%s %s %s", request.method, request.url.path, response.status_code,
-                extra={"method": request.method, "path": request.url.path, "status": response.status_code,
-                       "latency_ms": round((time.monotonic() - start) * 1000, 1),
-                       "key": getattr(request.state, "key_name", None)},
+                "%s %s %s",
+                request.method,
+                request.url.path,
+                response.status_code,
+                extra={
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "latency_ms": round((time.monotonic() - start) * 1000, 1),
+                    "key": getattr(request.state, "key_name", None),
+                },
             )
             return response
         finally:
@@ -389,20 +433,35 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
-        return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}", "not_found_error",
-                                     "unknown_url").body(), status_code=404)
+        return JSONResponse(
+            ApiError(404, f"no route {request.method} {request.url.path}", "not_found_error", "unknown_url").body(),
+            status_code=404,
+        )
 
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc):
-        return JSONResponse(ApiError(405, f"method {request.method} not allowed on {request.url.path}",
-                                     "invalid_request_error", "method_not_allowed").body(), status_code=405)
+        return JSONResponse(
+            ApiError(
+                405,
+                f"method {request.method} not allowed on {request.url.path}",
+                "invalid_request_error",
+                "method_not_allowed",
+            ).body(),
+            status_code=405,
+        )
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__}); see the server log with request "
-                                     f"id {request.state.rid}", "server_error", "internal_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            ApiError(
+                500,
+                f"internal error ({type(exc).__name__}); see the server log with request id {request.state.rid}",
+                "server_error",
+                "internal_error",
+            ).body(),
+            status_code=500,
+        )
 
     # ---- auth -----------------------------------------------------------------------------------
     async def authenticate(request: Request, admin: bool = False) -> ApiKey | None:
@@ -411,22 +470,34 @@ def create_app(state: ServeState) -> FastAPI:
         if not presented:
             if not admin and not scfg.require_api_key:
                 return None
-            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
-                           "`domaintune keys create`)", "authentication_error", "missing_api_key")
+            raise ApiError(
+                401,
+                "missing API key: send `Authorization: Bearer <key>` (create one with `domaintune keys create`)",
+                "authentication_error",
+                "missing_api_key",
+            )
         key = await asyncio.to_thread(state.store.verify, presented)
         if key is None:
             raise ApiError(401, "invalid or revoked API key", "authentication_error", "invalid_api_key")
         request.state.key_name = key.name
         if admin and not key.is_admin:
-            raise ApiError(403, "this endpoint needs an admin key (`domaintune keys create --admin`)",
-                           "permission_error", "admin_required")
+            raise ApiError(
+                403,
+                "this endpoint needs an admin key (`domaintune keys create --admin`)",
+                "permission_error",
+                "admin_required",
+            )
         return key
 
     async def read_body(request: Request, model_cls: type[BaseModel]):
         raw = await request.body()
         if len(raw) > scfg.max_body_bytes:
-            raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {scfg.max_body_bytes}",
-                           "invalid_request_error", "request_too_large")
+            raise ApiError(
+                413,
+                f"request body is {len(raw)} bytes; the limit is {scfg.max_body_bytes}",
+                "invalid_request_error",
+                "request_too_large",
+            )
         try:
             data = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -451,11 +522,21 @@ def create_app(state: ServeState) -> FastAPI:
             served = state.catalog.get(public)
             served_exists = served is not None
         if not served_exists:
-            raise ApiError(404, f"The model `{public}` does not exist (GET /v1/models lists the served models)",
-                           "invalid_request_error", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"The model `{public}` does not exist (GET /v1/models lists the served models)",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
         if key is not None and not key.allows(public):
-            raise ApiError(403, f"this API key may not use model `{public}` (allowed: {', '.join(key.models or [])})",
-                           "permission_error", "model_not_allowed", "model")
+            raise ApiError(
+                403,
+                f"this API key may not use model `{public}` (allowed: {', '.join(key.models or [])})",
+                "permission_error",
+                "model_not_allowed",
+                "model",
+            )
         request.state.public = public
         if canary is not None and public == canary.cfg.model:
             subject = body.user or (key.id if key else None) or (request.client.host if request.client else "anon")
@@ -478,13 +559,18 @@ def create_app(state: ServeState) -> FastAPI:
         if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
             raise bad_request("only response_format text is supported", "response_format", "unsupported_parameter")
         if explicit_max is not None and explicit_max > scfg.max_tokens_cap:
-            raise bad_request(f"max_tokens is {explicit_max}; this server allows at most {scfg.max_tokens_cap}",
-                              "max_tokens", "max_tokens_too_large")
+            raise bad_request(
+                f"max_tokens is {explicit_max}; this server allows at most {scfg.max_tokens_cap}",
+                "max_tokens",
+                "max_tokens_too_large",
+            )
         if prompt_tokens >= ctx:
             raise bad_request(
                 f"This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_tokens} "
                 "tokens, which leaves no room for the completion. Please reduce the length of the prompt.",
-                "messages", "context_length_exceeded")
+                "messages",
+                "context_length_exceeded",
+            )
         if explicit_max is None:
             max_tokens = min(scfg.default_max_tokens, ctx - prompt_tokens)
         else:
@@ -494,7 +580,9 @@ def create_app(state: ServeState) -> FastAPI:
                     f"This model's maximum context length is {ctx} tokens. However, you requested "
                     f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
                     "completion). Please reduce the length of the prompt or the completion.",
-                    "max_tokens", "context_length_exceeded")
+                    "max_tokens",
+                    "context_length_exceeded",
+                )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=scfg.default_temperature if body.temperature is None else body.temperature,
@@ -508,8 +596,13 @@ def create_app(state: ServeState) -> FastAPI:
             return
         over = state.limiter.check_tokens(key.id, key.tpm, needed_tokens)
         if over:
-            raise ApiError(429, over.message, "rate_limit_error", "rate_limit_exceeded",
-                           headers={"Retry-After": str(over.retry_after_s)})
+            raise ApiError(
+                429,
+                over.message,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(over.retry_after_s)},
+            )
         if key.daily_tokens is not None:
             used = await asyncio.to_thread(state.store.tokens_used_today, key.id)
             if used >= key.daily_tokens:
@@ -517,7 +610,8 @@ def create_app(state: ServeState) -> FastAPI:
                     429,
                     f"daily token quota exhausted: this key has used {used} of its {key.daily_tokens} tokens today "
                     "(UTC); the quota resets at 00:00 UTC",
-                    "insufficient_quota", "daily_quota_exceeded",
+                    "insufficient_quota",
+                    "daily_quota_exceeded",
                     headers={"Retry-After": str(_seconds_to_utc_midnight())},
                 )
 
@@ -527,14 +621,20 @@ def create_app(state: ServeState) -> FastAPI:
         if key is not None:
             over = state.limiter.check_request(key.id, key.rpm)
             if over:
-                raise ApiError(429, over.message, "rate_limit_error", "rate_limit_exceeded",
-                               headers={"Retry-After": str(over.retry_after_s)})
+                raise ApiError(
+                    429,
+                    over.message,
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                    headers={"Retry-After": str(over.retry_after_s)},
+                )
         served, arm = route(request, key, body)
         bb = state.engine.backbone(served.backbone)
         tokenizer = bb.tokenizer
         if endpoint == "chat":
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in body.messages]
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+            ]
             try:
                 text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as exc:  # templates raise on e.g. roles they do not know
@@ -545,28 +645,47 @@ def create_app(state: ServeState) -> FastAPI:
         else:
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
-                raise bad_request("send one prompt per request (a list of several prompts is not supported)",
-                                  "prompt")
+                raise bad_request("send one prompt per request (a list of several prompts is not supported)", "prompt")
             prompt_ids = tokenizer(prompts[0])["input_ids"]
             prompt_record = prompts[0]
             explicit_max = body.max_tokens
-        ctx = bb.context_length if scfg.max_context_tokens is None else min(bb.context_length,
-                                                                             scfg.max_context_tokens)
+        ctx = bb.context_length if scfg.max_context_tokens is None else min(bb.context_length, scfg.max_context_tokens)
         params = sampling(body, explicit_max, len(prompt_ids), ctx)
         await check_limits(key, len(prompt_ids) + params.max_tokens)
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-        job = _Job(request.state.rid, f"{prefix}-{request.state.rid}", endpoint, body.model, served, arm, key,
-                   prompt_record, len(prompt_ids), params, started)
+        job = _Job(
+            request.state.rid,
+            f"{prefix}-{request.state.rid}",
+            endpoint,
+            body.model,
+            served,
+            arm,
+            key,
+            prompt_record,
+            len(prompt_ids),
+            params,
+            started,
+        )
         request.state.response_id = job.response_id
         job.gen = GenRequest(
-            id=job.response_id, backbone=served.backbone, adapter=served.adapter, prompt_ids=list(prompt_ids),
-            params=params, loop=asyncio.get_running_loop(), events=asyncio.Queue(),
+            id=job.response_id,
+            backbone=served.backbone,
+            adapter=served.adapter,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
         )
         try:
             state.engine.submit(job.gen)
         except QueueFullError as exc:
-            raise ApiError(503, f"server overloaded: {exc}; retry shortly", "server_error", "overloaded",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503,
+                f"server overloaded: {exc}; retry shortly",
+                "server_error",
+                "overloaded",
+                headers={"Retry-After": "5"},
+            ) from None
         metrics.queue_depth.set(state.engine.queue_depth())
         return job
 
@@ -597,21 +716,43 @@ def create_app(state: ServeState) -> FastAPI:
                     for k, v in more.items():
                         counts[k] = counts.get(k, 0) + v
             state.store.log_request(
-                id=job.response_id, key_id=job.key.id if job.key else None, endpoint=job.endpoint,
-                model=job.public, served=job.served.name, version=job.served.version, canary_arm=job.arm,
-                prompt=prompt, response=response, status=status, outcome=outcome,
-                finish_reason=completion.finish_reason if completion else None, prompt_tokens=job.prompt_tokens,
-                completion_tokens=completion_tokens, latency_s=round(latency, 4), pii_counts=counts or None,
+                id=job.response_id,
+                key_id=job.key.id if job.key else None,
+                endpoint=job.endpoint,
+                model=job.public,
+                served=job.served.name,
+                version=job.served.version,
+                canary_arm=job.arm,
+                prompt=prompt,
+                response=response,
+                status=status,
+                outcome=outcome,
+                finish_reason=completion.finish_reason if completion else None,
+                prompt_tokens=job.prompt_tokens,
+                completion_tokens=completion_tokens,
+                latency_s=round(latency, 4),
+                pii_counts=counts or None,
             )
         if job.arm is not None and state.canary is not None and outcome != "cancelled":
             metrics.canary_requests.labels(job.public, job.arm, outcome).inc()
             state.canary.record(job.response_id, job.arm, error=outcome != "ok")
-        log.info("generation %s", outcome, extra={
-            "event": "generation", "response_id": job.response_id, "model": job.public, "served": job.served.name, "version": job.served.version,
-            "arm": job.arm, "status": status, "prompt_tokens": job.prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_ms": round(latency * 1000, 1),
-            "finish_reason": completion.finish_reason if completion else None,
-        })
+        log.info(
+            "generation %s",
+            outcome,
+            extra={
+                "event": "generation",
+                "response_id": job.response_id,
+                "model": job.public,
+                "served": job.served.name,
+                "version": job.served.version,
+                "arm": job.arm,
+                "status": status,
+                "prompt_tokens": job.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "latency_ms": round(latency * 1000, 1),
+                "finish_reason": completion.finish_reason if completion else None,
+            },
+        )
 
     def deadline_left(job: _Job) -> float:
         return scfg.request_timeout_s - (time.monotonic() - job.started)
@@ -628,12 +769,18 @@ def create_app(state: ServeState) -> FastAPI:
                 raise payload
 
     def headers_for(job: _Job) -> dict[str, str]:
-        return {"x-request-id": job.response_id, "x-domaintune-served": job.served.name,
-                "x-domaintune-version": job.served.version}
+        return {
+            "x-request-id": job.response_id,
+            "x-domaintune-served": job.served.name,
+            "x-domaintune-version": job.served.version,
+        }
 
     def usage(job: _Job, completion: Completion) -> dict[str, int]:
-        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                "total_tokens": job.prompt_tokens + completion.completion_tokens}
+        return {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": job.prompt_tokens + completion.completion_tokens,
+        }
 
     def fingerprint(job: _Job) -> str:
         return f"{job.served.name}@{job.served.version}"
@@ -641,15 +788,19 @@ def create_app(state: ServeState) -> FastAPI:
     async def respond(request: Request, job: _Job, body: _GenerationBody) -> Response:
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(stream(job, body, created), media_type="text/event-stream",
-                                     headers={**headers_for(job), "Cache-Control": "no-cache"})
+            return StreamingResponse(
+                stream(job, body, created),
+                media_type="text/event-stream",
+                headers={**headers_for(job), "Cache-Control": "no-cache"},
+            )
         try:
             completion = await wait_done(job)
         except asyncio.TimeoutError:
             job.gen.cancelled.set()
             await asyncio.to_thread(finish_job, job, 504, None, "timeout")
-            raise ApiError(504, f"generation did not finish within {scfg.request_timeout_s:g} s", "server_error",
-                           "timeout") from None
+            raise ApiError(
+                504, f"generation did not finish within {scfg.request_timeout_s:g} s", "server_error", "timeout"
+            ) from None
         except asyncio.CancelledError:
             job.gen.cancelled.set()
             raise
@@ -660,15 +811,27 @@ def create_app(state: ServeState) -> FastAPI:
         finish = completion.finish_reason
         if job.endpoint == "chat":
             payload = {
-                "id": job.response_id, "object": "chat.completion", "created": created, "model": job.public,
+                "id": job.response_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": job.public,
                 "system_fingerprint": fingerprint(job),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                             "logprobs": None, "finish_reason": finish}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
                 "usage": usage(job, completion),
             }
         else:
             payload = {
-                "id": job.response_id, "object": "text_completion", "created": created, "model": job.public,
+                "id": job.response_id,
+                "object": "text_completion",
+                "created": created,
+                "model": job.public,
                 "system_fingerprint": fingerprint(job),
                 "choices": [{"index": 0, "text": completion.text, "logprobs": None, "finish_reason": finish}],
                 "usage": usage(job, completion),
@@ -690,8 +853,14 @@ def create_app(state: ServeState) -> FastAPI:
                 choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            data: dict[str, Any] = {"id": job.response_id, "object": obj, "created": created, "model": job.public,
-                                    "system_fingerprint": fingerprint(job), "choices": [choice]}
+            data: dict[str, Any] = {
+                "id": job.response_id,
+                "object": obj,
+                "created": created,
+                "model": job.public,
+                "system_fingerprint": fingerprint(job),
+                "choices": [choice],
+            }
             if include_usage:
                 data["usage"] = None
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -720,9 +889,15 @@ def create_app(state: ServeState) -> FastAPI:
                     await asyncio.to_thread(finish_job, job, 200, completion, _classify(completion))
                     yield chunk(None, completion.finish_reason)
                     if include_usage:
-                        data = {"id": job.response_id, "object": obj, "created": created, "model": job.public,
-                                "system_fingerprint": fingerprint(job), "choices": [],
-                                "usage": usage(job, completion)}
+                        data = {
+                            "id": job.response_id,
+                            "object": obj,
+                            "created": created,
+                            "model": job.public,
+                            "system_fingerprint": fingerprint(job),
+                            "choices": [],
+                            "usage": usage(job, completion),
+                        }
                         yield f"data: {json.dumps(data)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
@@ -730,8 +905,9 @@ def create_app(state: ServeState) -> FastAPI:
             job.gen.cancelled.set()
             finished = True
             await asyncio.to_thread(finish_job, job, 504, None, "timeout")
-            err = ApiError(504, f"generation did not finish within {scfg.request_timeout_s:g} s", "server_error",
-                           "timeout")
+            err = ApiError(
+                504, f"generation did not finish within {scfg.request_timeout_s:g} s", "server_error", "timeout"
+            )
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -762,9 +938,19 @@ def create_app(state: ServeState) -> FastAPI:
             stable, cand = state.canary_arms[STABLE], state.canary_arms[CANDIDATE]
             current = cand if c.state == PROMOTED else stable
             entry = current.describe()
-            entry.update({"id": c.cfg.model, "kind": "canary", "root": c.cfg.model,
-                          "canary": {"state": c.state, "stable": stable.version, "candidate": cand.version,
-                                     "candidate_share": c.cfg.candidate_share}})
+            entry.update(
+                {
+                    "id": c.cfg.model,
+                    "kind": "canary",
+                    "root": c.cfg.model,
+                    "canary": {
+                        "state": c.state,
+                        "stable": stable.version,
+                        "candidate": cand.version,
+                        "candidate_share": c.cfg.candidate_share,
+                    },
+                }
+            )
             items.append(entry)
         return items
 
@@ -794,20 +980,30 @@ def create_app(state: ServeState) -> FastAPI:
             if row is not None:
                 break
         if row is None:
-            raise ApiError(404, f"no logged request with id {body.request_id!r}", "invalid_request_error",
-                           "request_not_found", "request_id")
+            raise ApiError(
+                404,
+                f"no logged request with id {body.request_id!r}",
+                "invalid_request_error",
+                "request_not_found",
+                "request_id",
+            )
         if key is not None and not key.is_admin and row.key_id != key.id:
-            raise ApiError(403, "this request was made with another API key", "permission_error",
-                           "not_your_request", "request_id")
+            raise ApiError(
+                403, "this request was made with another API key", "permission_error", "not_your_request", "request_id"
+            )
         correction, comment = body.correction, body.comment
         if state.redactor is not None:
             correction = state.redactor(correction)[0] if correction else correction
             comment = state.redactor(comment)[0] if comment else comment
-        fid = await asyncio.to_thread(state.store.add_feedback, row.id, key.id if key else None, body.rating,
-                                      correction, comment)
+        fid = await asyncio.to_thread(
+            state.store.add_feedback, row.id, key.id if key else None, body.rating, correction, comment
+        )
         served = state.catalog.get(row.served)
-        labels = (row.model, row.served if served is not None and (served.kind == "adapter" or served.hidden)
-                  else "-", row.version)
+        labels = (
+            row.model,
+            row.served if served is not None and (served.kind == "adapter" or served.hidden) else "-",
+            row.version,
+        )
         metrics.feedback.labels(*labels, "positive" if body.rating > 0 else "negative").inc()
         if row.canary_arm and state.canary is not None:
             await asyncio.to_thread(state.canary.feedback, row.id, body.rating)
@@ -845,8 +1041,12 @@ def create_app(state: ServeState) -> FastAPI:
     @app.get("/admin/models")
     async def admin_models(request: Request):
         await authenticate(request, admin=True)
-        return {"object": "list", "data": model_list(True), "engine": state.engine.name,
-                "engine_reason": state.engine_reason}
+        return {
+            "object": "list",
+            "data": model_list(True),
+            "engine": state.engine.name,
+            "engine_reason": state.engine_reason,
+        }
 
     @app.post("/admin/models", status_code=201)
     async def admin_load(request: Request):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from domaintune.serve.config import CanaryConfig
 
@@ -60,8 +61,7 @@ class Decision:
 
 
 class CanaryController:
-    def __init__(self, cfg: CanaryConfig, on_decision: Callable[[Decision], None] | None = None,
-                 state: str = RUNNING):
+    def __init__(self, cfg: CanaryConfig, on_decision: Callable[[Decision], None] | None = None, state: str = RUNNING):
         self.cfg = cfg
         self.on_decision = on_decision
         self.state = state
@@ -128,8 +128,12 @@ class CanaryController:
             "promote_after": self.cfg.promote_after,
             "candidate_requests_total": self.candidate_total,
             "arms": {arm: s.as_dict() for arm, s in stats.items()},
-            "decision": None if self.decision is None else {
-                "kind": self.decision.kind, "reason": self.decision.reason, "manual": self.decision.manual,
+            "decision": None
+            if self.decision is None
+            else {
+                "kind": self.decision.kind,
+                "reason": self.decision.reason,
+                "manual": self.decision.manual,
             },
         }
 

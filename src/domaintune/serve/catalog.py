@@ -60,7 +60,7 @@ class ResolvedSource:
 
 
 def parse_registry_uri(uri: str) -> tuple[str, str]:
-    rest = uri[len(REGISTRY_SCHEME):]
+    rest = uri[len(REGISTRY_SCHEME) :]
     if "@" not in rest or not rest.split("@", 1)[0] or not rest.split("@", 1)[1]:
         raise UserError(f"{uri}: a registry URI looks like registry://name@alias or registry://name@v1.2.0")
     name, ref = rest.split("@", 1)
@@ -163,14 +163,30 @@ class Catalog:
                 adapter_key = f"{name}"
                 self.engine.add_adapter(adapter_key, folder, backbone)
                 model = ServedModel(
-                    name, "adapter", backbone, adapter_key, parent_name, source, resolved.version, folder,
-                    registry_name=resolved.registry_name, hidden=hidden,
+                    name,
+                    "adapter",
+                    backbone,
+                    adapter_key,
+                    parent_name,
+                    source,
+                    resolved.version,
+                    folder,
+                    registry_name=resolved.registry_name,
+                    hidden=hidden,
                 )
             else:
                 backbone = self._backbone_for(folder, f"full:{name}")
                 model = ServedModel(
-                    name, "full", backbone, None, None, source, resolved.version,
-                    folder, registry_name=resolved.registry_name, hidden=hidden,
+                    name,
+                    "full",
+                    backbone,
+                    None,
+                    None,
+                    source,
+                    resolved.version,
+                    folder,
+                    registry_name=resolved.registry_name,
+                    hidden=hidden,
                 )
             self.models[name] = model
             return model

@@ -60,7 +60,8 @@ class ServeConfig(StrictModel):
     base_name: str | None = Field(None, description="Public name of the base model (default: model.name_or_path).")
     serve_base: bool = Field(True, description="List and serve the base model itself.")
     serve_trained: bool = Field(
-        True, description="Also serve `<output_dir>/model` (the train stage's output) under the project name, when present."
+        True,
+        description="Also serve `<output_dir>/model` (the train stage's output) under the project name, when present.",
     )
     models: list[ServedModelConfig] = Field(default_factory=list, description="Extra adapters / versions to serve.")
     canary: CanaryConfig | None = Field(None, description="Canary rollout of a candidate version; off when absent.")
@@ -69,7 +70,8 @@ class ServeConfig(StrictModel):
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded together in one batch.")
     max_batch_tokens: int = Field(
-        4096, ge=1,
+        4096,
+        ge=1,
         description="Padded prompt tokens per batch (size x longest prompt); similar lengths are batched together.",
     )
     batch_wait_ms: float = Field(10.0, ge=0, description="How long the batcher waits to fill a batch.")

@@ -313,8 +313,14 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, dtype: str = "float32", max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                 max_queue: int = 512, max_batch_tokens: int = 4096):
+    def __init__(
+        self,
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 10.0,
+        max_queue: int = 512,
+        max_batch_tokens: int = 4096,
+    ):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -332,8 +338,8 @@ class TransformersEngine(Engine):
 
     # ---- weights --------------------------------------------------------------------------------
     def add_backbone(self, key: str, path: Path) -> Backbone:
-        from domaintune.model.loader import end_of_turn_token_ids, load_model
         from domaintune.model.config import ModelConfig
+        from domaintune.model.loader import end_of_turn_token_ids, load_model
 
         path = Path(path)
         tokenizer = _load_tokenizer(path)
@@ -517,8 +523,14 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, dtype: str = "auto", gpu_memory_utilization: float = 0.85, max_loras: int = 8,
-                 max_lora_rank: int = 64, max_model_len: int | None = None):
+    def __init__(
+        self,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        max_model_len: int | None = None,
+    ):
         reason = vllm_unavailable_reason()
         if reason:
             raise UserError(f"vLLM engine unavailable: {reason}")
@@ -620,8 +632,10 @@ class VLLMEngine(Engine):
             ):
                 if request.cancelled.is_set():
                     await engine.abort(request.id)
-                    request.emit("done", Completion(output.outputs[0].text, len(output.outputs[0].token_ids),
-                                                    "cancelled", first_at))
+                    request.emit(
+                        "done",
+                        Completion(output.outputs[0].text, len(output.outputs[0].token_ids), "cancelled", first_at),
+                    )
                     return
                 out = output.outputs[0]
                 if first_at is None and out.token_ids:

@@ -125,18 +125,25 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
         if not new:
             dropped[why] += 1
             continue
-        meta = {"request_id": request_id, "model": req.model, "served": req.served, "version": req.version,
-                "rating": fb.rating}
+        meta = {
+            "request_id": request_id,
+            "model": req.model,
+            "served": req.served,
+            "version": req.version,
+            "rating": fb.rating,
+        }
         sft.append({"id": f"fb-{request_id}", "messages": messages, "source": "feedback", **meta})
         if original:
-            pref.append({
-                "id": f"fbpref-{request_id}",
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": correction}],
-                "rejected": [{"role": "assistant", "content": original}],
-                "source": "feedback",
-                **meta,
-            })
+            pref.append(
+                {
+                    "id": f"fbpref-{request_id}",
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": correction}],
+                    "rejected": [{"role": "assistant", "content": original}],
+                    "source": "feedback",
+                    **meta,
+                }
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "sft.jsonl", sft)
     write_jsonl(out_dir / PREFERENCE_FILE, pref)

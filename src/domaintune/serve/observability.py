@@ -22,36 +22,50 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "domaintune_requests", "Requests by model, adapter, version, endpoint and HTTP status.",
-            MODEL_LABELS + ("endpoint", "status"), registry=r,
+            "domaintune_requests",
+            "Requests by model, adapter, version, endpoint and HTTP status.",
+            MODEL_LABELS + ("endpoint", "status"),
+            registry=r,
         )
         self.prompt_tokens = Counter("domaintune_prompt_tokens", "Prompt tokens processed.", MODEL_LABELS, registry=r)
         self.completion_tokens = Counter(
             "domaintune_completion_tokens", "Completion tokens generated.", MODEL_LABELS, registry=r
         )
         self.ttft = Histogram(
-            "domaintune_time_to_first_token_seconds", "Time from request arrival to the first generated token.",
-            MODEL_LABELS, buckets=TTFT_BUCKETS, registry=r,
+            "domaintune_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            MODEL_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.latency = Histogram(
-            "domaintune_request_latency_seconds", "End-to-end request latency.",
-            MODEL_LABELS + ("endpoint",), buckets=LATENCY_BUCKETS, registry=r,
+            "domaintune_request_latency_seconds",
+            "End-to-end request latency.",
+            MODEL_LABELS + ("endpoint",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.errors = Counter(
-            "domaintune_errors", "Errors by model and error type (HTTP errors, timeouts, empty/malformed outputs).",
-            MODEL_LABELS + ("type",), registry=r,
+            "domaintune_errors",
+            "Errors by model and error type (HTTP errors, timeouts, empty/malformed outputs).",
+            MODEL_LABELS + ("type",),
+            registry=r,
         )
         self.queue_depth = Gauge("domaintune_queue_depth", "Requests waiting for the generation engine.", registry=r)
         self.in_flight = Gauge("domaintune_requests_in_flight", "Requests being handled now.", registry=r)
         self.batch_size = Histogram(
-            "domaintune_batch_size", "Requests decoded together per batch.",
-            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+            "domaintune_batch_size",
+            "Requests decoded together per batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
         self.canary_state = Gauge(
             "domaintune_canary_state", "Canary state: 1 running, 2 rolled back, 3 promoted.", ("model",), registry=r
         )
         self.canary_requests = Counter(
-            "domaintune_canary_requests", "Canary requests by arm and outcome.", ("model", "arm", "outcome"),
+            "domaintune_canary_requests",
+            "Canary requests by arm and outcome.",
+            ("model", "arm", "outcome"),
             registry=r,
         )
         self.canary_rollbacks = Counter(
@@ -60,8 +74,9 @@ class Metrics:
         self.canary_promotions = Counter(
             "domaintune_canary_promotions", "Canary promotions.", ("model", "version"), registry=r
         )
-        self.feedback = Counter("domaintune_feedback", "Feedback ratings received.", MODEL_LABELS + ("rating",),
-                                registry=r)
+        self.feedback = Counter(
+            "domaintune_feedback", "Feedback ratings received.", MODEL_LABELS + ("rating",), registry=r
+        )
         self.models_loaded = Gauge("domaintune_models_loaded", "Models served now.", registry=r)
 
 

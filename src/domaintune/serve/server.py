@@ -19,14 +19,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def run_server(cfg, output_dir: Path | None = None, host: str | None = None, port: int | None = None,
-               engine: str | None = None, log_level: str = "info") -> None:
+def run_server(
+    cfg,
+    output_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    engine: str | None = None,
+    log_level: str = "info",
+) -> None:
     """Load the models, then serve until interrupted (JSON logs on stderr)."""
     configure_json_logging(log_level.upper())
     state = build_state(cfg, output_dir, engine)
     app = create_app(state)
-    config = uvicorn.Config(app, host=host or cfg.serve.host, port=port if port is not None else cfg.serve.port,
-                            log_level=log_level, access_log=False, log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=host or cfg.serve.host,
+        port=port if port is not None else cfg.serve.port,
+        log_level=log_level,
+        access_log=False,
+        log_config=None,
+    )
     try:
         uvicorn.Server(config).run()
     finally:
@@ -41,8 +53,15 @@ class BackgroundServer:
         self.app = create_app(state)
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(self.app, host=host, port=self.port, log_level="warning", access_log=False,
-                                log_config=None, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="domaintune-uvicorn", daemon=True)
 

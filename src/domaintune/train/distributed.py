@@ -76,7 +76,9 @@ def check_supported(tcfg: TrainConfig, train_dir: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'")
+        raise UserError(
+            "train.distributed deepspeed: deepspeed is not installed: pip install 'domaintune[distributed]'"
+        )
     write_deepspeed_config(tcfg, train_dir)  # generated and validated by DeepSpeed's own config parser
 
 
@@ -130,7 +132,9 @@ def wrap_class_name(model, settings: DistributedSettings) -> str:
     if wanted:
         if wanted not in present:
             layer_like = sorted(n for n in present if "Layer" in n or "Block" in n)
-            raise UserError(f"train.distributed.fsdp.wrap_class: {wanted} is not in the model; candidates: {layer_like}")
+            raise UserError(
+                f"train.distributed.fsdp.wrap_class: {wanted} is not in the model; candidates: {layer_like}"
+            )
         return wanted
     for name in getattr(base, "_no_split_modules", None) or []:
         if name in present:
@@ -237,7 +241,7 @@ def validate_deepspeed_config(config: dict[str, Any], tcfg: TrainConfig) -> list
         problems.append("zero_optimization.offload_param needs stage 3")
     try:
         from deepspeed.runtime.config import DeepSpeedConfig
-    except Exception:  # noqa: BLE001 - deepspeed absent (or cannot start): the structural checks above only
+    except Exception:
         return problems
     filled = json.loads(json.dumps(config))
     values = {
@@ -262,7 +266,7 @@ def validate_deepspeed_config(config: dict[str, Any], tcfg: TrainConfig) -> list
             params[key] = auto_params.get(key, value)
     try:
         DeepSpeedConfig(filled)
-    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises AssertionError / pydantic errors naming the field
+    except Exception as exc:
         problems.append(f"{type(exc).__name__}: {exc}")
     return problems
 
@@ -368,11 +372,15 @@ def check_strategy_active(trainer, tcfg: TrainConfig) -> None:
     """Fail instead of silently training with another strategy than the configured one."""
     strategy = tcfg.distributed.strategy
     if strategy == "fsdp" and not trainer.is_fsdp_enabled:
-        raise UserError("train.distributed fsdp: the Trainer did not enable FSDP (accelerate state "
-                        f"{trainer.accelerator.state.distributed_type})")
+        raise UserError(
+            "train.distributed fsdp: the Trainer did not enable FSDP (accelerate state "
+            f"{trainer.accelerator.state.distributed_type})"
+        )
     if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:
-        raise UserError("train.distributed deepspeed: the Trainer did not enable DeepSpeed (accelerate state "
-                        f"{trainer.accelerator.state.distributed_type})")
+        raise UserError(
+            "train.distributed deepspeed: the Trainer did not enable DeepSpeed (accelerate state "
+            f"{trainer.accelerator.state.distributed_type})"
+        )
 
 
 def save_fsdp_consolidated(trainer, unwrapped, out: Path) -> None:

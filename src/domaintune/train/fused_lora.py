@@ -74,12 +74,18 @@ def _fused_forward(self, x, *args, **kwargs):
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     dropout = self.lora_dropout[adapter] if adapter in self.lora_dropout else None
     plain = (
-        not args and not kwargs and self.training and x.device.type == "cpu"
-        and not self.disable_adapters and not self.merged
-        and adapter in self.lora_A and adapter not in getattr(self, "lora_variant", {})
+        not args
+        and not kwargs
+        and self.training
+        and x.device.type == "cpu"
+        and not self.disable_adapters
+        and not self.merged
+        and adapter in self.lora_A
+        and adapter not in getattr(self, "lora_variant", {})
         and not getattr(self, "lora_bias", {}).get(adapter, False)
         and not getattr(self, "fan_in_fan_out", False)
-        and type(self.base_layer) is nn.Linear and not self.base_layer.weight.requires_grad
+        and type(self.base_layer) is nn.Linear
+        and not self.base_layer.weight.requires_grad
         and (self.base_layer.bias is None or not self.base_layer.bias.requires_grad)
         and (isinstance(dropout, nn.Identity) or type(dropout) is CheapMaskDropout)
     )
@@ -88,8 +94,16 @@ def _fused_forward(self, x, *args, **kwargs):
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     drop_p = dropout.p if isinstance(dropout, CheapMaskDropout) else 0.0
     base = self.base_layer
-    return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[adapter].weight,
-                                    self.lora_B[adapter].weight, float(self.scaling[adapter]), drop_p, dtype)
+    return LoraLinearFunction.apply(
+        x,
+        base.weight,
+        base.bias,
+        self.lora_A[adapter].weight,
+        self.lora_B[adapter].weight,
+        float(self.scaling[adapter]),
+        drop_p,
+        dtype,
+    )
 
 
 def use_fused_lora_linear(model) -> int:

@@ -156,8 +156,11 @@ def select_attention(model, choice: str) -> str:
 
     if choice == "auto":
         config = model.config
-        if (not torch.cuda.is_available() and config.model_type in _CPU_ATTENTION_MODEL_TYPES
-                and not getattr(config, "attention_dropout", 0.0)):
+        if (
+            not torch.cuda.is_available()
+            and config.model_type in _CPU_ATTENTION_MODEL_TYPES
+            and not getattr(config, "attention_dropout", 0.0)
+        ):
             choice = "domaintune_cpu"
         else:
             return config._attn_implementation
@@ -166,8 +169,10 @@ def select_attention(model, choice: str) -> str:
 
         register()
         if getattr(model.config, "attention_dropout", 0.0):
-            raise UserError(f"train.attention: domaintune_cpu has no attention dropout; the model sets "
-                            f"attention_dropout={model.config.attention_dropout} (use sdpa or eager)")
+            raise UserError(
+                f"train.attention: domaintune_cpu has no attention dropout; the model sets "
+                f"attention_dropout={model.config.attention_dropout} (use sdpa or eager)"
+            )
     model.set_attn_implementation(choice)
     return choice
 

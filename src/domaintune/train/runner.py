@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -20,7 +19,13 @@ from typing import Any
 
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
-from domaintune.model.loader import BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA, is_adapter_dir, load_tokenizer, resolve_model_dir
+from domaintune.model.loader import (
+    BUNDLED_SMOLLM2,
+    TINY_RANDOM_LLAMA,
+    is_adapter_dir,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from domaintune.train.config import ADAPTER_METHODS, PROMPT_LEARNING_METHODS, TrainConfig
 from domaintune.train.dataset import (
     EncodeStats,
@@ -62,7 +67,11 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
         return None
     candidates = []
     for child in checkpoint_dir.iterdir():
-        if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and child.name[len(CHECKPOINT_PREFIX) :].isdigit():
+        if (
+            child.is_dir()
+            and child.name.startswith(CHECKPOINT_PREFIX)
+            and child.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ):
             candidates.append((int(child.name[len(CHECKPOINT_PREFIX) :]), child))
     for _, child in sorted(candidates, reverse=True):
         try:
@@ -110,8 +119,15 @@ def _check_precision(tcfg: TrainConfig) -> None:
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
 
 
-def _training_arguments(tcfg: TrainConfig, seed: int, checkpoint_dir: Path, run_eval_on_start: bool, args_cls=None,
-                        per_device_batch_size: int | None = None, **extra):
+def _training_arguments(
+    tcfg: TrainConfig,
+    seed: int,
+    checkpoint_dir: Path,
+    run_eval_on_start: bool,
+    args_cls=None,
+    per_device_batch_size: int | None = None,
+    **extra,
+):
     import torch
     from transformers import TrainingArguments
 
@@ -316,10 +332,11 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
             # FSDP and ZeRO-3 shard the output head, so it cannot be called outside the model's forward.
             sharded_head = dist_state is not None and (
                 tcfg.distributed.strategy == "fsdp"
-                or (tcfg.distributed.strategy == "deepspeed" and tcfg.distributed.deepspeed.zero_stage == 3))
+                or (tcfg.distributed.strategy == "deepspeed" and tcfg.distributed.deepspeed.zero_stage == 3)
+            )
             trainer = SparseLogitsTrainer(fused_head=tcfg.fused_head_loss and not sharded_head, **trainer_kwargs)
             method_info["fused_head_loss"] = trainer.fused_head
-    from transformers.trainer_callback import ProgressCallback, PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -340,8 +357,20 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         saved_kind = _save_model(trainer, tokenizer, model_out, model_cfg, model_dir, effective, method)
 
     metrics = _metrics(
-        cfg, tcfg, trainer, output, timer, data_info, method_info, effective, saved_kind, train_wall,
-        time.time() - started, resume_from, model_dir, init_ref,
+        cfg,
+        tcfg,
+        trainer,
+        output,
+        timer,
+        data_info,
+        method_info,
+        effective,
+        saved_kind,
+        train_wall,
+        time.time() - started,
+        resume_from,
+        model_dir,
+        init_ref,
     )
     metrics["device"]["allocator"] = allocator
     metrics["distributed"] = {
@@ -365,8 +394,23 @@ def _check_resume_identity(train_dir: Path, tcfg: TrainConfig, fingerprint: str,
     """A resumed run must see the same data and settings as the run that wrote the checkpoints."""
     path = train_dir / "run_identity.json"
     # Settings that define what the checkpoints are; max_steps, cadence etc. may change on resume.
-    keys = ("method", "lora", "freeze", "prompt_learning", "ia3", "distill", "dpo", "init_from", "max_length",
-            "packing", "batch_size", "gradient_accumulation_steps", "replay", "seed", "max_train_samples")
+    keys = (
+        "method",
+        "lora",
+        "freeze",
+        "prompt_learning",
+        "ia3",
+        "distill",
+        "dpo",
+        "init_from",
+        "max_length",
+        "packing",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "replay",
+        "seed",
+        "max_train_samples",
+    )
     settings = {k: v for k, v in tcfg.model_dump(mode="json").items() if k in keys}
     if resume and path.is_file():
         old = json.loads(path.read_text())
@@ -375,8 +419,9 @@ def _check_resume_identity(train_dir: Path, tcfg: TrainConfig, fingerprint: str,
                 "--resume: the training files changed since the checkpoints were written "
                 "(data fingerprint differs); train again without --resume"
             )
-        changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                         if settings.get(k) != old.get("settings", {}).get(k))
+        changed = sorted(
+            k for k in set(settings) | set(old.get("settings", {})) if settings.get(k) != old.get("settings", {}).get(k)
+        )
         if changed:
             raise UserError(f"--resume: train settings changed since the checkpoints were written: {changed}")
     elif not resume:
@@ -464,8 +509,14 @@ def _dpo_trainer(tcfg, seed, checkpoint_dir, eval_on_start, model, tokenizer, da
     from trl import DPOConfig, DPOTrainer
 
     args = _training_arguments(
-        tcfg, seed, checkpoint_dir, eval_on_start, args_cls=DPOConfig, beta=tcfg.dpo.beta,
-        max_length=tcfg.max_length, **common,
+        tcfg,
+        seed,
+        checkpoint_dir,
+        eval_on_start,
+        args_cls=DPOConfig,
+        beta=tcfg.dpo.beta,
+        max_length=tcfg.max_length,
+        **common,
     )
     return DPOTrainer(
         model=model,
@@ -523,8 +574,9 @@ def _save_model(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, mod
     return kind
 
 
-def _publish_model_folder(tmp: Path, model_out: Path, kind: str, tokenizer, model_cfg: ModelConfig, model_dir: Path,
-                          effective, method) -> None:
+def _publish_model_folder(
+    tmp: Path, model_out: Path, kind: str, tokenizer, model_cfg: ModelConfig, model_dir: Path, effective, method
+) -> None:
     """Complete a saved model folder (portable adapter base, tokenizer, domaintune.json) and move it into place."""
     if kind == "adapter":
         # Record a portable base reference so load_trained finds it on another machine.
@@ -541,8 +593,9 @@ def _publish_model_folder(tmp: Path, model_out: Path, kind: str, tokenizer, mode
     os.replace(tmp, model_out)
 
 
-def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, model_dir: Path, effective,
-                            method) -> str:
+def _save_model_distributed(
+    trainer, tokenizer, model_out: Path, model_cfg: ModelConfig, model_dir: Path, effective, method
+) -> str:
     """Gather the (possibly sharded) weights with the Trainer's own save_model; rank 0 writes a plain folder."""
     from peft import PeftModel
 
@@ -567,8 +620,22 @@ def _save_model_distributed(trainer, tokenizer, model_out: Path, model_cfg: Mode
     return kind
 
 
-def _metrics(cfg, tcfg, trainer, output, timer, data_info, method_info, effective, saved_kind, train_wall, total_wall,
-             resume_from, model_dir, init_ref) -> dict:
+def _metrics(
+    cfg,
+    tcfg,
+    trainer,
+    output,
+    timer,
+    data_info,
+    method_info,
+    effective,
+    saved_kind,
+    train_wall,
+    total_wall,
+    resume_from,
+    model_dir,
+    init_ref,
+) -> dict:
     history = trainer.state.log_history
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "eval_loss" not in h]

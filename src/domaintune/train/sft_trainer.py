@@ -26,8 +26,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 IGNORE_INDEX = -100
 # Config fields of architectures that transform logits after the output head (Gemma 2/3 soft-capping, Cohere,
 # Granite, Falcon-H1 scaling): the fused head would skip that step, so those models use the fallback.
-_POST_HEAD_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
-                           "output_multiplier_scale")
+_POST_HEAD_LOGIT_FIELDS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier_scale",
+)
 # Rows of logits materialised at once by LinearCrossEntropy (fp32): bounds its memory (~48 MiB for a 49k
 # vocabulary) whatever the batch.
 _CHUNK_ELEMENTS = 1 << 22
@@ -48,8 +53,9 @@ def sparse_causal_lm_loss(model, inputs, num_items_in_batch=None):
     outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
     logits = outputs.logits.float()  # [batch, len(positions), vocab]
     targets = labels[:, positions + 1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return loss / count, outputs
 
@@ -71,12 +77,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = h_all.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
         grad_hidden = torch.empty_like(h_all) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, chunk):
-            h = h_all[start:start + chunk]
-            t = targets[start:start + chunk]
+            h = h_all[start : start + chunk]
+            t = targets[start : start + chunk]
             logits = (h @ w.T).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -85,7 +92,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
             g = probs.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = g @ w
+                grad_hidden[start : start + chunk] = g @ w
             if grad_weight is not None:
                 grad_weight += (g.T @ h).float()
         ctx.save_for_backward(*(x for x in (grad_hidden, grad_weight) if x is not None))
@@ -153,8 +160,7 @@ def label_token_loss(model, inputs, num_items_in_batch=None, head_slot=None):
     targets = labels[:, positions + 1]
     selected = targets != IGNORE_INDEX
     hidden, targets = hidden[selected], targets[selected]
-    loss_sum = LinearCrossEntropy.apply(hidden, head.weight, targets,
-                                        _compute_dtype(hidden.device, hidden.dtype))
+    loss_sum = LinearCrossEntropy.apply(hidden, head.weight, targets, _compute_dtype(hidden.device, hidden.dtype))
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     # No logits were materialised; evaluation asks for the loss only (prediction_loss_only).
     return loss_sum / count, CausalLMOutputWithPast(loss=None)

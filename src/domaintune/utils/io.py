@@ -1,12 +1,15 @@
-"""JSONL reading/writing and atomic file writes used by every stage."""
+"""JSONL reading/writing and atomic file and folder writes used by every stage."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,63 @@ def fingerprint_files(paths: Iterable[str | Path]) -> str:
     for path in paths:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+STAGING_MARK = ".staging-"
+
+
+@contextmanager
+def atomic_dir(target: str | Path, *, if_exists: str = "replace") -> Iterator[Path]:
+    """Build a folder in a staging sibling, then move it into place as one rename.
+
+    Readers see the old folder or the new one, never half of one. If the body raises, the staging
+    folder is deleted and `target` is left as it was. `if_exists="keep"` is for caches that several
+    processes may fill at once: when `target` already exists the finished staging folder is dropped.
+    """
+    if if_exists not in ("replace", "keep"):
+        raise ValueError(f"if_exists must be 'replace' or 'keep', not {if_exists!r}")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{STAGING_MARK}{os.getpid()}-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, target, if_exists=if_exists)
+
+
+def publish_dir(staging: Path, target: Path, *, if_exists: str = "replace") -> None:
+    """Move a finished folder to `target`; an existing target is replaced (or kept, with if_exists="keep")."""
+    if target.exists() and if_exists == "keep":
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if if_exists == "keep" and target.exists():  # another process published first
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_staging(parent: str | Path, name: str) -> list[Path]:
+    """Delete staging folders of `name` left in `parent` by processes that were killed; returns them."""
+    from domaintune.utils.process import pid_alive
+
+    removed = []
+    prefix = f".{name}{STAGING_MARK}"
+    for folder in Path(parent).glob(f"{prefix}*"):
+        pid_text = folder.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not pid_alive(int(pid_text)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -154,7 +154,7 @@ def select_stages(stages: list[str] | None, from_stage: str | None) -> tuple[lis
     chosen = [s for s in STAGE_ORDER if s in chosen]
     forced: set[str] = set()
     if from_stage:
-        forced = set(STAGE_ORDER[STAGE_ORDER.index(from_stage):]) & set(chosen)
+        forced = set(STAGE_ORDER[STAGE_ORDER.index(from_stage) :]) & set(chosen)
     return chosen, forced
 
 
@@ -210,8 +210,9 @@ def run_pipeline(
             raise
         seconds = time.perf_counter() - start
         summary = summarise_stage(name, result)
-        state.update(name, status="done", fingerprint=fingerprint, finished_at=_now(), seconds=round(seconds, 1),
-                     summary=summary)
+        state.update(
+            name, status="done", fingerprint=fingerprint, finished_at=_now(), seconds=round(seconds, 1), summary=summary
+        )
         fingerprints[name] = fingerprint
         outcomes.append(StageOutcome(name, "ran", seconds, summary))
     gates = _read_gates(output_dir)

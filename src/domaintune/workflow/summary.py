@@ -37,9 +37,13 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
         figures.append(("split sizes (train/val/test)", " / ".join(str(sizes[s]) for s in ("train", "val", "test"))))
     train = _load(output_dir / "train" / "metrics.json")
     if train:
-        for key, label in (("step0_val_loss", "val loss at step 0"), ("best_val_loss", "best val loss"),
-                           ("final_train_loss", "final train loss"), ("tokens_per_second", "training tokens/s"),
-                           ("wall_seconds", "training wall time (s)")):
+        for key, label in (
+            ("step0_val_loss", "val loss at step 0"),
+            ("best_val_loss", "best val loss"),
+            ("final_train_loss", "final train loss"),
+            ("tokens_per_second", "training tokens/s"),
+            ("wall_seconds", "training wall time (s)"),
+        ):
             if train.get(key) is not None:
                 value = train[key]
                 figures.append((label, f"{value:.4g}" if isinstance(value, float) else str(value)))
@@ -51,17 +55,21 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
                 for metric, d in metrics.items():
                     if metric not in (primary, "bleu", "perplexity"):
                         continue
-                    figures.append((
-                        f"{set_name}: {metric} {model} vs base",
-                        f"{d['base']:.4g} -> {d['model']:.4g} (delta {d['delta']:+.3g}, "
-                        f"95% CI [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}])",
-                    ))
+                    figures.append(
+                        (
+                            f"{set_name}: {metric} {model} vs base",
+                            f"{d['base']:.4g} -> {d['model']:.4g} (delta {d['delta']:+.3g}, "
+                            f"95% CI [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}])",
+                        )
+                    )
         for model, retention in report.get("retention", {}).items():
             if retention.get("ratio") is not None:
                 figures.append((f"retention ({model} / base on the general set)", f"{retention['ratio']:.3f}"))
         gates = report.get("gates", {})
         if gates:
-            figures.append(("eval gates", "passed" if gates.get("passed") else "FAILED: " + "; ".join(gates.get("failures", []))))
+            figures.append(
+                ("eval gates", "passed" if gates.get("passed") else "FAILED: " + "; ".join(gates.get("failures", [])))
+            )
     registered = _load(output_dir / "run" / "registered.json")
     if registered:
         figures.append(("registered version", f"{registered['version']} ({registered['status']})"))
@@ -74,8 +82,9 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
 def print_summary(result: RunResult, console: Console) -> None:
     stages = Table("stage", "status", "seconds", title=f"run {result.output_dir}")
     for outcome in result.outcomes:
-        stages.add_row(outcome.name, outcome.status + (f" ({outcome.reason})" if outcome.reason else ""),
-                       f"{outcome.seconds:.1f}")
+        stages.add_row(
+            outcome.name, outcome.status + (f" ({outcome.reason})" if outcome.reason else ""), f"{outcome.seconds:.1f}"
+        )
     console.print(stages)
     figures = Table("figure", "value", title="results")
     for label, value in collect_figures(result.output_dir):

@@ -32,17 +32,32 @@ def _progress(enabled: bool):
         from domaintune.data.pipeline import _NoProgress
 
         return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from domaintune.data.pipeline import RateColumn
 
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
 
 
-def run_augment(cfg, train_rows: list[dict[str, Any]], out: Path, quarantine, progress: bool = True
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+def run_augment(
+    cfg, train_rows: list[dict[str, Any]], out: Path, quarantine, progress: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Apply `cfg.data.augment.ops` in order to the train rows; returns (synthetic rows, report section)."""
     acfg: AugmentConfig = cfg.data.augment
     cache_dir = Path(acfg.cache_dir) if acfg.cache_dir else Path(out) / "augment_cache"
@@ -54,8 +69,11 @@ def run_augment(cfg, train_rows: list[dict[str, Any]], out: Path, quarantine, pr
         return g
 
     def counters() -> tuple[int, int, int]:
-        return (sum(g.hits for g in generators), sum(g.generated for g in generators),
-                sum(g.failed for g in generators))  # fmt: skip
+        return (
+            sum(g.hits for g in generators),
+            sum(g.generated for g in generators),
+            sum(g.failed for g in generators),
+        )
 
     synthetic: list[dict[str, Any]] = []
     summaries = []
@@ -81,8 +99,11 @@ def run_augment(cfg, train_rows: list[dict[str, Any]], out: Path, quarantine, pr
             after = counters()
             summary = res.summary()
             if after != before or op.op in ("synthetic_qa", "paraphrase", "back_translate"):
-                summary["generator"] = {"cache_hits": after[0] - before[0], "generated": after[1] - before[1],
-                                        "failed": after[2] - before[2]}  # fmt: skip
+                summary["generator"] = {
+                    "cache_hits": after[0] - before[0],
+                    "generated": after[1] - before[1],
+                    "failed": after[2] - before[2],
+                }
             summaries.append(summary)
             synthetic.extend(res.rows)
     by_origin: dict[str, int] = {}

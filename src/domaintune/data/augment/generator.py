@@ -63,15 +63,20 @@ class LocalGenerator:
             text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             n = len(self._tok(text, add_special_tokens=False)["input_ids"])
             if n > self.gcfg.max_input_tokens:
-                out[i] = GenerationError(f"prompt has {n} tokens > generator.max_input_tokens {self.gcfg.max_input_tokens}")
+                out[i] = GenerationError(
+                    f"prompt has {n} tokens > generator.max_input_tokens {self.gcfg.max_input_tokens}"
+                )
                 continue
             prompts.append(text)
             index.append(i)
         if not prompts:
             return out
         enc = self._tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.gcfg.max_new_tokens, "eos_token_id": self._eot,
-                                  "pad_token_id": self._tok.pad_token_id}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.gcfg.max_new_tokens,
+            "eos_token_id": self._eot,
+            "pad_token_id": self._tok.pad_token_id,
+        }
         if self.gcfg.temperature > 0:
             torch.manual_seed(self.gcfg.seed)
             kwargs.update(do_sample=True, temperature=self.gcfg.temperature)
@@ -109,8 +114,12 @@ class OpenAIGenerator:
         self.client = OpenAI(base_url=gcfg.base_url, api_key=key, max_retries=1, timeout=gcfg.timeout_s)
 
     def _one(self, messages: Messages) -> str | GenerationError:
-        kwargs: dict[str, Any] = {"model": self.gcfg.model, "messages": messages,
-                                  "max_tokens": self.gcfg.max_new_tokens, "temperature": self.gcfg.temperature}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "model": self.gcfg.model,
+            "messages": messages,
+            "max_tokens": self.gcfg.max_new_tokens,
+            "temperature": self.gcfg.temperature,
+        }
         if self.gcfg.temperature > 0:
             kwargs["seed"] = self.gcfg.seed
         try:
@@ -153,11 +162,18 @@ class CachedGenerator:
         self.failed = 0
 
     def key(self, messages: Messages) -> str:
-        settings = {"id": self.inner.identity, "max_new_tokens": self.gcfg.max_new_tokens,
-                    "temperature": self.gcfg.temperature, "seed": self.gcfg.seed, "messages": messages}  # fmt: skip
+        settings = {
+            "id": self.inner.identity,
+            "max_new_tokens": self.gcfg.max_new_tokens,
+            "temperature": self.gcfg.temperature,
+            "seed": self.gcfg.seed,
+            "messages": messages,
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    def generate(self, items: list[Messages], progress=None, description: str = "generating") -> list[str | GenerationError]:
+    def generate(
+        self, items: list[Messages], progress=None, description: str = "generating"
+    ) -> list[str | GenerationError]:
         """All items, cached ones first from disk, the rest in batches of `batch_size`."""
         keys = [self.key(m) for m in items]
         out: list[str | GenerationError | None] = [self.cache.get(k) for k in keys]

@@ -31,7 +31,10 @@ _SENT_END = re.compile(r"(?<=[.!?。！？；;])\s+|(?<=[。！？；])")
 _QA_RE = re.compile(r"(?:question|问题)\s*[:：]\s*(.+?)\s*(?:answer|答案)\s*[:：]\s*(.+)", re.I | re.S)
 _BULLET = re.compile(r"^\s*(?:\d+\s*[.)、:：]|[-*•]|(?:question|问题)\s*\d*\s*[:：])\s*", re.I)
 _NEXT_Q = re.compile(r"\n\s*(?:question|问题)\s*[:：]", re.I)
-_DEICTIC = re.compile(r"\b(?:the|this|that|above|given) (?:passage|text|paragraph|article)\b|(?:该|这个|这段|上述|上面的?)(?:段落|文章|文本|文字)|段落中", re.I)
+_DEICTIC = re.compile(
+    r"\b(?:the|this|that|above|given) (?:passage|text|paragraph|article)\b|(?:该|这个|这段|上述|上面的?)(?:段落|文章|文本|文字)|段落中",
+    re.I,
+)
 _ROW_KEYS = {"id", "messages", "instruction", "input", "output", "text", "system", "history", "conversations"}
 
 
@@ -50,8 +53,16 @@ def question_answer(row: dict[str, Any]) -> tuple[str, str]:
     return q, row.get("output", "")
 
 
-def make_row(op: str, row_id: str, question: str, answer: str, parents: list[str], base: dict[str, Any] | None,
-             source: str | None = None, system: str | None = None) -> dict[str, Any]:  # fmt: skip
+def make_row(
+    op: str,
+    row_id: str,
+    question: str,
+    answer: str,
+    parents: list[str],
+    base: dict[str, Any] | None,
+    source: str | None = None,
+    system: str | None = None,
+) -> dict[str, Any]:
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
@@ -99,8 +110,9 @@ def has_pii(text: str, types=None) -> list[str]:
 class NearDupIndex:
     """MinHash-LSH (the data stage's own) over the train prompts; new texts are checked and then added."""
 
-    def __init__(self, prompts: list[str], threshold: float, num_perm: int = 128, char_ngram: int = 5,
-                 word_ngram: int = 3):  # fmt: skip
+    def __init__(
+        self, prompts: list[str], threshold: float, num_perm: int = 128, char_ngram: int = 5, word_ngram: int = 3
+    ):
         self.hasher = MinHasher(num_perm, char_ngram, word_ngram)
         self.index = LSHIndex(threshold, num_perm)
         self.threshold = threshold
@@ -223,8 +235,9 @@ class Context:
     def _quarantine(self, res: OpResult, parent, reason: str, payload: Any) -> None:
         source = (parent or {}).get("source", "augment")
         loc = (parent or {}).get("id", "")
-        self.quarantine.add(source, "augment", loc, f"augment/{res.op}", reason, op_index=res.index,
-                            candidate=_redacted(payload))  # fmt: skip
+        self.quarantine.add(
+            source, "augment", loc, f"augment/{res.op}", reason, op_index=res.index, candidate=_redacted(payload)
+        )
         res.quarantined += 1
 
 
@@ -287,8 +300,18 @@ def records_to_dialogue(ctx: Context, op: RecordsToDialogueOp, index: int, rows:
                 pii_counts.update(counts)
         extras = {k: data[path] for k, path in keep.items() if path in data}
         res.used(rid)
-        res.rows.append(make_row(op.op, f"{rid}-r2d", rendered["instruction"], rendered["output"], [rid],
-                                 extras, source=name, system=rendered.get("system")))  # fmt: skip
+        res.rows.append(
+            make_row(
+                op.op,
+                f"{rid}-r2d",
+                rendered["instruction"],
+                rendered["output"],
+                [rid],
+                extras,
+                source=name,
+                system=rendered.get("system"),
+            )
+        )
         if op.max_rows is not None and len(res.rows) >= op.max_rows:
             break
     res.extra["pii_redacted"] = dict(pii_counts)
@@ -324,7 +347,9 @@ def synthetic_qa(ctx: Context, op: SyntheticQAOp, index: int, rows: list[dict], 
         keep = sorted(_rng(ctx.seed, f"passages:{index}").permutation(len(passages))[: op.max_passages].tolist())
         passages = [passages[i] for i in keep]
     res.extra["passages"] = len(passages)
-    items = [[{"role": "user", "content": _lang_prompt(p, QA_PROMPT_EN, QA_PROMPT_ZH, passage=p)}] for _, _, p in passages]
+    items = [
+        [{"role": "user", "content": _lang_prompt(p, QA_PROMPT_EN, QA_PROMPT_ZH, passage=p)}] for _, _, p in passages
+    ]
     outputs = ctx.generator().generate(items, ctx.progress, f"augment[{index}] synthetic_qa")
     dedup = NearDupIndex(prompts, op.near_dup_threshold)
     parsed = 0
@@ -384,9 +409,20 @@ PARA_PROMPT_ZH = "用{n}种不同的说法改写下面的问题，意思保持�
 
 def paraphrase(ctx: Context, op: ParaphraseOp, index: int, rows: list[dict], prompts: list[str]) -> OpResult:
     res = OpResult(op.op, index)
-    chosen = [r for r in pick(rows, op.sources, op.max_rows, ctx.seed, f"paraphrase:{index}") if all(question_answer(r))]
-    items = [[{"role": "user", "content": _lang_prompt(question_answer(r)[0], PARA_PROMPT_EN, PARA_PROMPT_ZH,
-                                                        n=op.n, q=question_answer(r)[0])}] for r in chosen]  # fmt: skip
+    chosen = [
+        r for r in pick(rows, op.sources, op.max_rows, ctx.seed, f"paraphrase:{index}") if all(question_answer(r))
+    ]
+    items = [
+        [
+            {
+                "role": "user",
+                "content": _lang_prompt(
+                    question_answer(r)[0], PARA_PROMPT_EN, PARA_PROMPT_ZH, n=op.n, q=question_answer(r)[0]
+                ),
+            }
+        ]
+        for r in chosen
+    ]
     outputs = ctx.generator().generate(items, ctx.progress, f"augment[{index}] paraphrase")
     dedup = NearDupIndex(prompts, op.near_dup_threshold)
     for row, text in zip(chosen, outputs):
@@ -434,7 +470,9 @@ _LANG = {"en": "English", "zh": "Chinese (简体中文)"}
 def back_translate(ctx: Context, op: BackTranslateOp, index: int, rows: list[dict], prompts: list[str]) -> OpResult:
     res = OpResult(op.op, index)
     gen = ctx.generator(op.translator)
-    chosen = [r for r in pick(rows, op.sources, op.max_rows, ctx.seed, f"back_translate:{index}") if all(question_answer(r))]
+    chosen = [
+        r for r in pick(rows, op.sources, op.max_rows, ctx.seed, f"back_translate:{index}") if all(question_answer(r))
+    ]
     plan = []
     for r in chosen:
         q = question_answer(r)[0]
@@ -444,8 +482,11 @@ def back_translate(ctx: Context, op: BackTranslateOp, index: int, rows: list[dic
             ctx.reject(res, r, f"question already in the pivot language {pivot}", {"question": q})
             continue
         plan.append((r, q, src_lang, pivot))
-    there = gen.generate([[{"role": "user", "content": TRANSLATE_PROMPT.format(lang=_LANG[p], text=q)}]
-                          for _, q, _, p in plan], ctx.progress, f"augment[{index}] translate →pivot")  # fmt: skip
+    there = gen.generate(
+        [[{"role": "user", "content": TRANSLATE_PROMPT.format(lang=_LANG[p], text=q)}] for _, q, _, p in plan],
+        ctx.progress,
+        f"augment[{index}] translate →pivot",
+    )
     back_plan = []
     for (r, q, src, pivot), mid in zip(plan, there):
         if isinstance(mid, GenerationError):
@@ -454,8 +495,14 @@ def back_translate(ctx: Context, op: BackTranslateOp, index: int, rows: list[dic
             ctx.reject(res, r, f"pivot translation is not {pivot}", {"question": q, "pivot": mid})
         else:
             back_plan.append((r, q, src, mid))
-    back = gen.generate([[{"role": "user", "content": TRANSLATE_PROMPT.format(lang=_LANG[src], text=mid)}]
-                         for _, _, src, mid in back_plan], ctx.progress, f"augment[{index}] translate ←back")  # fmt: skip
+    back = gen.generate(
+        [
+            [{"role": "user", "content": TRANSLATE_PROMPT.format(lang=_LANG[src], text=mid)}]
+            for _, _, src, mid in back_plan
+        ],
+        ctx.progress,
+        f"augment[{index}] translate ←back",
+    )
     dedup = NearDupIndex(prompts, op.near_dup_threshold)
     for (r, q, src, mid), text in zip(back_plan, back):
         if isinstance(text, GenerationError):

@@ -1,0 +1,136 @@
+"""`RunLayout`: every path of a run folder, named once.
+
+A run folder holds one sub-folder per stage (`data/`, `train/`, `model/`, `eval/`, `export/`) and
+the pipeline's own `run/`. Stages, the CLI, the server and the registry find each other's files
+through these names instead of joining strings, so a file can move in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, value: RunLayout | str | Path) -> RunLayout:
+        """A layout from a layout or a run folder path (for callers outside the stage contract)."""
+        return value if isinstance(value, RunLayout) else cls(Path(value))
+
+    # -- data stage ---------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def split_file(self, split: str) -> Path:
+        """`data/<split>.jsonl` for train, val or test."""
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLIT_NAMES)}")
+        return self.data_dir / f"{split}.jsonl"
+
+    @property
+    def train_file(self) -> Path:
+        return self.split_file("train")
+
+    @property
+    def val_file(self) -> Path:
+        return self.split_file("val")
+
+    @property
+    def test_file(self) -> Path:
+        return self.split_file("test")
+
+    @property
+    def general_file(self) -> Path:
+        """The general-ability replay pool."""
+        return self.data_dir / "general.jsonl"
+
+    @property
+    def general_holdout_file(self) -> Path:
+        """General tasks held out for retention (absent when no holdout was asked for)."""
+        return self.data_dir / "general_holdout.jsonl"
+
+    @property
+    def quarantine_file(self) -> Path:
+        return self.data_dir / "quarantine.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.data_dir / "report.json"
+
+    @property
+    def data_report_html(self) -> Path:
+        return self.data_dir / "report.html"
+
+    # -- train stage --------------------------------------------------------------------------
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.train_dir / "checkpoints"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.train_dir / "metrics.json"
+
+    @property
+    def model_dir(self) -> Path:
+        """The trained model: an adapter folder or full weights, with tokenizer and `domaintune.json`."""
+        return self.root / "model"
+
+    # -- eval stage ---------------------------------------------------------------------------
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval_dir / "report.json"
+
+    @property
+    def eval_items(self) -> Path:
+        return self.eval_dir / "items.jsonl"
+
+    @property
+    def review_dir(self) -> Path:
+        return self.eval_dir / "review"
+
+    # -- export stage -------------------------------------------------------------------------
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def export_manifest(self) -> Path:
+        return self.export_dir / "manifest.json"
+
+    # -- the pipeline's own files ---------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "state.json"
+
+    @property
+    def registered_file(self) -> Path:
+        return self.run_dir / "registered.json"
+
+    @property
+    def summary_html(self) -> Path:
+        return self.run_dir / "summary.html"
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the run folder, for state files and manifests."""
+        return str(Path(path).relative_to(self.root))

@@ -1,0 +1,56 @@
+"""The shipped examples on the real shared data (skipped when ../shared/datasets is absent)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO_ROOT
+from domaintune.config import load_config
+from domaintune.data.pipeline import run_data
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def test_medical_zh_example(shared_datasets, tmp_path):
+    cfg = load_config(EXAMPLES / "medical-zh.yaml", output_dir=tmp_path)
+    cfg.data.sources[0].path = shared_datasets / "zh_medical_dialogue" / "internal_medicine_sample.csv"
+    cfg.data.general.path = shared_datasets / "general_seed_tasks" / "seed_tasks.jsonl"
+    report = run_data(cfg, tmp_path, progress=False)
+    src = report["sources"]["zh_medical_dialogue"]
+    assert src["input"] == 7644 and src["balanced"]
+    assert src["kept"] == {"train": 300, "val": 40, "test": 40}
+    assert src["dropped"]["dedup_exact: exact duplicate"] > 0
+    assert src["dropped"]["dedup_near: near duplicate"] > 0  # CJK char 5-gram MinHash on the real corpus
+    assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["呼吸科"]
+    row = json.loads((tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    assert row["department"] and row["difficulty"] in ("easy", "medium", "hard")
+    assert len(row["messages"][2]["content"]) <= 130
+    assert report["general"]["input"] == report["general"]["written"] == 175  # one instance per seed task
+    assert (report["general"]["replay_rows"], report["general"]["holdout_rows"]) == (131, 44)  # 25% of tasks held out
+    quarantined = len((tmp_path / "data" / "quarantine.jsonl").read_text(encoding="utf-8").splitlines())
+    assert quarantined == report["totals"]["quarantined"] == report["totals"]["dropped"]
+
+
+def test_medical_en_example(shared_datasets, tmp_path):
+    cfg = load_config(EXAMPLES / "medical-en.yaml", output_dir=tmp_path)
+    folders = {
+        "CancerGov": "1_CancerGov_QA",
+        "GHR": "3_GHR_QA",
+        "MPlus_Health_Topics": "4_MPlus_Health_Topics_QA",
+        "NIDDK": "5_NIDDK_QA",
+        "NINDS": "6_NINDS_QA",
+        "MPlusDrugs": "11_MPlusDrugs_QA",
+    }
+    for src in cfg.data.sources:
+        src.path = shared_datasets / "medquad" / folders[src.name]
+    cfg.data.general = None
+    report = run_data(cfg, tmp_path, progress=False)
+    assert report["balanced"]
+    drugs = report["sources"]["MPlusDrugs"]
+    assert drugs["input"] > 10000 and drugs["kept_total"] == 0
+    assert drugs["dropped"]["filter: empty:output"] == drugs["input"]
+    assert sum(report["split"]["sizes"].values()) == 380
+    rows = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+    assert all(r["qtype"] and r["focus"] for r in rows)
+    assert len(report["split"]["per_stratum"]["train"]) >= 8

@@ -1,0 +1,297 @@
+"""Export stage on the tiny model: merge equivalence, GGUF round trip, INT8, pruning, manifest, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from domaintune.config import config_from_dict
+from domaintune.errors import UserError
+
+ROWS = [
+    {
+        "id": str(i),
+        "messages": [
+            {"role": "system", "content": "你是一名内科医生。"},
+            {"role": "user", "content": f"头痛发热{i}天，应该怎么办？"},
+            {"role": "assistant", "content": f"建议多休息{i}天，多喝水；如持续高热请及时就医。"},
+        ],
+        "source": "test",
+    }
+    for i in range(1, 5)
+]
+
+
+def make_adapter_run(run: Path, base: Path) -> Path:
+    """A LoRA adapter on the tiny model with non-zero B matrices, so merging changes the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    get_peft_model(model, lora).save_pretrained(run / "model")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "model")
+    (run / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("val", "test"):
+        (run / "data" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8"
+        )
+    return run
+
+
+def tiny_cfg(run: Path, **export):
+    settings = {
+        "eval_rows": 3,
+        "speed_prompts": 1,
+        "speed_new_tokens": 4,
+        "eval_items": 2,
+        "eval_max_new_tokens": 4,
+        **export,
+    }
+    return config_from_dict(
+        {"name": "tiny", "output_dir": str(run), "model": {"name_or_path": "tiny-random-llama"}, "export": settings}
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir):
+    from domaintune.export.runner import run_export
+
+    run = make_adapter_run(tmp_path_factory.mktemp("export") / "run", tiny_model_dir)
+    manifest = run_export(tiny_cfg(run, prune_sparsity=0.3), run)
+    return run, manifest
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def _probe_ids(tokenizer):
+    text = tokenizer.apply_chat_template(ROWS[0]["messages"], tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_merged_logits_match_base_plus_adapter(exported, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, manifest = exported
+    tokenizer = AutoTokenizer.from_pretrained(run / "export" / "merged")
+    ids = _probe_ids(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base_logits = _logits(base, ids)
+    with_adapter = _logits(PeftModel.from_pretrained(base, run / "model"), ids)
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    merged_logits = _logits(merged, ids)
+    assert (with_adapter - base_logits).abs().max() > 1e-2  # the adapter really changes the model
+    assert torch.allclose(merged_logits, with_adapter, atol=1e-4)
+    assert manifest["merge"]["max_abs_logit_diff"] < 1e-4
+    # the chat template travels with the merged folder
+    assert "<|im_start|>" in tokenizer.chat_template
+
+
+def test_gguf_round_trip_f16_and_q8_0(exported):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, manifest = exported
+    gguf_dir = run / "export" / "gguf"
+    tokenizer = AutoTokenizer.from_pretrained(run / "export" / "merged")
+    for qtype in ("f16", "q8_0"):
+        reader = gguf.GGUFReader(gguf_dir / f"tiny-{qtype}.gguf")
+        assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+        assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+        assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["blk.0.attn_q.weight"] == ("F16" if qtype == "f16" else "Q8_0")
+        assert types["blk.0.attn_norm.weight"] == "F32"
+        assert "output.weight" not in types  # tied embeddings are not duplicated
+    # the export loaded each file back through transformers and compared it with the merged model
+    f16, q8 = (manifest["artifacts"][f"gguf-{q}"]["verified"] for q in ("f16", "q8_0"))
+    assert f16["tokenizer_identical"] and q8["tokenizer_identical"] and q8["chat_template_identical"]
+    assert f16["logits_vs_merged"]["relative_error"] < 5e-3 and f16["greedy_identical"]
+    assert f16["logits_vs_merged"]["relative_error"] < q8["logits_vs_merged"]["relative_error"] < 0.1
+
+    # the architecture metadata llama.cpp reads matches the source config
+    config = json.loads((run / "export" / "merged" / "config.json").read_text())
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.block_count"].contents() == config["num_hidden_layers"]
+    assert fields["llama.attention.head_count_kv"].contents() == config["num_key_value_heads"]
+    assert fields["llama.embedding_length"].contents() == config["hidden_size"]
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+
+    # and independently here: q8_0 weights read by transformers (gguf_file=) give the merged model's logits
+    from transformers import AutoConfig
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_dir,
+        gguf_file="tiny-q8_0.gguf",
+        dtype=torch.float32,
+        config=AutoConfig.from_pretrained(run / "export" / "merged"),
+    )
+    ids = _probe_ids(tokenizer)
+    ref, got = _logits(merged, ids), _logits(loaded, ids)
+    error = float((got - ref).pow(2).mean().sqrt() / (ref - ref.mean(-1, keepdim=True)).pow(2).mean().sqrt())
+    assert 1e-4 < error < 0.1  # close, and really quantised
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    sizes = {q: (gguf_dir / f"tiny-{q}.gguf").stat().st_size for q in ("f16", "q8_0")}
+    assert sizes["q8_0"] < 0.7 * sizes["f16"]
+
+
+def test_verification_rejects_a_gguf_outside_tolerance(exported):
+    """The measured q8_0 error passes the default tolerance and fails a stricter one (the export stops)."""
+    from domaintune.export.runner import check_gguf_tolerance
+
+    _, manifest = exported
+    measured = manifest["artifacts"]["gguf-q8_0"]["verified"]["logits_vs_merged"]
+    assert check_gguf_tolerance("tiny-q8_0.gguf", "q8_0", measured, {"q8_0": 0.1}) == 0.1
+    with pytest.raises(RuntimeError, match="relative logit error .* exceeds export.gguf_tolerance.q8_0"):
+        check_gguf_tolerance("tiny-q8_0.gguf", "q8_0", measured, {"q8_0": measured["relative_error"] / 2})
+
+
+def test_modelfile_uses_chatml_go_template(exported):
+    run, _ = exported
+    text = (run / "export" / "gguf" / "Modelfile").read_text(encoding="utf-8")
+    assert text.startswith("FROM ./tiny-q8_0.gguf\n")
+    assert "{{ range .Messages }}" in text.replace("{{- range", "{{ range")
+    assert "<|im_start|>{{ .Role }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_int8_export_loads_and_is_quantised(exported):
+    from domaintune.export.quantize import load_int8
+
+    run, manifest = exported
+    model, tokenizer = load_int8(run / "export" / "int8")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, DynamicLinear) and isinstance(layer.mlp.up_proj, DynamicLinear)
+    assert type(layer.mlp.down_proj) is torch.nn.Linear  # export.int8_exclude keeps it in float
+    assert layer.self_attn.q_proj.weight().qscheme() == torch.per_channel_affine
+    # the saved INT8 model is exactly the merged model quantised (nothing lost in saving/loading)
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.export.quantize import quantize_int8
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    fresh = quantize_int8(merged, exclude=["lm_head", "down_proj"])
+    ids = _probe_ids(tokenizer)
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+    spec = json.loads((run / "export" / "int8" / "quantization.json").read_text())
+    assert len(spec["quantized"]) == 12 and "model.layers.1.mlp.down_proj" in spec["kept_float"]
+    out = model.generate(
+        **tokenizer.apply_chat_template(
+            ROWS[0]["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ),
+        max_new_tokens=3,
+        do_sample=False,
+    )
+    assert out.shape[1] > 3
+    entry = manifest["artifacts"]["int8"]
+    assert 0 < entry["logits_vs_merged"]["relative_error"] < 0.5
+    assert {"load_s", "speed", "metric", "perplexity_delta_vs_merged", "quality_delta_vs_merged"} <= set(entry)
+    # answer quality is scored with the eval stage's primary metric, the same way for every artefact
+    assert manifest["quality"]["metric"] == "rougeL_char"
+    for name in ("merged", "int8", "gguf-f16", "gguf-q8_0", "pruned"):
+        quality = manifest["artifacts"][name]["quality"]
+        assert quality["items"] == 2 and 0.0 <= quality["mean"] <= 100.0
+
+
+def test_pruning_reaches_target_and_reports_metric_change(exported):
+    from safetensors.torch import load_file
+
+    run, manifest = exported
+    entry = manifest["artifacts"]["pruned"]
+    assert abs(entry["sparsity"]["achieved"] - 0.3) < 0.01
+    weights = load_file(run / "export" / "pruned" / "model.safetensors")
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert abs(float((q == 0).float().mean()) - 0.3) < 0.02
+    assert "perplexity_delta_vs_merged" in entry
+
+
+def test_manifest_checksums_cover_every_file_and_detect_changes(exported, tmp_path):
+    from domaintune.export.runner import verify_manifest
+    from domaintune.utils.io import sha256_file
+
+    run, manifest = exported
+    export_dir = run / "export"
+    on_disk = {p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file()}
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert on_disk - {"manifest.json"} == set(listed)
+    assert all(sha256_file(export_dir / p) == h for p, h in listed.items())
+    assert json.loads((export_dir / "manifest.json").read_text())["files"] == manifest["files"]
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    assert verify_manifest(copy) == []
+    with (copy / "gguf" / "Modelfile").open("a") as handle:
+        handle.write("PARAMETER temperature 2\n")
+    assert verify_manifest(copy) == ["gguf/Modelfile: sha256 mismatch"]
+
+
+def test_interrupted_export_leaves_previous_export_untouched(exported, monkeypatch):
+    import subprocess
+
+    import domaintune.export.gguf_export as gguf_export
+    from domaintune.export.runner import run_export
+
+    run, manifest = exported
+    before = (run / "export" / "manifest.json").read_bytes()
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    stale = run / f".export-staging-{dead_pid.pid}-killed"
+    (stale / "merged").mkdir(parents=True)  # what a killed (SIGKILL) export leaves behind
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted while writing GGUF")
+
+    monkeypatch.setattr(gguf_export, "write_gguf", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(tiny_cfg(run, int8=False, gguf=["f16"]), run)
+    assert (run / "export" / "manifest.json").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".export")]
+
+
+def test_bitsandbytes_without_cuda_is_a_clear_error(tmp_path):
+    from domaintune.export.quantize import save_bitsandbytes
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="CUDA"):
+        save_bitsandbytes(tmp_path, tmp_path / "bnb-4bit", 4)
+
+
+def test_export_without_trained_model_names_the_folder(tmp_path):
+    from domaintune.export.runner import run_export
+
+    with pytest.raises(UserError, match="domaintune train"):
+        run_export(tiny_cfg(tmp_path), tmp_path)
+
+
+def test_unknown_pre_tokenizer_needs_explicit_setting(tiny_model_dir, tmp_path):
+    from domaintune.export.gguf_export import write_gguf
+
+    class Odd:
+        def encode(self, text):
+            return [len(text)]
+
+    from domaintune.export.gguf_export import detect_pre_tokenizer
+
+    with pytest.raises(UserError, match="gguf_tokenizer_pre"):
+        detect_pre_tokenizer(Odd())
+    info = write_gguf(tiny_model_dir, tmp_path / "t.gguf", "f32", tokenizer_pre="smollm", progress=False)
+    assert info["tensors"]["f16"] == 0 and info["tensors"]["quantized"] == 0

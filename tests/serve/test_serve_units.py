@@ -1,0 +1,102 @@
+"""Small pieces of the serve stage: engine choice, rate-limit arithmetic, streamed text, config checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from domaintune.config import ConfigError, config_from_dict
+from domaintune.errors import UserError
+from domaintune.serve.engine import _IncrementalText, choose_engine, vllm_unavailable_reason
+from domaintune.serve.limits import RateLimiter
+
+
+def test_engine_choice_is_explicit_about_vllm():
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        pytest.skip("vLLM can run here; the CPU-only branch is not reachable")
+    name, why = choose_engine("auto")
+    assert name == "transformers" and reason in why
+    with pytest.raises(UserError, match="vLLM cannot run here"):
+        choose_engine("vllm")
+    assert choose_engine("transformers")[0] == "transformers"
+
+
+def test_rate_limiter_windows_and_retry_after():
+    now = [1000.0]
+    rl = RateLimiter(clock=lambda: now[0])
+    assert rl.check_request("k", 2) is None and rl.check_request("k", 2) is None
+    now[0] += 20
+    over = rl.check_request("k", 2)
+    assert over is not None and over.retry_after_s == 40  # the first request leaves the window at t+60
+    now[0] += 40
+    assert rl.check_request("k", 2) is None
+    assert rl.check_tokens("k", 100, 60) is None
+    rl.add_tokens("k", 60)
+    now[0] += 15
+    rl.add_tokens("k", 30)
+    over = rl.check_tokens("k", 100, 20)
+    assert over is not None and over.retry_after_s == 45 and "90 of 100" in over.message
+    assert "more than the key's limit" in rl.check_tokens("k", 100, 101).message
+    assert rl.check_tokens("k", None, 10**9) is None
+
+
+class _CharTokenizer:
+    """Token id = a byte; decoding shows half of a multi-byte character as U+FFFD, like real tokenizers."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_text_holds_back_partial_characters_and_stop_prefixes():
+    text = _IncrementalText(_CharTokenizer(), stop=["END"])
+    pieces = []
+    for b in "héllo E".encode():
+        assert not text.add(b)
+        pieces.append(text.piece(final=False))
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) == "héllo"  # " E" is held back: it may start the stop string
+    assert not text.add(ord("x"))
+    assert text.piece(final=False) == " "  # "Ex" cannot start "END" any more... up to the hold length
+    for b in b"END tail":
+        if text.add(b):
+            break
+    assert text.text == "héllo ExEND"[: "héllo ExEND".find("END")]
+    assert "".join(pieces) + " " + text.piece(final=True) == "héllo Ex"
+
+
+def test_serve_config_errors_name_the_field():
+    base = {"name": "x", "model": {"name_or_path": "tiny-random-llama"}}
+    with pytest.raises(ConfigError, match="serve.canary"):
+        config_from_dict(
+            {
+                **base,
+                "serve": {"canary": {"model": "m", "stable": "a", "candidate": "b", "window": 10, "min_requests": 20}},
+            }
+        )
+    with pytest.raises(ConfigError, match="duplicate names"):
+        config_from_dict({**base, "serve": {"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}})
+    with pytest.raises(ConfigError, match="max_tokens_cap"):
+        config_from_dict({**base, "serve": {"default_max_tokens": 500, "max_tokens_cap": 100}})
+    with pytest.raises(ConfigError, match="serve.engine"):
+        config_from_dict({**base, "serve": {"engine": "tensorrt"}})
+
+
+def test_batches_group_similar_prompt_lengths_within_the_token_budget():
+    import asyncio
+
+    from domaintune.serve.engine import GenRequest, SamplingParams, select_batch
+
+    loop = asyncio.new_event_loop()
+
+    def req(n, backbone="b"):
+        return GenRequest(f"r{n}", backbone, None, [1] * n, SamplingParams(max_tokens=4), loop, asyncio.Queue())
+
+    try:
+        pending = [req(40), req(1000), req(45), req(38, "other"), req(300), req(42), req(39)]
+        batch = select_batch(pending, max_batch_size=8, max_batch_tokens=400)
+        assert [len(r.prompt_ids) for r in batch] == [40, 39, 42, 45]  # oldest first, then closest lengths
+        assert len(select_batch(pending, max_batch_size=2, max_batch_tokens=400)) == 2
+        alone = select_batch([req(1000), req(40)], max_batch_size=8, max_batch_tokens=400)
+        assert [len(r.prompt_ids) for r in alone] == [1000]  # over the budget: runs alone, never starves
+    finally:
+        loop.close()
