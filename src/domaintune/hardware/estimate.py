@@ -134,6 +134,7 @@ def memory_breakdown(method: str, shape: ModelShape, run: RunShape, device: str)
     p_train = trainable_params(method, shape, run)
     # Weights: full/freeze keep fp32 master weights under autocast; frozen adapter bases load in 16 bit;
     # QLoRA stores NF4 (0.5 byte) + double-quantised absmax (~0.06 byte) and keeps embeddings in 16 bit.
+    weights: float
     if method in ("full", "freeze", "distill"):
         weights = shape.params * 4
     elif method == "qlora":
@@ -167,7 +168,7 @@ def memory_breakdown(method: str, shape: ModelShape, run: RunShape, device: str)
 
 def flops_per_token(method: str, shape: ModelShape, run: RunShape) -> float:
     p = shape.params
-    per_token = 6 * p if method in ("full", "distill") else 4 * p
+    per_token: float = 6 * p if method in ("full", "distill") else 4 * p
     if method == "freeze":
         per_token = 4 * p + 2 * trainable_params(method, shape, run)
     if run.gradient_checkpointing:
@@ -230,7 +231,8 @@ def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: in
 
     if not path.is_file():
         return None
-    total_chars, rows, sample = 0, 0, []
+    total_chars, rows = 0, 0
+    sample: list[str] = []
     for row in read_jsonl(path):
         text = "\n".join(m.get("content", "") for m in row.get("messages", []))
         total_chars += len(text)

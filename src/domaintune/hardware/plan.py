@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from domaintune.config import ProjectConfig
 from domaintune.hardware.estimate import (
     METHODS,
     NAMED_GPUS,
@@ -16,6 +16,9 @@ from domaintune.hardware.estimate import (
     model_shape_from_config,
 )
 from domaintune.hardware.probe import detect_hardware
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
 
 @dataclass
@@ -57,7 +60,7 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
     model_dir = resolve_model_dir(cfg.model)  # a config.json is all we read from it
     shape = model_shape_from_config(model_dir)
     run = run_shape_from_config(cfg)
-    train_file = cfg.output_dir / "data" / "train.jsonl"
+    train_file = cfg.layout.train_file
     tokens = count_tokens_in_split(train_file, model_dir, run.seq_len)
     epochs = cfg.train.epochs
     max_steps = cfg.train.max_steps

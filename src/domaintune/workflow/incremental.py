@@ -6,13 +6,12 @@ from pathlib import Path
 
 from domaintune.config import ProjectConfig
 from domaintune.errors import UserError
+from domaintune.registry.uri import parse_registry_uri
 
 
 def previous_training_set(registry, uri: str) -> Path:
     """The parent's `data/train.jsonl`: its registered copy when `registry.artifacts` kept one, else its run folder."""
-    from domaintune.registry import parse_uri
-
-    ref = parse_uri(uri)
+    ref = parse_registry_uri(uri)
     info = registry.show(ref.name, ref.ref)
     if any(a["path"].startswith("data/train.jsonl") for a in info["artifacts"]):
         return registry.resolve(f"registry://{ref.name}@{info['version']}/data/train.jsonl")
@@ -32,10 +31,10 @@ def prepare_continuation(cfg: ProjectConfig, uri: str) -> tuple[ProjectConfig, s
     The parent's training rows (messages form) become one more data source, so dedup and
     decontamination treat old and new rows together; `train.init_from` loads the parent's weights.
     """
-    from domaintune.registry import parse_uri, registry_from_config
+    from domaintune.registry import registry_from_config
 
     registry = registry_from_config(cfg)
-    ref = parse_uri(uri)
+    ref = parse_registry_uri(uri)
     version = registry.version_of(uri)
     previous = previous_training_set(registry, uri)
     data = cfg.data.model_dump()

@@ -1,10 +1,11 @@
 """`domaintune run`: the stages in order in one run folder, each skipped when nothing it depends on changed.
 
-A stage's fingerprint hashes its own config sections, the seed, the fingerprints of the stages
-it reads from, and (for the data stage) the size and mtime of every input file. It is stored in
-`run/state.json` when the stage finishes; a stage whose fingerprint matches and whose outputs are
-still there is skipped. A stage that was interrupted is marked `running` and is re-run (training
-resumes from its last checkpoint).
+A stage's fingerprint hashes the config sections it declares in `reads`, the seed, the
+fingerprints of its upstream stages, and (for the data stage) the size and mtime of every input
+file. It is stored in `run/state.json` when the stage finishes; a stage whose fingerprint matches
+and whose outputs are still there is skipped. A stage that was interrupted is marked `running` and
+is re-run (training resumes from its last checkpoint). Each stage gets a config that refuses the
+sections it did not declare (`workflow/stage.py`), so the declaration cannot fall behind the code.
 """
 
 from __future__ import annotations
@@ -16,31 +17,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domaintune import __version__
-from domaintune.config import ProjectConfig
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 from domaintune.utils.io import write_json
+from domaintune.workflow.stage import Report, StageRunner, StageSpec, scoped
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
 STAGE_ORDER = ["data", "train", "eval", "export", "register"]
-
-
-@dataclass
-class StageSpec:
-    name: str
-    config_sections: list[str]
-    upstream: list[str]
-    outputs: list[str]  # paths (relative to the run folder) that must exist for a skip
-    hash_input_files: bool = False
-
+_EVERYTHING_BUT_SERVE = ("model", "data", "train", "eval", "export", "registry")
 
 STAGES: dict[str, StageSpec] = {
-    "data": StageSpec("data", ["data"], [], ["data/train.jsonl", "data/report.json"], hash_input_files=True),
-    "train": StageSpec("train", ["model", "train"], ["data"], ["model", "train/metrics.json"]),
-    "eval": StageSpec("eval", ["model", "eval"], ["data", "train"], ["eval/report.json"]),
-    "export": StageSpec("export", ["export"], ["train"], ["export/manifest.json"]),
-    "register": StageSpec("register", ["registry"], ["data", "train", "eval", "export"], ["run/registered.json"]),
+    "data": StageSpec("data", ("data", "model"), (), ("train_file", "data_report"), hash_input_files=True),
+    "train": StageSpec("train", ("model", "train", "registry"), ("data",), ("model_dir", "train_metrics")),
+    "eval": StageSpec("eval", ("model", "eval", "registry"), ("data", "train"), ("eval_report",)),
+    "export": StageSpec("export", ("model", "export", "eval"), ("data", "train"), ("export_manifest",)),
+    # register records the whole project config with the version, so it reads every section
+    "register": StageSpec("register", _EVERYTHING_BUT_SERVE, ("data", "train", "eval", "export"), ("registered_file",)),
 }
 
 
@@ -80,13 +77,14 @@ def _input_files(value: Any) -> list[Path]:
 
 
 def stage_fingerprint(cfg: ProjectConfig, spec: StageSpec, upstream_fingerprints: dict[str, str]) -> str:
+    """sha256 over the declared sections, the seed, the version and the upstream fingerprints."""
     digest = hashlib.sha256()
-    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in spec.config_sections}
+    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in spec.reads}
     digest.update(json.dumps({"sections": sections, "seed": cfg.seed, "version": __version__}, sort_keys=True).encode())
     for name in spec.upstream:
         digest.update(f"{name}={upstream_fingerprints.get(name, 'absent')}".encode())
     if spec.hash_input_files:
-        for section in spec.config_sections:
+        for section in spec.reads:
             for path in _input_files(getattr(cfg, section).model_dump(mode="python")):
                 stat = path.stat()
                 digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -96,14 +94,14 @@ def stage_fingerprint(cfg: ProjectConfig, spec: StageSpec, upstream_fingerprints
 class RunState:
     """`run/state.json`: per stage its fingerprint, status and timings; written after every change."""
 
-    def __init__(self, output_dir: Path):
-        self.path = output_dir / "run" / "state.json"
+    def __init__(self, layout: RunLayout):
+        self.path = layout.state_file
         self.data: dict[str, Any] = {"stages": {}}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text(encoding="utf-8"))
 
     def stage(self, name: str) -> dict[str, Any]:
-        return self.data["stages"].get(name, {})
+        return dict(self.data["stages"].get(name, {}))
 
     def update(self, name: str, **values: Any) -> None:
         self.data["stages"].setdefault(name, {}).update(values)
@@ -114,35 +112,45 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def default_stage_runners() -> dict[str, Callable[..., dict[str, Any]]]:
-    """Each stage's plain entry point, imported lazily so `run --stages data` never loads torch."""
+def _run_data(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> Report:
+    from domaintune.data.pipeline import run_data
 
-    def data(cfg: ProjectConfig, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-        from domaintune.data.pipeline import run_data
+    return run_data(cfg, layout, workers=ctx.get("workers", 1))
 
-        return run_data(cfg, out, workers=ctx.get("workers", 1))
 
-    def train(cfg: ProjectConfig, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-        from domaintune.train.runner import run_train
+def _run_train(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> Report:
+    from domaintune.train.runner import run_train
 
-        return run_train(cfg, out, resume=ctx.get("resume_train", False))
+    return run_train(cfg, layout, resume=ctx.get("resume_train", False))
 
-    def eval_(cfg: ProjectConfig, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-        from domaintune.eval.runner import run_eval
 
-        return run_eval(cfg, out)
+def _run_eval(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> Report:
+    from domaintune.eval.runner import run_eval
 
-    def export(cfg: ProjectConfig, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-        from domaintune.export.runner import run_export
+    return run_eval(cfg, layout)
 
-        return run_export(cfg, out)
 
-    def register(cfg: ProjectConfig, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-        from domaintune.workflow.registration import register_outcome
+def _run_export(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> Report:
+    from domaintune.export.runner import run_export
 
-        return register_outcome(cfg, out, parent=ctx.get("parent_version"))
+    return run_export(cfg, layout)
 
-    return {"data": data, "train": train, "eval": eval_, "export": export, "register": register}
+
+def _run_register(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> Report:
+    from domaintune.workflow.registration import run_register
+
+    return run_register(cfg, layout, parent=ctx.get("parent_version"))
+
+
+def default_stage_runners() -> dict[str, StageRunner]:
+    """Each stage's entry point, imported lazily so `run --stages data` never loads torch."""
+    return {
+        "data": _run_data,
+        "train": _run_train,
+        "eval": _run_eval,
+        "export": _run_export,
+        "register": _run_register,
+    }
 
 
 def select_stages(stages: list[str] | None, from_stage: str | None) -> tuple[list[str], set[str]]:
@@ -158,80 +166,105 @@ def select_stages(stages: list[str] | None, from_stage: str | None) -> tuple[lis
     return chosen, forced
 
 
+@dataclass
+class _Run:
+    """What the stage loop shares: the config, the folder, the state file and the options."""
+
+    cfg: ProjectConfig
+    layout: RunLayout
+    state: RunState
+    runners: dict[str, StageRunner]
+    chosen: list[str]
+    forced: set[str]
+    options: dict[str, Any]
+    on_stage: Callable[[str, str], None] | None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def tell(self, name: str, what: str) -> None:
+        if self.on_stage:
+            self.on_stage(name, what)
+
+
 def run_pipeline(
     cfg: ProjectConfig,
     stages: list[str] | None = None,
     from_stage: str | None = None,
     workers: int = 1,
     parent_version: str | None = None,
-    runners: dict[str, Callable[..., dict[str, Any]]] | None = None,
+    runners: dict[str, StageRunner] | None = None,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> RunResult:
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    runners = runners or default_stage_runners()
+    layout = cfg.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
     chosen, forced = select_stages(stages, from_stage)
-    state = RunState(output_dir)
-    fingerprints = {name: state.stage(name).get("fingerprint", "absent") for name in STAGE_ORDER}
-    outcomes: list[StageOutcome] = []
-    for name in chosen:
-        spec = STAGES[name]
-        missing_upstream = [u for u in spec.upstream if state.stage(u).get("status") != "done" and u not in chosen]
-        if missing_upstream:
-            raise UserError(f"stage {name} needs {', '.join(missing_upstream)} first (add it to --stages)")
-        fingerprint = stage_fingerprint(cfg, spec, fingerprints)
-        previous = state.stage(name)
-        outputs_present = all((output_dir / rel).exists() for rel in spec.outputs)
-        if (
-            name not in forced
-            and previous.get("status") == "done"
-            and previous.get("fingerprint") == fingerprint
-            and outputs_present
-        ):
-            outcomes.append(StageOutcome(name, "skipped", 0.0, previous.get("summary", {}), "unchanged"))
-            fingerprints[name] = fingerprint
-            if on_stage:
-                on_stage(name, "skipped (inputs and config unchanged)")
-            continue
-        interrupted = previous.get("status") == "running" and previous.get("fingerprint") == fingerprint
-        ctx = {
-            "workers": workers,
-            "resume_train": name == "train" and interrupted and _has_complete_checkpoint(output_dir),
-            "parent_version": parent_version,
-        }
-        if on_stage:
-            on_stage(name, "resuming" if ctx["resume_train"] else "running")
-        state.update(name, status="running", fingerprint=fingerprint, started_at=_now())
-        start = time.perf_counter()
-        try:
-            result = runners[name](cfg, output_dir, ctx) or {}
-        except BaseException:
-            state.update(name, status="failed" if not interrupted else "running", failed_at=_now())
-            raise
-        seconds = time.perf_counter() - start
-        summary = summarise_stage(name, result)
-        state.update(
-            name, status="done", fingerprint=fingerprint, finished_at=_now(), seconds=round(seconds, 1), summary=summary
-        )
-        fingerprints[name] = fingerprint
-        outcomes.append(StageOutcome(name, "ran", seconds, summary))
-    gates = _read_gates(output_dir)
-    registered = output_dir / "run" / "registered.json"
+    state = RunState(layout)
+    run = _Run(
+        cfg,
+        layout,
+        state,
+        runners or default_stage_runners(),
+        chosen,
+        forced,
+        {"workers": workers, "parent_version": parent_version},
+        on_stage,
+        {name: state.stage(name).get("fingerprint", "absent") for name in STAGE_ORDER},
+    )
+    outcomes = [_run_stage(run, STAGES[name]) for name in chosen]
+    passed, failures = _read_gates(layout)
+    registered = layout.registered_file
     version = json.loads(registered.read_text())["version"] if registered.is_file() else None
-    return RunResult(output_dir, outcomes, gates[0], gates[1], version)
+    return RunResult(layout.root, outcomes, passed, failures, version)
 
 
-def _has_complete_checkpoint(output_dir: Path) -> bool:
+def _run_stage(run: _Run, spec: StageSpec) -> StageOutcome:
+    name = spec.name
+    missing = [u for u in spec.upstream if run.state.stage(u).get("status") != "done" and u not in run.chosen]
+    if missing:
+        raise UserError(f"stage {name} needs {', '.join(missing)} first (add it to --stages)")
+    fingerprint = stage_fingerprint(run.cfg, spec, run.fingerprints)
+    run.fingerprints[name] = fingerprint
+    previous = run.state.stage(name)
+    if _can_skip(run, spec, previous, fingerprint):
+        run.tell(name, "skipped (inputs and config unchanged)")
+        return StageOutcome(name, "skipped", 0.0, previous.get("summary", {}), "unchanged")
+    interrupted = previous.get("status") == "running" and previous.get("fingerprint") == fingerprint
+    ctx = dict(run.options)
+    ctx["resume_train"] = name == "train" and interrupted and _has_complete_checkpoint(run.layout)
+    run.tell(name, "resuming" if ctx["resume_train"] else "running")
+    run.state.update(name, status="running", fingerprint=fingerprint, started_at=_now())
+    start = time.perf_counter()
+    try:
+        result = run.runners[name](scoped(run.cfg, spec), run.layout, ctx) or {}
+    except BaseException:
+        run.state.update(name, status="failed" if not interrupted else "running", failed_at=_now())
+        raise
+    seconds = time.perf_counter() - start
+    summary = summarise_stage(name, result)
+    run.state.update(
+        name, status="done", fingerprint=fingerprint, finished_at=_now(), seconds=round(seconds, 1), summary=summary
+    )
+    return StageOutcome(name, "ran", seconds, summary)
+
+
+def _can_skip(run: _Run, spec: StageSpec, previous: dict[str, Any], fingerprint: str) -> bool:
+    return (
+        spec.name not in run.forced
+        and previous.get("status") == "done"
+        and previous.get("fingerprint") == fingerprint
+        and all(path.exists() for path in spec.output_paths(run.layout))
+    )
+
+
+def _has_complete_checkpoint(layout: RunLayout) -> bool:
     from domaintune.train.runner import last_complete_checkpoint
 
-    return last_complete_checkpoint(output_dir / "train" / "checkpoints") is not None
+    return last_complete_checkpoint(layout.checkpoints_dir) is not None
 
 
-def _read_gates(output_dir: Path) -> tuple[bool | None, list[str]]:
-    report = output_dir / "eval" / "report.json"
-    if not report.is_file():
+def _read_gates(layout: RunLayout) -> tuple[bool | None, list[str]]:
+    if not layout.eval_report.is_file():
         return None, []
-    gates = json.loads(report.read_text(encoding="utf-8")).get("gates", {})
+    gates = json.loads(layout.eval_report.read_text(encoding="utf-8")).get("gates", {})
     return gates.get("passed"), list(gates.get("failures", []))
 
 

@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from domaintune.config import ProjectConfig
+from domaintune.layout import RunLayout
 from domaintune.utils.io import write_json
 
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
-def register_outcome(cfg: ProjectConfig, output_dir: Path, parent: str | None = None) -> dict[str, Any]:
+
+def gate_verdict(layout: RunLayout) -> tuple[str, list[str]]:
+    """(status, reasons): `candidate` when the eval gates passed, else `rejected` with why."""
+    report = layout.eval_report
+    gates = json.loads(report.read_text(encoding="utf-8")).get("gates", {}) if report.is_file() else {}
+    passed = gates.get("passed")
+    if passed is None:
+        return "rejected", ["no evaluation report: a model that was not evaluated is never promoted"]
+    if passed:
+        return "candidate", []
+    return "rejected", list(gates.get("failures", []))
+
+
+def run_register(cfg: ProjectConfig, layout: RunLayout, *, parent: str | None = None) -> dict[str, Any]:
     from domaintune.registry import register_run, registry_from_config
 
-    report_path = output_dir / "eval" / "report.json"
-    gates = json.loads(report_path.read_text(encoding="utf-8")).get("gates", {}) if report_path.is_file() else {}
-    passed = gates.get("passed")
-    failures = list(gates.get("failures", []))
-    if passed is None:
-        status, reasons = "rejected", ["no evaluation report: a model that was not evaluated is never promoted"]
-    elif passed:
-        status, reasons = "candidate", []
-    else:
-        status, reasons = "rejected", failures
-    version = register_run(cfg, output_dir, bump="patch", status=status, reasons=reasons, parent=parent)
+    status, reasons = gate_verdict(layout)
+    version = register_run(cfg, layout, bump="patch", status=status, reasons=reasons, parent=parent)
     if status == "candidate":
         registry_from_config(cfg).promote(cfg.registry.name or cfg.name, version, alias="candidate")
     result = {"version": version, "status": status, "reasons": reasons}
-    write_json(output_dir / "run" / "registered.json", result)
+    write_json(layout.registered_file, result)
     return {"version": version, "status": status, "reasons": "; ".join(reasons)}

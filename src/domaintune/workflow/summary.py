@@ -10,15 +10,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from domaintune.layout import RunLayout
 from domaintune.utils.io import atomic_write
 from domaintune.workflow.pipeline import RunResult
 
+# RunLayout attributes of each stage's reports, linked from the summary page
 STAGE_REPORTS = {
-    "data": ["data/report.html", "data/report.json"],
-    "train": ["train/loss.png", "train/metrics.json"],
-    "eval": ["eval/report.html", "eval/report.json"],
-    "export": ["export/manifest.json"],
-    "register": ["run/registered.json"],
+    "data": ["data_report_html", "data_report"],
+    "train": ["loss_plot", "train_metrics"],
+    "eval": ["eval_report_html", "eval_report"],
+    "export": ["export_manifest"],
+    "register": ["registered_file"],
 }
 
 
@@ -29,13 +31,14 @@ def _load(path: Path) -> dict[str, Any]:
 def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
     """(label, value) pairs read from each stage's own report; absent reports are left out, not invented."""
     figures: list[tuple[str, str]] = []
-    data = _load(output_dir / "data" / "report.json")
+    layout = RunLayout(output_dir)
+    data = _load(layout.data_report)
     if data:
         totals = data["totals"]
         figures.append(("data rows in = kept + dropped", f"{totals['input']} = {totals['kept']} + {totals['dropped']}"))
         sizes = data["split"]["sizes"]
         figures.append(("split sizes (train/val/test)", " / ".join(str(sizes[s]) for s in ("train", "val", "test"))))
-    train = _load(output_dir / "train" / "metrics.json")
+    train = _load(layout.train_metrics)
     if train:
         for key, label in (
             ("step0_val_loss", "val loss at step 0"),
@@ -47,7 +50,7 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
             if train.get(key) is not None:
                 value = train[key]
                 figures.append((label, f"{value:.4g}" if isinstance(value, float) else str(value)))
-    report = _load(output_dir / "eval" / "report.json")
+    report = _load(layout.eval_report)
     if report:
         primary = report.get("primary_metric")
         for set_name, by_model in report.get("deltas", {}).items():
@@ -70,12 +73,12 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
             figures.append(
                 ("eval gates", "passed" if gates.get("passed") else "FAILED: " + "; ".join(gates.get("failures", [])))
             )
-    registered = _load(output_dir / "run" / "registered.json")
+    registered = _load(layout.registered_file)
     if registered:
         figures.append(("registered version", f"{registered['version']} ({registered['status']})"))
-    for rel in ("data/train.jsonl", "model", "eval/report.html", "export"):
-        if (output_dir / rel).exists():
-            figures.append((f"path: {rel}", str(output_dir / rel)))
+    for path in (layout.train_file, layout.model_dir, layout.eval_report_html, layout.export_dir):
+        if path.exists():
+            figures.append((f"path: {layout.relative(path)}", str(path)))
     return figures
 
 
@@ -96,7 +99,7 @@ def write_summary_html(result: RunResult) -> Path:
     out = result.output_dir
     rows = "".join(
         f"<tr><td>{html.escape(o.name)}</td><td>{html.escape(o.status)}</td><td>{o.seconds:.1f}</td>"
-        f"<td>{' '.join(_link(out, rel) for rel in STAGE_REPORTS[o.name])}</td></tr>"
+        f"<td>{' '.join(_link(RunLayout(out), attr) for attr in STAGE_REPORTS[o.name])}</td></tr>"
         for o in result.outcomes
     )
     figures = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in collect_figures(out))
@@ -106,13 +109,15 @@ td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}th{{background:#
 <h1>Run summary</h1><p>{html.escape(str(out))}</p>
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>reports</th></tr>{rows}</table>
 <h2>Results</h2><table><tr><th>figure</th><th>value</th></tr>{figures}</table></body></html>"""
-    path = out / "run" / "summary.html"
+    path = RunLayout(out).summary_html
     with atomic_write(path) as handle:
         handle.write(page)
     return path
 
 
-def _link(output_dir: Path, rel: str) -> str:
-    if not (output_dir / rel).exists():
+def _link(layout: RunLayout, attr: str) -> str:
+    path = getattr(layout, attr)
+    if not path.exists():
         return ""
+    rel = layout.relative(path)
     return f'<a href="../{html.escape(rel)}">{html.escape(rel)}</a>'
