@@ -1,0 +1,62 @@
+"""`precision: auto` and `num_threads: auto` follow the hardware, and say why."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from domaintune.hardware import autoselect
+from domaintune.hardware.autoselect import choose_precision, choose_threads, usable_physical_cores
+from domaintune.hardware.probe import Hardware
+
+WITH_BF16 = Hardware("AMD EPYC 9R14", 2, 24.0, {"avx512f", "avx512_bf16"})
+WITH_AMX = Hardware("Intel Xeon Platinum 8488C", 2, 24.0, {"avx512f", "amx_bf16", "amx_tile"})
+WITHOUT_BF16 = Hardware("Intel Xeon Platinum 8259CL", 2, 24.0, {"avx512f", "avx512vnni"})
+
+
+@pytest.mark.parametrize(("hardware", "expected"), [(WITH_BF16, "bf16"), (WITH_AMX, "bf16"), (WITHOUT_BF16, "fp32")])
+def test_auto_precision_uses_bf16_only_where_it_is_native(hardware, expected):
+    choice = choose_precision("auto", "cpu", hardware)
+    assert choice.value == expected
+    assert hardware.cpu_model in choice.reason and choice.warning is None
+
+
+def test_forced_bf16_without_native_support_is_kept_but_warned_with_the_measured_penalty(monkeypatch):
+    monkeypatch.setattr(autoselect, "measure_bf16_penalty", lambda: 6.2)
+    choice = choose_precision("bf16", "cpu", WITHOUT_BF16)
+    assert choice.value == "bf16"
+    assert choice.warning and "6.2x slower" in choice.warning and "Platinum 8259CL" in choice.warning
+
+
+def test_forced_precision_on_a_native_cpu_is_kept_quietly():
+    assert choose_precision("fp32", "cpu", WITH_BF16).describe() == {"value": "fp32", "reason": "set in the config"}
+
+
+def test_explicit_threads_are_kept_and_auto_counts_physical_cores():
+    assert choose_threads(3).value == 3
+    auto = choose_threads("auto")
+    assert auto.value == usable_physical_cores()[0]
+    assert 1 <= auto.value <= len(os.sched_getaffinity(0))
+    assert "physical core" in auto.reason
+
+
+def test_smt_siblings_count_once(monkeypatch):
+    monkeypatch.setattr(autoselect, "_affinity", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(
+        autoselect, "_physical_core_of_each_cpu", lambda: {0: ("0", "0"), 1: ("0", "1"), 2: ("0", "0"), 3: ("0", "1")}
+    )
+    monkeypatch.setattr(autoselect, "_cgroup_cpu_limit", lambda: None)
+    assert usable_physical_cores()[0] == 2
+
+
+def test_a_cgroup_quota_caps_the_threads(monkeypatch):
+    monkeypatch.setattr(autoselect, "_affinity", lambda: set(range(8)))
+    monkeypatch.setattr(autoselect, "_physical_core_of_each_cpu", lambda: {i: ("0", str(i)) for i in range(8)})
+    monkeypatch.setattr(autoselect, "_cgroup_cpu_limit", lambda: 1.5)
+    count, why = usable_physical_cores()
+    assert count == 2 and "cgroup" in why
+
+
+def test_bf16_penalty_is_a_positive_ratio():
+    assert autoselect.measure_bf16_penalty(seconds=0.02, shape=(64, 64, 64)) > 0
