@@ -136,7 +136,7 @@ def test_sparse_logits_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir
     """Logits only where a label exists give exactly the full causal-LM loss (and its gradient)."""
     from transformers import AutoModelForCausalLM
 
-    from domaintune.train.sft_trainer import sparse_causal_lm_loss
+    from domaintune.train.speed.fused_head import sparse_causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config.use_cache = False

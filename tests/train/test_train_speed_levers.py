@@ -28,10 +28,10 @@ from torch import nn
 
 from domaintune.model.config import ModelConfig
 from domaintune.model.loader import load_tokenizer
-from domaintune.train import sft_trainer
+from domaintune.train.speed import fused_head as sft_trainer
 from domaintune.train.dataset import encode_rows, make_collator
-from domaintune.train.fast_dropout import CheapMaskDropout, use_cheap_mask_dropout
-from domaintune.train.sft_trainer import LinearCrossEntropy, fused_head_supported, label_token_loss
+from domaintune.train.speed.fast_dropout import CheapMaskDropout, use_cheap_mask_dropout
+from domaintune.train.speed.fused_head import LinearCrossEntropy, fused_head_supported, label_token_loss
 from train_helpers import CONVERSATION, make_run_dir, tiny_config
 
 N_LINEAR_LORA_LAYERS = 14  # tiny Llama: 7 linear layers x 2 decoder layers
@@ -456,7 +456,7 @@ def _rel(got, want):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lora_linear_matches_peft_loss_and_gradients_in_fp32(tiny_model_dir, dropout):
-    from domaintune.train.fused_lora import use_fused_lora_linear
+    from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
     model = _fusable_lora_model(tiny_model_dir, dropout)
     reference = copy.deepcopy(model)
@@ -478,7 +478,7 @@ def test_fused_lora_linear_matches_peft_loss_and_gradients_in_fp32(tiny_model_di
 
 
 def test_fused_lora_linear_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model_dir):
-    from domaintune.train.fused_lora import use_fused_lora_linear
+    from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
     model = _fusable_lora_model(tiny_model_dir, 0.1)
     unfused = copy.deepcopy(model)
@@ -502,7 +502,7 @@ def test_fused_lora_linear_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_
 
 
 def test_fused_lora_linear_leaves_eval_mode_to_peft(tiny_model_dir):
-    from domaintune.train.fused_lora import use_fused_lora_linear
+    from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
     model = _fusable_lora_model(tiny_model_dir, 0.1)
     reference = copy.deepcopy(model)
@@ -514,7 +514,7 @@ def test_fused_lora_linear_leaves_eval_mode_to_peft(tiny_model_dir):
 
 
 def test_fused_lora_linear_leaves_dora_to_peft(tiny_model_dir):
-    from domaintune.train.fused_lora import use_fused_lora_linear
+    from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
     model = _fusable_lora_model(tiny_model_dir, 0.0, use_dora=True)
     reference = copy.deepcopy(model)
@@ -529,7 +529,7 @@ def test_fused_lora_linear_leaves_dora_to_peft(tiny_model_dir):
 
 
 def test_fused_lora_linear_falls_back_when_the_base_weight_trains(tiny_model_dir):
-    from domaintune.train.fused_lora import use_fused_lora_linear
+    from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
     model = _fusable_lora_model(tiny_model_dir, 0.1)
     trained = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
@@ -605,7 +605,7 @@ def _logits_and_grads(model, batch, autocast=False):
 def test_domaintune_cpu_attention_matches_eager_attention(hidden, heads):
     from transformers import AttentionInterface
 
-    from domaintune.train.cpu_attention import ATTENTION_NAME, cpu_attention_forward, register
+    from domaintune.train.speed.cpu_attention import ATTENTION_NAME, cpu_attention_forward, register
     from domaintune.train.methods import select_attention
 
     eager = _tiny_llama(hidden, heads)
@@ -687,7 +687,7 @@ def test_select_attention_auto_picks_domaintune_cpu_only_where_it_is_exact():
 
 
 def test_cpu_attention_forward_refuses_what_it_does_not_implement():
-    from domaintune.train.cpu_attention import cpu_attention_forward
+    from domaintune.train.speed.cpu_attention import cpu_attention_forward
 
     module = nn.Module().train()
     q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
@@ -721,7 +721,7 @@ def _is_glibc_linux() -> bool:
 
 @pytest.mark.skipif(not _is_glibc_linux(), reason="mallopt tuning applies to Linux/glibc only")
 def test_keep_freed_buffers_sets_glibc_malloc_thresholds():
-    from domaintune.utils.allocator import keep_freed_buffers
+    from domaintune.train.speed.allocator import keep_freed_buffers
 
     assert keep_freed_buffers() == _KEPT
     assert keep_freed_buffers() == _KEPT  # idempotent: mallopt accepts the same values again

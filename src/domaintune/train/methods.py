@@ -165,7 +165,7 @@ def select_attention(model, choice: str) -> str:
         else:
             return config._attn_implementation
     if choice == "domaintune_cpu":
-        from domaintune.train.cpu_attention import register
+        from domaintune.train.speed.cpu_attention import register
 
         register()
         if getattr(model.config, "attention_dropout", 0.0):
@@ -213,11 +213,11 @@ def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter
     if method == "lora" and cfg.precision != "fp32":
         info["lora_input_cast"] = skip_lora_input_cast(model)
     if method in ("lora", "dora", "qlora") and cfg.lora.cheap_mask_dropout:
-        from domaintune.train.fast_dropout import use_cheap_mask_dropout
+        from domaintune.train.speed.fast_dropout import use_cheap_mask_dropout
 
         info["cheap_mask_dropout"] = use_cheap_mask_dropout(model)
     if method == "lora" and cfg.lora.fused_linear:
-        from domaintune.train.fused_lora import use_fused_lora_linear
+        from domaintune.train.speed.fused_lora import use_fused_lora_linear
 
         info["fused_lora_linear"] = use_fused_lora_linear(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

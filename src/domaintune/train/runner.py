@@ -197,7 +197,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
         torch.set_num_threads(tcfg.num_threads)
     allocator = {"malloc": "unchanged"}
     if tcfg.keep_freed_buffers and not torch.cuda.is_available():
-        from domaintune.utils.allocator import keep_freed_buffers
+        from domaintune.train.speed.allocator import keep_freed_buffers
 
         allocator = keep_freed_buffers()
 
@@ -327,7 +327,7 @@ def run_train(cfg, output_dir, resume: bool = False, extra_callbacks: list | Non
             # Virtual tokens shift positions inside peft's forward: use the model's own loss.
             trainer = Trainer(**trainer_kwargs)
         else:
-            from domaintune.train.sft_trainer import SparseLogitsTrainer
+            from domaintune.train.speed.fused_head import SparseLogitsTrainer
 
             # FSDP and ZeRO-3 shard the output head, so it cannot be called outside the model's forward.
             sharded_head = dist_state is not None and (

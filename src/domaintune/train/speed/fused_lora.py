@@ -26,7 +26,7 @@ import types
 import torch
 from torch import nn
 
-from domaintune.train.fast_dropout import CheapMaskDropout, cheap_keep_mask
+from domaintune.train.speed.fast_dropout import CheapMaskDropout, cheap_keep_mask
 
 
 class LoraLinearFunction(torch.autograd.Function):
