@@ -15,6 +15,7 @@ from domaintune.config import config_from_dict
 from domaintune.eval.config import DecodingConfig
 from domaintune.eval.items import load_items
 from domaintune.eval.models import build_models
+from domaintune.layout import RunLayout
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     items = load_items(Path(args.test), args.prompts, "test")
     cfg = config_from_dict({"name": "bench", "model": {"name_or_path": args.model}, "eval": {"tuned": False}})
-    (model,) = build_models(cfg, Path("/nonexistent"))
+    (model,) = build_models(cfg, RunLayout(Path("/nonexistent")))
     prompts = [it.prompt for it in items]
     model.generate(prompts[:1], DecodingConfig(max_new_tokens=2, batch_size=1), 0, desc="warm-up")
     results = {}

@@ -9,6 +9,7 @@ import pytest
 
 from domaintune.errors import UserError
 from domaintune.eval.review import export_review, import_review
+from domaintune.layout import RunLayout
 from domaintune.utils.io import write_jsonl
 
 
@@ -44,7 +45,7 @@ def _letter(key, item, model):
 
 
 def test_export_is_blind_and_keyed(run_dir):
-    out = export_review(run_dir, n_items=10, seed=3)
+    out = export_review(RunLayout(run_dir), n_items=10, seed=3)
     assert out["n_items"] == 4  # general items are not exported
     key = json.loads((run_dir / "eval/review/review_key.json").read_text())
     assert set(key["items"]) == {"i1", "i2", "i3", "i4"}
@@ -64,7 +65,7 @@ def test_export_is_blind_and_keyed(run_dir):
 
 
 def test_round_trip_win_rates_and_kappa(run_dir, tmp_path):
-    export_review(run_dir, n_items=10, seed=5)
+    export_review(RunLayout(run_dir), n_items=10, seed=5)
     review = run_dir / "eval" / "review"
     key = json.loads((review / "review_key.json").read_text())
     # reviewer 1 (the HTML form's download format)
@@ -112,7 +113,7 @@ def _copy_as(src, dst, old, new):
 
 
 def test_import_errors_name_file_and_line(run_dir):
-    export_review(run_dir, n_items=10, seed=1)
+    export_review(RunLayout(run_dir), n_items=10, seed=1)
     review = run_dir / "eval" / "review"
     key = json.loads((review / "review_key.json").read_text())
     bad = review / "bad.csv"
@@ -128,4 +129,4 @@ def test_import_errors_name_file_and_line(run_dir):
     with pytest.raises(UserError, match="'nope' is not in"):
         import_review([unknown])
     with pytest.raises(UserError, match="run `domaintune eval"):
-        export_review(run_dir / "missing")
+        export_review(RunLayout(run_dir / "missing"))

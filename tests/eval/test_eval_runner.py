@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from domaintune.config import config_from_dict
 from domaintune.eval.runner import run_eval
+from domaintune.layout import RunLayout
 from domaintune.utils.io import read_jsonl
 
 
@@ -74,7 +75,7 @@ def _cfg(run: Path, **eval_overrides):
 
 
 def test_run_eval_end_to_end_and_cache(run_dir):
-    report = run_eval(_cfg(run_dir), run_dir)
+    report = run_eval(_cfg(run_dir), RunLayout(run_dir))
     ev = run_dir / "eval"
     for name in ("predictions.jsonl", "items.jsonl", "report.json", "report.html", "perplexity.jsonl"):
         assert (ev / name).is_file(), name
@@ -128,7 +129,7 @@ def test_run_eval_end_to_end_and_cache(run_dir):
     # the same row answers carry the decoding settings and latency
     assert all(r["decoding"]["max_new_tokens"] == 6 and r["latency_s"] > 0 for r in first)
 
-    again = run_eval(_cfg(run_dir), run_dir)
+    again = run_eval(_cfg(run_dir), RunLayout(run_dir))
     assert again["cache"]["answers_generated"] == 0
     assert again["cache"]["answers_reused"] == len(first)
     assert again["metrics"] == report["metrics"]
@@ -136,7 +137,7 @@ def test_run_eval_end_to_end_and_cache(run_dir):
 
     # a different decoding setting is a different cache key: regenerated, old entries kept
     changed = run_eval(
-        _cfg(run_dir, decoding={"max_new_tokens": 3, "batch_size": 4}, robustness={"enabled": False}), run_dir
+        _cfg(run_dir, decoding={"max_new_tokens": 3, "batch_size": 4}, robustness={"enabled": False}), RunLayout(run_dir)
     )
     assert changed["cache"]["answers_generated"] == 2 * (6 + 3)
     assert len(list(read_jsonl(ev / "predictions.jsonl"))) == len(first) + 2 * (6 + 3)
@@ -166,7 +167,7 @@ def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_p
                 },
             }
         )
-        return run_eval(cfg, folder), list(read_jsonl(folder / "eval" / "items.jsonl"))
+        return run_eval(cfg, RunLayout(folder)), list(read_jsonl(folder / "eval" / "items.jsonl"))
 
     report1, items1 = run(tmp_path / "a")
     report2, items2 = run(tmp_path / "b")
@@ -303,7 +304,7 @@ def test_endpoint_model_and_judge(run_dir, endpoint, tmp_path, monkeypatch):
             },
         }
     )
-    report = run_eval(cfg, out)
+    report = run_eval(cfg, RunLayout(out))
     items = [r for r in read_jsonl(out / "eval" / "items.jsonl") if r["set"] == "test"]
     # the same model behind HTTP, same prompts, same greedy decoding: the same answers
     assert [r["answers"]["api"] for r in items] == [r["answers"]["base"] for r in items]
@@ -346,10 +347,10 @@ def test_interrupted_generation_keeps_finished_batches(run_dir, tmp_path, monkey
 
     monkeypatch.setattr(EvalModel, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_eval(cfg, out)
+        run_eval(cfg, RunLayout(out))
     assert len(list(read_jsonl(out / "eval" / "predictions.jsonl"))) == 2
     monkeypatch.setattr(EvalModel, "generate", original)
-    report = run_eval(cfg, out)
+    report = run_eval(cfg, RunLayout(out))
     assert report["cache"]["answers_reused"] == 2 and report["cache"]["answers_generated"] == 4
 
 
@@ -362,7 +363,7 @@ def test_reference_nll_matches_a_plain_computation(tiny_model_dir):
     from domaintune.eval.models import build_models
 
     cfg = cfd({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "eval": {"tuned": False}})
-    (model,) = build_models(cfg, Path("/nonexistent"))
+    (model,) = build_models(cfg, RunLayout(Path("/nonexistent")))
     prompts = [
         [{"role": "user", "content": "头痛怎么办？请详细说明。"}],
         [{"role": "user", "content": "hi"}],
@@ -400,10 +401,10 @@ def test_retention_uses_the_holdout_and_refuses_the_replay_set(tmp_path):
         }
     )
     with pytest.raises(UserError, match="also the replay set"):
-        run_eval(cfg, tmp_path)  # refused before any model loads
+        run_eval(cfg, RunLayout(tmp_path))  # refused before any model loads
     from domaintune.eval.runner import _default_general_file, _refuse_replayed_retention_set
 
-    assert _default_general_file(tmp_path) == data / "general_holdout.jsonl"
-    _refuse_replayed_retention_set(cfg, tmp_path, data / "general_holdout.jsonl")  # held out: accepted
+    assert _default_general_file(RunLayout(tmp_path)) == data / "general_holdout.jsonl"
+    _refuse_replayed_retention_set(cfg, RunLayout(tmp_path), data / "general_holdout.jsonl")  # held out: accepted
     (data / "general_holdout.jsonl").unlink()
-    assert _default_general_file(tmp_path) == data / "general.jsonl"
+    assert _default_general_file(RunLayout(tmp_path)) == data / "general.jsonl"

@@ -11,6 +11,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, console, friendly_errors, load
+from domaintune.layout import RunLayout
 
 
 class _EvalGroup(TyperGroup):
@@ -57,7 +58,7 @@ _SUMMARY_METRICS = (
 )
 
 
-def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
+def _print_summary(report: dict[str, Any], layout: RunLayout) -> None:
     for set_name, per_model in report["metrics"].items():
         table = Table(title=f"{set_name} set ({report['sets'][set_name]['n_items']} items)")
         table.add_column("metric")
@@ -93,7 +94,7 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
         f"answers generated {cache['answers_generated']}, reused from cache {cache['answers_reused']}; "
         f"wall time {report['timing']['wall_s']:.1f} s"
     )
-    console.print(f"report: {output_dir / 'eval' / 'report.html'}")
+    console.print(f"report: {layout.eval_dir / 'report.html'}")
 
 
 @eval_app.command("run")
@@ -106,8 +107,8 @@ def eval_run(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = 
     from domaintune.eval.runner import run_eval
 
     cfg = load(config, set_, output_dir)
-    report = run_eval(cfg, cfg.output_dir)
-    _print_summary(report, Path(cfg.output_dir))
+    report = run_eval(cfg, cfg.layout)
+    _print_summary(report, cfg.layout)
     gates = report["gates"]
     if gates["passed"]:
         console.print(f"[bold green]gates passed[/] ({len(gates['results'])} checked)")
@@ -136,7 +137,7 @@ def export_review_cmd(
     cfg = load(config, set_, output_dir)
     rc = cfg.eval.review
     result = export_review(
-        Path(cfg.output_dir),
+        cfg.layout,
         n_items=n or rc.n_items,
         model_a=model_a or rc.model_a,
         model_b=model_b or rc.model_b,

@@ -68,11 +68,18 @@ class JudgeConfig(StrictModel):
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout for the judge.")
 
 
+Perturbation = Literal["typo", "width", "whitespace"]
+
+
+def _every_perturbation() -> list[Perturbation]:
+    return ["typo", "width", "whitespace"]
+
+
 class RobustnessConfig(StrictModel):
     enabled: bool = Field(True, description="Re-ask perturbed test prompts and report the score drop.")
     max_items: int = Field(20, ge=1, description="Test items perturbed (the first N of the evaluated items).")
-    perturbations: list[Literal["typo", "width", "whitespace"]] = Field(
-        default_factory=lambda: ["typo", "width", "whitespace"],
+    perturbations: list[Perturbation] = Field(
+        default_factory=_every_perturbation,
         description="typo: swap/drop/duplicate characters; width: full/half-width swaps; whitespace: extra spaces.",
     )
     rate: float = Field(0.05, gt=0, le=0.5, description="Share of characters a typo perturbation touches.")
@@ -86,9 +93,6 @@ class ReviewConfig(StrictModel):
     model_a: str = Field("base", description="First model of the pair shown to reviewers.")
     model_b: str = Field("tuned", description="Second model of the pair shown to reviewers.")
     show_reference: bool = Field(False, description="Show the reference answer to reviewers too.")
-
-
-_GATE_OPS = (">=", "<=", "==", "!=", ">", "<")
 
 
 class EvalConfig(StrictModel):
@@ -110,7 +114,7 @@ class EvalConfig(StrictModel):
         default_factory=DecodingConfig, description="Decoding settings shared by every model (greedy by default)."
     )
     metrics: list[Literal[ALL_METRICS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: [m for m in ALL_METRICS],
+        default_factory=lambda: list(ALL_METRICS),
         description="Metrics computed; `judge` runs only when `judge.url` is set.",
     )
     system_prompt: str | None = Field(

@@ -52,7 +52,7 @@ def parse_gate(text: str) -> Gate:
 def evaluate_gates(gates: list[str], values: dict[str, Any]) -> dict[str, Any]:
     """Check every gate against the flat `values` table; unknown names and missing values fail with a reason."""
     results = []
-    failures = []
+    failures: list[str] = []
     for text in gates:
         gate = parse_gate(text)
         value = values.get(gate.name)
@@ -67,7 +67,7 @@ def evaluate_gates(gates: list[str], values: dict[str, Any]) -> dict[str, Any]:
             ok = False
         else:
             ok = gate.check(float(value))
-            reason = None if ok else f"{gate.text}: got {gate.name} = {float(value):.4g}"
+            reason = f"{gate.text}: got {gate.name} = {float(value):.4g}"  # reported only when it failed
         results.append({"gate": gate.text, "value": value, "passed": ok})
         if not ok:
             failures.append(reason)

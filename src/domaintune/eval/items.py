@@ -56,7 +56,7 @@ def load_items(path: Path, limit: int | None, what: str, system_prompt: str | No
         last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last_assistant is None:
             raise UserError(f"{where}: no assistant message to use as the reference")
-        prompt = [dict(role=m["role"], content=m["content"]) for m in messages[:last_assistant]]
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last_assistant]]
         if not any(m["role"] == "user" for m in prompt):
             raise UserError(f"{where}: no user message before the reference answer")
         if system_prompt and prompt[0]["role"] != "system":

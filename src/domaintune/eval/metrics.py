@@ -301,9 +301,6 @@ def contains_term(normalized_text: str, term: str) -> bool:
 # ---------------------------------------------------------------- one item
 
 
-TEXT_METRICS = ("rouge", "bleu", "chrf", "exact_match", "token_f1", "term_coverage")
-
-
 def score_item(prediction: str, reference: str, metrics: Iterable[str], glossary: Sequence[str] | None = None) -> dict:
     """Every per-item text metric asked for; values x100, None where a metric does not apply."""
     metrics = set(metrics)

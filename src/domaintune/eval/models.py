@@ -6,6 +6,7 @@ batches with left padding and stop at the chat template's end-of-turn tokens.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -16,13 +17,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from domaintune.errors import UserError
 from domaintune.eval.config import DecodingConfig, ModelSpec
 from domaintune.utils.io import fingerprint_files
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+    from domaintune.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class EvalModel:
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
         if self._loaded is None:
+            if self.loader is None:
+                raise RuntimeError(f"{self.name}: an endpoint model has no local weights to load")
             model, tokenizer = self.loader()
             model.eval()  # generation and scoring run under torch.inference_mode(); no global grad switch
             if tokenizer.pad_token is None:
@@ -130,13 +137,13 @@ class EvalModel:
         # Longest first: similar lengths share a batch (less padding), and the ETA is pessimistic early.
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         sample = decoding.temperature > 0
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=decoding.max_new_tokens,
-            do_sample=sample,
-            eos_token_id=eot,
-            pad_token_id=tokenizer.pad_token_id,
-            repetition_penalty=decoding.repetition_penalty,
-        )
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": decoding.max_new_tokens,
+            "do_sample": sample,
+            "eos_token_id": eot,
+            "pad_token_id": tokenizer.pad_token_id,
+            "repetition_penalty": decoding.repetition_penalty,
+        }
         if sample:
             gen_kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
         gen_config = GenerationConfig(**gen_kwargs)
@@ -173,10 +180,15 @@ class EvalModel:
             bar.close()
         return answers  # type: ignore[return-value]
 
+    def _endpoint_spec(self) -> ModelSpec:
+        if self.spec is None:
+            raise RuntimeError(f"{self.name}: a local model has no endpoint")
+        return self.spec
+
     def _client(self):
         from openai import OpenAI
 
-        spec = self.spec
+        spec = self._endpoint_spec()
         key = spec.api_key or (os.environ.get(spec.api_key_env) if spec.api_key_env else None)
         if spec.api_key_env and not key and not spec.api_key:
             raise UserError(f"eval.models[{spec.name}]: environment variable {spec.api_key_env} is not set")
@@ -187,28 +199,29 @@ class EvalModel:
     ) -> list[Answer]:
         import openai
 
+        spec = self._endpoint_spec()
         client = self._client()
-        model_id = self.spec.model or self.spec.name
+        model_id = spec.model or spec.name
         if decoding.repetition_penalty != 1.0 and "repetition_penalty" not in " ".join(self.notes):
             self.notes.append("repetition_penalty is not part of the OpenAI API; the endpoint decodes without it")
         answers = []
         bar = tqdm(total=len(prompts), desc=desc or self.name, unit="answer", dynamic_ncols=True)
         try:
             for messages in prompts:
-                kwargs: dict[str, Any] = dict(
-                    model=model_id,
-                    messages=messages,
-                    max_tokens=decoding.max_new_tokens,
-                    temperature=decoding.temperature,
-                    seed=seed,
-                )
+                kwargs: dict[str, Any] = {
+                    "model": model_id,
+                    "messages": messages,
+                    "max_tokens": decoding.max_new_tokens,
+                    "temperature": decoding.temperature,
+                    "seed": seed,
+                }
                 if decoding.temperature > 0:
                     kwargs["top_p"] = decoding.top_p
                 t0 = time.perf_counter()
                 try:
                     resp = client.chat.completions.create(**kwargs)
                 except openai.APIError as exc:
-                    raise UserError(f"eval.models[{self.name}]: endpoint {self.spec.url} failed: {exc}") from None
+                    raise UserError(f"eval.models[{self.name}]: endpoint {spec.url} failed: {exc}") from None
                 elapsed = time.perf_counter() - t0
                 text = (resp.choices[0].message.content or "").strip() if resp.choices else ""
                 n_tokens = resp.usage.completion_tokens if resp.usage else None
@@ -319,8 +332,8 @@ def local_identity(path: Path) -> str:
     return _adapter_identity(path) if is_adapter_dir(path) else f"folder:{folder_fingerprint(path)}"
 
 
-def build_models(cfg, output_dir: Path) -> list[EvalModel]:
-    """base (the `model:` section), tuned (`<output_dir>/model`) and every `eval.models` entry."""
+def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
+    """base (the `model:` section), tuned (the run's `model/`) and every `eval.models` entry."""
     from domaintune.model.loader import load_model_and_tokenizer, load_trained, resolve_model_dir
 
     ecfg = cfg.eval
@@ -339,7 +352,7 @@ def build_models(cfg, output_dir: Path) -> list[EvalModel]:
             )
         )
     if ecfg.tuned:
-        tuned_dir = Path(output_dir) / "model"
+        tuned_dir = layout.model_dir
         if not tuned_dir.is_dir():
             raise UserError(
                 f"tuned model folder {tuned_dir} does not exist: run `domaintune train` first, "
@@ -366,7 +379,7 @@ def build_models(cfg, output_dir: Path) -> list[EvalModel]:
                     kind="local",
                     identity=local_identity(path),
                     description=str(path),
-                    loader=(lambda p=path: load_trained(p, dtype=dtype, merge=True)),
+                    loader=functools.partial(load_trained, path, dtype=dtype, merge=True),
                     spec=spec,
                 )
             )

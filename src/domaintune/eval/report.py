@@ -115,6 +115,17 @@ def _grouped_bars(
 
 
 def _charts(report: dict[str, Any]) -> list[dict[str, str]]:
+    return [
+        *_score_charts(report),
+        *_perplexity_chart(report),
+        *_delta_charts(report),
+        *_strata_chart(report),
+        *_robustness_chart(report),
+    ]
+
+
+def _score_charts(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One chart per set: every score metric of every model."""
     charts = []
     for set_name, per_model in report["metrics"].items():
         names = list(per_model)
@@ -131,20 +142,30 @@ def _charts(report: dict[str, Any]) -> list[dict[str, str]]:
                     ),
                 }
             )
+    return charts
+
+
+def _perplexity_chart(report: dict[str, Any]) -> list[dict[str, str]]:
     ppl_sets = [s for s in report["metrics"] if any("perplexity" in v for v in report["metrics"][s].values())]
-    if ppl_sets:
-        names = list(report["models"])
-        charts.append(
-            {
-                "title": "Perplexity of the reference answers (lower is better)",
-                "png": _grouped_bars(
-                    ppl_sets,
-                    {n: [report["metrics"][s].get(n, {}).get("perplexity") for s in ppl_sets] for n in names},
-                    "reference perplexity",
-                    "perplexity",
-                ),
-            }
-        )
+    if not ppl_sets:
+        return []
+    names = list(report["models"])
+    return [
+        {
+            "title": "Perplexity of the reference answers (lower is better)",
+            "png": _grouped_bars(
+                ppl_sets,
+                {n: [report["metrics"][s].get(n, {}).get("perplexity") for s in ppl_sets] for n in names},
+                "reference perplexity",
+                "perplexity",
+            ),
+        }
+    ]
+
+
+def _delta_charts(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One chart per model compared with base on the test set, with the bootstrap CIs as error bars."""
+    charts = []
     for model, deltas in report["deltas"].get("test", {}).items():
         metrics = [m for m in SCORE_METRICS if m in deltas]
         if metrics:
@@ -166,39 +187,47 @@ def _charts(report: dict[str, Any]) -> list[dict[str, str]]:
                     ),
                 }
             )
-    strata = report.get("strata") or {}
-    if strata.get("groups"):
-        groups = list(strata["groups"])[:12]
-        metric = strata["metric"]
-        names = list(report["models"])
-        _, mapped = chart_labels(groups)
-        charts.append(
-            {
-                "title": f"{metric} per {strata['field']}"
-                + (" (bars labelled S1, S2, ... as in the table: no CJK font installed)" if mapped else ""),
-                "png": _grouped_bars(
-                    groups,
-                    {n: [strata["groups"][g].get(n, {}).get(metric) for g in groups] for n in names},
-                    f"{metric} by {strata['field']}",
-                    metric,
-                ),
-            }
-        )
-    rob = report.get("robustness", {})
-    if rob.get("models"):
-        kinds = ["clean", *next(iter(rob["models"].values()))["perturbed"].keys()]
-        charts.append(
-            {
-                "title": f"Robustness: {rob['metric']} on clean vs perturbed prompts ({rob['n_items']} items)",
-                "png": _grouped_bars(
-                    kinds,
-                    {n: [r["clean"], *r["perturbed"].values()] for n, r in rob["models"].items()},
-                    "robustness",
-                    rob["metric"],
-                ),
-            }
-        )
     return charts
+
+
+def _strata_chart(report: dict[str, Any]) -> list[dict[str, str]]:
+    strata = report.get("strata") or {}
+    if not strata.get("groups"):
+        return []
+    groups = list(strata["groups"])[:12]
+    metric = strata["metric"]
+    names = list(report["models"])
+    _, mapped = chart_labels(groups)
+    return [
+        {
+            "title": f"{metric} per {strata['field']}"
+            + (" (bars labelled S1, S2, ... as in the table: no CJK font installed)" if mapped else ""),
+            "png": _grouped_bars(
+                groups,
+                {n: [strata["groups"][g].get(n, {}).get(metric) for g in groups] for n in names},
+                f"{metric} by {strata['field']}",
+                metric,
+            ),
+        }
+    ]
+
+
+def _robustness_chart(report: dict[str, Any]) -> list[dict[str, str]]:
+    rob = report.get("robustness", {})
+    if not rob.get("models"):
+        return []
+    kinds = ["clean", *next(iter(rob["models"].values()))["perturbed"].keys()]
+    return [
+        {
+            "title": f"Robustness: {rob['metric']} on clean vs perturbed prompts ({rob['n_items']} items)",
+            "png": _grouped_bars(
+                kinds,
+                {n: [r["clean"], *r["perturbed"].values()] for n, r in rob["models"].items()},
+                "robustness",
+                rob["metric"],
+            ),
+        }
+    ]
 
 
 def _fmt(value: Any) -> str:

@@ -1,6 +1,6 @@
 """Blind expert review: export pairs of answers in random A/B order, import reviewers' choices.
 
-export writes, in `<output_dir>/eval/review/`:
+export writes, in `<run>/eval/review/`:
 - review.csv: review_id, item_id, question, [reference,] answer_a, answer_b, reviewer, choice, comment
   (fill `choice` with A, B or tie in a spreadsheet), and
 - review.html: the same items as a self-contained form; reviewers click A/B/tie and download a CSV;
@@ -27,6 +27,7 @@ import numpy as np
 
 from domaintune.errors import UserError
 from domaintune.eval.stats import cohen_kappa
+from domaintune.layout import RunLayout
 from domaintune.utils.io import atomic_write, read_jsonl, write_json
 
 KAPPA_WARN = 0.85
@@ -34,7 +35,7 @@ CHOICES = ("A", "B", "tie")
 
 
 def export_review(
-    output_dir: Path,
+    layout: RunLayout,
     n_items: int = 30,
     model_a: str = "base",
     model_b: str = "tuned",
@@ -42,7 +43,7 @@ def export_review(
     show_reference: bool = False,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    items_path = Path(output_dir) / "eval" / "items.jsonl"
+    items_path = layout.eval_items
     if not items_path.is_file():
         raise UserError(f"{items_path} does not exist: run `domaintune eval CONFIG` first")
     rows = [r for r in read_jsonl(items_path) if r.get("set") == "test"]
@@ -69,7 +70,7 @@ def export_review(
             record["reference"] = row["reference"]
         record.update(answer_a=row["answers"][a], answer_b=row["answers"][b], reviewer="", choice="", comment="")
         records.append(record)
-    out_dir = Path(out_dir or Path(output_dir) / "eval" / "review")
+    out_dir = Path(out_dir or layout.review_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "review.csv", encoding="utf-8-sig") as handle:  # BOM: Excel reads UTF-8 Chinese
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))
@@ -177,9 +178,7 @@ def _find_key(files: list[Path], key_path: Path | None) -> Path:
         candidate = f.parent / "review_key.json"
         if candidate.is_file():
             return candidate
-    raise UserError(
-        "cannot find review_key.json beside the review files; pass --key <output_dir>/eval/review/review_key.json"
-    )
+    raise UserError("cannot find review_key.json beside the review files; pass --key <run>/eval/review/review_key.json")
 
 
 def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0, samples: int = 2000) -> dict:
@@ -191,8 +190,24 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
             raise UserError(f"{f}: review file not found")
     key_file = _find_key(files, key_path)
     key = json.loads(key_file.read_text(encoding="utf-8"))
-    models = key["models"]
-    judgements: dict[str, dict[str, str]] = defaultdict(dict)  # reviewer -> item -> winner model or "tie"
+    judgements = _judgements(files, key, key_file)
+    items = sorted({i for per in judgements.values() for i in per})
+    agreement, warnings = _agreement(judgements)
+    return {
+        "review_id": key["review_id"],
+        "models": key["models"],
+        "reviewers": {r: len(per) for r, per in sorted(judgements.items())},
+        "n_items": len(items),
+        "win_rates": _win_rates(judgements, key["models"], items, seed, samples),
+        "agreement": agreement,
+        "warnings": warnings,
+        "note": "win rate counts a tie as half a win; 95% CI by bootstrap over items",
+    }
+
+
+def _judgements(files: list[Path], key: dict[str, Any], key_file: Path) -> dict[str, dict[str, str]]:
+    """reviewer -> item -> the winning model or "tie", with each A/B choice unblinded through the key."""
+    judgements: dict[str, dict[str, str]] = defaultdict(dict)
     for f in files:
         for row in _read_choices(f):
             if row["review_id"] and row["review_id"] != key["review_id"]:
@@ -212,8 +227,13 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
             judgements[row["reviewer"]][row["item_id"]] = winner
     if not any(judgements.values()):
         raise UserError("no answered items in the review files (the choice column is empty)")
-    # Per item: average outcome over reviewers (1 win, 0.5 tie, 0 loss) -> bootstrap over items.
-    items = sorted({i for per in judgements.values() for i in per})
+    return judgements
+
+
+def _win_rates(
+    judgements: dict[str, dict[str, str]], models: list[str], items: list[str], seed: int, samples: int
+) -> dict[str, Any]:
+    """Per item: the average outcome over reviewers (1 win, 0.5 tie, 0 loss); bootstrapped over items."""
     rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
     for model in models:
@@ -241,6 +261,11 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
             "ties": int(ties),
             "losses": int(losses),
         }
+    return results
+
+
+def _agreement(judgements: dict[str, dict[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Cohen's kappa of every pair of reviewers on the items both rated, and warnings where they disagree."""
     agreement = []
     warnings = []
     for r1, r2 in combinations(sorted(judgements), 2):
@@ -256,13 +281,4 @@ def import_review(files: list[Path], key_path: Path | None = None, seed: int = 0
                 f"kappa {r1} vs {r2} = {kappa:.2f} < {KAPPA_WARN}: reviewers disagree; "
                 "tighten the guidelines or add reviewers"
             )
-    return {
-        "review_id": key["review_id"],
-        "models": models,
-        "reviewers": {r: len(per) for r, per in sorted(judgements.items())},
-        "n_items": len(items),
-        "win_rates": results,
-        "agreement": agreement,
-        "warnings": warnings,
-        "note": "win rate counts a tie as half a win; 95% CI by bootstrap over items",
-    }
+    return agreement, warnings

@@ -1,6 +1,6 @@
 """`run_eval`: every model on the same prompts, every metric, deltas with bootstrap CIs, retention, gates.
 
-Outputs in `<output_dir>/eval/`: predictions.jsonl (the answer cache), perplexity.jsonl and judge.jsonl
+Outputs in `<run>/eval/`: predictions.jsonl (the answer cache), perplexity.jsonl and judge.jsonl
 (caches), items.jsonl (per item: prompt, reference, every model's answer and scores), report.json and
 report.html.
 """
@@ -11,8 +11,9 @@ import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -30,27 +31,186 @@ from domaintune.eval.items import (
 from domaintune.eval.models import EvalModel, build_models, clean_answer, decoding_key, perplexity
 from domaintune.eval.perturb import perturb_prompt
 from domaintune.eval.stats import paired_bootstrap_delta
+from domaintune.layout import RunLayout
 from domaintune.utils.io import write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+    from domaintune.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
-# Metrics where lower is better (their delta is good when negative).
-LOWER_IS_BETTER = {"perplexity", "latency_p50_s", "latency_p95_s"}
 _ALIASES = {"rouge1": "rouge1_char", "rouge2": "rouge2_char", "rougeL": "rougeL_char"}
 
+# set -> model -> one row per item: answer rows (prediction, latency, ...) and (nll sum, tokens) of the reference
+_Answers = dict[str, dict[str, list[dict[str, Any]]]]
+_Nll = dict[str, dict[str, list[tuple[float, int]]]]
 
-def _seed(cfg) -> int:
-    return cfg.eval.decoding.seed if cfg.eval.decoding.seed is not None else cfg.seed
+
+def run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
+    """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.eval.num_threads:
+        torch.set_num_threads(cfg.eval.num_threads)
+    try:
+        return _run_eval(cfg, layout)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
+def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
+    started = time.perf_counter()
+    ecfg = cfg.eval
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    _check_rules(ecfg)
+    notes: list[str] = []
+    sets = _load_sets(cfg, layout, notes)
+    glossary = _load_glossary(ecfg, notes)
+
+    models = build_models(cfg, layout)
+    gens = _Generations(cfg, layout.eval_dir)
+    nll_cache = JsonlCache(layout.eval_dir / "perplexity.jsonl")
+    answers, nll = _answer_every_set(models, sets, gens, nll_cache, cfg, notes)
+    scored = _score_every_set(sets, answers, nll, ecfg, glossary)
+    robustness = _robustness(sets.items["test"], models, gens, scored.per_item["test"], ecfg, _seed(cfg))
+    for model in models:
+        model.unload()
+    judge = _judge(sets.items["test"], answers["test"], models, ecfg, layout.eval_dir)
+    _add_judge_scores(judge, scored, ecfg, notes)
+
+    names = [m.name for m in models]
+    ref = "base" if "base" in names else None
+    deltas, retention = _compare_with_base(sets, scored, nll, names, ref, ecfg, _seed(cfg), notes)
+    for model in models:
+        notes.extend(f"{model.name}: {n}" for n in model.notes)
+
+    stratum_field = detect_stratum_field(sets.items["test"], ecfg.stratum_field)
+    report: dict[str, Any] = {
+        **_header(cfg, layout, sets, models, gens),
+        "metrics": scored.aggregate,
+        "deltas": deltas,
+        "retention": retention,
+        "robustness": robustness,
+        **_error_analysis(sets, answers, scored, names, ref, stratum_field, ecfg),
+        "judge": {k: v for k, v in judge.items() if k != "per_item"},
+        "cache": {
+            "answers_reused": gens.cache.hits,
+            "answers_generated": gens.generated,
+            "perplexity_reused": nll_cache.hits,
+        },
+        "notes": notes,
+    }
+    report["gate_values"] = dict(sorted(_flat_values(report).items()))
+    report["gates"] = evaluate_gates(ecfg.gates, report["gate_values"])
+    report["timing"] = {"wall_s": time.perf_counter() - started, "generation_s": dict(gens.generation_s)}
+    _write_outputs(layout, sets, answers, scored, stratum_field, report)
+    return report
+
+
+# ---------------------------------------------------------------------- the steps of _run_eval, in order
+
+
+def _check_rules(ecfg: EvalConfig) -> None:
+    """Malformed gates and a non-text primary metric fail before any model loads."""
+    for gate in ecfg.gates:
+        parse_gate(gate)
+    _metric_family(ecfg.primary_metric)
+
+
+def _metric_family(metric: str) -> str:
+    for family in ("rouge", "bleu", "chrf", "exact_match", "token_f1"):
+        if metric.startswith(family):
+            return family
+    raise UserError(
+        f"eval.primary_metric {metric!r}: use a text metric (rouge1/2/L_char, rouge*_word, bleu, chrf, "
+        "exact_match, token_f1)"
+    )
+
+
+@dataclass
+class _Sets:
+    """The evaluation sets by name (`test`, and `general` when there is one) and the file each came from."""
+
+    items: dict[str, list[Item]]
+    files: dict[str, Path]
+
+
+def _load_sets(cfg: ProjectConfig, layout: RunLayout, notes: list[str]) -> _Sets:
+    ecfg = cfg.eval
+    test_file = Path(ecfg.test_file or layout.test_file)
+    sets = _Sets({"test": load_items(test_file, ecfg.max_items, "test", ecfg.system_prompt)}, {"test": test_file})
+    general_file = Path(ecfg.general_file or _default_general_file(layout))
+    _refuse_replayed_retention_set(cfg, layout, general_file)
+    if general_file.is_file():
+        sets.items["general"] = load_items(general_file, ecfg.max_general_items, "general", ecfg.system_prompt)
+        sets.files["general"] = general_file
+    elif ecfg.general_file:
+        raise UserError(f"eval.general_file: {general_file} does not exist")
+    else:
+        notes.append(f"retention skipped: no general set at {general_file}")
+    return sets
+
+
+def _default_general_file(layout: RunLayout) -> Path:
+    return layout.general_holdout_file if layout.general_holdout_file.is_file() else layout.general_file
+
+
+def _refuse_replayed_retention_set(cfg: ProjectConfig, layout: RunLayout, general_file: Path) -> None:
+    """Retention on rows the model was trained on (replay) would report no forgetting however much there was."""
+    replay = cfg.train.replay
+    if replay.ratio <= 0:
+        return
+    replay_file = Path(replay.path) if replay.path else layout.general_file
+    if replay_file.resolve() == general_file.resolve():
+        raise UserError(
+            f"eval.general_file: {general_file} is also the replay set (train.replay.ratio={replay.ratio}), so "
+            "retention would be measured on trained rows; set data.general.holdout > 0 (the data stage then writes "
+            "data/general_holdout.jsonl) or point eval.general_file at a held-out file"
+        )
+
+
+def _load_glossary(ecfg: EvalConfig, notes: list[str]) -> list[str] | None:
+    if "term_coverage" not in ecfg.metrics:
+        return None
+    if not ecfg.glossary:
+        notes.append("term coverage skipped: no eval.glossary file configured")
+        return None
+    return M.load_glossary(ecfg.glossary)
+
+
+def _answer_every_set(
+    models: list[EvalModel],
+    sets: _Sets,
+    gens: _Generations,
+    nll_cache: JsonlCache,
+    cfg: ProjectConfig,
+    notes: list[str],
+) -> tuple[_Answers, _Nll]:
+    """Each model in turn (base, tuned, then the others) answers every set; local models also score the references."""
+    ecfg = cfg.eval
+    answers: _Answers = {name: {} for name in sets.items}
+    nll: _Nll = {name: {} for name in sets.items}
+    for model in models:
+        for set_name, items in sets.items.items():
+            answers[set_name][model.name] = gens.answers(
+                model, set_name, [it.id for it in items], [it.prompt for it in items]
+            )
+            if "perplexity" in ecfg.metrics:
+                if model.kind == "local":
+                    nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name)
+                elif set_name == "test":
+                    notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
+        if not ecfg.robustness.enabled or model.name not in _robust_models(ecfg):
+            model.unload()  # robustness asks the kept ones again later
+    return answers, nll
 
 
 class _Generations:
     """Answers per (set, model), through the cache."""
 
-    def __init__(self, cfg, eval_dir: Path):
+    def __init__(self, cfg: ProjectConfig, eval_dir: Path):
         self.cfg = cfg
         self.seed = _seed(cfg)
         self.settings = decoding_key(cfg.eval.decoding, self.seed)
@@ -97,10 +257,20 @@ class _Generations:
             )
             self.generation_s[model.name] += time.perf_counter() - t0
             self.generated += len(todo)
-        return rows  # type: ignore[return-value]
+        return _filled(rows, f"{model.name} · {set_name}")
 
 
-def _nll_rows(model: EvalModel, items: list[Item], cache: JsonlCache, cfg, set_name: str) -> list[tuple[float, int]]:
+def _filled(rows: list[dict[str, Any] | None], what: str) -> list[dict[str, Any]]:
+    """Rows with every slot filled (a model that skipped a prompt is a bug, not an answer)."""
+    done = [row for row in rows if row is not None]
+    if len(done) != len(rows):
+        raise RuntimeError(f"{what}: {len(rows) - len(done)} of {len(rows)} items got no result")
+    return done
+
+
+def _nll_rows(
+    model: EvalModel, items: list[Item], cache: JsonlCache, cfg: ProjectConfig, set_name: str
+) -> list[tuple[float, int]]:
     settings = {"max_tokens": cfg.eval.perplexity_max_tokens}
     keys = [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
     rows = [cache.get(k) for k in keys]
@@ -114,7 +284,7 @@ def _nll_rows(model: EvalModel, items: list[Item], cache: JsonlCache, cfg, set_n
             desc=f"{model.name} · perplexity {set_name}",
         )
         for i, (nll, n) in zip(todo, computed):
-            rows[i] = {
+            row = {
                 "key": keys[i],
                 "model": model.name,
                 "set": set_name,
@@ -122,26 +292,46 @@ def _nll_rows(model: EvalModel, items: list[Item], cache: JsonlCache, cfg, set_n
                 "nll": nll,
                 "tokens": n,
             }
-            cache.put(rows[i])
+            rows[i] = row
+            cache.put(row)
         cache.save()
-    return [(r["nll"], r["tokens"]) for r in rows]  # type: ignore[index]
+    return [(r["nll"], r["tokens"]) for r in _filled(rows, f"{model.name} · perplexity {set_name}")]
 
 
-def _aggregate(per_item: list[dict[str, Any]]) -> dict[str, float]:
-    sums: dict[str, list[float]] = defaultdict(list)
-    for scores in per_item:
-        for name, value in scores.items():
-            if _finite(value):
-                sums[name].append(float(value))
-    return {name: float(np.mean(values)) for name, values in sums.items()}
+def _robust_models(ecfg: EvalConfig) -> list[str]:
+    models = ecfg.robustness.models
+    return ["base", "tuned"] if models is None else list(models)
+
+
+@dataclass
+class _Scored:
+    """Per set and model: each item's scores, and the aggregate metrics."""
+
+    per_item: dict[str, dict[str, list[dict[str, Any]]]]
+    aggregate: dict[str, dict[str, dict[str, float | None]]]
+
+
+def _score_every_set(
+    sets: _Sets, answers: _Answers, nll: _Nll, ecfg: EvalConfig, glossary: list[str] | None
+) -> _Scored:
+    scored = _Scored({}, {})
+    for set_name, items in sets.items.items():
+        per_item, aggregate = _score_set(items, answers[set_name], ecfg, glossary)
+        for name, rows in nll[set_name].items():
+            aggregate[name]["perplexity"] = perplexity(rows)
+            aggregate[name]["reference_tokens"] = sum(n for _, n in rows)
+            for s, (total, n) in zip(per_item[name], rows):
+                s["nll_per_token"] = total / n if n else None
+        scored.per_item[set_name], scored.aggregate[set_name] = per_item, aggregate
+    return scored
 
 
 def _score_set(
-    items: list[Item], answers: dict[str, list[dict]], ecfg, glossary: list[str] | None
-) -> tuple[dict[str, list[dict]], dict[str, dict[str, float]]]:
+    items: list[Item], answers: dict[str, list[dict]], ecfg: EvalConfig, glossary: list[str] | None
+) -> tuple[dict[str, list[dict]], dict[str, dict[str, float | None]]]:
     """Per-item scores and aggregate metrics for every model on one set."""
     per_item: dict[str, list[dict]] = {}
-    aggregate: dict[str, dict[str, float]] = {}
+    aggregate: dict[str, dict[str, float | None]] = {}
     gold = [classification_gold(it) for it in items]
     labels = sorted({g for g in gold if g is not None})
     for name, rows in answers.items():
@@ -156,10 +346,10 @@ def _score_set(
         agg = _aggregate([{k: v for k, v in s.items() if k != "pred_label"} for s in scores])
         if "bleu" in ecfg.metrics:
             agg["bleu_corpus"] = M.corpus_bleu([r["prediction"] for r in rows], [it.reference for it in items])
-        cls_idx = [i for i, g in enumerate(gold) if g is not None]
-        if cls_idx and "classification" in ecfg.metrics:
-            agg.update(M.classification_scores([gold[i] for i in cls_idx], [scores[i]["pred_label"] for i in cls_idx]))
-            agg["classification_items"] = len(cls_idx)
+        if labels and "classification" in ecfg.metrics:
+            labelled = [(g, s["pred_label"]) for g, s in zip(gold, scores) if g is not None]
+            agg.update(M.classification_scores([g for g, _ in labelled], [p for _, p in labelled]))
+            agg["classification_items"] = len(labelled)
         if "latency" in ecfg.metrics:
             lat = [r["latency_s"] for r in rows]
             agg["latency_p50_s"] = M.percentile(lat, 50)
@@ -174,89 +364,23 @@ def _score_set(
     return per_item, aggregate
 
 
-def _paired(per_item: dict[str, list[dict]], a: str, b: str, metric: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for sa, sb in zip(per_item[a], per_item[b]):
-        va, vb = sa.get(metric), sb.get(metric)
-        if _finite(va) and _finite(vb):
-            xs.append(float(va))
-            ys.append(float(vb))
-    return xs, ys
+def _aggregate(per_item: list[dict[str, Any]]) -> dict[str, float | None]:
+    sums: dict[str, list[float]] = defaultdict(list)
+    for scores in per_item:
+        for name, value in scores.items():
+            if _finite(value):
+                sums[name].append(float(value))
+    return {name: float(np.mean(values)) for name, values in sums.items()}
 
 
-def _deltas(per_item, aggregate, nll, ref_model: str, other: str, ecfg, seed: int) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    metric_names = sorted({k for s in per_item[other] for k, v in s.items() if _finite(v)})
-    for metric in metric_names:
-        xs, ys = _paired(per_item, ref_model, other, metric)
-        if not xs:
-            continue
-        d = paired_bootstrap_delta(xs, ys, samples=ecfg.bootstrap_samples, seed=seed)
-        d.update(base=float(np.mean(xs)), model=float(np.mean(ys)))
-        out[metric] = d
-    if nll.get(ref_model) and nll.get(other):
-        a, b = np.asarray(nll[ref_model], float), np.asarray(nll[other], float)
-        ppl = lambda rows: float(math.exp(rows[:, 0].sum() / max(1.0, rows[:, 1].sum())))  # noqa: E731
-        d = paired_bootstrap_delta(a, b, samples=ecfg.bootstrap_samples, seed=seed, stat=ppl)
-        d.update(base=ppl(a), model=ppl(b))
-        out["perplexity"] = d
-    for metric in ("bleu_corpus", "macro_f1", "tokens_per_s", "latency_p50_s", "latency_p95_s"):
-        va, vb = aggregate[ref_model].get(metric), aggregate[other].get(metric)
-        if _finite(va) and _finite(vb):
-            out[metric] = {"delta": vb - va, "ci_low": None, "ci_high": None, "base": va, "model": vb}
-    return out
-
-
-def _worst_cases(items, per_item, answers, focus: str, ref: str | None, metric: str, n: int) -> dict[str, list]:
-    if n <= 0 or focus not in per_item:
-        return {"lowest": [], "regressions": []}
-
-    def row(i: int) -> dict:
-        return {
-            "id": items[i].id,
-            "question": items[i].question,
-            "reference": items[i].reference,
-            "answers": {name: rows[i]["prediction"] for name, rows in answers.items()},
-            "scores": {name: per_item[name][i].get(metric) for name in per_item},
-        }
-
-    scored = [i for i in range(len(items)) if _finite(per_item[focus][i].get(metric))]
-    lowest = sorted(scored, key=lambda i: (per_item[focus][i][metric], items[i].id))[:n]
-    regressions = []
-    if ref and ref in per_item:
-        diffs = [
-            (per_item[focus][i][metric] - per_item[ref][i][metric], i)
-            for i in scored
-            if _finite(per_item[ref][i].get(metric))
-        ]
-        regressions = [i for d, i in sorted(diffs) if d < 0][:n]
-    return {"lowest": [row(i) for i in lowest], "regressions": [row(i) for i in regressions]}
-
-
-def _strata(items, per_item, field: str | None, metric: str) -> dict[str, Any]:
-    if not field:
-        return {}
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        groups[str(it.row.get(field, "(none)"))].append(i)
-    table = {}
-    for value, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        entry: dict[str, Any] = {"n": len(idx)}
-        for name, scores in per_item.items():
-            entry[name] = {
-                m: (float(np.mean(v)) if (v := [scores[i][m] for i in idx if _finite(scores[i].get(m))]) else None)
-                for m in dict.fromkeys((metric, "bleu", "chrf"))
-            }
-        table[value] = entry
-    return {"field": field, "metric": metric, "groups": table}
-
-
-def _robust_models(ecfg) -> list[str]:
-    models = ecfg.robustness.models
-    return ["base", "tuned"] if models is None else list(models)
-
-
-def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: int) -> dict[str, Any]:
+def _robustness(
+    items: list[Item],
+    models: list[EvalModel],
+    gens: _Generations,
+    per_item_clean: dict[str, list[dict[str, Any]]],
+    ecfg: EvalConfig,
+    seed: int,
+) -> dict[str, Any]:
     rcfg = ecfg.robustness
     if not rcfg.enabled:
         return {"skipped": "robustness disabled (eval.robustness.enabled: false)"}
@@ -295,17 +419,13 @@ def _robustness(items, models, gens: _Generations, per_item_clean, ecfg, seed: i
     return out
 
 
-def _metric_family(metric: str) -> str:
-    for family in ("rouge", "bleu", "chrf", "exact_match", "token_f1"):
-        if metric.startswith(family):
-            return family
-    raise UserError(
-        f"eval.primary_metric {metric!r}: use a text metric (rouge1/2/L_char, rouge*_word, bleu, chrf, "
-        "exact_match, token_f1)"
-    )
-
-
-def _judge(items, answers, models, ecfg, eval_dir: Path) -> dict[str, Any]:
+def _judge(
+    items: list[Item],
+    answers: dict[str, list[dict[str, Any]]],
+    models: list[EvalModel],
+    ecfg: EvalConfig,
+    eval_dir: Path,
+) -> dict[str, Any]:
     if "judge" not in ecfg.metrics:
         return {"skipped": "judge not in eval.metrics"}
     if not ecfg.judge.url:
@@ -346,6 +466,210 @@ def _judge(items, answers, models, ecfg, eval_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _add_judge_scores(judge: dict[str, Any], scored: _Scored, ecfg: EvalConfig, notes: list[str]) -> None:
+    if "per_item" in judge:
+        for name, scores in judge["per_item"].items():
+            for s, j in zip(scored.per_item["test"][name], scores):
+                s["judge_score"] = j
+        for name, j in judge["models"].items():
+            scored.aggregate["test"][name]["judge_score"] = j["judge_score"]
+    elif "judge" in ecfg.metrics:
+        notes.append(f"judge: {judge['skipped']}")
+
+
+def _compare_with_base(
+    sets: _Sets,
+    scored: _Scored,
+    nll: _Nll,
+    names: list[str],
+    ref: str | None,
+    ecfg: EvalConfig,
+    seed: int,
+    notes: list[str],
+) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """Deltas with paired bootstrap CIs of every model against base, and retention on the general set."""
+    deltas: dict[str, dict[str, dict]] = {s: {} for s in sets.items}
+    retention: dict[str, dict] = {}
+    if ref is None:
+        notes.append("no base model evaluated: deltas and retention need eval.base: true")
+        return deltas, retention
+    others = [name for name in names if name != ref]
+    for set_name in sets.items:
+        for other in others:
+            deltas[set_name][other] = _deltas(
+                scored.per_item[set_name], scored.aggregate[set_name], nll[set_name], ref, other, ecfg, seed
+            )
+    if "general" in sets.items:
+        for other in others:
+            retention[other] = _retention(scored.aggregate["general"], ref, other, ecfg.primary_metric)
+            if retention[other]["ratio"] is None:
+                notes.append(f"retention of {other}: base scores 0 on the general set, ratio undefined")
+    return deltas, retention
+
+
+def _deltas(
+    per_item: dict[str, list[dict[str, Any]]],
+    aggregate: dict[str, dict[str, float | None]],
+    nll: dict[str, list[tuple[float, int]]],
+    ref_model: str,
+    other: str,
+    ecfg: EvalConfig,
+    seed: int,
+) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    metric_names = sorted({k for s in per_item[other] for k, v in s.items() if _finite(v)})
+    for metric in metric_names:
+        xs, ys = _paired(per_item, ref_model, other, metric)
+        if not xs:
+            continue
+        d = paired_bootstrap_delta(xs, ys, samples=ecfg.bootstrap_samples, seed=seed)
+        d.update(base=float(np.mean(xs)), model=float(np.mean(ys)))
+        out[metric] = d
+    if nll.get(ref_model) and nll.get(other):
+        a, b = np.asarray(nll[ref_model], float), np.asarray(nll[other], float)
+        ppl = lambda rows: float(math.exp(rows[:, 0].sum() / max(1.0, rows[:, 1].sum())))  # noqa: E731
+        d = paired_bootstrap_delta(a, b, samples=ecfg.bootstrap_samples, seed=seed, stat=ppl)
+        d.update(base=ppl(a), model=ppl(b))
+        out["perplexity"] = d
+    for metric in ("bleu_corpus", "macro_f1", "tokens_per_s", "latency_p50_s", "latency_p95_s"):
+        va, vb = aggregate[ref_model].get(metric), aggregate[other].get(metric)
+        if _finite(va) and _finite(vb):
+            out[metric] = {"delta": vb - va, "ci_low": None, "ci_high": None, "base": va, "model": vb}
+    return out
+
+
+def _paired(per_item: dict[str, list[dict]], a: str, b: str, metric: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for sa, sb in zip(per_item[a], per_item[b]):
+        va, vb = sa.get(metric), sb.get(metric)
+        if _finite(va) and _finite(vb):
+            xs.append(float(va))
+            ys.append(float(vb))
+    return xs, ys
+
+
+def _retention(aggregate: dict[str, dict[str, float | None]], ref: str, other: str, metric: str) -> dict[str, Any]:
+    b = aggregate[ref].get(metric)
+    t = aggregate[other].get(metric)
+    ratio = (t / b) if _finite(b) and _finite(t) and b > 0 else None
+    entry = {"metric": metric, "base": b, "model": t, "ratio": ratio}
+    ppl_b = aggregate[ref].get("perplexity")
+    ppl_t = aggregate[other].get("perplexity")
+    if _finite(ppl_b) and _finite(ppl_t):
+        entry["perplexity_ratio"] = ppl_t / ppl_b
+    return entry
+
+
+def _header(
+    cfg: ProjectConfig, layout: RunLayout, sets: _Sets, models: list[EvalModel], gens: _Generations
+) -> dict[str, Any]:
+    """What was compared and how: the report's first entries."""
+    import torch
+
+    ecfg = cfg.eval
+    return {
+        "project": cfg.name,
+        "output_dir": str(layout.root),
+        "models": {m.name: {"kind": m.kind, "identity": m.identity, "description": m.description} for m in models},
+        "sets": {
+            name: {
+                "file": str(sets.files[name]),
+                "n_items": len(items),
+                "language": "zh" if sum(M.has_cjk(it.reference) for it in items) * 2 >= len(items) else "other",
+            }
+            for name, items in sets.items.items()
+        },
+        "decoding": {**gens.settings, "batch_size": ecfg.decoding.batch_size, "greedy": ecfg.decoding.temperature == 0},
+        "torch_threads": torch.get_num_threads(),
+        "latency_note": (
+            f"local models: an answer's latency is the wall time of its batch (up to {ecfg.decoding.batch_size} "
+            "prompts, CPU/GPU shared with other work); endpoints: one request each; tokens/s counts generated "
+            "tokens over busy time; cached answers keep the timings of the run that generated them"
+        ),
+        "primary_metric": ecfg.primary_metric,
+    }
+
+
+def _error_analysis(
+    sets: _Sets,
+    answers: _Answers,
+    scored: _Scored,
+    names: list[str],
+    ref: str | None,
+    stratum_field: str | None,
+    ecfg: EvalConfig,
+) -> dict[str, Any]:
+    """Per-stratum scores and the worst items of the model in focus (tuned, else the first non-base model)."""
+    focus = "tuned" if "tuned" in names else (next((n for n in names if n != ref), names[0]))
+    test, per_item = sets.items["test"], scored.per_item["test"]
+    return {
+        "strata": _strata(test, per_item, stratum_field, ecfg.primary_metric),
+        "worst": _worst_cases(
+            test,
+            per_item,
+            answers["test"],
+            focus,
+            ref if focus != ref else None,
+            ecfg.primary_metric,
+            ecfg.worst_n,
+        ),
+    }
+
+
+def _strata(
+    items: list[Item], per_item: dict[str, list[dict[str, Any]]], field: str | None, metric: str
+) -> dict[str, Any]:
+    if not field:
+        return {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[str(it.row.get(field, "(none)"))].append(i)
+    table = {}
+    for value, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        entry: dict[str, Any] = {"n": len(idx)}
+        for name, scores in per_item.items():
+            entry[name] = {
+                m: (float(np.mean(v)) if (v := [scores[i][m] for i in idx if _finite(scores[i].get(m))]) else None)
+                for m in dict.fromkeys((metric, "bleu", "chrf"))
+            }
+        table[value] = entry
+    return {"field": field, "metric": metric, "groups": table}
+
+
+def _worst_cases(
+    items: list[Item],
+    per_item: dict[str, list[dict[str, Any]]],
+    answers: dict[str, list[dict[str, Any]]],
+    focus: str,
+    ref: str | None,
+    metric: str,
+    n: int,
+) -> dict[str, list]:
+    if n <= 0 or focus not in per_item:
+        return {"lowest": [], "regressions": []}
+
+    def row(i: int) -> dict:
+        return {
+            "id": items[i].id,
+            "question": items[i].question,
+            "reference": items[i].reference,
+            "answers": {name: rows[i]["prediction"] for name, rows in answers.items()},
+            "scores": {name: per_item[name][i].get(metric) for name in per_item},
+        }
+
+    scored = [i for i in range(len(items)) if _finite(per_item[focus][i].get(metric))]
+    lowest = sorted(scored, key=lambda i: (per_item[focus][i][metric], items[i].id))[:n]
+    regressions = []
+    if ref and ref in per_item:
+        diffs = [
+            (per_item[focus][i][metric] - per_item[ref][i][metric], i)
+            for i in scored
+            if _finite(per_item[ref][i].get(metric))
+        ]
+        regressions = [i for d, i in sorted(diffs) if d < 0][:n]
+    return {"lowest": [row(i) for i in lowest], "regressions": [row(i) for i in regressions]}
+
+
 def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
     """The names gates can use: `base.rougeL_char`, `rougeL_char_delta` (tuned - base), `retention`, ..."""
     values: dict[str, Any] = {}
@@ -381,197 +705,19 @@ def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _default_general_file(output_dir: Path) -> Path:
-    holdout = output_dir / "data" / "general_holdout.jsonl"
-    return holdout if holdout.is_file() else output_dir / "data" / "general.jsonl"
-
-
-def _refuse_replayed_retention_set(cfg, output_dir: Path, general_file: Path) -> None:
-    """Retention on rows the model was trained on (replay) would report no forgetting however much there was."""
-    replay = cfg.train.replay
-    if replay.ratio <= 0:
-        return
-    replay_file = Path(replay.path) if replay.path else output_dir / "data" / "general.jsonl"
-    if replay_file.resolve() == general_file.resolve():
-        raise UserError(
-            f"eval.general_file: {general_file} is also the replay set (train.replay.ratio={replay.ratio}), so "
-            "retention would be measured on trained rows; set data.general.holdout > 0 (the data stage then writes "
-            "data/general_holdout.jsonl) or point eval.general_file at a held-out file"
-        )
-
-
-def run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
-    """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if cfg.eval.num_threads:
-        torch.set_num_threads(cfg.eval.num_threads)
-    try:
-        return _run_eval(cfg, output_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
-    import torch
-
-    t_start = time.perf_counter()
-    ecfg = cfg.eval
-    output_dir = Path(output_dir)
-    eval_dir = output_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    seed = _seed(cfg)
-    for gate in ecfg.gates:
-        parse_gate(gate)
-    _metric_family(ecfg.primary_metric)
-    notes: list[str] = []
-
-    test_file = Path(ecfg.test_file or output_dir / "data" / "test.jsonl")
-    sets: dict[str, list[Item]] = {"test": load_items(test_file, ecfg.max_items, "test", ecfg.system_prompt)}
-    general_file = Path(ecfg.general_file or _default_general_file(output_dir))
-    _refuse_replayed_retention_set(cfg, output_dir, general_file)
-    if general_file.is_file():
-        sets["general"] = load_items(general_file, ecfg.max_general_items, "general", ecfg.system_prompt)
-    elif ecfg.general_file:
-        raise UserError(f"eval.general_file: {general_file} does not exist")
-    else:
-        notes.append(f"retention skipped: no general set at {general_file}")
-    glossary = None
-    if "term_coverage" in ecfg.metrics:
-        if ecfg.glossary:
-            glossary = M.load_glossary(ecfg.glossary)
-        else:
-            notes.append("term coverage skipped: no eval.glossary file configured")
-
-    models = build_models(cfg, output_dir)
-    gens = _Generations(cfg, eval_dir)
-    nll_cache = JsonlCache(eval_dir / "perplexity.jsonl")
-    answers: dict[str, dict[str, list[dict]]] = {name: {} for name in sets}
-    nll: dict[str, dict[str, list]] = {name: {} for name in sets}
-    robust_needed = ecfg.robustness.enabled
-    for model in models:
-        for set_name, items in sets.items():
-            answers[set_name][model.name] = gens.answers(
-                model, set_name, [it.id for it in items], [it.prompt for it in items]
-            )
-            if "perplexity" in ecfg.metrics:
-                if model.kind == "local":
-                    nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name)
-                elif set_name == "test":
-                    notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
-        if not robust_needed or model.name not in _robust_models(ecfg):
-            model.unload()
-
-    per_item: dict[str, dict[str, list[dict]]] = {}
-    aggregate: dict[str, dict[str, dict[str, float]]] = {}
-    for set_name, items in sets.items():
-        per_item[set_name], aggregate[set_name] = _score_set(items, answers[set_name], ecfg, glossary)
-        for name, rows in nll[set_name].items():
-            aggregate[set_name][name]["perplexity"] = perplexity(rows)
-            aggregate[set_name][name]["reference_tokens"] = sum(n for _, n in rows)
-            for s, (total, n) in zip(per_item[set_name][name], rows):
-                s["nll_per_token"] = total / n if n else None
-
-    robustness = _robustness(sets["test"], models, gens, per_item["test"], ecfg, seed)
-    for model in models:
-        model.unload()
-    judge = _judge(sets["test"], answers["test"], models, ecfg, eval_dir)
-    if "per_item" in judge:
-        for name, scores in judge["per_item"].items():
-            for s, j in zip(per_item["test"][name], scores):
-                s["judge_score"] = j
-        for name, j in judge["models"].items():
-            aggregate["test"][name]["judge_score"] = j["judge_score"]
-    elif "judge" in ecfg.metrics:
-        notes.append(f"judge: {judge['skipped']}")
-
-    names = [m.name for m in models]
-    ref = "base" if "base" in names else None
-    deltas: dict[str, dict[str, dict]] = {s: {} for s in sets}
-    retention: dict[str, dict] = {}
-    if ref:
-        for set_name in sets:
-            for other in names:
-                if other != ref:
-                    deltas[set_name][other] = _deltas(
-                        per_item[set_name], aggregate[set_name], nll[set_name], ref, other, ecfg, seed
-                    )
-        if "general" in sets:
-            metric = ecfg.primary_metric
-            for other in names:
-                if other == ref:
-                    continue
-                b = aggregate["general"][ref].get(metric)
-                t = aggregate["general"][other].get(metric)
-                ratio = (t / b) if _finite(b) and _finite(t) and b > 0 else None
-                entry = {"metric": metric, "base": b, "model": t, "ratio": ratio}
-                ppl_b = aggregate["general"][ref].get("perplexity")
-                ppl_t = aggregate["general"][other].get("perplexity")
-                if _finite(ppl_b) and _finite(ppl_t):
-                    entry["perplexity_ratio"] = ppl_t / ppl_b
-                retention[other] = entry
-                if ratio is None:
-                    notes.append(f"retention of {other}: base scores 0 on the general set, ratio undefined")
-    else:
-        notes.append("no base model evaluated: deltas and retention need eval.base: true")
-
-    focus = "tuned" if "tuned" in names else (next((n for n in names if n != ref), names[0]))
-    stratum_field = detect_stratum_field(sets["test"], ecfg.stratum_field)
-    for model in models:
-        notes.extend(f"{model.name}: {n}" for n in model.notes)
-
-    report: dict[str, Any] = {
-        "project": cfg.name,
-        "output_dir": str(output_dir),
-        "models": {m.name: {"kind": m.kind, "identity": m.identity, "description": m.description} for m in models},
-        "sets": {
-            name: {
-                "file": str(test_file if name == "test" else general_file),
-                "n_items": len(items),
-                "language": "zh" if sum(M.has_cjk(it.reference) for it in items) * 2 >= len(items) else "other",
-            }
-            for name, items in sets.items()
-        },
-        "decoding": {**gens.settings, "batch_size": ecfg.decoding.batch_size, "greedy": ecfg.decoding.temperature == 0},
-        "torch_threads": torch.get_num_threads(),
-        "latency_note": (
-            f"local models: an answer's latency is the wall time of its batch (up to {ecfg.decoding.batch_size} "
-            "prompts, CPU/GPU shared with other work); endpoints: one request each; tokens/s counts generated "
-            "tokens over busy time; cached answers keep the timings of the run that generated them"
-        ),
-        "primary_metric": ecfg.primary_metric,
-        "metrics": aggregate,
-        "deltas": deltas,
-        "retention": retention,
-        "robustness": robustness,
-        "strata": _strata(sets["test"], per_item["test"], stratum_field, ecfg.primary_metric),
-        "worst": _worst_cases(
-            sets["test"],
-            per_item["test"],
-            answers["test"],
-            focus,
-            ref if focus != ref else None,
-            ecfg.primary_metric,
-            ecfg.worst_n,
-        ),
-        "judge": {k: v for k, v in judge.items() if k != "per_item"},
-        "cache": {
-            "answers_reused": gens.cache.hits,
-            "answers_generated": gens.generated,
-            "perplexity_reused": nll_cache.hits,
-        },
-        "notes": notes,
-    }
-    report["gate_values"] = {k: v for k, v in sorted(_flat_values(report).items())}
-    report["gates"] = evaluate_gates(ecfg.gates, report["gate_values"])
-    report["timing"] = {
-        "wall_s": time.perf_counter() - t_start,
-        "generation_s": dict(gens.generation_s),
-    }
+def _write_outputs(
+    layout: RunLayout,
+    sets: _Sets,
+    answers: _Answers,
+    scored: _Scored,
+    stratum_field: str | None,
+    report: dict[str, Any],
+) -> None:
+    """items.jsonl (every item with every model's answer and scores), report.json and report.html."""
+    from domaintune.eval.report import render_html
 
     item_rows = []
-    for set_name, items in sets.items():
+    for set_name, items in sets.items.items():
         for i, it in enumerate(items):
             item_rows.append(
                 {
@@ -581,12 +727,18 @@ def _run_eval(cfg, output_dir: str | Path) -> dict[str, Any]:
                     "reference": it.reference,
                     "stratum": it.row.get(stratum_field) if stratum_field else None,
                     "answers": {name: rows[i]["prediction"] for name, rows in answers[set_name].items()},
-                    "scores": {name: scores[i] for name, scores in per_item[set_name].items()},
+                    "scores": {name: scores[i] for name, scores in scored.per_item[set_name].items()},
                 }
             )
-    write_jsonl(eval_dir / "items.jsonl", item_rows)
-    write_json(eval_dir / "report.json", report)
-    from domaintune.eval.report import render_html
+    write_jsonl(layout.eval_items, item_rows)
+    write_json(layout.eval_report, report)
+    (layout.eval_dir / "report.html").write_text(render_html(report), encoding="utf-8")
 
-    (eval_dir / "report.html").write_text(render_html(report), encoding="utf-8")
-    return report
+
+def _seed(cfg: ProjectConfig) -> int:
+    return cfg.eval.decoding.seed if cfg.eval.decoding.seed is not None else cfg.seed
+
+
+def _finite(x: object) -> TypeGuard[float]:
+    """A measured number (an int counts; None and NaN do not)."""
+    return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))

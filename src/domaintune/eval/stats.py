@@ -37,16 +37,6 @@ def paired_bootstrap_delta(
     return {"delta": float(delta), "ci_low": float(low), "ci_high": float(high), "n": int(n)}
 
 
-def bootstrap_mean_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(samples, arr.size))].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return {"mean": float(arr.mean()), "ci_low": float(low), "ci_high": float(high), "n": int(arr.size)}
-
-
 def cohen_kappa(labels_1: Sequence[str], labels_2: Sequence[str]) -> float | None:
     """Cohen's kappa = (p_o - p_e) / (1 - p_e); None when undefined (both raters used one same label)."""
     if len(labels_1) != len(labels_2):
