@@ -92,6 +92,7 @@ def main() -> int:
     from domaintune.data import ray_engine
     from domaintune.data.pipeline import run_data
     from domaintune.data.processing import RowProcessor
+    from domaintune.layout import RunLayout
 
     map_seconds = [0.0]
     process = RowProcessor.process
@@ -114,7 +115,11 @@ def main() -> int:
         warm = work / "warm.csv"
         build_csv(args.csv, 0, warm)
         for engine in ("ray", "local"):
-            run_data(config(warm, work / f"warm_{engine}", engine, args.cpus), work / f"warm_{engine}", progress=False)
+            run_data(
+                config(warm, work / f"warm_{engine}", engine, args.cpus),
+                RunLayout(work / f"warm_{engine}"),
+                progress=False,
+            )
         print(
             f"{'corpus':>24} | {'local rows/s':>12} | {'ray rows/s':>10} | {'ray/local':>9} | identical | "
             "local map share | ray stages (s): read, map, exact dedup, banding"
@@ -127,7 +132,7 @@ def main() -> int:
                 out = work / f"{engine}_{copies}"
                 t = time.perf_counter()
                 map_seconds[0] = 0.0
-                report = run_data(config(path, out, engine, args.cpus), out, progress=False)
+                report = run_data(config(path, out, engine, args.cpus), RunLayout(out), progress=False)
                 times[engine] = time.perf_counter() - t
                 if engine == "local":
                     share = map_seconds[0] / times["local"]

@@ -12,6 +12,7 @@ from domaintune.config import config_from_dict
 from domaintune.data.augment.config import GeneratorConfig
 from domaintune.data.augment.generator import CachedGenerator, GenerationError, LocalGenerator
 from domaintune.data.pipeline import run_data
+from domaintune.layout import RunLayout
 from domaintune.model.config import ModelConfig
 from serve_helpers import serve_config
 
@@ -69,7 +70,7 @@ def test_tiny_model_cache_hit_on_rerun_and_failure_quarantined(tmp_path, tiny_mo
     gen = {"kind": "local", "max_new_tokens": 12, "batch_size": 4, "max_input_tokens": 200}
     ops = [QA, {"op": "paraphrase", "n": 2, "max_rows": 3}, {"op": "back_translate", "max_rows": 2}]
     cfg = cfg_for(tmp_path, gen, ops)
-    rep1 = run_data(cfg, tmp_path / "run", progress=False)["augment"]
+    rep1 = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)["augment"]
     qa, para, bt = rep1["ops"]
     assert qa["passages"] == 8
     # the long passage's prompt exceeds max_input_tokens: that item fails and is quarantined; the rest go on
@@ -87,7 +88,7 @@ def test_tiny_model_cache_hit_on_rerun_and_failure_quarantined(tmp_path, tiny_mo
     n_cached = len(cache.read_text().splitlines())
     train1 = (tmp_path / "run/data/train.jsonl").read_text()
     # re-run: everything that succeeded comes from the cache; only the failed item is tried again
-    rep2 = run_data(cfg, tmp_path / "run", progress=False)["augment"]
+    rep2 = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)["augment"]
     for op in rep2["ops"]:
         assert op["generator"]["generated"] == 0
     assert rep2["ops"][0]["generator"] == {"cache_hits": 7, "generated": 0, "failed": 1}
@@ -95,7 +96,7 @@ def test_tiny_model_cache_hit_on_rerun_and_failure_quarantined(tmp_path, tiny_mo
     assert len(cache.read_text().splitlines()) == n_cached
     # a changed setting is a different input hash: regenerated
     cfg3 = cfg_for(tmp_path, {**gen, "max_new_tokens": 6}, [QA])
-    rep3 = run_data(cfg3, tmp_path / "run", progress=False)["augment"]
+    rep3 = run_data(cfg3, RunLayout(tmp_path / "run"), progress=False)["augment"]
     assert rep3["ops"][0]["generator"]["generated"] == 7
 
 
@@ -145,7 +146,7 @@ def test_openai_compatible_endpoint_on_loopback(tmp_path, server, monkeypatch):
     }
     ops = [QA, {"op": "back_translate", "max_rows": 3, "translator": gen}]
     cfg = cfg_for(tmp_path, gen, ops)
-    rep = run_data(cfg, tmp_path / "run", progress=False)["augment"]
+    rep = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)["augment"]
     qa, bt = rep["ops"]
     # the long passage exceeds the server's 256-token context: a 400 for that item only
     assert qa["generator"] == {"cache_hits": 0, "generated": 7, "failed": 1}
@@ -153,7 +154,7 @@ def test_openai_compatible_endpoint_on_loopback(tmp_path, server, monkeypatch):
     failed = [e for e in q if e["reason"].startswith("generator failed")]
     assert len(failed) == 1 and "BadRequestError" in failed[0]["reason"] and failed[0]["loc"] == "docs-000008"
     assert bt["generator"]["generated"] >= 3
-    rep2 = run_data(cfg, tmp_path / "run", progress=False)["augment"]
+    rep2 = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)["augment"]
     assert rep2["ops"][0]["generator"] == {"cache_hits": 7, "generated": 0, "failed": 1}
 
 
@@ -163,7 +164,7 @@ def test_missing_api_key_env_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("DT_NO_SUCH_KEY", raising=False)
     gen = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "DT_NO_SUCH_KEY"}
     with pytest.raises(UserError, match="DT_NO_SUCH_KEY is not set"):
-        run_data(cfg_for(tmp_path, gen, [QA]), tmp_path / "run", progress=False)
+        run_data(cfg_for(tmp_path, gen, [QA]), RunLayout(tmp_path / "run"), progress=False)
     assert GenerationError("x").args == ("x",)
 
 
@@ -191,7 +192,7 @@ def test_bundled_model_paraphrases_and_back_translates(tmp_path):
         "augment": {"generator": {"max_new_tokens": 48}, "ops": [{"op": "paraphrase", "n": 2}]},
     }
     cfg = config_from_dict({"name": "t", "data": data}, config_path=tmp_path / "p.yaml")
-    rep = run_data(cfg, tmp_path / "run", progress=False)["augment"]["ops"][0]
+    rep = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)["augment"]["ops"][0]
     train = read(tmp_path / "run/data/train.jsonl")
     syn = [r for r in train if r.get("origin") == "synthetic/paraphrase"]
     assert rep["created"] == len(syn) >= 1

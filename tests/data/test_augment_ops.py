@@ -13,6 +13,7 @@ from domaintune.data.augment.config import SyntheticQAOp
 from domaintune.data.augment.ops import eda, load_glossary, overlap, qa_check, split_passages
 from domaintune.data.pipeline import run_data
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -76,7 +77,7 @@ def test_records_to_dialogue_from_sql_with_templates_and_pii(tmp_path):
             }
         ]
     }
-    report = run_data(cfg_for(tmp_path, aug), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug), RunLayout(tmp_path / "run"), progress=False)
     train = read(tmp_path / "run", "train")
     syn = [r for r in train if r.get("origin") == "synthetic/records_to_dialogue"]
     assert [r["messages"][0]["content"] for r in syn] == [
@@ -122,7 +123,7 @@ def test_records_template_errors(tmp_path):
             }
         ]
     }
-    report = run_data(cfg_for(tmp_path, aug), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug), RunLayout(tmp_path / "run"), progress=False)
     assert report["augment"]["ops"][0]["created"] == 0 and report["augment"]["quarantined"] == 1
     q = [json.loads(x) for x in (tmp_path / "run/data/quarantine.jsonl").read_text().splitlines()]
     assert q[-1]["stage"] == "augment/records_to_dialogue" and "'allergy' is undefined" in q[-1]["reason"]
@@ -140,7 +141,7 @@ def test_lexical_eda_with_glossary_english_and_chinese(tmp_path):
     assert 1 <= len(deleted) < len(toks) and all(t in toks for t in deleted)
     (tmp_path / "gl.json").write_text(json.dumps({"medicine": ["drug"], "patient": ["person"]}), encoding="utf-8")
     aug = {"ops": [{"op": "lexical", "glossary": "gl.json", "n": 3, "rate": 0.1, "max_rows": 10}]}
-    report = run_data(cfg_for(tmp_path, aug), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug), RunLayout(tmp_path / "run"), progress=False)
     syn = [r for r in read(tmp_path / "run", "train") if r.get("origin") == "synthetic/lexical"]
     op = report["augment"]["ops"][0]
     assert op["created"] == len(syn) == 30 and op["from_rows"] == 10
@@ -156,7 +157,7 @@ def test_lexical_eda_with_glossary_english_and_chinese(tmp_path):
 
 def test_balance_oversamples_rare_stratum_to_target(tmp_path):
     aug = {"ops": [{"op": "balance", "field": "dept", "target_share": 0.4}]}
-    report = run_data(cfg_for(tmp_path, aug), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug), RunLayout(tmp_path / "run"), progress=False)
     train = read(tmp_path / "run", "train")
     share = sum(r["dept"] == "cardiology" for r in train) / len(train)
     op = report["augment"]["ops"][0]
@@ -174,7 +175,7 @@ def test_synthetic_rows_never_in_val_or_test(tmp_path):
             {"op": "balance", "field": "dept", "target_share": 0.3},
         ]
     }
-    report = run_data(cfg_for(tmp_path, aug, split=(4, 3, 3)), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug, split=(4, 3, 3)), RunLayout(tmp_path / "run"), progress=False)
     run = tmp_path / "run"
     val, test, train = read(run, "val"), read(run, "test"), read(run, "train")
     held = {r["id"] for r in val + test}
@@ -226,7 +227,7 @@ def test_synthetic_rows_are_decontaminated_against_val_and_test(tmp_path):
             }
         ]
     }
-    report = run_data(cfg_for(tmp_path, aug, decontaminate={"ngram": 8}), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, aug, decontaminate={"ngram": 8}), RunLayout(tmp_path / "run"), progress=False)
     run = tmp_path / "run"
     held = {r["messages"][0]["content"] for r in read(run, "val") + read(run, "test")}
     syn = [r for r in read(run, "train") if r.get("origin")]

@@ -12,6 +12,7 @@ from domaintune.cli import app
 from domaintune.config import config_from_dict
 from domaintune.data.pipeline import run_data
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 BROKEN_JSONL = (
     '{"q": "What is asthma?", "a": "A lung disease."}\n'
@@ -50,7 +51,7 @@ def cfg(tmp: Path, **top):
 
 def test_broken_inputs_are_quarantined_and_balanced(tmp_path):
     setup_inputs(tmp_path)
-    report = run_data(cfg(tmp_path), tmp_path / "run", progress=False)
+    report = run_data(cfg(tmp_path), RunLayout(tmp_path / "run"), progress=False)
     j, c = report["sources"]["in"], report["sources"]["csv"]
     assert j["input"] == 4 and j["kept_total"] == 2 and j["balanced"]
     assert j["dropped"] == {"parse: invalid JSON": 1, "parse: expected a JSON object, got list": 1}
@@ -75,7 +76,7 @@ def test_broken_inputs_are_quarantined_and_balanced(tmp_path):
 def test_strict_names_file_and_line(tmp_path):
     setup_inputs(tmp_path)
     with pytest.raises(UserError, match=r"in\.jsonl: line 2: invalid JSON"):
-        run_data(cfg(tmp_path), tmp_path / "run", strict=True, progress=False)
+        run_data(cfg(tmp_path), RunLayout(tmp_path / "run"), strict=True, progress=False)
 
 
 def test_cli_data_command_with_overrides_and_strict(tmp_path):
@@ -106,9 +107,16 @@ def test_cli_data_command_with_overrides_and_strict(tmp_path):
     assert report["balanced"] and report["workers"] == 2 and report["sources"]["csv"]["input"] == 4
     res = runner.invoke(app, ["data", str(project), "--output-dir", str(out_dir), "--strict"])
     assert res.exit_code == 2
-    assert "in.csv: line 3: wrong column count" in res.output.replace("\n", "")
+    # the console wraps the one error line at its width, anywhere in the (tmp) path or the words: compare
+    # the text without its whitespace, so the check does not depend on the terminal or the tmp folder
+    assert _flat("in.csv: line 3: wrong column count: expected 2, got 3 (--strict)") in _flat(res.output)
     res = runner.invoke(app, ["data", str(project), "--set", "data.split.by=stratified"])
-    assert res.exit_code == 2 and "stratify_field" in res.output
+    assert res.exit_code == 2 and _flat("by: stratified needs stratify_field") in _flat(res.output)
+
+
+def _flat(text: str) -> str:
+    """`text` without any whitespace: the same for every width the console may wrap it at."""
+    return "".join(text.split())
 
 
 def test_unknown_stratify_field_is_a_clear_error(tmp_path):
@@ -116,4 +124,4 @@ def test_unknown_stratify_field_is_a_clear_error(tmp_path):
     c = cfg(tmp_path)
     c.data.split = c.data.split.model_copy(update={"by": "stratified", "stratify_field": "department"})
     with pytest.raises(UserError, match="stratify_field: 'department' is not kept"):
-        run_data(c, tmp_path / "run", progress=False)
+        run_data(c, RunLayout(tmp_path / "run"), progress=False)

@@ -7,6 +7,7 @@ import json
 from conftest import REPO_ROOT
 from domaintune.config import load_config
 from domaintune.data.pipeline import run_data
+from domaintune.layout import RunLayout
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -15,7 +16,7 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     cfg = load_config(EXAMPLES / "medical-zh.yaml", output_dir=tmp_path)
     cfg.data.sources[0].path = shared_datasets / "zh_medical_dialogue" / "internal_medicine_sample.csv"
     cfg.data.general.path = shared_datasets / "general_seed_tasks" / "seed_tasks.jsonl"
-    report = run_data(cfg, tmp_path, progress=False)
+    report = run_data(cfg, RunLayout(tmp_path), progress=False)
     src = report["sources"]["zh_medical_dialogue"]
     assert src["input"] == 7644 and src["balanced"]
     assert src["kept"] == {"train": 300, "val": 40, "test": 40}
@@ -45,7 +46,7 @@ def test_medical_en_example(shared_datasets, tmp_path):
     for src in cfg.data.sources:
         src.path = shared_datasets / "medquad" / folders[src.name]
     cfg.data.general = None
-    report = run_data(cfg, tmp_path, progress=False)
+    report = run_data(cfg, RunLayout(tmp_path), progress=False)
     assert report["balanced"]
     drugs = report["sources"]["MPlusDrugs"]
     assert drugs["input"] > 10000 and drugs["kept_total"] == 0

@@ -10,6 +10,7 @@ import pytest
 from domaintune.config import config_from_dict
 from domaintune.data.pipeline import run_data
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -74,7 +75,7 @@ def test_filters_with_reasons(tmp_path, tiny_model_dir):
         },
         model={"name_or_path": "tiny-random-llama"},
     )
-    report = run_data(cfg, tmp_path / "run", progress=False)
+    report = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)
     dropped = report["sources"]["in"]["dropped"]
     assert dropped == {
         "filter: empty:instruction": 1,
@@ -90,7 +91,7 @@ def test_filters_with_reasons(tmp_path, tiny_model_dir):
         {"filters": {"max_tokens": 8, "outlier_sigma": None, "max_repetition": None}, "split": {"ratios": [1, 0, 0]}},
         model={"name_or_path": "tiny-random-llama"},
     )
-    report2 = run_data(cfg2, tmp_path / "run2", progress=False)
+    report2 = run_data(cfg2, RunLayout(tmp_path / "run2"), progress=False)
     assert report2["sources"]["in"]["dropped"]["filter: max_tokens>8"] >= 4
 
 
@@ -104,13 +105,13 @@ def test_outliers_dedup_clusters_and_quarantine(tmp_path):
     cfg = cfg_for(
         tmp_path, {"dedup": {"word_ngram": 2}, "split": {"ratios": [1, 0, 0]}, "filters": {"max_repetition": None}}
     )
-    report = run_data(cfg, tmp_path / "run", progress=False)
+    report = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)
     d = report["sources"]["in"]["dropped"]
     assert d["dedup_exact: exact duplicate"] == 2
     assert d["dedup_near: near duplicate"] == 1
     assert d["outlier: length long outlier"] == 1
     q = read(tmp_path, "quarantine")
-    near = [e for e in q if e["stage"] == "dedup_near"][0]
+    near = next(e for e in q if e["stage"] == "dedup_near")
     assert near["duplicate_of"] == "in-000008" and near["loc"] == "line 63"
     clusters = {c["kept"]["id"]: c for c in report["dedup"]["cluster_sample"]}
     assert set(clusters) == {"in-000004", "in-000006", "in-000008"}
@@ -125,9 +126,9 @@ def test_split_is_deterministic_and_stratified(tmp_path):
         "dedup": {"near": False},
         "filters": {"outlier_sigma": None},
     }
-    run_data(cfg_for(tmp_path, data), tmp_path / "r1", progress=False)
-    rep = run_data(cfg_for(tmp_path, data), tmp_path / "r2", progress=False)
-    run_data(cfg_for(tmp_path, data, seed=7), tmp_path / "r3", progress=False)
+    run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "r1"), progress=False)
+    rep = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "r2"), progress=False)
+    run_data(cfg_for(tmp_path, data, seed=7), RunLayout(tmp_path / "r3"), progress=False)
     for split in ("train", "val", "test"):
         assert read(tmp_path, split, "r1") == read(tmp_path, split, "r2")
     assert [r["id"] for r in read(tmp_path, "val", "r1")] != [r["id"] for r in read(tmp_path, "val", "r3")]
@@ -147,13 +148,13 @@ def test_time_split_difficulty_by_field_and_formats(tmp_path):
         "decontaminate": {"enabled": False},
         "dedup": {"near": False},
     }
-    run_data(cfg_for(tmp_path, data), tmp_path / "run", progress=False)
+    run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "run"), progress=False)
     train, test = read(tmp_path, "train"), read(tmp_path, "test")
     assert max(r["day"] for r in train) <= min(r["day"] for r in test)
     assert train[0]["system"] == "You are a doctor." and "instruction" in train[0] and "output" in train[0]
     for r in train:
         assert r["difficulty"] == ("easy" if r["score"] <= 3 else "medium" if r["score"] <= 6 else "hard")
-    run_data(cfg_for(tmp_path, {**data, "format": "sharegpt"}), tmp_path / "sg", progress=False)
+    run_data(cfg_for(tmp_path, {**data, "format": "sharegpt"}), RunLayout(tmp_path / "sg"), progress=False)
     sg = read(tmp_path, "train", "sg")[0]
     assert sg["system"] == "You are a doctor." and sg["conversations"][0]["from"] == "human"
 
@@ -171,7 +172,7 @@ def test_decontamination_drops_train_rows_sharing_ngrams(tmp_path):
         "decontaminate": {"ngram": 8},
         "filters": {"outlier_sigma": None},
     }
-    report = run_data(cfg_for(tmp_path, data), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "run"), progress=False)
     val = {r["id"] for r in read(tmp_path, "val")}
     train = {r["id"] for r in read(tmp_path, "train")}
     expected = set()
@@ -188,9 +189,11 @@ def test_decontamination_drops_train_rows_sharing_ngrams(tmp_path):
     for r in rows:
         r["a"] = "the standard closing sentence of every answer in this clinic is long " + r["a"]
     write_jsonl(tmp_path / "in.jsonl", rows)
-    prompt_only = run_data(cfg_for(tmp_path, data), tmp_path / "p", progress=False)
+    prompt_only = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "p"), progress=False)
     everything = run_data(
-        cfg_for(tmp_path, {**data, "decontaminate": {"ngram": 8, "scope": "all"}}), tmp_path / "all", progress=False
+        cfg_for(tmp_path, {**data, "decontaminate": {"ngram": 8, "scope": "all"}}),
+        RunLayout(tmp_path / "all"),
+        progress=False,
     )
     assert prompt_only["decontaminate"]["dropped"] == len(expected)
     assert everything["split"]["sizes"]["train"] == 0
@@ -204,7 +207,7 @@ def test_sampling_caps_are_accounted_as_sampled_out(tmp_path):
         "dedup": {"near": False},
         "filters": {"outlier_sigma": None},
     }
-    report = run_data(cfg_for(tmp_path, data), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "run"), progress=False)
     s = report["sources"]["in"]
     assert s["kept"] == {"train": 50, "val": 20, "test": 0}
     assert s["balanced"] and s["input"] == 200
@@ -218,8 +221,8 @@ def test_workers_give_the_same_output(tmp_path):
     rows += [dict(r) for r in rows[:40]]
     write_jsonl(tmp_path / "in.jsonl", rows)
     data = {"batch_size": 32, "dedup": {"word_ngram": 2}}
-    r1 = run_data(cfg_for(tmp_path, data), tmp_path / "w1", workers=1, progress=False)
-    r2 = run_data(cfg_for(tmp_path, data), tmp_path / "w2", workers=2, progress=False)
+    r1 = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "w1"), workers=1, progress=False)
+    r2 = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "w2"), workers=2, progress=False)
     for split in ("train", "val", "test", "quarantine"):
         a, b = read(tmp_path, split, "w1"), read(tmp_path, split, "w2")
         assert a == b and (split != "quarantine" or len(a) >= 40)
@@ -240,7 +243,9 @@ def test_general_set_one_row_per_instance(tmp_path):
             {"id": "t1", "name": "n1", "instruction": "Greet", "instances": [{"input": "", "output": ""}]},
         ],
     )
-    report = run_data(cfg_for(tmp_path, {"general": {"path": "seed.jsonl"}}), tmp_path / "run", progress=False)
+    report = run_data(
+        cfg_for(tmp_path, {"general": {"path": "seed.jsonl"}}), RunLayout(tmp_path / "run"), progress=False
+    )
     gen = read(tmp_path, "general")
     assert [g["id"] for g in gen] == ["t0-0", "t0-1"]
     assert gen[0]["messages"] == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
@@ -272,19 +277,21 @@ def test_general_holdout_keeps_whole_tasks_out_of_the_replay_pool(tmp_path):
         ],
     )
     cfg = cfg_for(tmp_path, {"general": {"path": "seed.jsonl", "holdout": 0.25}})
-    report = run_data(cfg, tmp_path / "run", progress=False)
+    report = run_data(cfg, RunLayout(tmp_path / "run"), progress=False)
     replay = read(tmp_path, "general")
     holdout = read(tmp_path, "general_holdout")
     task = lambda row: row["id"].rsplit("-", 1)[0]  # noqa: E731
     assert {task(r) for r in replay}.isdisjoint({task(r) for r in holdout})
     assert len({task(r) for r in holdout}) == 2 and len(holdout) == 4 and len(replay) == 12
     assert report["general"]["holdout_tasks"] == 2 and report["general"]["balanced"]
-    again = run_data(cfg, tmp_path / "run2", progress=False)  # the same seed holds out the same tasks
+    again = run_data(cfg, RunLayout(tmp_path / "run2"), progress=False)  # the same seed holds out the same tasks
     assert again["general"] == report["general"]
     assert read(tmp_path, "general_holdout", "run2") == holdout
     with pytest.raises(UserError, match="holdout: 9 tasks"):
         run_data(
-            cfg_for(tmp_path, {"general": {"path": "seed.jsonl", "holdout": 9}}), tmp_path / "run3", progress=False
+            cfg_for(tmp_path, {"general": {"path": "seed.jsonl", "holdout": 9}}),
+            RunLayout(tmp_path / "run3"),
+            progress=False,
         )
 
 
@@ -296,7 +303,7 @@ def test_normalise_and_pii_changes_are_counted(tmp_path):
     ]
     write_jsonl(tmp_path / "in.jsonl", rows)
     data = {"filters": {"min_chars": {"output": 16}, "outlier_sigma": None}, "split": {"ratios": [1, 0, 0]}}
-    report = run_data(cfg_for(tmp_path, data), tmp_path / "run", progress=False)
+    report = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "run"), progress=False)
     assert report["normalise"]["rows_changed"] == 2
     assert report["pii"] == {"rows_changed": 2, "counts": {"phone": 2, "email": 1}}
     stages = {f["stage"]: f for f in report["funnel"]}

@@ -18,6 +18,7 @@ from conftest import REPO_ROOT
 from domaintune.config import load_config
 from domaintune.data.minhash import LSHIndex, MinHasher
 from domaintune.data.pipeline import run_data
+from domaintune.layout import RunLayout
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'domaintune[ray]'): engine ray untested")
 pytest.importorskip("ray.data", reason="ray[data] is not installed: engine ray untested")
@@ -78,7 +79,7 @@ def _compare(tmp_path: Path, cfg_for) -> dict:
     reports = {}
     for engine in ("local", "ray"):
         cfg = cfg_for(engine)
-        reports[engine] = run_data(cfg, tmp_path / engine, progress=False)
+        reports[engine] = run_data(cfg, RunLayout(tmp_path / engine), progress=False)
     for name in OUTPUTS:
         a = (tmp_path / "local" / "data" / f"{name}.jsonl").read_bytes()
         b = (tmp_path / "ray" / "data" / f"{name}.jsonl").read_bytes()
@@ -189,20 +190,22 @@ def test_ray_engine_dedup_options_and_broken_lines(ray_session, tmp_path, data):
 
 
 def test_workers_flag_is_refused_with_engine_ray(tmp_path):
-    from domaintune.errors import UserError
-    from domaintune.utils.io import write_jsonl
     from test_data_pipeline import cfg_for, corpus
 
+    from domaintune.errors import UserError
+    from domaintune.utils.io import write_jsonl
+
     write_jsonl(tmp_path / "in.jsonl", corpus(10))
-    with pytest.raises(UserError, match="--workers is for data.engine: local"):
-        run_data(cfg_for(tmp_path, {"engine": "ray"}), tmp_path / "run", workers=2, progress=False)
+    with pytest.raises(UserError, match=r"--workers is for data\.engine: local"):
+        run_data(cfg_for(tmp_path, {"engine": "ray"}), RunLayout(tmp_path / "run"), workers=2, progress=False)
 
 
 def test_user_error_in_a_ray_task_reaches_the_user_as_one_line(ray_session, tmp_path):
     """A config problem met inside a map task (the tokenizer of a missing model) is the same UserError as locally."""
+    from test_data_pipeline import cfg_for, corpus
+
     from domaintune.errors import UserError
     from domaintune.utils.io import write_jsonl
-    from test_data_pipeline import cfg_for, corpus
 
     write_jsonl(tmp_path / "in.jsonl", corpus(10))
     cfg = cfg_for(
@@ -211,4 +214,4 @@ def test_user_error_in_a_ray_task_reaches_the_user_as_one_line(ray_session, tmp_
         model={"name_or_path": str(tmp_path / "no-such-model")},
     )
     with pytest.raises(UserError, match=r"model.name_or_path: .*no-such-model does not exist$"):
-        run_data(cfg, tmp_path / "run", progress=False)
+        run_data(cfg, RunLayout(tmp_path / "run"), progress=False)

@@ -12,6 +12,7 @@ from domaintune.config import config_from_dict
 from domaintune.data.pipeline import run_data
 from domaintune.data.readers import detect_encoding, iter_source
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 
 def make_cfg(tmp: Path, sources: list[dict], **data) -> object:
@@ -28,7 +29,7 @@ def make_cfg(tmp: Path, sources: list[dict], **data) -> object:
 
 def run(tmp: Path, sources: list[dict], **data) -> tuple[dict, list[dict]]:
     cfg = make_cfg(tmp, sources, **data)
-    report = run_data(cfg, tmp / "run", progress=False)
+    report = run_data(cfg, RunLayout(tmp / "run"), progress=False)
     rows = [json.loads(line) for line in (tmp / "run" / "data" / "train.jsonl").read_text().splitlines()]
     return report, rows
 
@@ -178,12 +179,12 @@ def test_sql_on_a_real_sqlite_file(tmp_path):
         "fields": {"instruction": "question", "output": "answer"},
         "keep": ["created"],
     }
-    report, rows = run(tmp_path, [src])
+    _, rows = run(tmp_path, [src])
     assert user_texts(rows) == ["What is fever?", "What is a cold?"]
     assert rows[1]["created"] == "2024-02-01"
     bad = make_cfg(tmp_path, [{**src, "query": "select nope from qa"}])
     with pytest.raises(UserError, match="query failed"):
-        run_data(bad, tmp_path / "bad", progress=False)
+        run_data(bad, RunLayout(tmp_path / "bad"), progress=False)
 
 
 def test_alpaca_sharegpt_messages_and_dataset_info(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,7 +32,7 @@ def register(app: typer.Typer) -> None:
         from domaintune.data.pipeline import run_data
 
         cfg = load(config, set_, output_dir)
-        report = run_data(cfg, Path(cfg.output_dir), workers=workers, strict=strict)
+        report = run_data(cfg, cfg.layout, workers=workers, strict=strict)
         console = Console()
         table = Table(title=f"data: {cfg.name}")
         for col in ("source", "input", "train", "val", "test", "dropped", "balanced"):

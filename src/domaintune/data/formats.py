@@ -82,7 +82,7 @@ def sharegpt_to_messages(
 
 def messages_to_sharegpt(messages: list[dict[str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    turns = []
+    turns: list[dict[str, str]] = []
     for m in messages:
         if m["role"] == "system" and not turns and "system" not in out:
             out["system"] = m["content"]

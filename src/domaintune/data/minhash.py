@@ -17,6 +17,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -53,8 +54,8 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_we
     best, best_err = (1, num_perm), float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = quad(lambda s: 1 - (1 - s**r) ** b, 0.0, threshold)[0]
-            fn = quad(lambda s: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)[0]
+            fp = quad(lambda s, r=r, b=b: 1 - (1 - s**r) ** b, 0.0, threshold)[0]
+            fn = quad(lambda s, r=r, b=b: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)[0]
             err = fp * fp_weight + fn * fn_weight
             if err < best_err:
                 best, best_err = (b, r), err
@@ -202,9 +203,9 @@ class MinHasher:
         bins = (h % np.uint64(k)).astype(np.int64) if k & (k - 1) else (h & np.uint64(k - 1)).astype(np.int64)
         values = (h >> np.uint64(32)).astype(np.uint32)
         empty_value = np.uint32(0xFFFFFFFF)
-        sig = np.full(n_docs * k, empty_value, dtype=np.uint32)
-        np.minimum.at(sig, owners * k + bins, values)
-        sig = sig.reshape(n_docs, k)
+        flat = np.full(n_docs * k, empty_value, dtype=np.uint32)
+        np.minimum.at(flat, owners * k + bins, values)
+        sig = flat.reshape(n_docs, k)
         # Optimal densification: an empty bin copies the first non-empty bin on its probe sequence.
         empty_rows, empty_cols = np.nonzero(sig == empty_value)
         if len(empty_rows):
@@ -228,7 +229,7 @@ class MinHasher:
 
 @dataclass
 class DedupResult:
-    duplicate_of: int | None  # id of the kept document this one duplicates
+    duplicate_of: Any  # the id (as given to `add_batch`) of the kept document this one duplicates; None: kept
     similarity: float
 
 
@@ -244,16 +245,16 @@ class LSHIndex:
 
     threshold: float
     num_perm: int
-    bands: int | None = None
-    rows: int | None = None
+    bands: int = 0  # 0 (with rows 0): chosen from the threshold
+    rows: int = 0
     _main: dict = field(default_factory=dict)
     _overflow: dict = field(default_factory=dict)
-    _sigs: np.ndarray | None = None
+    _sigs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.uint32))
     _ids: list = field(default_factory=list)
     _count: int = 0
 
     def __post_init__(self):
-        if self.bands is None or self.rows is None:
+        if not self.bands or not self.rows:
             # Weighted towards recall: candidates are verified on the signatures afterwards.
             self.bands, self.rows = optimal_bands(self.threshold, self.num_perm, fp_weight=0.3, fn_weight=0.7)
         self._sigs = np.zeros((1024, self.num_perm), dtype=np.uint32)

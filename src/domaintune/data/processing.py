@@ -1,7 +1,7 @@
 """Per-row work done in worker processes: field mapping, normalisation, PII, filters, signatures.
 
 Decisions that need the whole corpus (dedup, outliers, split, decontamination) are taken by
-the main process in `pipeline.py`; this module only sees one batch at a time.
+the main process (`clean.py`, `split.py`, `decontaminate.py`); this module only sees one batch at a time.
 """
 
 from __future__ import annotations
@@ -13,22 +13,25 @@ from typing import Any
 
 import xxhash
 
-from domaintune.data.config import DataConfig, SourceConfig
+from domaintune.data.config import DataConfig
 from domaintune.data.formats import qa_to_messages, sharegpt_to_messages, validate_messages
 from domaintune.data.minhash import MinHasher
 from domaintune.data.pii import redact_pii
 from domaintune.data.readers import Record, source_name
+from domaintune.data.source_config import SourceConfig
 from domaintune.data.text import detect_language, normalise_text, repetition_ratio
 
 QA_FIELDS = ("instruction", "input", "output", "system")
 _WS = re.compile(r"\s+")
 
 
-class Drop(Exception):
+class Drop(Exception):  # noqa: N818 - a row's verdict carried up from the check that made it, not an error
     def __init__(self, stage: str, reason: str):
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason
+        self.info: dict[str, Any] | None = None  # what normalisation/PII changed before a filter dropped it
+        self.row: dict[str, Any] | None = None  # the row as redacted, for the quarantine
 
 
 def _as_text(value: Any) -> str:
@@ -333,13 +336,13 @@ class RowProcessor:
             try:
                 res = self.process_one(rec, row_id)
             except Drop as drop:
-                payload = getattr(drop, "row", None) or self.redact_payload(rec.data)
+                payload = drop.row or self.redact_payload(rec.data)
                 outcomes.append(
                     {
                         "rid": rid,
                         "drop": (drop.stage, drop.reason),
                         "payload": _json_safe(payload),
-                        "info": getattr(drop, "info", None),
+                        "info": drop.info,
                     }
                 )
                 continue

@@ -37,6 +37,7 @@ import numpy as np
 from domaintune.data.config import DataConfig
 from domaintune.data.minhash import DedupResult, LSHIndex
 from domaintune.data.processing import RowProcessor
+from domaintune.data.readers import Record
 from domaintune.errors import UserError
 
 _KEPT = DedupResult(None, 0.0)
@@ -226,7 +227,7 @@ def banding_pairs(rows, lsh: LSHIndex, partitions: int) -> list[tuple[int, int, 
         .groupby("part", num_partitions=partitions)
         .map_groups(band_pairs, fn_kwargs={"threshold": lsh.threshold, "num_perm": lsh.num_perm}, batch_format="numpy")
     )
-    edges = []
+    edges: list[tuple[int, int, str, float]] = []
     for b in pairs.iter_batches(batch_format="numpy", batch_size=65536):
         edges.extend(zip(b["a"].tolist(), b["b"].tolist(), b["a_id"].tolist(), b["sim"].tolist()))
     return edges
@@ -258,7 +259,7 @@ def resolve_keep_first(edges: list[tuple[int, int, str, float]], batch_of: Calla
 def _user_error(exc: BaseException) -> UserError | None:
     """The UserError a Ray task raised, found through Ray's wrappers (RayTaskError, UserCodeException)."""
     seen: set[int] = set()
-    todo = [exc]
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -314,109 +315,78 @@ class RayEngine:
             session.close()
 
     def _run(self, session: RaySession, records, parse_error, rid_info) -> Iterator[tuple[list, dict]]:
-        import pyarrow as pa
-
-        ray = session.ray
-        size = self.dc.batch_size
-        deferred: list = []
-        refs, starts, lengths = [], [], []
-        chunk: list = []
-
-        pending: list[tuple[int, bytes]] = []
-        per_block = self.dc.ray.batches_per_block
-
-        def put_block() -> None:
-            table = pa.table(
-                {
-                    "k": pa.array([k for k, _ in pending], pa.int64()),
-                    "payload": pa.array([p for _, p in pending], pa.large_binary()),
-                }
-            )
-            refs.append(ray.put(table))
-            pending.clear()
-
-        def ship() -> None:
-            starts.append(chunk[0][0])
-            pending.append((len(lengths), pickle.dumps(chunk, protocol=5)))
-            lengths.append(len(chunk))
-            if len(pending) >= per_block:
-                put_block()
-            for rid, _, _ in chunk:  # the driver keeps no per-row state while reading
-                rid_info.pop(rid, None)
-            chunk.clear()
-
+        deferred: list[tuple[int, Record]] = []  # parse errors, replayed where the local engine meets them
         clock = time.perf_counter()
         self.describe(f"data (ray, {session.cpus} CPUs): reading, shipping to the object store")
+        shipped = _Shipped(session.ray, self.dc.batch_size, self.dc.ray.batches_per_block)
         for item in records(deferred):
-            chunk.append(item)
-            if len(chunk) >= size:
-                ship()
-        if chunk:
-            ship()
-        if pending:
-            put_block()
+            shipped.add(item, rid_info)
+        shipped.flush(rid_info)
         self.stats["read_s"] = time.perf_counter() - clock
-        self.stats["chunks"] = len(lengths)
-        self.stats["blocks"] = len(refs)
-        self.stats["rows"] = sum(lengths)
+        self.stats["chunks"] = len(shipped.lengths)
+        self.stats["blocks"] = len(shipped.refs)
+        self.stats["rows"] = sum(shipped.lengths)
+        replay = self._map_and_dedup(session, shipped, clock) if shipped.refs else iter(())
+        yield from self._replay(replay, shipped.lengths, deferred, parse_error, rid_info)
+
+    def _map_and_dedup(self, session: RaySession, shipped: _Shipped, clock: float) -> Iterator[Any]:
+        """The per-row map, then exact-duplicate grouping and near-duplicate banding, on the cluster;
+        returns the map results (chunk number, pickled result) to replay in order."""
+        ray = session.ray
         parts = session.partitions
-        num_perm = self.dc.dedup.num_perm
-
-        if refs:
-            self.describe(f"data (ray): map + dedup on the cluster ({len(lengths)} chunks)")
-            ctx = ray.data.DataContext.get_current()
-            preserve = ctx.execution_options.preserve_order
-            ctx.execution_options.preserve_order = True  # chunk order kept (the replay checks it anyway)
-            try:
-                results = (
-                    ray.data.from_arrow_refs(refs)
-                    .map_batches(
-                        process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None, batch_format="numpy"
-                    )
-                    .materialize()
+        self.describe(f"data (ray): map + dedup on the cluster ({len(shipped.lengths)} chunks)")
+        ctx = ray.data.DataContext.get_current()
+        preserve = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # chunk order kept (the replay checks it anyway)
+        try:
+            results = (
+                ray.data.from_arrow_refs(shipped.refs)
+                .map_batches(
+                    process_chunks, fn_kwargs={"processor": self.processor}, batch_size=None, batch_format="numpy"
                 )
-            finally:
-                ctx.execution_options.preserve_order = preserve
-            self.stats["map_s"] = time.perf_counter() - clock - self.stats["read_s"]
-            dedup_on = self.dc.dedup.exact or self.lsh is not None
-            if dedup_on:
-                rows = results.select_columns(["keys"]).map_batches(
-                    expand_rows,
-                    fn_kwargs={"partitions": parts, "num_perm": num_perm},
-                    batch_format="numpy",
-                    batch_size=None,
-                )
-                if self.dc.dedup.exact:
-                    grouped = rows.groupby("part", num_partitions=parts).map_groups(exact_groups, batch_format="numpy")
-                    grouped = grouped.materialize()
-                    dups = grouped.map_batches(
-                        _select,
-                        fn_kwargs={"first": False, "columns": ("pos", "dup_of")},
-                        batch_format="numpy",
-                        batch_size=None,
-                    )
-                    for b in dups.iter_batches(batch_format="numpy", batch_size=65536):
-                        self.exact_duplicate_of.update(zip(b["pos"].tolist(), b["dup_of"].tolist()))
-                    self.stats["exact_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
-                    survivors = grouped.map_batches(
-                        _select,
-                        fn_kwargs={"first": True, "columns": ("pos", "id", "sig")},
-                        batch_format="numpy",
-                        batch_size=None,
-                    )
-                else:
-                    survivors = rows.select_columns(["pos", "id", "sig"])
-                if self.lsh is not None:
-                    edges = banding_pairs(survivors, self.lsh, parts)
-                    self.stats["verified_pairs"] = len(edges)
-                    self.near = resolve_keep_first(edges, lambda rid: bisect_right(starts, rid) - 1)
-            self.stats["dedup_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
-            replay = results.select_columns(["k", "result"]).iter_batches(batch_format="numpy", batch_size=1)
-        else:
-            replay = iter(())
+                .materialize()
+            )
+        finally:
+            ctx.execution_options.preserve_order = preserve
+        self.stats["map_s"] = time.perf_counter() - clock - self.stats["read_s"]
+        if self.dc.dedup.exact or self.lsh is not None:
+            rows = results.select_columns(["keys"]).map_batches(
+                expand_rows,
+                fn_kwargs={"partitions": parts, "num_perm": self.dc.dedup.num_perm},
+                batch_format="numpy",
+                batch_size=None,
+            )
+            survivors = (
+                self._exact(rows, parts, clock) if self.dc.dedup.exact else rows.select_columns(["pos", "id", "sig"])
+            )
+            if self.lsh is not None:
+                edges = banding_pairs(survivors, self.lsh, parts)
+                self.stats["verified_pairs"] = len(edges)
+                starts = shipped.starts
+                self.near = resolve_keep_first(edges, lambda rid: bisect_right(starts, rid) - 1)
+        self.stats["dedup_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
+        return results.select_columns(["k", "result"]).iter_batches(batch_format="numpy", batch_size=1)
 
-        # replay in input order, with parse errors where the local engine (workers=1) meets them
+    def _exact(self, rows: Any, parts: int, clock: float) -> Any:
+        """Exact-duplicate groups (first by input position kept): records the duplicates, returns the survivors."""
+        grouped = rows.groupby("part", num_partitions=parts).map_groups(exact_groups, batch_format="numpy")
+        grouped = grouped.materialize()
+        dups = grouped.map_batches(
+            _select, fn_kwargs={"first": False, "columns": ("pos", "dup_of")}, batch_format="numpy", batch_size=None
+        )
+        for b in dups.iter_batches(batch_format="numpy", batch_size=65536):
+            self.exact_duplicate_of.update(zip(b["pos"].tolist(), b["dup_of"].tolist()))
+        self.stats["exact_s"] = time.perf_counter() - clock - self.stats["read_s"] - self.stats["map_s"]
+        return grouped.map_batches(
+            _select, fn_kwargs={"first": True, "columns": ("pos", "id", "sig")}, batch_format="numpy", batch_size=None
+        )
+
+    def _replay(
+        self, replay: Iterator[Any], lengths: list[int], deferred: list[tuple[int, Record]], parse_error, rid_info
+    ) -> Iterator[tuple[list, dict]]:
+        """The chunks' results in input order, with parse errors where the local engine (workers=1) meets them."""
         self.describe("data (ray): accounting and spooling (driver)")
+        size = self.dc.batch_size
         d = 0
         expected = 0
         for b in replay:
@@ -435,3 +405,51 @@ class RayEngine:
         while d < len(deferred):
             parse_error(deferred[d][1])
             d += 1
+
+
+class _Shipped:
+    """Chunks of `batch_size` records pickled into Arrow blocks of `per_block` chunks in the object store."""
+
+    def __init__(self, ray: Any, size: int, per_block: int):
+        self.ray = ray
+        self.size = size
+        self.per_block = per_block
+        self.refs: list[Any] = []  # object refs of the blocks
+        self.starts: list[int] = []  # rid of each chunk's first record
+        self.lengths: list[int] = []  # records per chunk
+        self._chunk: list[tuple[int, str, Record]] = []
+        self._pending: list[tuple[int, bytes]] = []  # (chunk number, pickled chunk) not yet in a block
+
+    def add(self, item: tuple[int, str, Record], rid_info: dict) -> None:
+        self._chunk.append(item)
+        if len(self._chunk) >= self.size:
+            self._ship(rid_info)
+
+    def flush(self, rid_info: dict) -> None:
+        if self._chunk:
+            self._ship(rid_info)
+        if self._pending:
+            self._put_block()
+
+    def _ship(self, rid_info: dict) -> None:
+        chunk = self._chunk
+        self.starts.append(chunk[0][0])
+        self._pending.append((len(self.lengths), pickle.dumps(chunk, protocol=5)))
+        self.lengths.append(len(chunk))
+        if len(self._pending) >= self.per_block:
+            self._put_block()
+        for rid, _, _ in chunk:  # the driver keeps no per-row state while reading
+            rid_info.pop(rid, None)
+        self._chunk = []
+
+    def _put_block(self) -> None:
+        import pyarrow as pa
+
+        table = pa.table(
+            {
+                "k": pa.array([k for k, _ in self._pending], pa.int64()),
+                "payload": pa.array([p for _, p in self._pending], pa.large_binary()),
+            }
+        )
+        self.refs.append(self.ray.put(table))
+        self._pending.clear()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domaintune.data.config import SourceConfig
+from domaintune.data.source_config import SourceConfig
 from domaintune.errors import UserError
 
 _EXT_READERS = {
@@ -409,6 +409,8 @@ def read_docx(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
 def read_sql(src: SourceConfig, name: str, base_dir: Path) -> Iterator[Record]:
     import sqlalchemy as sa
 
+    if src.url is None or src.query is None:  # the config refuses this; here for the type checker
+        raise UserError("reader sql needs `url` and `query`")
     url = sa.engine.make_url(src.url)
     if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
         db = Path(url.database)
@@ -424,7 +426,9 @@ def read_sql(src: SourceConfig, name: str, base_dir: Path) -> Iterator[Record]:
             try:
                 result = conn.execution_options(stream_results=True).execute(sa.text(src.query))
             except sa.exc.SQLAlchemyError as exc:
-                raise UserError(f"{shown}: query failed: {exc.__class__.__name__}: {exc.orig or exc}") from None
+                raise UserError(
+                    f"{shown}: query failed: {exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}"
+                ) from None
             for i, row in enumerate(result, start=1):
                 yield Record(name, shown, f"row {i}", data=dict(row._mapping))
     finally:

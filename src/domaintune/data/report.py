@@ -63,7 +63,7 @@ def _plots(report: dict[str, Any], input_lengths, kept_lengths, kept_answer_leng
     if input_lengths:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         hi = float(np.quantile(np.asarray(input_lengths), 0.995)) if input_lengths else 1
-        bins = np.linspace(0, max(hi, 1), 50)
+        bins = np.linspace(0, max(hi, 1), 50).tolist()
         ax.hist(np.clip(input_lengths, 0, hi), bins=bins, alpha=0.6, label="all mapped rows (before filters)")
         if kept_lengths:
             ax.hist(np.clip(kept_lengths, 0, hi), bins=bins, alpha=0.6, label="written (train/val/test)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from collections.abc import Hashable, Sequence
 
 _HTML_TAGS = (
     "a|abbr|b|big|blockquote|body|br|caption|center|code|col|colgroup|dd|del|div|dl|dt|em|font|h[1-6]|head|"
@@ -87,6 +88,7 @@ def ngrams(text: str, char_n: int, word_n: int) -> list[str]:
 
 def repetition_ratio(text: str, char_n: int = 5, word_n: int = 3) -> float:
     """Fraction of n-gram occurrences that repeat an earlier n-gram of the same text (0 = no repetition)."""
+    grams: Sequence[Hashable]
     if is_cjk(text):
         grams = ngrams(text, char_n, word_n)
     else:  # tuples of words: no string joins

@@ -9,7 +9,7 @@ check and generator failures (those items go to quarantine.jsonl, the run goes o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domaintune.data.augment.config import AugmentConfig, GeneratorConfig
 from domaintune.data.augment.generator import CachedGenerator, make_generator
@@ -23,44 +23,25 @@ from domaintune.data.augment.ops import (
     records_to_dialogue,
     synthetic_qa,
 )
+from domaintune.data.ledger import Ledger
+from domaintune.data.progress import items_progress
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
 __all__ = ["AugmentConfig", "GeneratorConfig", "run_augment"]
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        from domaintune.data.pipeline import _NoProgress
-
-        return _NoProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from domaintune.data.pipeline import RateColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
 def run_augment(
-    cfg, train_rows: list[dict[str, Any]], out: Path, quarantine, progress: bool = True
+    cfg: ProjectConfig, train_rows: list[dict[str, Any]], data_dir: Path, ledger: Ledger, progress: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Apply `cfg.data.augment.ops` in order to the train rows; returns (synthetic rows, report section)."""
-    acfg: AugmentConfig = cfg.data.augment
-    cache_dir = Path(acfg.cache_dir) if acfg.cache_dir else Path(out) / "augment_cache"
+    """Apply `cfg.data.augment.ops` in order to the train rows; returns (synthetic rows, report section).
+
+    Rejected candidates and generator failures are quarantined in the ledger's `augment` book."""
+    acfg = cfg.data.augment
+    if acfg is None:
+        raise ValueError("run_augment needs a data.augment section")
+    cache_dir = Path(acfg.cache_dir) if acfg.cache_dir else data_dir / "augment_cache"
     generators: list[CachedGenerator] = []
 
     def factory(gcfg: GeneratorConfig) -> CachedGenerator:
@@ -78,8 +59,8 @@ def run_augment(
     synthetic: list[dict[str, Any]] = []
     summaries = []
     prompts = [question_answer(r)[0] for r in train_rows]
-    with _progress(progress) as bar:
-        ctx = Context(cfg, acfg, Path(out), quarantine, bar if progress else None, factory)
+    with items_progress(progress) as bar:
+        ctx = Context(cfg, acfg, ledger, bar if progress else None, factory)
         for index, op in enumerate(acfg.ops):
             before = counters()
             if op.op == "records_to_dialogue":

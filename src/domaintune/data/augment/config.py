@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from domaintune.data.source_config import SourceConfig
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 
@@ -55,8 +56,6 @@ class RecordsToDialogueOp(StrictModel):
     @field_validator("source", mode="before")
     @classmethod
     def _source(cls, value: Any, info: ValidationInfo) -> Any:
-        from domaintune.data.config import SourceConfig  # imported late: data.config imports this module
-
         if isinstance(value, SourceConfig):
             return value
         return SourceConfig.model_validate(value, context=info.context)
@@ -108,6 +107,10 @@ class BackTranslateOp(_Op):
     near_dup_threshold: float = Field(0.95, gt=0, le=1, description="Drop round trips this similar to the prompt.")
 
 
+EdaMethod = Literal["synonym", "swap", "delete"]
+EDA_METHODS: tuple[EdaMethod, ...] = ("synonym", "swap", "delete")
+
+
 class LexicalOp(_Op):
     """EDA on the question: glossary synonym replacement, random swap, random deletion (jieba for Chinese)."""
 
@@ -117,7 +120,7 @@ class LexicalOp(_Op):
     )
     rate: float = Field(0.1, gt=0, le=0.5, description="Share of words changed by each swap/deletion pass.")
     n: int = Field(1, ge=1, le=10, description="Variants per question.")
-    methods: list[Literal["synonym", "swap", "delete"]] = Field(default_factory=lambda: ["synonym", "swap", "delete"])
+    methods: list[EdaMethod] = Field(default_factory=lambda: list(EDA_METHODS))
 
 
 class BalanceOp(StrictModel):

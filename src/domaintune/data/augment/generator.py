@@ -34,8 +34,8 @@ class LocalGenerator:
         self.model_cfg = base if gcfg.model is None else base.model_copy(update={"name_or_path": gcfg.model})
         self.gcfg = gcfg
         self.identity = f"local:{self.model_cfg.name_or_path}"
-        self._model = None
-        self._tok = None
+        self._model: Any = None  # loaded on first use
+        self._tok: Any = None
 
     def _load(self) -> None:
         if self._model is not None:

@@ -21,6 +21,7 @@ from domaintune.data.augment.config import (
     SyntheticQAOp,
 )
 from domaintune.data.augment.generator import GenerationError
+from domaintune.data.ledger import Ledger, Where
 from domaintune.data.minhash import LSHIndex, MinHasher
 from domaintune.data.pii import redact_pii
 from domaintune.data.text import detect_language, is_cjk, normalise_text, words
@@ -205,11 +206,10 @@ def _example(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Context:
-    def __init__(self, cfg, acfg, out: Path, quarantine, progress, make_generator):
+    def __init__(self, cfg, acfg, ledger: Ledger, progress, make_generator):
         self.cfg = cfg
         self.acfg = acfg
-        self.out = out
-        self.quarantine = quarantine
+        self.ledger = ledger
         self.progress = progress
         self.seed = acfg.seed if acfg.seed is not None else cfg.seed
         self.pii_types = cfg.data.pii.types
@@ -235,8 +235,13 @@ class Context:
     def _quarantine(self, res: OpResult, parent, reason: str, payload: Any) -> None:
         source = (parent or {}).get("source", "augment")
         loc = (parent or {}).get("id", "")
-        self.quarantine.add(
-            source, "augment", loc, f"augment/{res.op}", reason, op_index=res.index, candidate=_redacted(payload)
+        self.ledger.set_aside(
+            Where(source, "augment", loc),
+            f"augment/{res.op}",
+            reason,
+            book="augment",
+            op_index=res.index,
+            candidate=_redacted(payload),
         )
         res.quarantined += 1
 
@@ -504,7 +509,7 @@ def back_translate(ctx: Context, op: BackTranslateOp, index: int, rows: list[dic
         f"augment[{index}] translate ←back",
     )
     dedup = NearDupIndex(prompts, op.near_dup_threshold)
-    for (r, q, src, mid), text in zip(back_plan, back):
+    for (r, q, _, mid), text in zip(back_plan, back):
         if isinstance(text, GenerationError):
             ctx.fail(res, r, text, {"question": q, "pivot": mid})
             continue

@@ -1,0 +1,152 @@
+"""The whole-corpus decisions on the spooled rows: length outliers, the split, difficulty tiers, sampling.
+
+Each step reads the small per-row numbers of `Spooled` and records its decisions in one `Plan`; no
+row is read or written here. All randomness is seeded from the split seed and a fixed key per use.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from domaintune.data.config import DifficultyConfig, SplitConfig
+from domaintune.data.spool import Spooled
+from domaintune.layout import SPLIT_NAMES
+
+TIERS = ("(none)", "easy", "medium", "hard")  # indexed by Plan.difficulty
+
+
+def seeded_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator for one use (`key`) of the seed: the same key gives the same draws on every run."""
+    return np.random.default_rng([seed, xxhash.xxh64_intdigest(key.encode()) & 0xFFFFFFFF])
+
+
+@dataclass
+class Plan:
+    """Where each spooled row goes: its split, its difficulty tier, or the stage and reason it is dropped."""
+
+    n: int
+    seed: int
+    assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test
+    difficulty: np.ndarray = field(init=False)  # index into TIERS
+    dropped: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (stage, reason)
+    outliers: dict[str, Any] | None = None  # the length bounds, when outliers were looked for
+    tiers: dict[str, Any] | None = None  # the difficulty quantiles, when tiers were given
+    before_sampling: Counter[str] = field(default_factory=Counter)  # rows per split
+
+    def __post_init__(self) -> None:
+        self.assign = np.zeros(self.n, dtype=np.int8)
+        self.difficulty = np.zeros(self.n, dtype=np.int8)
+
+    def split_of(self, i: int) -> str | None:
+        return SPLIT_NAMES[self.assign[i] - 1] if self.assign[i] else None
+
+
+def drop_outliers(plan: Plan, rows: Spooled, sigma: float | None) -> None:
+    """Rows whose length is beyond mean ± sigma·std (with at least 10 rows)."""
+    if sigma is None or plan.n < 10:
+        return
+    lengths = np.asarray(rows.length, dtype=np.float64)
+    mu, sd = float(lengths.mean()), float(lengths.std())
+    lo, hi = mu - sigma * sd, mu + sigma * sd
+    plan.outliers = {"mean": round(mu, 1), "std": round(sd, 1), "low": round(lo, 1), "high": round(hi, 1)}
+    if sd > 0:
+        for i in np.nonzero((lengths < lo) | (lengths > hi))[0].tolist():
+            side = "long" if lengths[i] > hi else "short"
+            plan.dropped[i] = ("outlier", f"length {side} outlier (>{sigma}σ from mean {mu:.0f})")
+
+
+def split(plan: Plan, rows: Spooled, sp: SplitConfig) -> None:
+    """train/val/test by the ratios: by time (newest last), or shuffled per stratum (one stratum: random)."""
+    alive = [i for i in range(plan.n) if i not in plan.dropped]
+    if sp.by == "time":
+        _place(plan, _by_time(plan, rows, alive, sp), sp.ratios)
+    else:
+        names = rows.stratum_names()
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in alive:
+            groups[names[rows.stratum[i]] if sp.by == "stratified" else ""].append(i)
+        for key in sorted(groups):
+            members = groups[key]
+            rng = seeded_rng(plan.seed, key)
+            _place(plan, [members[j] for j in rng.permutation(len(members))], sp.ratios)
+    plan.before_sampling = Counter({s: int((plan.assign == k + 1).sum()) for k, s in enumerate(SPLIT_NAMES)})
+
+
+def _by_time(plan: Plan, rows: Spooled, alive: list[int], sp: SplitConfig) -> list[int]:
+    """The rows oldest first; a row whose date does not parse is dropped."""
+    import pandas as pd
+
+    times = pd.to_datetime(pd.Series([rows.time[i] for i in alive], dtype=object), errors="coerce")
+    good = []
+    for i, t in zip(alive, times):
+        if pd.isna(t):
+            plan.dropped[i] = ("split", f"unparseable date in {sp.time_field}")
+        else:
+            good.append((t.value, i))
+    good.sort()
+    return [i for _, i in good]
+
+
+def _place(plan: Plan, ordered: list[int], ratios: list[float]) -> None:
+    n_train, n_val, _ = split_counts(len(ordered), ratios)
+    for k, i in enumerate(ordered):
+        plan.assign[i] = 1 if k < n_train else (2 if k < n_train + n_val else 3)
+
+
+def split_counts(n: int, ratios: list[float]) -> tuple[int, int, int]:
+    total = sum(ratios)
+    n_val = round(n * ratios[1] / total)
+    n_test = round(n * ratios[2] / total)
+    if n_val + n_test > n:
+        n_test = max(0, n - n_val)
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_difficulty(plan: Plan, rows: Spooled, dc: DifficultyConfig) -> None:
+    """easy/medium/hard by the tertiles of answer length (or a numeric field) over the placed rows."""
+    if not dc.enabled or not plan.assign.any():
+        return
+    placed = plan.assign > 0
+    all_scores = np.asarray(rows.answer_length if dc.by == "length" else rows.score, dtype=np.float64)
+    scores = all_scores[placed]
+    valid = ~np.isnan(scores)
+    if valid.any():
+        q1, q2 = np.quantile(scores[valid], [1 / 3, 2 / 3])
+        plan.tiers = {"by": dc.by, "easy_max": float(q1), "medium_max": float(q2)}
+        tier = np.where(all_scores <= q1, 1, np.where(all_scores <= q2, 2, 3)).astype(np.int8)
+        tier[np.isnan(all_scores) | ~placed] = 0
+        plan.difficulty = tier
+
+
+def sample(plan: Plan, rows: Spooled, which: str, cap: int | None, stratified: bool) -> None:
+    """At most `cap` rows of split `which` (stratified: each stratum keeps its share, largest remainders
+    first); the others are dropped as sampled out."""
+    code = SPLIT_NAMES.index(which) + 1
+    members = [i for i in np.nonzero(plan.assign == code)[0].tolist() if i not in plan.dropped]
+    if cap is None or len(members) <= cap:
+        return
+    rng = seeded_rng(plan.seed, "sample:" + which)
+    chosen: set[int] = set()
+    if stratified:
+        names = rows.stratum_names()
+        by: dict[str, list[int]] = defaultdict(list)
+        for i in members:
+            by[names[rows.stratum[i]]].append(i)
+        keys = sorted(by)
+        quota = {k: cap * len(by[k]) / len(members) for k in keys}
+        take = {k: int(quota[k]) for k in keys}
+        for k in sorted(keys, key=lambda k: (-(quota[k] - take[k]), k))[: cap - sum(take.values())]:
+            take[k] += 1
+        for k in keys:
+            group = by[k]
+            chosen.update(group[j] for j in rng.permutation(len(group))[: take[k]])
+    else:
+        chosen = {members[j] for j in rng.permutation(len(members))[:cap]}
+    for i in members:
+        if i not in chosen:
+            plan.dropped[i] = ("sample", f"sampled out ({which} capped at {cap})")

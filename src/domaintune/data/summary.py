@@ -1,0 +1,134 @@
+"""`build_report`: data/report.json from the ledger and what each step recorded (report.html draws it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from domaintune.data.clean import Cleaning
+from domaintune.data.decontaminate import HeldOut
+from domaintune.data.ledger import Ledger
+from domaintune.data.split import Plan
+from domaintune.data.write import Written
+from domaintune.layout import SPLIT_NAMES, RunLayout
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+
+# the dropping stages in order, with what each drops (the funnel's rows)
+FUNNEL_STAGES = (
+    ("parse", "unparseable input (broken JSON, wrong column count, undecodable bytes, ...)"),
+    ("map", "records that cannot be mapped to training fields"),
+    ("filter", "empty/missing fields, length, tokens, repetition, language"),
+    ("dedup_exact", "exact duplicates (normalised text hash)"),
+    ("dedup_near", "near duplicates (MinHash-LSH)"),
+    ("outlier", "length outliers (k·σ)"),
+    ("split", "rows the split could not place"),
+    ("decontaminate", "train rows sharing a long n-gram with val/test"),
+    ("sample", "sampled out by data.sample caps"),
+)
+
+
+def build_report(
+    cfg: ProjectConfig,
+    layout: RunLayout,
+    workers: int,
+    ledger: Ledger,
+    cleaning: Cleaning,
+    plan: Plan,
+    held: HeldOut,
+    written: Written,
+    general: dict[str, Any] | None,
+) -> dict[str, Any]:
+    dc = cfg.data
+    sources = ledger.summary()
+    return {
+        "project": cfg.name,
+        "output_dir": str(layout.data_dir),
+        "workers": workers,
+        "engine": dc.engine,
+        "format": dc.format,
+        "sources": sources,
+        "balanced": all(s["balanced"] for s in sources.values()),
+        "totals": {
+            "input": sum(s["input"] for s in sources.values()),
+            "kept": sum(s["kept_total"] for s in sources.values()),
+            "dropped": sum(s["dropped_total"] for s in sources.values()),
+            "quarantined": ledger.quarantined,
+        },
+        "funnel": funnel(ledger, cleaning, written),
+        "drop_reasons": ledger.drop_reasons(),
+        "normalise": {"rows_changed": cleaning.normalised},
+        "pii": {"rows_changed": cleaning.pii_rows, "counts": dict(cleaning.pii_counts)},
+        "dedup": cleaning.dedup.report(
+            ledger.dropped_at("dedup_exact"), ledger.dropped_at("dedup_near"), written.snippets
+        ),
+        "outliers": plan.outliers,
+        "decontaminate": held.report(),
+        "split": {
+            "by": dc.split.by,
+            "ratios": dc.split.ratios,
+            "seed": plan.seed,
+            "field": dc.split.stratify_field or dc.split.time_field,
+            "sizes": {s: written.sizes[s] for s in SPLIT_NAMES},
+            "sizes_before_sampling": {s: plan.before_sampling[s] for s in SPLIT_NAMES},
+            "per_stratum": {s: dict(sorted(written.strata[s].items())) for s in SPLIT_NAMES},
+            "difficulty": {s: dict(written.difficulty[s]) for s in SPLIT_NAMES},
+            "difficulty_tiers": plan.tiers,
+        },
+        "sample": dc.sample.model_dump(),
+        "lengths": {
+            "mapped_chars": hist_summary(cleaning.input_lengths),
+            "kept_chars": hist_summary(written.lengths),
+            "kept_answer_chars": hist_summary(written.answer_lengths),
+        },
+        "general": general,
+        "augment": written.augment,
+    }
+
+
+def funnel(ledger: Ledger, cleaning: Cleaning, written: Written) -> list[dict[str, Any]]:
+    """Rows in, dropped and out per stage, from the input to the written splits."""
+    current = ledger.rows_in
+    rows = [_stage("input", current, 0, "records read (general set excluded)")]
+    for stage, note in FUNNEL_STAGES:
+        if stage == "filter":  # in-place stages before the filters: rows changed, none dropped
+            rows.append(
+                _stage("normalise", current, 0, "NFKC, HTML, control characters, whitespace", cleaning.normalised)
+            )
+            rows.append(_stage("pii", current, 0, "rows with PII replaced by typed placeholders", cleaning.pii_rows))
+        dropped = ledger.dropped_at(stage)
+        rows.append(_stage(stage, current, dropped, note))
+        current -= dropped
+    note = ", ".join(f"{s}={written.sizes[s]}" for s in SPLIT_NAMES)
+    rows.append(
+        {"stage": "output", "rows_in": current, "dropped": 0, "rows_out": sum(written.sizes.values()), "note": note}
+    )
+    return rows
+
+
+def _stage(stage: str, rows_in: int, dropped: int, note: str, changed: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"stage": stage, "rows_in": rows_in, "dropped": dropped, "rows_out": rows_in - dropped}
+    if changed is not None:
+        out["changed"] = changed
+    out["note"] = note
+    return out
+
+
+def hist_summary(values: Sequence[int]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    q = np.quantile(arr, [0.05, 0.5, 0.95])
+    return {
+        "count": int(arr.size),
+        "mean": round(float(arr.mean()), 1),
+        "std": round(float(arr.std()), 1),
+        "min": int(arr.min()),
+        "p5": float(q[0]),
+        "median": float(q[1]),
+        "p95": float(q[2]),
+        "max": int(arr.max()),
+    }
