@@ -58,8 +58,8 @@ def run_server_load(cfg, prompts: list[str], clients: int, max_tokens: int) -> d
     from openai import AsyncOpenAI
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from domaintune.serve.app import build_state
     from domaintune.serve.server import BackgroundServer
+    from domaintune.serve.state import build_state
 
     state = build_state(cfg)
     key = state.store.create_key("bench")[1]

@@ -15,8 +15,8 @@ from serve_helpers import make_tiny_adapter, serve_config
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    from domaintune.serve.app import build_state
     from domaintune.serve.server import BackgroundServer
+    from domaintune.serve.state import build_state
 
     root = tmp_path_factory.mktemp("serve_api")
     make_tiny_adapter(tiny_model_dir, root / "adapter-a", seed=1)

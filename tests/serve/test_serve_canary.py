@@ -71,7 +71,7 @@ def test_negative_feedback_rolls_back():
 
 
 def test_window_slides_old_errors_out():
-    ctl, decisions = controller(window=20, min_requests=20, promote_after=10_000)
+    ctl, _decisions = controller(window=20, min_requests=20, promote_after=10_000)
     feed(ctl, STABLE, 20)
     feed(ctl, CANDIDATE, 19)  # clean so far
     ctl.record("late-error", CANDIDATE, error=False)
@@ -96,8 +96,8 @@ def registry_setup(tmp_path_factory, tiny_model_dir):
 
 
 def _canary_server(root, run, auto_promote, promote_after):
-    from domaintune.serve.app import build_state
     from domaintune.serve.server import BackgroundServer
+    from domaintune.serve.state import build_state
 
     cfg = serve_config(
         root / run,
@@ -167,7 +167,7 @@ def test_candidate_with_bad_feedback_is_rolled_back_over_http(registry_setup):
     assert "canary_rolled_back" in kinds
     assert registry.aliases("tiny")["production"] == v_stable
     # The decision survives a restart of the server with the same config.
-    from domaintune.serve.app import build_state
+    from domaintune.serve.state import build_state
 
     again = build_state(cfg)
     try:
@@ -177,8 +177,8 @@ def test_candidate_with_bad_feedback_is_rolled_back_over_http(registry_setup):
 
 
 def test_healthy_candidate_is_promoted_over_http(registry_setup):
-    root, registry, (v_stable, v_cand) = registry_setup
-    cfg, server, key, admin = _canary_server(root, "run-promote", auto_promote=True, promote_after=5)
+    root, registry, (_v_stable, v_cand) = registry_setup
+    _cfg, server, key, _admin = _canary_server(root, "run-promote", auto_promote=True, promote_after=5)
     with server:
         c = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
         for i in range(80):

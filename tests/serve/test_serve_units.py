@@ -6,7 +6,8 @@ import pytest
 
 from domaintune.config import ConfigError, config_from_dict
 from domaintune.errors import UserError
-from domaintune.serve.engine import _IncrementalText, choose_engine, vllm_unavailable_reason
+from domaintune.serve.engines import choose_engine, vllm_unavailable_reason
+from domaintune.serve.engines.transformers import IncrementalText
 from domaintune.serve.limits import RateLimiter
 
 
@@ -48,7 +49,7 @@ class _CharTokenizer:
 
 
 def test_streamed_text_holds_back_partial_characters_and_stop_prefixes():
-    text = _IncrementalText(_CharTokenizer(), stop=["END"])
+    text = IncrementalText(_CharTokenizer(), stop=["END"])
     pieces = []
     for b in "héllo E".encode():
         assert not text.add(b)
@@ -66,7 +67,7 @@ def test_streamed_text_holds_back_partial_characters_and_stop_prefixes():
 
 def test_serve_config_errors_name_the_field():
     base = {"name": "x", "model": {"name_or_path": "tiny-random-llama"}}
-    with pytest.raises(ConfigError, match="serve.canary"):
+    with pytest.raises(ConfigError, match=r"serve\.canary"):
         config_from_dict(
             {
                 **base,
@@ -77,14 +78,15 @@ def test_serve_config_errors_name_the_field():
         config_from_dict({**base, "serve": {"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}})
     with pytest.raises(ConfigError, match="max_tokens_cap"):
         config_from_dict({**base, "serve": {"default_max_tokens": 500, "max_tokens_cap": 100}})
-    with pytest.raises(ConfigError, match="serve.engine"):
+    with pytest.raises(ConfigError, match=r"serve\.engine"):
         config_from_dict({**base, "serve": {"engine": "tensorrt"}})
 
 
 def test_batches_group_similar_prompt_lengths_within_the_token_budget():
     import asyncio
 
-    from domaintune.serve.engine import GenRequest, SamplingParams, select_batch
+    from domaintune.serve.engines import GenRequest, SamplingParams
+    from domaintune.serve.engines.transformers import select_batch
 
     loop = asyncio.new_event_loop()
 

@@ -2,18 +2,29 @@
 
 The controller is plain logic (no HTTP, no clock of its own): the server feeds it each request's
 outcome and each feedback rating, and acts on the decisions it returns. Tests inject outcomes.
+`setup_canary` wires a controller into the server; `on_canary_decision` is what a decision does
+there (metrics, the serve store's event log, the registry's events and aliases).
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from domaintune.errors import UserError
+from domaintune.registry.uri import is_registry_uri, parse_registry_uri
 from domaintune.serve.config import CanaryConfig
+
+if TYPE_CHECKING:
+    from domaintune.serve.catalog import ServedModel
+    from domaintune.serve.state import ServeState
+
+log = logging.getLogger("domaintune.serve")
 
 STABLE = "stable"
 CANDIDATE = "candidate"
@@ -65,7 +76,10 @@ class CanaryController:
         self.cfg = cfg
         self.on_decision = on_decision
         self.state = state
-        self._windows = {STABLE: collections.deque(maxlen=cfg.window), CANDIDATE: collections.deque(maxlen=cfg.window)}
+        self._windows: dict[str, collections.deque[_Outcome]] = {
+            STABLE: collections.deque(maxlen=cfg.window),
+            CANDIDATE: collections.deque(maxlen=cfg.window),
+        }
         self._by_id: dict[str, _Outcome] = {}
         self.candidate_total = 0
         self.decision: Decision | None = None
@@ -205,3 +219,134 @@ class CanaryController:
                 decision = self._decide(PROMOTED, reason, manual=True)
         self._announce(decision)
         return decision
+
+
+# ---- the canary inside the server ------------------------------------------------------------------
+DECISION_EVENTS = {ROLLED_BACK: "canary_rolled_back", PROMOTED: "canary_promoted"}
+
+
+def setup_canary(state: ServeState, cfg: CanaryConfig) -> None:
+    """Load both arms (hidden), and start the controller in the state a past decision left it in."""
+    stable = state.catalog.add(f"{cfg.model}@stable", cfg.stable, hidden=True)
+    candidate = state.catalog.add(f"{cfg.model}@candidate", cfg.candidate, hidden=True)
+    state.canary_arms = {STABLE: stable, CANDIDATE: candidate}
+    initial = _decided_before(state, cfg)
+    state.canary = CanaryController(cfg, on_decision=lambda d: on_canary_decision(state, cfg, d), state=initial)
+    state.metrics.canary_state.labels(cfg.model).set(STATE_CODES[initial])
+    if initial != RUNNING:
+        log.warning("canary for %s starts %s (decided before a restart)", cfg.model, initial)
+
+
+def _decided_before(state: ServeState, cfg: CanaryConfig) -> str:
+    """A decision taken before a restart stands for the same stable/candidate pair."""
+    initial = RUNNING
+    for ev in state.store.events():
+        d = ev.details
+        if (
+            ev.kind in DECISION_EVENTS.values()
+            and d.get("model") == cfg.model
+            and d.get("stable_source") == cfg.stable
+            and d.get("candidate_source") == cfg.candidate
+        ):
+            initial = ROLLED_BACK if ev.kind == DECISION_EVENTS[ROLLED_BACK] else PROMOTED
+    return initial
+
+
+def on_canary_decision(state: ServeState, cfg: CanaryConfig, decision: Decision) -> None:
+    """Count and log a decision, then record it in the serve store and (for registry versions) the registry."""
+    stable, candidate = state.canary_arms[STABLE], state.canary_arms[CANDIDATE]
+    kind = DECISION_EVENTS[decision.kind]
+    details = {
+        "model": cfg.model,
+        "stable_source": cfg.stable,
+        "stable_version": stable.version,
+        "candidate_source": cfg.candidate,
+        "candidate_version": candidate.version,
+        "reason": decision.reason,
+        "manual": decision.manual,
+        "window": decision.stats,
+    }
+    state.metrics.canary_state.labels(cfg.model).set(STATE_CODES[decision.kind])
+    if decision.kind == ROLLED_BACK:
+        state.metrics.canary_rollbacks.labels(cfg.model, candidate.version).inc()
+        log.warning(
+            "canary rollback: all traffic for %s back to stable: %s",
+            cfg.model,
+            decision.reason,
+            extra={"event": kind, **details},
+        )
+    else:
+        state.metrics.canary_promotions.labels(cfg.model, candidate.version).inc()
+        log.info(
+            "canary promoted: %s now serves the candidate: %s",
+            cfg.model,
+            decision.reason,
+            extra={"event": kind, **details},
+        )
+    state.store.add_event(kind, details)
+    if candidate.registry_name:
+        _record_in_registry(state, cfg, decision, kind, details)
+    else:
+        log.info("candidate %s is not a registry version: %s recorded in the serve store only", cfg.candidate, kind)
+
+
+def _record_in_registry(
+    state: ServeState, cfg: CanaryConfig, decision: Decision, kind: str, details: dict[str, Any]
+) -> None:
+    """The decision as a registry event; a promotion also moves the stable alias to the candidate."""
+    stable, candidate = state.canary_arms[STABLE], state.canary_arms[CANDIDATE]
+    try:
+        registry = state.catalog.registry()
+        registry.record_event(candidate.registry_name, candidate.version, kind, details)
+        stable_alias = registry_alias(cfg.stable)
+        if decision.kind == PROMOTED and stable_alias and stable.registry_name == candidate.registry_name:
+            # The stable alias (e.g. production) now points at the candidate, so a restart serves it.
+            registry.promote(
+                candidate.registry_name,
+                candidate.version,
+                alias=stable_alias,
+                note=f"canary promoted: {decision.reason}",
+            )
+            log.info(
+                "registry: %s@%s now points at %s",
+                candidate.registry_name,
+                stable_alias,
+                candidate.version,
+                extra={"event": "registry_alias_moved"},
+            )
+    except Exception as exc:  # the routing change already happened; the log says the record failed
+        log.error("could not record %s in the registry: %s", kind, exc, extra={"event": kind})
+
+
+def registry_alias(source: str) -> str | None:
+    """`production` for registry://name@production; None for explicit versions, `latest` and folders."""
+    if not is_registry_uri(source):
+        return None
+    try:
+        ref = parse_registry_uri(source).ref
+    except UserError:  # malformed: it names no alias
+        return None
+    if (ref[:1] == "v" and ref[1:2].isdigit()) or ref == "latest":
+        return None
+    return ref
+
+
+def canary_model_entry(canary: CanaryController, arms: dict[str, ServedModel]) -> dict[str, Any]:
+    """The canary's public model as /v1/models lists it: the arm now serving, under the public name."""
+    stable, cand = arms[STABLE], arms[CANDIDATE]
+    current = cand if canary.state == PROMOTED else stable
+    entry = current.describe()
+    entry.update(
+        {
+            "id": canary.cfg.model,
+            "kind": "canary",
+            "root": canary.cfg.model,
+            "canary": {
+                "state": canary.state,
+                "stable": stable.version,
+                "candidate": cand.version,
+                "candidate_share": canary.cfg.candidate_share,
+            },
+        }
+    )
+    return entry

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
-from domaintune.serve.engine import Engine
+from domaintune.registry.uri import is_registry_uri, parse_registry_uri
+from domaintune.serve.engines.base import Engine
 
 log = logging.getLogger("domaintune.serve")
-
-REGISTRY_SCHEME = "registry://"
 
 
 @dataclass
@@ -57,14 +56,6 @@ class ResolvedSource:
     path: Path
     version: str
     registry_name: str | None
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str]:
-    rest = uri[len(REGISTRY_SCHEME) :]
-    if "@" not in rest or not rest.split("@", 1)[0] or not rest.split("@", 1)[1]:
-        raise UserError(f"{uri}: a registry URI looks like registry://name@alias or registry://name@v1.2.0")
-    name, ref = rest.split("@", 1)
-    return name, ref
 
 
 def _weights_folder(path: Path) -> Path:
@@ -108,18 +99,18 @@ class Catalog:
         return self._registry
 
     def resolve_source(self, source: str) -> ResolvedSource:
-        if source.startswith(REGISTRY_SCHEME):
-            name, ref = parse_registry_uri(source)
+        if is_registry_uri(source):
+            uri = parse_registry_uri(source)
             registry = self.registry()
             path = Path(registry.resolve(source))
-            version = ref
+            version = uri.ref
             describe = getattr(registry, "version_of", None)
             if callable(describe):
                 try:
                     version = str(describe(source))
                 except Exception:  # older registry without aliases support: keep the ref as given
-                    version = ref
-            return ResolvedSource(_weights_folder(path), version, name)
+                    version = uri.ref
+            return ResolvedSource(_weights_folder(path), version, uri.name)
         path = Path(source).expanduser()
         if not path.exists():
             raise UserError(f"model source {source}: folder does not exist")
@@ -153,6 +144,7 @@ class Catalog:
             folder = resolved.path
             if (folder / "adapter_config.json").is_file():
                 base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+                parent_name: str | None
                 if parent is not None:
                     if parent not in self.models or self.models[parent].kind == "adapter":
                         raise UserError(f"model {name!r}: parent {parent!r} is not a served base/full model")
@@ -214,7 +206,7 @@ class Catalog:
                 raise UserError(f"model {name!r} is not served")
             if model.kind == "base" and name == self.base_name:
                 raise UserError(f"model {name!r} is the base model; it cannot be unloaded")
-            if model.kind == "adapter":
+            if model.adapter is not None:  # kind "adapter"
                 self.engine.remove_adapter(model.adapter)
             else:
                 users = [m.name for m in self.models.values() if m.backbone == model.backbone and m.name != name]

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 from domaintune.serve.store import Store, default_store_url
 from domaintune.utils.io import read_jsonl, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+    from domaintune.data.config import DedupConfig
 
 
 def _row_text(messages: list[dict[str, Any]]) -> str:
@@ -47,7 +52,7 @@ def _train_messages(row: dict[str, Any], path: Path, line: int) -> list[dict[str
 
 
 class _Deduper:
-    def __init__(self, dedup_cfg) -> None:
+    def __init__(self, dedup_cfg: DedupConfig) -> None:
         self.seen: set[str] = set()
         self.near = bool(dedup_cfg.near)
         self.index = None
@@ -65,32 +70,33 @@ class _Deduper:
             self.index.add_batch(self.hasher.signatures(texts), list(range(self._next_id, self._next_id + len(texts))))
             self._next_id += len(texts)
 
-    def is_new(self, text: str) -> tuple[bool, str | None]:
+    def duplicate_kind(self, text: str) -> str | None:
+        """ "exact" or "near" when `text` repeats one seen before; None when it is new (it is seen now)."""
         digest = hashlib.sha256(_norm(text).encode()).hexdigest()
         if digest in self.seen:
-            return False, "exact"
+            return "exact"
         self.seen.add(digest)
         if self.index is not None:
             result = self.index.add_batch(self.hasher.signatures([text]), [self._next_id])[0]
             self._next_id += 1
             if result.duplicate_of is not None:
-                return False, "near"
-        return True, None
+                return "near"
+        return None
 
 
 PREFERENCE_FILE = "preference.jsonl"  # also `train.dpo.path`'s default (train/runner.py)
 
 
-def feedback_export_dir(cfg, output_dir: Path) -> Path:
+def feedback_export_dir(cfg: ProjectConfig, output_dir: Path) -> Path:
     """Where `domaintune feedback export` writes: serve.feedback_dir, else <output_dir>/feedback."""
     return Path(cfg.serve.feedback_dir or Path(output_dir) / "feedback")
 
 
-def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+def export_feedback(cfg: ProjectConfig, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
     """Write sft.jsonl, preference.jsonl and report.json; returns the report."""
-    output_dir = Path(output_dir or cfg.output_dir)
-    out_dir = Path(out_dir or feedback_export_dir(cfg, output_dir))
-    url = cfg.serve.store_url or default_store_url(output_dir)
+    layout = RunLayout(Path(output_dir)) if output_dir else cfg.layout
+    out_dir = Path(out_dir or feedback_export_dir(cfg, layout.root))
+    url = cfg.serve.store_url or default_store_url(layout.root)
     store = Store(url, key_hash_iterations=cfg.serve.key_hash_iterations)
     pairs = store.feedback_with_requests()
     store.engine.dispose()
@@ -102,16 +108,43 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
         if fb.correction and fb.correction.strip():
             latest[req.id] = (fb, req)  # ordered oldest first: the last one wins
 
-    train_path = output_dir / "data" / "train.jsonl"
+    train_path = layout.train_file
     dedup = _Deduper(cfg.data.dedup)
-    train_rows = 0
-    if train_path.is_file():
-        texts = []
-        for line, row in enumerate(read_jsonl(train_path), start=1):
-            texts.append(_row_text(_train_messages(row, train_path, line)))
-        train_rows = len(texts)
-        dedup.add_reference(texts)
+    train_rows = _add_training_rows(dedup, train_path)
+    sft, pref, dropped = _feedback_rows(latest, dedup)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_jsonl(out_dir / PREFERENCE_FILE, pref)
+    report = {
+        "store": url,
+        "feedback_rows": len(pairs),
+        "ratings": ratings,
+        "requests_with_corrections": len(latest),
+        "sft_rows": len(sft),
+        "preference_rows": len(pref),
+        "dropped": dropped,
+        "deduplicated_against": str(train_path) if train_path.is_file() else None,
+        "train_rows_compared": train_rows,
+        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / PREFERENCE_FILE)},
+    }
+    write_json(out_dir / "report.json", report)
+    return report
 
+
+def _add_training_rows(dedup: _Deduper, train_path: Path) -> int:
+    """Make the training set's rows known to the deduper; returns how many there were (0 without one)."""
+    if not train_path.is_file():
+        return 0
+    rows = enumerate(read_jsonl(train_path), start=1)
+    texts = [_row_text(_train_messages(row, train_path, line)) for line, row in rows]
+    dedup.add_reference(texts)
+    return len(texts)
+
+
+def _feedback_rows(
+    latest: dict[str, tuple[Any, Any]], dedup: _Deduper
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """(SFT rows, preference rows, dropped counts) from each request's latest correction."""
     sft, pref, dropped = [], [], {"exact": 0, "near": 0, "same_as_original": 0}
     for request_id, (fb, req) in latest.items():
         prompt = _prompt_messages(req.prompt)
@@ -121,9 +154,9 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
             dropped["same_as_original"] += 1
             continue
         messages = prompt + [{"role": "assistant", "content": correction}]
-        new, why = dedup.is_new(_row_text(messages))
-        if not new:
-            dropped[why] += 1
+        duplicate = dedup.duplicate_kind(_row_text(messages))
+        if duplicate is not None:
+            dropped[duplicate] += 1
             continue
         meta = {
             "request_id": request_id,
@@ -144,20 +177,4 @@ def export_feedback(cfg, output_dir: Path | None = None, out_dir: Path | None = 
                     **meta,
                 }
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "sft.jsonl", sft)
-    write_jsonl(out_dir / PREFERENCE_FILE, pref)
-    report = {
-        "store": url,
-        "feedback_rows": len(pairs),
-        "ratings": ratings,
-        "requests_with_corrections": len(latest),
-        "sft_rows": len(sft),
-        "preference_rows": len(pref),
-        "dropped": dropped,
-        "deduplicated_against": str(train_path) if train_path.is_file() else None,
-        "train_rows_compared": train_rows,
-        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / PREFERENCE_FILE)},
-    }
-    write_json(out_dir / "report.json", report)
-    return report
+    return sft, pref, dropped

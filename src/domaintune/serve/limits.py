@@ -1,6 +1,6 @@
 """Per-key request and token rate limits over a sliding 60-second window (in memory, per server process).
 
-Daily token quotas are kept in the store instead (they must survive restarts); see app.py.
+Daily token quotas are kept in the store instead (they must survive restarts); see generation.py.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import collections
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
@@ -21,7 +22,7 @@ class LimitExceeded:
 
 
 class RateLimiter:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._requests: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._tokens: dict[str, collections.deque[tuple[float, int]]] = collections.defaultdict(collections.deque)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import uvicorn
 
-from domaintune.serve.app import ServeState, build_state, create_app
+from domaintune.serve.app import create_app
 from domaintune.serve.observability import configure_json_logging
+from domaintune.serve.state import ServeState, build_state
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,162 +1,37 @@
-"""Inference engines behind one interface: transformers (default, CPU) and vLLM (CUDA GPU).
+"""The transformers engine: batched generation with transformers + peft on CPU (or one GPU).
 
-A *backbone* is one set of weights in memory (the base model, or a full fine-tuned model);
-LoRA adapters are attached to a backbone by name. Requests name a backbone and an adapter
-(or none), carry already-tokenized prompts and receive their output as events on an asyncio
-queue: ("delta", text) pieces, then ("done", Completion) or ("error", exception).
-
-The transformers engine runs one background thread: it takes queued requests, batches the
-ones on the same backbone (left-padded, one `generate` call, adapters mixed per row through
-peft's `adapter_names`), samples each row with its own temperature/top_p/seed, and stops each
-row on its own at the end-of-turn tokens, its stop strings or its `max_tokens`.
+One background thread takes queued requests, batches the ones on the same backbone (left-padded,
+one `generate` call, adapters mixed per row through peft's `adapter_names`), samples each row with
+its own temperature/top_p/seed, and stops each row on its own at the end-of-turn tokens, its stop
+strings or its `max_tokens`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import importlib.util
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.serve.engines.base import (
+    Backbone,
+    Completion,
+    Engine,
+    GenRequest,
+    QueueFullError,
+    load_tokenizer,
+    read_context_length,
+)
 
 log = logging.getLogger("domaintune.serve")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    completion_tokens: int
-    finish_reason: str  # stop | length | cancelled
-    first_token_at: float | None
-
-
-@dataclass
-class GenRequest:
-    id: str
-    backbone: str
-    adapter: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    def emit(self, kind: str, payload: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-
-class QueueFullError(Exception):
-    pass
-
-
-@dataclass
-class Backbone:
-    key: str
-    path: Path
-    tokenizer: Any
-    eot_ids: list[int]
-    context_length: int
-    adapters: dict[str, Path] = field(default_factory=dict)
-    model: Any = None
-
-
-def read_context_length(path: Path) -> int:
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return 2048
-
-
-def vllm_unavailable_reason() -> str | None:
-    """Why vLLM cannot run here, or None when it can."""
-    if importlib.util.find_spec("vllm") is None:
-        return "the vllm package is not installed (pip install vllm, on a machine with a CUDA GPU)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return None
-
-
-def choose_engine(setting: str) -> tuple[str, str]:
-    """(engine name, reason) for the `serve.engine` setting; `vllm` that cannot run is an error."""
-    reason = vllm_unavailable_reason()
-    if setting == "vllm":
-        if reason:
-            raise UserError(f"serve.engine is 'vllm' but vLLM cannot run here: {reason}")
-        return "vllm", "serve.engine=vllm"
-    if setting == "transformers":
-        return "transformers", "serve.engine=transformers"
-    if reason is None:
-        return "vllm", "serve.engine=auto: vllm is installed and a CUDA GPU is present"
-    return "transformers", f"serve.engine=auto: using transformers because {reason}"
-
-
-class Engine:
-    """The interface both engines implement."""
-
-    name = "engine"
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-    def add_backbone(self, key: str, path: Path) -> Backbone:
-        raise NotImplementedError
-
-    def add_adapter(self, name: str, path: Path, backbone: str) -> None:
-        raise NotImplementedError
-
-    def remove_adapter(self, name: str) -> None:
-        raise NotImplementedError
-
-    def remove_backbone(self, key: str) -> None:
-        raise NotImplementedError
-
-    def backbone(self, key: str) -> Backbone:
-        raise NotImplementedError
-
-    def submit(self, request: GenRequest) -> None:
-        raise NotImplementedError
-
-    def queue_depth(self) -> int:
-        return 0
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise UserError(f"{path}: the tokenizer has no chat template; cannot serve chat completions")
-    return tokenizer
-
-
-class _IncrementalText:
+class IncrementalText:
     """Turns a growing list of token ids into text pieces, holding back what a stop string may still claim."""
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -196,7 +71,7 @@ class _Row:
 
         self.request = request
         self.eot_ids = eot_ids
-        self.text = _IncrementalText(tokenizer, request.params.stop)
+        self.text = IncrementalText(tokenizer, request.params.stop)
         self.done = False
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
@@ -334,7 +209,6 @@ class TransformersEngine(Engine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.batches_run = 0
-        self.on_batch = None  # optional callback(batch_size) for metrics
 
     # ---- weights --------------------------------------------------------------------------------
     def add_backbone(self, key: str, path: Path) -> Backbone:
@@ -342,7 +216,7 @@ class TransformersEngine(Engine):
         from domaintune.model.loader import end_of_turn_token_ids, load_model
 
         path = Path(path)
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         model = load_model(ModelConfig(name_or_path=str(path)), model_dir=path, dtype=self.dtype)
         model.eval()
         backbone = Backbone(
@@ -405,6 +279,11 @@ class TransformersEngine(Engine):
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def problems(self) -> list[str]:
+        if self._thread is None or not self._thread.is_alive():
+            return ["the batching thread is not running"]
+        return []
+
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
@@ -458,34 +337,32 @@ class TransformersEngine(Engine):
                 for r in live:
                     r.emit("error", exc)
 
+    def _still_loaded(self, batch: list[GenRequest]) -> tuple[Backbone | None, list[GenRequest]]:
+        """The batch's backbone and the requests whose weights are still loaded; the others get an error."""
+        for r in batch:
+            if r.backbone not in self._backbones:
+                r.emit("error", UserError(f"model weights {r.backbone!r} were unloaded"))
+        batch = [r for r in batch if r.backbone in self._backbones]
+        if not batch:
+            return None, []
+        bb = self._backbones[batch[0].backbone]
+        for r in batch:
+            if r.adapter is not None and r.adapter not in bb.adapters:
+                r.emit("error", UserError(f"adapter {r.adapter!r} was unloaded"))
+        return bb, [r for r in batch if r.adapter is None or r.adapter in bb.adapters]
+
     def _run_batch(self, batch: list[GenRequest]) -> None:
         import torch
         from peft import PeftModel
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         with self._model_lock:
-            missing = [r for r in batch if r.backbone not in self._backbones]
-            for r in missing:
-                r.emit("error", UserError(f"model weights {r.backbone!r} were unloaded"))
-            batch = [r for r in batch if r.backbone in self._backbones]
-            if not batch:
-                return
-            bb = self._backbones[batch[0].backbone]
-            for r in batch:
-                if r.adapter is not None and r.adapter not in bb.adapters:
-                    r.emit("error", UserError(f"adapter {r.adapter!r} was unloaded"))
-            batch = [r for r in batch if r.adapter is None or r.adapter in bb.adapters]
-            if not batch:
+            bb, batch = self._still_loaded(batch)
+            if bb is None or not batch:
                 return
             rows = [_Row(r, bb.tokenizer, set(bb.eot_ids)) for r in batch]
             pad_id = bb.tokenizer.pad_token_id
-            width = max(len(r.prompt_ids) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, r in enumerate(batch):  # left padding: every prompt ends at the last column
-                n = len(r.prompt_ids)
-                ids[i, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-                mask[i, width - n :] = 1
+            ids, mask = _left_padded([r.prompt_ids for r in batch], pad_id)
             sampler, stopper = _make_hooks(rows)
             gen_config = GenerationConfig(
                 max_new_tokens=max(r.params.max_tokens for r in batch),
@@ -514,158 +391,15 @@ class TransformersEngine(Engine):
                     row.finish("length")
 
 
-class VLLMEngine(Engine):
-    """vLLM's async engine (CUDA GPU): continuous batching, LoRA adapters through LoRARequest.
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input ids, attention mask), left-padded so that every prompt ends at the last column."""
+    import torch
 
-    Same interface as TransformersEngine; construction fails with a clear UserError when vLLM
-    cannot run (not installed, or no CUDA GPU).
-    """
-
-    name = "vllm"
-
-    def __init__(
-        self,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
-        max_loras: int = 8,
-        max_lora_rank: int = 64,
-        max_model_len: int | None = None,
-    ):
-        reason = vllm_unavailable_reason()
-        if reason:
-            raise UserError(f"vLLM engine unavailable: {reason}")
-        self.dtype = dtype
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.max_loras = max_loras
-        self.max_lora_rank = max_lora_rank
-        self.max_model_len = max_model_len
-        self._backbones: dict[str, Backbone] = {}
-        self._engines: dict[str, Any] = {}
-        self._adapter_home: dict[str, str] = {}
-        self._lora_ids: dict[str, int] = {}
-        self._in_flight = 0
-
-    def add_backbone(self, key: str, path: Path) -> Backbone:
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from domaintune.model.loader import end_of_turn_token_ids
-
-        path = Path(path)
-        tokenizer = _load_tokenizer(path)
-        args = AsyncEngineArgs(
-            model=str(path),
-            dtype=self.dtype,
-            enable_lora=True,
-            max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
-            gpu_memory_utilization=self.gpu_memory_utilization / max(1, len(self._engines) + 1),
-            max_model_len=self.max_model_len,
-        )
-        self._engines[key] = AsyncLLMEngine.from_engine_args(args)
-        backbone = Backbone(
-            key=key,
-            path=path,
-            tokenizer=tokenizer,
-            eot_ids=end_of_turn_token_ids(tokenizer),
-            context_length=self.max_model_len or read_context_length(path),
-        )
-        self._backbones[key] = backbone
-        return backbone
-
-    def backbone(self, key: str) -> Backbone:
-        return self._backbones[key]
-
-    def add_adapter(self, name: str, path: Path, backbone: str) -> None:
-        if name in self._adapter_home:
-            raise UserError(f"adapter {name!r} is already loaded")
-        self._backbones[backbone].adapters[name] = Path(path)
-        self._adapter_home[name] = backbone
-        self._lora_ids[name] = max(self._lora_ids.values(), default=0) + 1
-
-    def remove_adapter(self, name: str) -> None:
-        backbone = self._adapter_home.pop(name, None)
-        if backbone is None:
-            raise UserError(f"adapter {name!r} is not loaded")
-        self._backbones[backbone].adapters.pop(name)
-        # No new request names it any more; vLLM's LoRA cache (max_loras slots, LRU) evicts its weights.
-        self._lora_ids.pop(name)
-
-    def remove_backbone(self, key: str) -> None:
-        engine = self._engines.pop(key)
-        self._backbones.pop(key)
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown:
-            shutdown()
-
-    def queue_depth(self) -> int:
-        return self._in_flight
-
-    def submit(self, request: GenRequest) -> None:
-        request.loop.create_task(self._generate(request))
-
-    async def _generate(self, request: GenRequest) -> None:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
-
-        bb = self._backbones[request.backbone]
-        engine = self._engines[request.backbone]
-        p = request.params
-        sampling = VSamplingParams(
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            stop=p.stop or None,
-            seed=p.seed,
-            stop_token_ids=list(bb.eot_ids),
-        )
-        lora = None
-        if request.adapter:
-            lora = LoRARequest(request.adapter, self._lora_ids[request.adapter], str(bb.adapters[request.adapter]))
-        self._in_flight += 1
-        sent = 0
-        first_at = None
-        final = None
-        try:
-            async for output in engine.generate(
-                TokensPrompt(prompt_token_ids=request.prompt_ids), sampling, request.id, lora_request=lora
-            ):
-                if request.cancelled.is_set():
-                    await engine.abort(request.id)
-                    request.emit(
-                        "done",
-                        Completion(output.outputs[0].text, len(output.outputs[0].token_ids), "cancelled", first_at),
-                    )
-                    return
-                out = output.outputs[0]
-                if first_at is None and out.token_ids:
-                    first_at = time.monotonic()
-                if len(out.text) > sent:
-                    request.emit("delta", out.text[sent:])
-                    sent = len(out.text)
-                final = out
-            reason = "length" if final is not None and final.finish_reason == "length" else "stop"
-            request.emit(
-                "done",
-                Completion(final.text if final else "", len(final.token_ids) if final else 0, reason, first_at),
-            )
-        except Exception as exc:
-            request.emit("error", exc)
-        finally:
-            self._in_flight -= 1
-
-
-def build_engine(name: str, dtype: str, serve_cfg) -> Engine:
-    if name == "vllm":
-        return VLLMEngine(
-            dtype="auto" if dtype == "float32" else dtype,
-            gpu_memory_utilization=serve_cfg.vllm_gpu_memory_utilization,
-            max_model_len=serve_cfg.max_context_tokens,
-        )
-    return TransformersEngine(
-        dtype=dtype,
-        max_batch_size=serve_cfg.max_batch_size,
-        batch_wait_ms=serve_cfg.batch_wait_ms,
-        max_queue=serve_cfg.max_queue,
-        max_batch_tokens=serve_cfg.max_batch_tokens,
-    )
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        ids[i, width - n :] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, width - n :] = 1
+    return ids, mask

@@ -1,0 +1,472 @@
+"""One generation request from admission to accounting.
+
+`start_job` admits a request (rate limits, routing and canary arm, chat template, sampling checks,
+token limits and quotas) and queues it on the engine; `respond` waits for the answer (or streams
+it as server-sent events) within the request deadline; `finish_job` accounts for every job however
+it ended: metrics, usage, the request log, canary evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from domaintune.serve.catalog import ServedModel
+from domaintune.serve.config import ServeConfig
+from domaintune.serve.engines import Completion, GenRequest, QueueFullError, SamplingParams
+from domaintune.serve.limits import LimitExceeded
+from domaintune.serve.protocol import (
+    DONE,
+    UNSUPPORTED,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    GenerationBody,
+    ResponseHead,
+    bad_request,
+    completion_response,
+    generation_failed,
+    sse,
+    stream_chunk,
+    timed_out,
+    usage_chunk,
+)
+from domaintune.serve.state import Redactor, ServeState
+from domaintune.serve.store import ApiKey
+
+log = logging.getLogger("domaintune.serve")
+
+
+@dataclass
+class Job:
+    """One generation request travelling through the handler."""
+
+    rid: str
+    response_id: str
+    endpoint: str  # chat | completion
+    public: str  # the model name the client asked for
+    served: ServedModel  # what serves it (a canary arm for the canary's public name)
+    arm: str | None
+    key: ApiKey | None
+    prompt_record: Any  # what the request log keeps: the messages, or the prompt text
+    prompt_tokens: int
+    params: SamplingParams
+    started: float
+    gen: GenRequest
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-request-id": self.response_id,
+            "x-domaintune-served": self.served.name,
+            "x-domaintune-version": self.served.version,
+        }
+
+    def usage(self, completion: Completion) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": self.prompt_tokens + completion.completion_tokens,
+        }
+
+    def head(self, created: int) -> ResponseHead:
+        fingerprint = f"{self.served.name}@{self.served.version}"
+        return ResponseHead(self.response_id, self.endpoint == "chat", created, self.public, fingerprint)
+
+
+def metric_labels(model: ServedModel | None, public: str | None) -> tuple[str, str, str]:
+    """(model, adapter, version) labels: the adapter label names adapters and canary arms only."""
+    if model is None:
+        return ("unknown", "-", "-")
+    return (public or model.name, model.name if model.kind == "adapter" or model.hidden else "-", model.version)
+
+
+def _classify(completion: Completion) -> str:
+    if completion.finish_reason == "cancelled":
+        return "cancelled"
+    if not completion.text.strip():
+        return "empty"
+    if "\ufffd" in completion.text:
+        return "malformed"
+    return "ok"
+
+
+# ---- admission ----------------------------------------------------------------------------------
+def _rate_limited(over: LimitExceeded) -> ApiError:
+    return ApiError(
+        429,
+        over.message,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers={"Retry-After": str(over.retry_after_s)},
+    )
+
+
+def _seconds_to_utc_midnight() -> int:
+    now = datetime.now(timezone.utc)
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, math.ceil((tomorrow - now).total_seconds()))
+
+
+def check_request_rate(state: ServeState, key: ApiKey | None) -> None:
+    if key is not None:
+        over = state.limiter.check_request(key.id, key.rpm)
+        if over:
+            raise _rate_limited(over)
+
+
+async def check_token_limits(state: ServeState, key: ApiKey | None, needed_tokens: int) -> None:
+    """Tokens per minute, then the daily quota (kept in the store, so it survives restarts)."""
+    if key is None:
+        return
+    over = state.limiter.check_tokens(key.id, key.tpm, needed_tokens)
+    if over:
+        raise _rate_limited(over)
+    if key.daily_tokens is not None:
+        used = await asyncio.to_thread(state.store.tokens_used_today, key.id)
+        if used >= key.daily_tokens:
+            raise ApiError(
+                429,
+                f"daily token quota exhausted: this key has used {used} of its {key.daily_tokens} tokens today "
+                "(UTC); the quota resets at 00:00 UTC",
+                "insufficient_quota",
+                "daily_quota_exceeded",
+                headers={"Retry-After": str(_seconds_to_utc_midnight())},
+            )
+
+
+def route(
+    state: ServeState, request: Request, key: ApiKey | None, body: GenerationBody
+) -> tuple[ServedModel, str | None]:
+    """The served model for `body.model`, and the canary arm when it is the canary's public name."""
+    public = body.model
+    canary = state.canary
+    is_canary = canary is not None and public == canary.cfg.model
+    served = None if is_canary else state.catalog.get(public)
+    if not is_canary and served is None:
+        raise ApiError(
+            404,
+            f"The model `{public}` does not exist (GET /v1/models lists the served models)",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    if key is not None and not key.allows(public):
+        raise ApiError(
+            403,
+            f"this API key may not use model `{public}` (allowed: {', '.join(key.models or [])})",
+            "permission_error",
+            "model_not_allowed",
+            "model",
+        )
+    request.state.public = public
+    arm = None
+    if canary is not None and is_canary:
+        subject = body.user or (key.id if key else None) or (request.client.host if request.client else "anon")
+        arm = canary.arm_for(subject)
+        served = state.canary_arms[arm]
+    assert served is not None  # found in the catalog, or a canary arm
+    request.state.served = served
+    return served, arm
+
+
+def _prompt(tokenizer: Any, body: GenerationBody) -> tuple[list[int], Any]:
+    """(prompt token ids, what the request log keeps) for a chat or a completion body."""
+    if isinstance(body, ChatBody):
+        messages = body.chat_messages()
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise on e.g. roles they do not know
+            raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"], messages
+    if isinstance(body, CompletionBody):
+        prompt = body.single_prompt()
+        return tokenizer(prompt)["input_ids"], prompt
+    raise TypeError(f"{type(body).__name__} is neither a chat nor a completion body")
+
+
+def _refuse_unsupported(body: GenerationBody) -> None:
+    if body.n != 1:
+        raise bad_request("only n=1 is supported", "n")
+    extra = body.model_extra or {}
+    for name, what in UNSUPPORTED.items():
+        value = extra.get(name)
+        if value not in (None, False, [], 0):
+            raise bad_request(f"{what} are not supported by this server", name, "unsupported_parameter")
+    fmt = extra.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise bad_request("only response_format text is supported", "response_format", "unsupported_parameter")
+
+
+def sampling(scfg: ServeConfig, body: GenerationBody, prompt_tokens: int, ctx: int) -> SamplingParams:
+    """The request's sampling parameters, after the server's caps and the context length."""
+    _refuse_unsupported(body)
+    explicit_max = body.explicit_max_tokens()
+    if explicit_max is not None and explicit_max > scfg.max_tokens_cap:
+        raise bad_request(
+            f"max_tokens is {explicit_max}; this server allows at most {scfg.max_tokens_cap}",
+            "max_tokens",
+            "max_tokens_too_large",
+        )
+    if prompt_tokens >= ctx:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_tokens} "
+            "tokens, which leaves no room for the completion. Please reduce the length of the prompt.",
+            "messages",
+            "context_length_exceeded",
+        )
+    if explicit_max is None:
+        max_tokens = min(scfg.default_max_tokens, ctx - prompt_tokens)
+    else:
+        max_tokens = explicit_max
+        if prompt_tokens + max_tokens > ctx:
+            raise bad_request(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=scfg.default_temperature if body.temperature is None else body.temperature,
+        top_p=scfg.default_top_p if body.top_p is None else body.top_p,
+        stop=body.stops(),
+        seed=body.seed,
+    )
+
+
+async def start_job(state: ServeState, request: Request, key: ApiKey | None, body: GenerationBody) -> Job:
+    """Admit the request and queue it on the engine; every refusal is an ApiError."""
+    started = time.monotonic()
+    scfg = state.scfg
+    check_request_rate(state, key)
+    served, arm = route(state, request, key, body)
+    bb = state.engine.backbone(served.backbone)
+    prompt_ids, prompt_record = _prompt(bb.tokenizer, body)
+    ctx = bb.context_length if scfg.max_context_tokens is None else min(bb.context_length, scfg.max_context_tokens)
+    params = sampling(scfg, body, len(prompt_ids), ctx)
+    await check_token_limits(state, key, len(prompt_ids) + params.max_tokens)
+    endpoint = "chat" if isinstance(body, ChatBody) else "completion"
+    rid = request.state.rid
+    response_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{rid}"
+    request.state.response_id = response_id
+    gen = GenRequest(
+        id=response_id,
+        backbone=served.backbone,
+        adapter=served.adapter,
+        prompt_ids=list(prompt_ids),
+        params=params,
+        loop=asyncio.get_running_loop(),
+        events=asyncio.Queue(),
+    )
+    job = Job(
+        rid, response_id, endpoint, body.model, served, arm, key, prompt_record, len(prompt_ids), params, started, gen
+    )
+    try:
+        state.engine.submit(gen)
+    except QueueFullError as exc:
+        raise ApiError(
+            503,
+            f"server overloaded: {exc}; retry shortly",
+            "server_error",
+            "overloaded",
+            headers={"Retry-After": "5"},
+        ) from None
+    state.metrics.queue_depth.set(state.engine.queue_depth())
+    return job
+
+
+# ---- accounting ---------------------------------------------------------------------------------
+def finish_job(state: ServeState, job: Job, status: int, completion: Completion | None, outcome: str) -> None:
+    """Account for a finished job: metrics, usage, request log, canary evidence (runs in a thread)."""
+    latency = time.monotonic() - job.started
+    completion_tokens = completion.completion_tokens if completion else 0
+    _count(state, job, status, completion, outcome, latency)
+    total = job.prompt_tokens + completion_tokens
+    if job.key is not None:
+        state.limiter.add_tokens(job.key.id, total)
+        state.store.add_usage(job.key.id, total)
+    if state.scfg.log_requests:
+        _log_request(state, job, status, completion, outcome, latency)
+    if job.arm is not None and state.canary is not None and outcome != "cancelled":
+        state.metrics.canary_requests.labels(job.public, job.arm, outcome).inc()
+        state.canary.record(job.response_id, job.arm, error=outcome != "ok")
+    log.info(
+        "generation %s",
+        outcome,
+        extra={
+            "event": "generation",
+            "response_id": job.response_id,
+            "model": job.public,
+            "served": job.served.name,
+            "version": job.served.version,
+            "arm": job.arm,
+            "status": status,
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": round(latency * 1000, 1),
+            "finish_reason": completion.finish_reason if completion else None,
+        },
+    )
+
+
+def _count(
+    state: ServeState, job: Job, status: int, completion: Completion | None, outcome: str, latency: float
+) -> None:
+    metrics = state.metrics
+    labels = metric_labels(job.served, job.public)
+    metrics.requests.labels(*labels, job.endpoint, str(status)).inc()
+    metrics.latency.labels(*labels, job.endpoint).observe(latency)
+    metrics.prompt_tokens.labels(*labels).inc(job.prompt_tokens)
+    metrics.completion_tokens.labels(*labels).inc(completion.completion_tokens if completion else 0)
+    if completion and completion.first_token_at:
+        metrics.ttft.labels(*labels).observe(max(0.0, completion.first_token_at - job.started))
+    if outcome not in ("ok", "cancelled"):
+        metrics.errors.labels(*labels, outcome).inc()
+    metrics.queue_depth.set(state.engine.queue_depth())
+
+
+def _log_request(
+    state: ServeState, job: Job, status: int, completion: Completion | None, outcome: str, latency: float
+) -> None:
+    """The request and its answer in the store (PII-redacted first), for the feedback loop."""
+    prompt, response = job.prompt_record, completion.text if completion else None
+    counts: dict[str, int] = {}
+    if state.redactor is not None:
+        prompt, counts = _redact_prompt(state.redactor, prompt)
+        if response is not None:
+            response, more = state.redactor(response)
+            for k, v in more.items():
+                counts[k] = counts.get(k, 0) + v
+    state.store.log_request(
+        id=job.response_id,
+        key_id=job.key.id if job.key else None,
+        endpoint=job.endpoint,
+        model=job.public,
+        served=job.served.name,
+        version=job.served.version,
+        canary_arm=job.arm,
+        prompt=prompt,
+        response=response,
+        status=status,
+        outcome=outcome,
+        finish_reason=completion.finish_reason if completion else None,
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=completion.completion_tokens if completion else 0,
+        latency_s=round(latency, 4),
+        pii_counts=counts or None,
+    )
+
+
+def _redact_prompt(redactor: Redactor, prompt: Any) -> tuple[Any, dict[str, int]]:
+    counts: dict[str, int] = {}
+
+    def red(text: str) -> str:
+        out, found = redactor(text)
+        for k, v in found.items():
+            counts[k] = counts.get(k, 0) + v
+        return out
+
+    if isinstance(prompt, str):
+        return red(prompt), counts
+    return [{**m, "content": red(m["content"])} for m in prompt], counts
+
+
+# ---- answering ----------------------------------------------------------------------------------
+def _deadline_left(state: ServeState, job: Job) -> float:
+    return state.scfg.request_timeout_s - (time.monotonic() - job.started)
+
+
+async def _next_event(state: ServeState, job: Job) -> tuple[str, Any]:
+    """The engine's next event for the job; asyncio.TimeoutError once the request deadline passed."""
+    left = _deadline_left(state, job)
+    if left <= 0:
+        raise asyncio.TimeoutError
+    return await asyncio.wait_for(job.gen.events.get(), timeout=left)
+
+
+async def _wait_done(state: ServeState, job: Job) -> Completion:
+    while True:
+        kind, payload = await _next_event(state, job)
+        if kind == "done":
+            return payload
+        if kind == "error":
+            raise payload
+
+
+async def respond(state: ServeState, job: Job, body: GenerationBody) -> Response:
+    """The answer as one JSON object, or as a stream of server-sent events when the client asked for one."""
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(
+            _stream(state, job, body, created),
+            media_type="text/event-stream",
+            headers={**job.headers(), "Cache-Control": "no-cache"},
+        )
+    try:
+        completion = await _wait_done(state, job)
+    except asyncio.TimeoutError:
+        job.gen.cancelled.set()
+        await asyncio.to_thread(finish_job, state, job, 504, None, "timeout")
+        raise timed_out(state.scfg.request_timeout_s) from None
+    except asyncio.CancelledError:
+        job.gen.cancelled.set()
+        raise
+    except Exception as exc:
+        await asyncio.to_thread(finish_job, state, job, 500, None, "error")
+        raise generation_failed(exc) from None
+    await asyncio.to_thread(finish_job, state, job, 200, completion, _classify(completion))
+    payload = completion_response(job.head(created), completion.text, completion.finish_reason, job.usage(completion))
+    return JSONResponse(payload, headers=job.headers())
+
+
+async def _stream(state: ServeState, job: Job, body: GenerationBody, created: int) -> AsyncIterator[str]:
+    """Server-sent events: deltas, the finish chunk, the usage chunk if asked for, then [DONE].
+
+    A failure or the deadline mid-stream becomes an error event; a client that goes away cancels
+    the generation, and the job is still accounted for.
+    """
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = job.head(created)
+    finished = False
+    try:
+        if head.chat:
+            yield sse(stream_chunk(head, "", None, include_usage, role=True), ensure_ascii=False)
+        while True:
+            kind, payload = await _next_event(state, job)
+            if kind == "delta":
+                yield sse(stream_chunk(head, payload, None, include_usage), ensure_ascii=False)
+                continue
+            finished = True
+            if kind == "error":
+                await asyncio.to_thread(finish_job, state, job, 500, None, "error")
+                yield sse(generation_failed(payload).body())
+                yield DONE
+                return
+            completion: Completion = payload
+            await asyncio.to_thread(finish_job, state, job, 200, completion, _classify(completion))
+            yield sse(stream_chunk(head, None, completion.finish_reason, include_usage), ensure_ascii=False)
+            if include_usage:
+                yield sse(usage_chunk(head, job.usage(completion)))
+            yield DONE
+            return
+    except asyncio.TimeoutError:
+        job.gen.cancelled.set()
+        finished = True
+        await asyncio.to_thread(finish_job, state, job, 504, None, "timeout")
+        yield sse(timed_out(state.scfg.request_timeout_s).body())
+        yield DONE
+    finally:
+        if not finished:  # the client went away mid-stream: stop generating, still account for it
+            job.gen.cancelled.set()
+            log.info("client disconnected; generation cancelled", extra={"event": "cancelled"})
+            asyncio.get_running_loop().run_in_executor(None, finish_job, state, job, 499, None, "cancelled")
