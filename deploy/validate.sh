@@ -26,5 +26,5 @@ with tempfile.TemporaryDirectory() as tmp:
     load_config(path)
 print("project files in config/ and k8s/configmap.yaml validate")
 PYEOF
-"$PY" -m pytest -q ../tests/test_serve_api.py -k dashboard
+"$PY" -m pytest -q ../tests/serve/test_serve_api.py -k dashboard
 echo "deploy/: all checks passed"

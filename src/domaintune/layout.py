@@ -122,6 +122,21 @@ class RunLayout:
     def export_manifest(self) -> Path:
         return self.export_dir / "manifest.json"
 
+    # -- serving -----------------------------------------------------------------------------
+    @property
+    def serve_dir(self) -> Path:
+        return self.root / "serve"
+
+    @property
+    def serve_store(self) -> Path:
+        """The SQLite file behind keys, usage, feedback and canary state when no store_url is set."""
+        return self.serve_dir / "serve.db"
+
+    @property
+    def feedback_dir(self) -> Path:
+        """`domaintune feedback export` output: the next round's SFT and preference rows."""
+        return self.root / "feedback"
+
     # -- the pipeline's own files ---------------------------------------------------------------
     @property
     def run_dir(self) -> Path:

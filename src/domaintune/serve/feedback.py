@@ -89,7 +89,7 @@ PREFERENCE_FILE = "preference.jsonl"  # also `train.dpo.path`'s default (train/r
 
 def feedback_export_dir(cfg: ProjectConfig, output_dir: Path) -> Path:
     """Where `domaintune feedback export` writes: serve.feedback_dir, else <output_dir>/feedback."""
-    return Path(cfg.serve.feedback_dir or Path(output_dir) / "feedback")
+    return Path(cfg.serve.feedback_dir or RunLayout.of(output_dir).feedback_dir)
 
 
 def export_feedback(cfg: ProjectConfig, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 KEY_PREFIX = "dt"
 
@@ -148,7 +149,7 @@ def _hash_secret(secret: str, salt: bytes, iterations: int) -> str:
 
 
 def default_store_url(output_dir: Path) -> str:
-    path = Path(output_dir) / "serve" / "serve.db"
+    path = RunLayout.of(output_dir).serve_store
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
