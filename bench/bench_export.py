@@ -35,14 +35,16 @@ def main() -> int:
 
     from domaintune.export.measure import eval_examples, folder_size, perplexity
     from domaintune.export.quantize import load_int8
+    from domaintune.layout import RunLayout
     from domaintune.utils.io import read_jsonl
 
-    export = args.run_dir / "export"
-    if not (export / "manifest.json").is_file():
-        print(f"{export}/manifest.json not found: run `domaintune export` first", file=sys.stderr)
+    layout = RunLayout(args.run_dir)
+    export = layout.export_dir
+    if not layout.export_manifest.is_file():
+        print(f"{layout.export_manifest} not found: run `domaintune export` first", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(export / "merged")
-    rows = list(read_jsonl(args.run_dir / "data" / "val.jsonl"))[: max(args.rows, args.prompts)]
+    rows = list(read_jsonl(layout.val_file))[: max(args.rows, args.prompts)]
     examples = eval_examples(tokenizer, rows[: args.rows], 512)
     prompts = [r["messages"][:-1] for r in rows[: args.prompts]]
     encoded = [

@@ -11,6 +11,7 @@ import torch
 
 from domaintune.config import config_from_dict
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 
 ROWS = [
     {
@@ -68,7 +69,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     from domaintune.export.runner import run_export
 
     run = make_adapter_run(tmp_path_factory.mktemp("export") / "run", tiny_model_dir)
-    manifest = run_export(tiny_cfg(run, prune_sparsity=0.3), run)
+    manifest = run_export(tiny_cfg(run, prune_sparsity=0.3), RunLayout(run))
     return run, manifest
 
 
@@ -253,15 +254,15 @@ def test_interrupted_export_leaves_previous_export_untouched(exported, monkeypat
     before = (run / "export" / "manifest.json").read_bytes()
     dead_pid = subprocess.Popen(["true"])
     dead_pid.wait()
-    stale = run / f".export-staging-{dead_pid.pid}-killed"
-    (stale / "merged").mkdir(parents=True)  # what a killed (SIGKILL) export leaves behind
+    for stale in (run / f".export.staging-{dead_pid.pid}-killed", run / f".export-staging-{dead_pid.pid}-killed"):
+        (stale / "merged").mkdir(parents=True)  # what a killed (SIGKILL) export leaves behind (now, and before)
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted while writing GGUF")
 
     monkeypatch.setattr(gguf_export, "write_gguf", boom)
     with pytest.raises(KeyboardInterrupt):
-        run_export(tiny_cfg(run, int8=False, gguf=["f16"]), run)
+        run_export(tiny_cfg(run, int8=False, gguf=["f16"]), RunLayout(run))
     assert (run / "export" / "manifest.json").read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.startswith(".export")]
 
@@ -279,7 +280,7 @@ def test_export_without_trained_model_names_the_folder(tmp_path):
     from domaintune.export.runner import run_export
 
     with pytest.raises(UserError, match="domaintune train"):
-        run_export(tiny_cfg(tmp_path), tmp_path)
+        run_export(tiny_cfg(tmp_path), RunLayout(tmp_path))
 
 
 def test_unknown_pre_tokenizer_needs_explicit_setting(tiny_model_dir, tmp_path):

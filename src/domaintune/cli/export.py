@@ -13,10 +13,6 @@ from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_erro
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.1f} MB"
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -64,30 +60,31 @@ def export_summary(manifest: dict) -> Table:
     return table
 
 
+@friendly_errors
+def export_cmd(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = None) -> None:
+    """Merge the trained adapter, quantise (INT8; bitsandbytes on GPU), write GGUF f16/q8_0 + Ollama Modelfile.
+
+    Reads `<run>/model`, writes `<run>/export/` (merged/, int8/, gguf/, manifest.json with sha256 of every file)
+    and reports size, load time, speed and perplexity change of each artefact against the merged model.
+
+    Example: domaintune export examples/medical-zh.yaml --set export.prune_sparsity=0.3
+    """
+    from domaintune.export.runner import run_export
+
+    cfg = load(config, set_, output_dir)
+    manifest = run_export(cfg, cfg.layout)
+    out.print(export_summary(manifest))
+    if manifest["merge"].get("adapter"):
+        out.print(
+            f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}"
+        )
+    metric = manifest["metric"]
+    out.print(f"perplexity: {metric['description'] or metric['skipped']}")
+    quality = manifest.get("quality", {})
+    out.print(f"{quality.get('metric')}: {quality.get('description') or quality.get('skipped')}")
+    out.print(f"manifest: {cfg.layout.export_manifest} ({len(manifest['files'])} files, sha256)")
+
+
 def register(app: typer.Typer) -> None:
     """Adds the export stage's commands to the root app."""
-
-    @app.command("export")
-    @friendly_errors
-    def export_cmd(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = None) -> None:
-        """Merge the trained adapter, quantise (INT8; bitsandbytes on GPU), write GGUF f16/q8_0 + Ollama Modelfile.
-
-        Reads `<run>/model`, writes `<run>/export/` (merged/, int8/, gguf/, manifest.json with sha256 of every file)
-        and reports size, load time, speed and perplexity change of each artefact against the merged model.
-
-        Example: domaintune export examples/medical-zh.yaml --set export.prune_sparsity=0.3
-        """
-        from domaintune.export.runner import run_export
-
-        cfg = load(config, set_, output_dir)
-        manifest = run_export(cfg, cfg.output_dir)
-        out.print(export_summary(manifest))
-        if manifest["merge"].get("adapter"):
-            out.print(
-                f"merge check: max |logit diff| base+adapter vs merged = {manifest['merge']['max_abs_logit_diff']:.2e}"
-            )
-        metric = manifest["metric"]
-        out.print(f"perplexity: {metric['description'] or metric['skipped']}")
-        quality = manifest.get("quality", {})
-        out.print(f"{quality.get('metric')}: {quality.get('description') or quality.get('skipped')}")
-        out.print(f"manifest: {cfg.output_dir / 'export' / 'manifest.json'} ({len(manifest['files'])} files, sha256)")
+    app.command("export")(export_cmd)

@@ -11,6 +11,10 @@ from domaintune.utils.config_types import StrictModel
 GgufType = Literal["f32", "f16", "q8_0"]
 
 
+def _default_gguf_types() -> list[GgufType]:
+    return ["f16", "q8_0"]
+
+
 class ExportConfig(StrictModel):
     merged_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the merged safetensors model in `export/merged/`."
@@ -29,7 +33,7 @@ class ExportConfig(StrictModel):
         description="GPU only: also write bitsandbytes 4-/8-bit models (`export/bnb-4bit/`, ...). Needs CUDA.",
     )
     gguf: list[GgufType] = Field(
-        default_factory=lambda: ["f16", "q8_0"],
+        default_factory=_default_gguf_types,
         description="GGUF files to write to `export/gguf/` (tokenizer and chat template inside). Empty: none.",
     )
     gguf_tokenizer_pre: str | None = Field(

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,39 +97,14 @@ def write_gguf(
 ) -> dict:
     """Convert the HF folder `model_dir` into `out_path` (written to a temp file, then renamed)."""
     import gguf
-    import torch
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     model_dir, out_path = Path(model_dir), Path(out_path)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    architectures = config.get("architectures") or []
-    if not set(architectures) & SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"{model_dir}/config.json: GGUF export supports {sorted(SUPPORTED_ARCHITECTURES)}, not {architectures}"
-        )
-    qtypes = {
-        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    }
-    if qtype not in qtypes:
-        raise UserError(f"export.gguf: unknown type {qtype!r}; choose from {sorted(qtypes)}")
-    weight_type, file_type = qtypes[qtype]
-
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise UserError(f"{model_dir}/config.json: RoPE scaling {rope_type!r} is not supported by the GGUF export")
-    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    n_layers = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    vocab_size = config["vocab_size"]
-
+    config = _llama_config(model_dir)
+    weight_type, file_type = _gguf_types(qtype)
+    shape = _llama_shape(model_dir, config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens, token_types = _vocab(tokenizer, vocab_size)
+    tokens, token_types = _vocab(tokenizer, shape.vocab_size)
     pre = tokenizer_pre or detect_pre_tokenizer(tokenizer)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,67 +113,9 @@ def write_gguf(
     tmp = Path(tmp_name)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        writer.add_name(name or model_dir.name)
-        writer.add_context_length(config.get("max_position_embeddings", 2048))
-        writer.add_embedding_length(config["hidden_size"])
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_freq_base(float(rope_theta))
-        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != config["hidden_size"] // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(token_types)
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
-        if not special.merges:
-            raise UserError(
-                f"{model_dir}: tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported"
-            )
-        special.add_to_gguf(writer, quiet=True)
-        if special.chat_template is None:
-            if not tokenizer.chat_template:
-                raise UserError(f"{model_dir}: the tokenizer has no chat template to store in the GGUF file")
-            writer.add_chat_template(tokenizer.chat_template)
-
-        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"{model_dir}: no .safetensors weights to convert")
-        counts = {"quantized": 0, "f16": 0, "f32": 0}
-        tied = bool(config.get("tie_word_embeddings", False))
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    if tied and key == "lm_head.weight":
-                        continue  # llama.cpp reuses token_embd when output.weight is absent
-                    new_name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
-                    if new_name is None:
-                        raise UserError(f"{file}: tensor {key} has no GGUF name for the llama architecture")
-                    data = handle.get_tensor(key).to(torch.float32).numpy()
-                    if key.endswith("q_proj.weight"):
-                        data = _permute_rotary(data, n_head)
-                    elif key.endswith("k_proj.weight"):
-                        data = _permute_rotary(data, n_kv)
-                    if data.ndim == 1 or weight_type == gguf.GGMLQuantizationType.F32:
-                        writer.add_tensor(new_name, np.ascontiguousarray(data, dtype=np.float32))
-                        counts["f32"] += 1
-                    elif weight_type == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
-                        packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-                        writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-                        counts["quantized"] += 1
-                    else:
-                        writer.add_tensor(new_name, np.ascontiguousarray(data, dtype=np.float16))
-                        counts["f16"] += 1
+        _add_hyperparameters(writer, config, shape, name or model_dir.name, file_type)
+        _add_tokenizer(writer, model_dir, tokenizer, tokens, token_types, pre)
+        counts = _add_tensors(writer, model_dir, config, shape, weight_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
@@ -207,6 +126,133 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(out_path), "type": qtype, "tokenizer_pre": pre, "tensors": counts}
+
+
+def _llama_config(model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if not set(architectures) & SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"{model_dir}/config.json: GGUF export supports {sorted(SUPPORTED_ARCHITECTURES)}, not {architectures}"
+        )
+    return config
+
+
+def _gguf_types(qtype: str) -> tuple[Any, Any]:
+    """(tensor type of the weight matrices, file type recorded in the header) for `qtype`."""
+    import gguf
+
+    qtypes = {
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    }
+    if qtype not in qtypes:
+        raise UserError(f"export.gguf: unknown type {qtype!r}; choose from {sorted(qtypes)}")
+    return qtypes[qtype]
+
+
+@dataclass(frozen=True)
+class _LlamaShape:
+    n_layers: int
+    n_head: int
+    n_kv: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+
+
+def _llama_shape(model_dir: Path, config: dict[str, Any]) -> _LlamaShape:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise UserError(f"{model_dir}/config.json: RoPE scaling {rope_type!r} is not supported by the GGUF export")
+    n_head = config["num_attention_heads"]
+    return _LlamaShape(
+        n_layers=config["num_hidden_layers"],
+        n_head=n_head,
+        n_kv=config.get("num_key_value_heads") or n_head,
+        head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
+        vocab_size=config["vocab_size"],
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+    )
+
+
+def _add_hyperparameters(writer, config: dict[str, Any], shape: _LlamaShape, name: str, file_type: Any) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(shape.n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_kv)
+    writer.add_rope_freq_base(shape.rope_theta)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(shape.vocab_size)
+    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim != config["hidden_size"] // shape.n_head:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer, model_dir: Path, tokenizer, tokens: list[str], token_types: list[int], pre: str) -> None:
+    """Byte-level BPE: token list, types and merges, special token ids and the chat template."""
+    import gguf
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:
+        raise UserError(f"{model_dir}: tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported")
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None:
+        if not tokenizer.chat_template:
+            raise UserError(f"{model_dir}: the tokenizer has no chat template to store in the GGUF file")
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_tensors(writer, model_dir: Path, config: dict[str, Any], shape: _LlamaShape, weight_type: Any) -> dict:
+    """Every safetensors tensor under its GGUF name: q/k permuted for GGML's rotary layout, 1-D tensors in f32."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.n_layers)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no .safetensors weights to convert")
+    counts = {"quantized": 0, "f16": 0, "f32": 0}
+    tied = bool(config.get("tie_word_embeddings", False))
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
+                if tied and key == "lm_head.weight":
+                    continue  # llama.cpp reuses token_embd when output.weight is absent
+                new_name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+                if new_name is None:
+                    raise UserError(f"{file}: tensor {key} has no GGUF name for the llama architecture")
+                data = handle.get_tensor(key).to(torch.float32).numpy()
+                if key.endswith("q_proj.weight"):
+                    data = _permute_rotary(data, shape.n_head)
+                elif key.endswith("k_proj.weight"):
+                    data = _permute_rotary(data, shape.n_kv)
+                if data.ndim == 1 or weight_type == gguf.GGMLQuantizationType.F32:
+                    writer.add_tensor(new_name, np.ascontiguousarray(data, dtype=np.float32))
+                    counts["f32"] += 1
+                elif weight_type == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
+                    packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+                    writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                    counts["quantized"] += 1
+                else:
+                    writer.add_tensor(new_name, np.ascontiguousarray(data, dtype=np.float16))
+                    counts["f16"] += 1
+    return counts
 
 
 # ---------------------------------------------------------------- Ollama Modelfile

@@ -9,12 +9,11 @@ dynamic quantisation to it and loads the saved packed weights.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 from domaintune.errors import UserError
+from domaintune.utils.io import atomic_dir
 
 INT8_WEIGHTS = "model_int8.pt"
 INT8_SPEC = "quantization.json"
@@ -36,7 +35,8 @@ def int8_targets(model, exclude: list[str] | tuple[str, ...]) -> tuple[list[str]
     """(quantised, kept in float) nn.Linear names; a name is kept when it ends with an `exclude` entry."""
     import torch
 
-    quantised, kept = [], []
+    quantised: list[str] = []
+    kept: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             (kept if any(name == e or name.endswith("." + e) for e in exclude) else quantised).append(name)
@@ -56,9 +56,7 @@ def save_int8(model, tokenizer, folder: str | Path, exclude: list[str] | tuple[s
     import torch
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder) as tmp:
         names, kept = int8_targets(model, exclude)
         quantized = _quantize_dynamic(model.float().eval(), names)
         torch.save(quantized.state_dict(), tmp / INT8_WEIGHTS)
@@ -77,12 +75,6 @@ def save_int8(model, tokenizer, folder: str | Path, exclude: list[str] | tuple[s
             "torch": torch.__version__,
         }
         (tmp / INT8_SPEC).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -102,8 +94,8 @@ def load_int8(folder: str | Path):
     config = AutoConfig.from_pretrained(folder)
     try:
         from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # older transformers kept it in modeling_utils; the installed one does not, hence the ignore
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights():  # every weight is overwritten by the saved state below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model = _quantize_dynamic(model.eval(), spec["quantized"])
@@ -141,15 +133,8 @@ def save_bitsandbytes(merged_dir: str | Path, folder: str | Path, bits: int) -> 
     else:
         raise UserError(f"export.bitsandbytes: {bits}-bit is not supported (4bit or 8bit)")
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder) as tmp:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=quant, device_map={"": 0})
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
