@@ -59,11 +59,21 @@ def read_and_clean(
         task = bar.add_task("data: reading and cleaning", total=total)
         reader = _Reader(cfg, ledger, processor, strict, advance=lambda n: bar.advance(task, n))
         settle = _Settler(dc, ledger, cleaning, rows, spool)
-        for batch, result in _stream(dc, reader, processor, workers, progress, bar, task, cleaning.dedup):
+        phase = _Phase(bar, task)  # the ray engine names its phases on the bar
+        for batch, result in _stream(dc, reader, processor, cleaning.dedup, workers, progress, phase.describe):
             settle.batch(result, reader.where)
             bar.advance(task, len(batch))
         bar.update(task, total=ledger.rows_in, completed=ledger.rows_in)
     return rows, cleaning
+
+
+@dataclass
+class _Phase:
+    bar: Progress
+    task: TaskID
+
+    def describe(self, text: str) -> None:
+        self.bar.update(self.task, description=text)
 
 
 class _Reader:
@@ -114,11 +124,10 @@ def _stream(
     dc: DataConfig,
     reader: _Reader,
     processor: RowProcessor,
+    dedup: Dedup,
     workers: int,
     progress: bool,
-    bar: Progress,
-    task: TaskID,
-    dedup: Dedup,
+    describe: Callable[[str], Any],
 ) -> Iterator[tuple[list[Any], dict[str, Any]]]:
     """(batch, processed batch) in input order, from worker processes or from the ray engine."""
     if dc.engine == "ray":
@@ -126,9 +135,7 @@ def _stream(
 
         engine = RayEngine(dc, processor, dedup.lsh, progress=progress)
         dedup.engine = engine
-        return engine.stream(
-            reader.records, reader.parse_error, reader.where, describe=lambda text: bar.update(task, description=text)
-        )
+        return engine.stream(reader.records, reader.parse_error, reader.where, describe=describe)
     return _bounded_map(_batches(reader.records(), dc.batch_size), workers, processor)
 
 

@@ -56,7 +56,7 @@ def build_general(gc: GeneralConfig, fmt: str, layout: RunLayout, ledger: Ledger
     if not counts["holdout"]:
         layout.general_holdout_file.unlink(missing_ok=True)  # no holdout asked for: eval uses general.jsonl
     written = counts["replay"] + counts["holdout"]
-    return {
+    report = {
         "path": str(gc.path),
         "input": tasks.n_input,
         "written": written,
@@ -66,6 +66,9 @@ def build_general(gc: GeneralConfig, fmt: str, layout: RunLayout, ledger: Ledger
         "dropped": dict(tasks.dropped),
         "balanced": tasks.n_input == written + sum(tasks.dropped.values()),
     }
+    if not report["balanced"]:  # would be a bug: said loudly rather than shipped in a wrong report
+        raise RuntimeError(f"general set accounting does not balance: {report}")
+    return report
 
 
 def _read_tasks(gc: GeneralConfig, ledger: Ledger) -> _Tasks:

@@ -18,7 +18,7 @@ What runs where (docs/data-at-scale.md has the operator's view):
   replaying the cluster's per-row results in input order.
 
 So train/val/test/quarantine and report.json are byte-identical to `engine: local` (workers=1)
-for the same config and seed; tests/test_data_ray.py checks that on the shared datasets.
+for the same config and seed; tests/data/test_data_ray.py checks that on the shared datasets.
 """
 
 from __future__ import annotations
