@@ -11,6 +11,7 @@ Only plain torch/hashlib here: this file is imported by both venvs.
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 
 IGNORE_INDEX = -100
 
@@ -28,7 +29,7 @@ def _examples(inputs):
         raise ValueError("batch has neither a 2-D attention_mask nor position_ids: cannot split examples")
     for row in range(ids.shape[0]):
         starts = (positions[row] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
-        for a, b in zip(starts, starts[1:]):
+        for a, b in pairwise(starts):
             yield ids[row, a:b].tolist(), labels[row, a:b].tolist()
 
 

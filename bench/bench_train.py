@@ -35,7 +35,7 @@ Runs (alternating tools, so a change in machine load hits both sides):
   --ablations                   domaintune bf16 again with one lever off at a time (LEVERS), each in a fresh
                                 process, to show what each contributes
 Same dropout rate on both sides (0.05 on every LoRA input, one independent mask per module); domaintune draws its
-masks from 16 random bits per element (train/fast_dropout.py: same law to within 1e-5), so it drops other elements
+masks from 16 random bits per element (train/speed/fast_dropout.py: same law to within 1e-5), so it drops other elements
 than torch's bernoulli_ does and losses after step 1 differ by dropout noise. Step-1 losses are unaffected (LoRA B
 starts at zero, so the masked branch adds nothing yet) and still check that both compute the same loss. Levers measured and not kept:
 torch.compile (inductor, CPU) did not finish compiling the first step in 15 minutes on the 2-core machine.
@@ -154,18 +154,18 @@ def train_section(steps: int, precision: str, packing: bool, threads: int, extra
         "tracking": "none",
     }
     for key, value in (extra or {}).items():
-        train[key] = {**train[key], **value} if isinstance(value, dict) else value
+        train[key] = {**train.get(key, {}), **value} if isinstance(value, dict) else value
     return train
 
 
 # domaintune's CPU levers, each switched off alone by --ablations (in a fresh process, since the malloc
 # setting cannot be undone inside one): name -> train-section override.
 LEVERS = {
-    "cheap dropout mask": {"lora": {"cheap_mask_dropout": False}},
-    "fused LoRA linear": {"lora": {"fused_linear": False}},
-    "domaintune_cpu attention": {"attention": "sdpa"},
-    "label-token head": {"fused_head_loss": False},
-    "kept malloc buffers": {"keep_freed_buffers": False},
+    "cheap dropout mask": {"speed": {"cheap_mask_dropout": False}},
+    "fused LoRA linear": {"speed": {"fused_lora_linear": False}},
+    "domaintune_cpu attention": {"speed": {"attention": "sdpa"}},
+    "label-token head": {"speed": {"fused_head_loss": False}},
+    "kept malloc buffers": {"speed": {"keep_freed_buffers": False}},
 }
 
 
@@ -176,6 +176,7 @@ def run_domaintune(
     rows, steps: int, workdir: Path, precision: str, packing: bool, threads: int, extra: dict | None = None
 ) -> dict:
     from domaintune.config import config_from_dict
+    from domaintune.layout import RunLayout
     from domaintune.train.runner import run_train
 
     run_dir = workdir / f"dt-{precision}-{'packed' if packing else 'padded'}-{len(list(workdir.iterdir()))}"
@@ -192,7 +193,7 @@ def run_domaintune(
 
     TRACE.clear()
     clock = batch_trace.step_clock()
-    m = run_train(cfg, run_dir, extra_callbacks=[clock])
+    m = run_train(cfg, RunLayout(run_dir), extra_callbacks=[clock])
     gc.collect()
     figures = clock.figures()
     assert figures["tokens"] == m["tokens_this_session"], (figures, m["tokens_this_session"])

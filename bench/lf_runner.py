@@ -33,7 +33,7 @@ def register_chatml_turn_end():
 
 
 def main():
-    config = json.loads(open(sys.argv[1]).read())
+    config = json.loads(Path(sys.argv[1]).read_text())
     from llamafactory.train.tuner import run_exp
     from transformers import Trainer, TrainerCallback
 

@@ -18,6 +18,12 @@ CONVERSATION = [
 ]
 
 
+def one_line(text: str) -> str:
+    """CLI output with every run of whitespace made one space: rich wraps lines at the terminal's width (and long
+    tmp paths move the breaks), so phrases are looked for in this, never in the wrapped text."""
+    return " ".join(text.split())
+
+
 def qa_row(i: int, rng: random.Random, source: str = "domain") -> dict:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     return {
@@ -55,3 +61,56 @@ def tiny_config(**train):
     }
     base.update(train)
     return config_from_dict({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "train": base})
+
+
+# ---------------------------------------------------------------------------------------------- speed levers
+
+N_LINEAR_LORA_LAYERS = 14  # tiny Llama: 7 linear layers x 2 decoder layers
+# What `keep_freed_buffers` sets on Linux/glibc (and train/metrics.json records under device.allocator).
+KEPT_MALLOC = {
+    "malloc": "glibc: freed buffers kept for reuse",
+    "mmap_threshold": 32 * 1024 * 1024,
+    "trim_threshold": 2**31 - 1,
+    "top_pad": 256 * 1024 * 1024,
+}
+
+
+def is_glibc_linux() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def lora_model(tiny_model_dir, dropout: float):
+    """peft LoRA (r=4) on every linear layer of the tiny model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.config.use_cache = False
+    return get_peft_model(
+        base, LoraConfig(r=4, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def graph_nodes(tensor, name: str) -> int:
+    """How many nodes called `name` the autograd graph behind `tensor` holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return count
+
+
+def relative_error(got, want) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())

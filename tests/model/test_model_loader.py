@@ -21,7 +21,7 @@ def test_tiny_model_loads_and_stops_at_end_of_turn(tiny_model_dir):
 def test_missing_chat_template_is_an_error_not_a_default(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = None
-    with pytest.raises(UserError, match="model.chat_template"):
+    with pytest.raises(UserError, match=r"model\.chat_template"):
         apply_chat_template_setting(tokenizer, None, source="x")
     apply_chat_template_setting(tokenizer, "llama3", source="x")
     assert "<|start_header_id|>" in tokenizer.chat_template

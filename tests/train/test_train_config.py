@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from domaintune.cli import app
 from domaintune.config import ConfigError, config_from_dict
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 from domaintune.train.runner import run_train
 from train_helpers import make_run_dir, tiny_config
 
@@ -55,16 +56,16 @@ def test_unknown_target_module_lists_valid_names(tmp_path):
     with pytest.raises(
         UserError, match=r"train.lora.target_modules: unknown module name\(s\) \['qproj'\]; valid names: .*'q_proj'"
     ):
-        run_train(tiny_config(lora={"target_modules": ["qproj", "v_proj"]}), run)
+        run_train(tiny_config(lora={"target_modules": ["qproj", "v_proj"]}), RunLayout(run))
     with pytest.raises(UserError, match=r"train.freeze.modules: unknown module name\(s\) \['attn'\]"):
-        run_train(tiny_config(method="freeze", freeze={"modules": ["attn"]}), run)
+        run_train(tiny_config(method="freeze", freeze={"modules": ["attn"]}), RunLayout(run))
 
 
 def test_named_target_modules_are_the_only_adapted_ones(tmp_path):
     import json
 
     run = make_run_dir(tmp_path)
-    run_train(tiny_config(lora={"target_modules": ["q_proj", "v_proj"]}), run)
+    run_train(tiny_config(lora={"target_modules": ["q_proj", "v_proj"]}), RunLayout(run))
     assert sorted(json.loads((run / "model" / "adapter_config.json").read_text())["target_modules"]) == [
         "q_proj",
         "v_proj",
@@ -75,7 +76,7 @@ def test_named_target_modules_are_the_only_adapted_ones(tmp_path):
 def test_mlflow_tracking_without_mlflow_is_a_clear_error(tmp_path):
     run = make_run_dir(tmp_path)
     with pytest.raises(UserError, match=r"mlflow is not installed: pip install"):
-        run_train(tiny_config(tracking="mlflow"), run)
+        run_train(tiny_config(tracking="mlflow"), RunLayout(run))
 
 
 @pytest.mark.skipif(
@@ -88,7 +89,7 @@ def test_mlflow_tracking_logs_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tiny-mlflow")
     run = make_run_dir(tmp_path)
-    metrics = run_train(tiny_config(tracking="mlflow", max_steps=4, logging_steps=1), run)
+    metrics = run_train(tiny_config(tracking="mlflow", max_steps=4, logging_steps=1), RunLayout(run))
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny-mlflow")
     runs = client.search_runs([experiment.experiment_id])
@@ -102,14 +103,14 @@ def test_mlflow_tracking_logs_the_run(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # no server configured: a store inside the run folder
     run2 = make_run_dir(tmp_path / "second")
-    run_train(tiny_config(tracking="mlflow", max_steps=2), run2)
+    run_train(tiny_config(tracking="mlflow", max_steps=2), RunLayout(run2))
     local = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run2 / 'train' / 'mlflow.db'}")
     assert len(local.search_runs([local.get_experiment_by_name("tiny-mlflow").experiment_id])) == 1
 
 
 def test_missing_data_points_at_the_data_stage(tmp_path):
     with pytest.raises(UserError, match=r"train.jsonl: not found \(run `domaintune data"):
-        run_train(tiny_config(), tmp_path)
+        run_train(tiny_config(), RunLayout(tmp_path))
 
 
 def test_cli_help_and_set_overrides(tmp_path):

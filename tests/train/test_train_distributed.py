@@ -20,7 +20,7 @@ from domaintune.errors import UserError
 from domaintune.train import distributed as dist
 from domaintune.train.config import TrainConfig
 from domaintune.train.runner import run_train
-from train_helpers import make_run_dir
+from train_helpers import make_run_dir, one_line
 
 DOMAINTUNE = [sys.executable, "-m", "domaintune"]
 # lora dropout 0 and fp32: the only randomness left is the data order, which N processes share.
@@ -58,11 +58,13 @@ def _config(tmp_path: Path, name: str, **train) -> Path:
 def _single(config_path: Path, *overrides: str) -> dict:
     cfg = load_config(config_path, ["train.distributed=none", *overrides], config_path.parent / "single")
     make_run_dir(cfg.output_dir)
-    return run_train(cfg, cfg.output_dir)
+    return run_train(cfg, cfg.layout)
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # The child's console width is set here, not inherited from the terminal running the tests: rich wraps its
+    # tables and messages at COLUMNS, and a wrapped table row cannot be found as one phrase.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400", **(env or {})}
     return subprocess.run([*DOMAINTUNE, "train", *args], capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -151,7 +153,7 @@ def test_fsdp_full_finetune_matches_one_process_and_reloads(tmp_path):
         distributed={"strategy": "fsdp"},
         max_steps=4,
         save_steps=2,
-        fused_head_loss=False,
+        speed={"fused_head_loss": False},
     )
     single, run = _two_processes_match_one(config, "fsdp")
     # Checkpoints are sharded per rank (torch.distributed.checkpoint), the final model/ is one plain folder.
@@ -186,7 +188,7 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "injected failure on rank 1 at step 2" in result.stderr
-    assert "distributed training failed" in result.stderr
+    assert "distributed training failed" in one_line(result.stderr)
     assert elapsed < 120, f"the job took {elapsed:.0f} s to stop"
     run = Path(json.loads(config.read_text())["output_dir"])
     assert not (run / "train" / "metrics.json").exists() and not (run / "model").exists()
@@ -211,7 +213,7 @@ def test_deepspeed_zero3_cpu_offload_full_finetune(tmp_path):
         method="full",
         max_steps=4,
         tracking="none",
-        fused_head_loss=False,
+        speed={"fused_head_loss": False},
         distributed={
             "strategy": "deepspeed",
             "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
@@ -247,7 +249,7 @@ def test_fsdp_resume_from_sharded_checkpoint(tmp_path):
         distributed="fsdp",
         max_steps=8,
         save_steps=4,
-        fused_head_loss=False,
+        speed={"fused_head_loss": False},
         tracking="none",
     )
     single = _single(config)
@@ -282,7 +284,7 @@ def test_nproc_with_distributed_none_is_a_clear_error(tmp_path):
     config = _config(tmp_path, "none")
     result = _cli(str(config), "--nproc", "2", timeout=60)
     assert result.returncode == 2
-    assert "train.distributed is `none`" in result.stderr
+    assert "train.distributed is `none`" in one_line(result.stderr)
 
 
 def test_torchrun_command_for_each_node():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from domaintune.layout import RunLayout
 from domaintune.model.loader import end_of_turn_token_ids, load_trained
 from domaintune.train.runner import run_train
 from train_helpers import make_run_dir, tiny_config
@@ -43,7 +44,7 @@ ADAPTER_METHODS = {
 @pytest.mark.parametrize("method", sorted(ADAPTER_METHODS))
 def test_adapter_methods_train_save_reload_generate(tmp_path, method):
     run = make_run_dir(tmp_path)
-    metrics = run_train(tiny_config(method=method), run)
+    metrics = run_train(tiny_config(method=method), RunLayout(run))
     adapter_cfg = json.loads((run / "model" / "adapter_config.json").read_text())
     assert adapter_cfg["peft_type"] == ADAPTER_METHODS[method]
     assert adapter_cfg.get("use_dora", False) == (method == "dora")
@@ -58,7 +59,7 @@ def test_full_finetune_changes_every_weight_and_reloads(tmp_path, tiny_model_dir
     from safetensors.torch import load_file
 
     run = make_run_dir(tmp_path)
-    metrics = run_train(tiny_config(method="full"), run)
+    metrics = run_train(tiny_config(method="full"), RunLayout(run))
     assert metrics["model_kind"] == "full"
     assert metrics["params"]["trainable_params"] == metrics["params"]["total_params"]
     before = load_file(tiny_model_dir / "model.safetensors")
@@ -73,7 +74,7 @@ def test_freeze_trains_only_last_layer_and_named_modules(tmp_path, tiny_model_di
     from safetensors.torch import load_file
 
     run = make_run_dir(tmp_path)
-    run_train(tiny_config(method="freeze", freeze={"trainable_layers": 1, "modules": ["norm"]}), run)
+    run_train(tiny_config(method="freeze", freeze={"trainable_layers": 1, "modules": ["norm"]}), RunLayout(run))
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(run / "model" / "model.safetensors")
     assert torch.equal(
@@ -98,7 +99,7 @@ def test_distill_into_a_smaller_student(tmp_path, tiny_model_dir):
     run = make_run_dir(tmp_path / "run")
     cfg = tiny_config(method="distill", distill={"teacher": "tiny-random-llama", "alpha": 0.7, "temperature": 2.0})
     cfg.model.name_or_path = str(student_dir)
-    metrics = run_train(cfg, run)
+    metrics = run_train(cfg, RunLayout(run))
     assert metrics["model_kind"] == "full"
     assert metrics["params"]["total_params"] < 3_300_000  # 1-layer student, smaller than the 2-layer teacher
     model = _reload_and_generate(run / "model")
@@ -136,7 +137,8 @@ def test_dpo_on_lora_adapter(tmp_path):
     ]
     (run / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     metrics = run_train(
-        tiny_config(method="dpo", dpo={"adapter": "lora", "beta": 0.1, "path": str(run / "pairs.jsonl")}), run
+        tiny_config(method="dpo", dpo={"adapter": "lora", "beta": 0.1, "path": str(run / "pairs.jsonl")}),
+        RunLayout(run),
     )
     assert metrics["method"] == "dpo" and metrics["trained_as"] == "lora"
     assert metrics["step0_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at step 0
@@ -173,7 +175,7 @@ def test_dpo_trains_on_the_feedback_export_without_a_path(tmp_path):
     assert report["preference_rows"] == len(topics)
     assert report["files"]["preference"] == str(run / "feedback" / "preference.jsonl")
 
-    metrics = run_train(cfg, run)
+    metrics = run_train(cfg, RunLayout(run))
     assert metrics["data"]["train_file"] == str(run / "feedback" / "preference.jsonl")
     assert metrics["data"]["train"]["rows"] == 5 and metrics["data"]["val"]["rows"] == 1
     assert metrics["step0_val_loss"] == pytest.approx(0.6931, abs=1e-3)
@@ -184,14 +186,14 @@ def test_dpo_without_pairs_names_the_export_command(tmp_path):
 
     run = make_run_dir(tmp_path)
     with pytest.raises(UserError, match=r"feedback/preference\.jsonl: preference file not found.*feedback export"):
-        run_train(tiny_config(method="dpo"), run)
+        run_train(tiny_config(method="dpo"), RunLayout(run))
 
 
 def test_init_from_continues_an_existing_adapter(tmp_path):
     first = make_run_dir(tmp_path / "first")
-    run_train(tiny_config(method="lora", lora={"r": 4}), first)
+    run_train(tiny_config(method="lora", lora={"r": 4}), RunLayout(first))
     second = make_run_dir(tmp_path / "second", seed=1)
-    metrics = run_train(tiny_config(method="lora", init_from=str(first / "model")), second)
+    metrics = run_train(tiny_config(method="lora", init_from=str(first / "model")), RunLayout(second))
     assert metrics["init_from"] == str(first / "model")
     # The continued adapter keeps the first round's rank (its own settings), not the default r=8.
     assert json.loads((second / "model" / "adapter_config.json").read_text())["r"] == 4
@@ -214,13 +216,13 @@ def test_init_from_registry_alias(tmp_path):
 
     first = make_run_dir(tmp_path / "first")
     cfg1 = cfg_for(first, lora={"r": 4})
-    run_train(cfg1, first)
+    run_train(cfg1, RunLayout(first))
     version = register_run(cfg1, first)
     registry_from_config(cfg1).promote("t", version, alias="production", force=True)
 
     second = make_run_dir(tmp_path / "second", seed=1)
     cfg2 = cfg_for(second, init_from="registry://t@production")
-    metrics = run_train(cfg2, second)
+    metrics = run_train(cfg2, RunLayout(second))
     assert "registry" in metrics["init_from"]  # the verified copy in the registry's artefact store
     assert json.loads((second / "model" / "adapter_config.json").read_text())["r"] == 4
     _reload_and_generate(second / "model")
@@ -228,43 +230,7 @@ def test_init_from_registry_alias(tmp_path):
 
 def test_bf16_packing_and_gradient_checkpointing_together(tmp_path):
     run = make_run_dir(tmp_path)
-    metrics = run_train(tiny_config(precision="bf16", packing=True, gradient_checkpointing=True), run)
+    metrics = run_train(tiny_config(precision="bf16", packing=True, gradient_checkpointing=True), RunLayout(run))
     assert metrics["precision"] == "bf16" and metrics["config"]["packing"] is True
     assert torch.isfinite(torch.tensor([metrics["final_train_loss"], metrics["final_val_loss"]])).all()
     _reload_and_generate(run / "model")
-
-
-def test_bf16_lora_skips_the_input_cast_with_the_same_loss_and_gradients(tiny_model_dir):
-    """Under bf16 autocast the LoRA layers take bf16 input directly: same loss, same adapter gradients."""
-    from domaintune.train.config import TrainConfig
-    from domaintune.train.methods import build_trainable
-
-    torch.manual_seed(0)
-    model, info = build_trainable(
-        "lora", TrainConfig(precision="bf16", lora={"dropout": 0.0}), tiny_model_dir, None, "bfloat16"
-    )
-    assert info["lora_input_cast"] == 14  # 7 linear layers x 2 decoder layers
-    with torch.no_grad():  # a trained-looking adapter, so its path changes the loss
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    ids = torch.randint(0, 1000, (2, 16))
-    inputs = {"input_ids": ids, "labels": ids}
-
-    def loss_and_grads():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**inputs).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    skipped = loss_and_grads()
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = True  # peft's default: cast to fp32, autocast casts back
-    cast = loss_and_grads()
-    assert skipped[0] == cast[0]
-    assert skipped[1].keys() == cast[1].keys() and len(cast[1]) == 28
-    for name, grad in cast[1].items():
-        assert grad.abs().sum() > 0
-        torch.testing.assert_close(skipped[1][name], grad, rtol=0.02, atol=1e-4)

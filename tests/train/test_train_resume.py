@@ -12,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from domaintune.cli import app
+from domaintune.layout import RunLayout
 from domaintune.train.runner import last_complete_checkpoint, run_train
-from train_helpers import make_run_dir, tiny_config
+from train_helpers import make_run_dir, one_line, tiny_config
 
 RESUME_TRAIN = {"max_steps": 8, "eval_steps": 2, "save_steps": 4, "save_total_limit": 3, "lora": {"dropout": 0.1}}
 
@@ -31,7 +32,7 @@ def _yaml(run_dir, train: dict) -> str:
 
 def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     reference = make_run_dir(tmp_path / "reference")
-    expected = run_train(tiny_config(**RESUME_TRAIN), reference)
+    expected = run_train(tiny_config(**RESUME_TRAIN), RunLayout(reference))
 
     killed = make_run_dir(tmp_path / "killed")
     config_path = tmp_path / "config.yaml"
@@ -49,7 +50,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         cfg = load_config({str(config_path)!r})
-        run_train(cfg, cfg.output_dir, extra_callbacks=[KillAt()])
+        run_train(cfg, cfg.layout, extra_callbacks=[KillAt()])
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -79,14 +80,14 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     config_path.write_text(_yaml(run, {}))
     result = CliRunner().invoke(app, ["train", str(config_path), "--resume"])
     assert result.exit_code == 2
-    assert "no complete checkpoint" in result.output
+    assert "no complete checkpoint" in one_line(result.output)
 
 
 def test_early_stopping_stops_and_keeps_best_checkpoint(tmp_path):
     run = make_run_dir(tmp_path)
     # min_delta is larger than any possible improvement, so patience runs out at the first evaluations.
     cfg = tiny_config(max_steps=20, early_stopping_patience=1, early_stopping_min_delta=100.0, save_total_limit=1)
-    metrics = run_train(cfg, run)
+    metrics = run_train(cfg, RunLayout(run))
     assert metrics["stopped_early"] and metrics["steps"] <= 4
     assert metrics["best_checkpoint"] and os.path.isdir(metrics["best_checkpoint"])
     assert metrics["best_val_loss"] == min(loss for _, loss in metrics["val_curve"])
@@ -94,7 +95,7 @@ def test_early_stopping_stops_and_keeps_best_checkpoint(tmp_path):
 
 def test_outputs_metrics_plot_and_tensorboard(tmp_path):
     run = make_run_dir(tmp_path)
-    metrics = run_train(tiny_config(tracking="tensorboard", max_steps=4), run)
+    metrics = run_train(tiny_config(tracking="tensorboard", max_steps=4), RunLayout(run))
     saved = json.loads((run / "train" / "metrics.json").read_text())
     for key in (
         "config",
@@ -117,7 +118,7 @@ def test_outputs_metrics_plot_and_tensorboard(tmp_path):
     assert any((run / "train" / "tensorboard").iterdir())
     # Fingerprint follows the training files' contents.
     (run / "data" / "train.jsonl").write_text((run / "data" / "train.jsonl").read_text().replace("plus", "and"))
-    again = run_train(tiny_config(tracking="none", max_steps=2), run)
+    again = run_train(tiny_config(tracking="none", max_steps=2), RunLayout(run))
     assert again["data_fingerprint"] != metrics["data_fingerprint"]
 
 
@@ -125,9 +126,9 @@ def test_resume_refuses_changed_data_or_method(tmp_path):
     from domaintune.errors import UserError
 
     run = make_run_dir(tmp_path)
-    run_train(tiny_config(max_steps=2), run)
-    with pytest.raises(UserError, match="train settings changed.*'lora'"):
-        run_train(tiny_config(max_steps=4, lora={"r": 4}), run, resume=True)
+    run_train(tiny_config(max_steps=2), RunLayout(run))
+    with pytest.raises(UserError, match=r"train settings changed.*'lora'"):
+        run_train(tiny_config(max_steps=4, lora={"r": 4}), RunLayout(run), resume=True)
     (run / "data" / "train.jsonl").write_text((run / "data" / "train.jsonl").read_text().replace("plus", "and"))
     with pytest.raises(UserError, match="training files changed"):
-        run_train(tiny_config(max_steps=4), run, resume=True)
+        run_train(tiny_config(max_steps=4), RunLayout(run), resume=True)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, console, friendly_errors, load
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -38,52 +42,65 @@ def train(
 
     Example: domaintune train examples/medical-zh.yaml --set train.max_steps=50
     """
-    from rich.table import Table
-
-    from domaintune.errors import UserError
     from domaintune.train import distributed as dist
-    from domaintune.train.runner import run_train
 
     cfg = load(config, set_, output_dir)
     strategy = cfg.train.distributed.strategy
     if not dist.launched_by_torchrun() and (nproc > 1 or nnodes > 1 or strategy in ("fsdp", "deepspeed")):
-        if strategy == "none":
-            raise UserError(
-                f"--nproc {nproc} --nnodes {nnodes}: train.distributed is `none`; choose ddp, fsdp or deepspeed "
-                "(e.g. --set train.distributed=ddp)"
-            )
-        dist.check_supported(cfg.train, cfg.output_dir / "train")
-        child = ["train", str(config.resolve()), "--output-dir", str(cfg.output_dir.resolve())]
-        for assignment in set_ or []:
-            child += ["--set", assignment]
-        if resume:
-            child.append("--resume")
         spec = dist.LaunchSpec(nproc, nnodes, node_rank, master_addr, master_port)
-        console.print(f"[bold]train[/]: {strategy} on {nproc} process(es) x {nnodes} node(s) through torchrun")
-        code = dist.launch(spec, child)
-        if code != 0:
-            console.print(
-                f"[bold red]error:[/] distributed training failed (torchrun exit status {code}); "
-                "the failing rank's error is printed above",
-                highlight=False,
-            )
-            raise typer.Exit(code)
+        _launch_through_torchrun(cfg, config, set_, resume, spec)
         return
-    metrics = run_train(cfg, cfg.output_dir, resume=resume)
-    if not dist.current_world().is_main:
-        return
-    table = Table(title=f"train: {cfg.name} ({metrics['method']}, {metrics['model_kind']})", show_header=False)
-    table.add_row(
-        "steps", f"{metrics['steps']} / {metrics['max_steps']}" + (" (early stop)" if metrics["stopped_early"] else "")
-    )
-    table.add_row("val loss step 0 -> best", f"{_fmt(metrics['step0_val_loss'])} -> {_fmt(metrics['best_val_loss'])}")
-    table.add_row("final train / val loss", f"{_fmt(metrics['final_train_loss'])} / {_fmt(metrics['final_val_loss'])}")
-    table.add_row("tokens seen", f"{metrics['tokens_seen']:,}")
-    table.add_row("tokens/s (training steps)", _fmt(metrics["tokens_per_second"], ".1f"))
-    table.add_row("truncated examples", str(metrics["truncated"]))
-    table.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
-    table.add_row("model", str(cfg.output_dir / "model"))
-    table.add_row("metrics / curve", f"{cfg.output_dir / 'train' / 'metrics.json'}, loss.png")
+    from domaintune.train.runner import run_train
+
+    metrics = run_train(cfg, cfg.layout, resume=resume)
+    if dist.current_world().is_main:
+        _print_summary(cfg, metrics)
+
+
+def _launch_through_torchrun(cfg: ProjectConfig, config: Path, set_: list[str] | None, resume: bool, spec) -> None:
+    """Re-run this command as `spec.nproc` torchrun workers on this node; fail with torchrun's exit status."""
+    from domaintune.errors import UserError
+    from domaintune.train import distributed as dist
+
+    strategy = cfg.train.distributed.strategy
+    if strategy == "none":
+        raise UserError(
+            f"--nproc {spec.nproc} --nnodes {spec.nnodes}: train.distributed is `none`; choose ddp, fsdp or "
+            "deepspeed (e.g. --set train.distributed=ddp)"
+        )
+    layout = cfg.layout
+    dist.check_supported(cfg.train, layout.train_dir)
+    child = ["train", str(config.resolve()), "--output-dir", str(layout.root.resolve())]
+    for assignment in set_ or []:
+        child += ["--set", assignment]
+    if resume:
+        child.append("--resume")
+    console.print(f"[bold]train[/]: {strategy} on {spec.nproc} process(es) x {spec.nnodes} node(s) through torchrun")
+    code = dist.launch(spec, child)
+    if code != 0:
+        console.print(
+            f"[bold red]error:[/] distributed training failed (torchrun exit status {code}); "
+            "the failing rank's error is printed above",
+            highlight=False,
+        )
+        raise typer.Exit(code)
+
+
+def _print_summary(cfg: ProjectConfig, metrics: dict) -> None:
+    from rich.table import Table
+
+    layout = cfg.layout
+    m = metrics
+    table = Table(title=f"train: {cfg.name} ({m['method']}, {m['model_kind']})", show_header=False)
+    table.add_row("steps", f"{m['steps']} / {m['max_steps']}" + (" (early stop)" if m["stopped_early"] else ""))
+    table.add_row("val loss step 0 -> best", f"{_fmt(m['step0_val_loss'])} -> {_fmt(m['best_val_loss'])}")
+    table.add_row("final train / val loss", f"{_fmt(m['final_train_loss'])} / {_fmt(m['final_val_loss'])}")
+    table.add_row("tokens seen", f"{m['tokens_seen']:,}")
+    table.add_row("tokens/s (training steps)", _fmt(m["tokens_per_second"], ".1f"))
+    table.add_row("truncated examples", str(m["truncated"]))
+    table.add_row("wall time", f"{m['wall_seconds']:.1f} s")
+    table.add_row("model", str(layout.model_dir))
+    table.add_row("metrics / curve", f"{layout.train_metrics}, loss.png")
     console.print(table)
 
 

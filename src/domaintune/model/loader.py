@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
+from domaintune.utils.io import atomic_dir, remove_stale_staging
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,11 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def _publish_dir(tmp: Path, target: Path) -> None:
-    """Atomically move a finished folder into place; another process may have won the race."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if (target / "config.json").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
+def _cache_folder(target: Path):
+    """Build a cache folder in a staging sibling and move it into place; when several processes build the same
+    folder at once, the first one published wins and the others' copies are dropped."""
+    remove_stale_staging(target.parent, target.name)  # left by a process killed mid-build
+    return atomic_dir(target, if_exists="keep")
 
 
 def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
@@ -142,14 +138,12 @@ def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     rebuilt.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     rebuilt.generation_config.eos_token_id = tokenizer.eos_token_id
     rebuilt.generation_config.pad_token_id = tokenizer.pad_token_id
-    rebuilt.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
-    _publish_dir(tmp, target)
+    with _cache_folder(target) as staging:
+        rebuilt.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
     return target
 
 
@@ -180,11 +174,9 @@ def _build_tiny_random_llama_once(cfg: ModelConfig, target: Path) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _publish_dir(tmp, target)
+    with _cache_folder(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return target
 
 
@@ -245,8 +237,8 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     )
     tail = rendered.split(marker, 1)[1]
     ids: list[int] = []
-    special = {t: i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
-    added = {t: i for t, i in tokenizer.get_added_vocab().items()}
+    special = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    added = dict(tokenizer.get_added_vocab())
     for token, token_id in {**added, **special}.items():
         if token and tail.lstrip().startswith(token):
             ids.append(token_id)
@@ -276,8 +268,6 @@ def load_trained(path: str | Path, dtype: str = "float32", merge: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     if not is_adapter_dir(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)), tokenizer
-    import json
-
     from peft import PeftModel
 
     base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]

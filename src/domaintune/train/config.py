@@ -19,22 +19,6 @@ class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    fused_linear: bool = Field(
-        True,
-        description=(
-            "On CPU, run each plain LoRA linear layer as one autograd node with the rank-r update folded into "
-            "the GEMMs (train/fused_lora.py); same arithmetic as peft's five nodes, fewer passes over memory. "
-            "DoRA, several adapters, eval and GPUs use peft's forward."
-        ),
-    )
-    cheap_mask_dropout: bool = Field(
-        True,
-        description=(
-            "On CPU, draw each LoRA dropout mask from 16 random bits per element (same drop probability to "
-            "within 1e-5, independent per module) instead of torch's bernoulli_, which takes ~28% of a bf16 "
-            "LoRA step; GPUs keep nn.Dropout."
-        ),
-    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="`all-linear`, or module names such as [q_proj, v_proj]; an unknown name fails listing valid ones.",
@@ -177,6 +161,80 @@ class DistributedSettings(StrictModel):
         return self
 
 
+class SpeedConfig(StrictModel):
+    """`train.speed`: the CPU speed levers (docs/train-performance.md), each on by default and tested to train the
+    same thing as what it replaces; `train/speed/` switches them on."""
+
+    attention: Literal["auto", "sdpa", "eager", "domaintune_cpu"] = Field(
+        "auto",
+        description=(
+            "Attention kernel for training. auto: `domaintune_cpu` (eager attention with fewer passes over the "
+            "scores, train/speed/cpu_attention.py) when training on a CPU a Llama/Mistral/Qwen-style model without "
+            "attention dropout, else the model's default (sdpa)."
+        ),
+    )
+    fused_head_loss: bool = Field(
+        True,
+        description=(
+            "Project onto the vocabulary only the tokens that have a label, with one fused head + cross-entropy "
+            "(train/speed/fused_head.py); off: logits at every position that any row labels. FSDP, ZeRO-3 and "
+            "models that scale or soft-cap logits always use the latter."
+        ),
+    )
+    fused_lora_linear: bool = Field(
+        True,
+        description=(
+            "On CPU, run each plain LoRA linear layer as one autograd node with the rank-r update folded into "
+            "the GEMMs (train/speed/fused_lora.py); same arithmetic as peft's five nodes, fewer passes over memory. "
+            "DoRA, several adapters, eval and GPUs use peft's forward."
+        ),
+    )
+    cheap_mask_dropout: bool = Field(
+        True,
+        description=(
+            "On CPU, draw each LoRA dropout mask from 16 random bits per element (same drop probability to "
+            "within 1e-5, independent per module) instead of torch's bernoulli_, which takes ~28% of a bf16 "
+            "LoRA step (train/speed/fast_dropout.py); GPUs keep nn.Dropout."
+        ),
+    )
+    keep_freed_buffers: bool = Field(
+        True,
+        description=(
+            "CPU training on Linux/glibc: raise malloc's mmap and trim thresholds so the step's large buffers "
+            "are reused instead of page-faulted in again every step (as jemalloc/tcmalloc would; "
+            "train/speed/allocator.py); RSS then stays at the step's peak."
+        ),
+    )
+    half_precision_base: bool = Field(
+        True,
+        description=(
+            "Adapter methods with precision bf16/fp16: hold the frozen base weights in that dtype (adapters and "
+            "optimizer stay fp32), saving the per-step weight casts and half the weight memory traffic."
+        ),
+    )
+
+
+# Speed switches that lived elsewhere before `train.speed` held them all: old key -> new key.
+MOVED_TO_SPEED = {
+    "attention": "speed.attention",
+    "fused_head_loss": "speed.fused_head_loss",
+    "keep_freed_buffers": "speed.keep_freed_buffers",
+    "half_precision_base": "speed.half_precision_base",
+    "lora.fused_linear": "speed.fused_lora_linear",
+    "lora.cheap_mask_dropout": "speed.cheap_mask_dropout",
+}
+
+
+def _moved_keys(data: object) -> list[str]:
+    if not isinstance(data, dict):
+        return []
+    lora = data.get("lora")
+    present = {k for k in data if k in MOVED_TO_SPEED}
+    if isinstance(lora, dict):
+        present |= {f"lora.{k}" for k in lora if f"lora.{k}" in MOVED_TO_SPEED}
+    return sorted(present)
+
+
 class TrainConfig(StrictModel):
     method: Method = Field("lora", description="Fine-tuning method.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA / DoRA / QLoRA settings.")
@@ -226,38 +284,9 @@ class TrainConfig(StrictModel):
         "fp32", description="fp32; bf16 autocast (CPU with AVX-512-BF16/AMX, or GPU); fp16 (GPU only)."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
-    attention: Literal["auto", "sdpa", "eager", "domaintune_cpu"] = Field(
-        "auto",
-        description=(
-            "Attention kernel for training. auto: `domaintune_cpu` (eager attention with fewer passes over the "
-            "scores, train/cpu_attention.py) when training on a CPU a Llama/Mistral/Qwen-style model without "
-            "attention dropout, else the model's default (sdpa)."
-        ),
+    speed: SpeedConfig = Field(
+        default_factory=SpeedConfig, description="CPU speed levers, each on by default (docs/train-performance.md)."
     )
-    fused_head_loss: bool = Field(
-        True,
-        description=(
-            "Project onto the vocabulary only the tokens that have a label, with one fused head + cross-entropy "
-            "(train/sft_trainer.py); off: logits at every position that any row labels. FSDP, ZeRO-3 and models "
-            "that scale or soft-cap logits always use the latter."
-        ),
-    )
-    keep_freed_buffers: bool = Field(
-        True,
-        description=(
-            "CPU training on Linux/glibc: raise malloc's mmap and trim thresholds so the step's large buffers "
-            "are reused instead of page-faulted in again every step (as jemalloc/tcmalloc would); RSS then stays "
-            "at the step's peak."
-        ),
-    )
-    half_precision_base: bool = Field(
-        True,
-        description=(
-            "Adapter methods with precision bf16/fp16: hold the frozen base weights in that dtype (adapters and "
-            "optimizer stay fp32), saving the per-step weight casts and half the weight memory traffic."
-        ),
-    )
-
     eval_steps: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improvement (None: off)."
@@ -280,11 +309,20 @@ class TrainConfig(StrictModel):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _speed_keys_moved(cls, data: object) -> object:
+        moved = _moved_keys(data)
+        if moved:
+            where = ", ".join(f"train.{old} is now train.{MOVED_TO_SPEED[old]}" for old in moved)
+            raise ValueError(f"the speed switches moved into `train.speed`: {where}")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.method == "distill" and self.distill is None:
             raise ValueError("method `distill` needs a `train.distill:` section with at least `teacher:`")
-        effective = self.dpo.adapter if self.method == "dpo" else self.method
+        effective = self.trained_as
         if self.packing and effective in PROMPT_LEARNING_METHODS:
             raise ValueError(f"packing cannot be used with `{effective}` (virtual tokens are prepended per example)")
         if self.save_steps % self.eval_steps != 0:
@@ -300,6 +338,23 @@ class TrainConfig(StrictModel):
             if not torch.cuda.is_available():
                 raise ValueError("precision fp16 needs a CUDA GPU; on a CPU use `bf16` or `fp32`")
         return self
+
+    @property
+    def trained_as(self) -> str:
+        """The method the weights are trained with: DPO's adapter, the distillation student's method, or `method`."""
+        if self.method == "dpo":
+            return self.dpo.adapter
+        if self.method == "distill" and self.distill is not None:
+            return self.distill.student_method
+        return self.method
+
+    @property
+    def trainer_loss(self) -> Literal["dpo", "distill", "model", "label_tokens"]:
+        """Which loss the Trainer computes: trl's DPO, distillation, the model's own (prompt learning: virtual
+        tokens shift positions inside peft's forward), or the label-token loss of `train/speed/fused_head.py`."""
+        if self.method == "dpo" or self.method == "distill":
+            return self.method
+        return "model" if self.trained_as in PROMPT_LEARNING_METHODS else "label_tokens"
 
 
 def require_cuda_for_qlora() -> None:

@@ -9,7 +9,7 @@ works for any template whose rendering of a prefix is a prefix of the full rende
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ class ReplayMixDataset:
     def __init__(self, domain: list[dict], general: list[dict], ratio: float, seed: int):
         self.domain = domain
         self.general = general
-        self.n_replay = int(round(ratio * len(domain))) if general else 0
+        self.n_replay = round(ratio * len(domain)) if general else 0
         self.seed = seed
         self.set_epoch(0)
 
@@ -191,12 +191,6 @@ def make_collator(tokenizer, packing: bool):
         # mask from them) and the first label of each example is -100, so nothing crosses a boundary.
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
-
-
-@dataclass
-class PreferenceRows:
-    train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
 
 
 def load_preference_rows(path: Path, limit: int | None = None) -> list[dict]:

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import Trainer
 
 from domaintune.errors import UserError
 from domaintune.model.config import ModelConfig
+from domaintune.model.loader import is_adapter_dir, load_trained, resolve_model_dir
+from domaintune.registry.uri import is_registry_uri
+from domaintune.train.init_from import config_relative, resolve_model_reference
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
 
 
-def load_teacher(ref: str, cfg, student):
+def load_teacher(ref: str, cfg: ProjectConfig, student):
     """A teacher from a name/folder/hub id, a trained model/ folder (adapter merged), or registry:// uri."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from domaintune.model.loader import is_adapter_dir, load_trained, resolve_model_dir
-
-    if ref.startswith("registry://"):
-        from domaintune.train.runner import resolve_model_reference
-
-        path = resolve_model_reference(ref, cfg)
-    else:
-        path = Path(ref).expanduser()
-        if not path.is_absolute() and cfg.config_path is not None and (cfg.base_dir / path).exists():
-            path = cfg.base_dir / path
+    path = resolve_model_reference(ref, cfg) if is_registry_uri(ref) else config_relative(ref, cfg)
     if path.is_dir() and (is_adapter_dir(path) or (path / "domaintune.json").is_file()):
         teacher, _ = load_trained(path, merge=True)
     else:

@@ -18,6 +18,7 @@ from typing import Any
 
 from domaintune.errors import UserError
 from domaintune.train.config import DistributedSettings, TrainConfig
+from domaintune.utils.io import atomic_write
 
 LAUNCH_ENV = ("LOCAL_RANK", "WORLD_SIZE", "RANK")
 
@@ -119,6 +120,71 @@ def init_process_group(settings: DistributedSettings):
         if not torch.cuda.is_available():
             kwargs["cpu"] = True
     return PartialState(**kwargs)
+
+
+@dataclass
+class Session:
+    """This process's part in a training job: its rank, the process group (when torchrun started several
+    processes with a strategy), and its share of the batch."""
+
+    tcfg: TrainConfig
+    world: World
+    state: Any = None  # accelerate's PartialState once a process group runs
+    per_device_batch: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.state is not None
+
+    @property
+    def sharded_head(self) -> bool:
+        """FSDP and ZeRO-3 shard the output head, so it cannot be called outside the model's forward."""
+        settings = self.tcfg.distributed
+        return self.active and (
+            settings.strategy == "fsdp" or (settings.strategy == "deepspeed" and settings.deepspeed.zero_stage == 3)
+        )
+
+    def barrier(self) -> None:
+        """Every rank waits here for the others (nothing to wait for in a single process)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def trainer_arguments(self, model, train_dir: Path) -> dict[str, Any]:
+        """TrainingArguments for the strategy and this process's batch share."""
+        args: dict[str, Any] = {"per_device_batch_size": self.per_device_batch}
+        args.update(training_arguments(self.tcfg, self.world, model, train_dir))
+        if "deepspeed" in args:
+            args["deepspeed"] = deepspeed_config(self.tcfg)  # validated by check_launch
+        return args
+
+    def prepare_trainer(self, trainer) -> None:
+        """The strategy's hooks on a built Trainer, then a check that the Trainer really runs the strategy."""
+        if not self.active:
+            return
+        if self.tcfg.distributed.strategy == "fsdp":
+            enable_fsdp_on_cpu(trainer)
+            create_checkpoint_folder_first(trainer)
+        check_strategy_active(trainer, self.tcfg)
+
+    def summary(self) -> dict[str, Any]:
+        """What train/metrics.json records under `distributed`."""
+        return {
+            "strategy": self.tcfg.distributed.strategy if self.active else "none",
+            "world_size": self.world.world_size,
+            "per_device_batch_size": self.per_device_batch,
+            "global_batch_size": self.per_device_batch * self.world.world_size,
+            "backend": None if self.state is None else str(self.state.backend),
+        }
+
+
+def start_session(tcfg: TrainConfig, train_dir: Path) -> Session:
+    """Check the launch, start the process group under torchrun, and split the batch over the processes."""
+    world = current_world()
+    check_launch(tcfg, world, train_dir)
+    state = None
+    if launched_by_torchrun() and tcfg.distributed.strategy != "none":
+        state = init_process_group(tcfg.distributed)
+    return Session(tcfg, world, state, per_device_batch_size(tcfg, world))
 
 
 # --------------------------------------------------------------------------- TrainingArguments
@@ -277,10 +343,8 @@ def write_deepspeed_config(tcfg: TrainConfig, train_dir: Path) -> Path:
     if problems:
         raise UserError("train.distributed.deepspeed: invalid DeepSpeed config: " + "; ".join(problems))
     path = train_dir / "deepspeed.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -405,9 +469,11 @@ def save_fsdp_consolidated(trainer, unwrapped, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    first = next(iter(state.values()))
+    dtype = first.dtype if isinstance(first, torch.Tensor) else torch.float32
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(unwrapped.config, dtype=next(iter(state.values())).dtype)
-    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        plain = AutoModelForCausalLM.from_config(unwrapped.config, dtype=dtype)
+    _, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     plain.tie_weights()
     still_meta = [name for name, p in plain.named_parameters() if p.is_meta]
     if unexpected or still_meta:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from domaintune.errors import UserError
-from domaintune.train.config import TrainConfig
+from domaintune.train.config import FULL_MODEL_METHODS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,13 @@ def peft_config_for(method: str, cfg: TrainConfig, model, model_dir: Path):
         )
     if method == "ia3":
         check_target_modules(model, cfg.ia3.target_modules, "train.ia3.target_modules")
-        kwargs = {}
-        if cfg.ia3.target_modules is not None:
-            kwargs["target_modules"] = cfg.ia3.target_modules
-            kwargs["feedforward_modules"] = cfg.ia3.feedforward_modules or []
-        return IA3Config(task_type=task, **kwargs)
+        if cfg.ia3.target_modules is None:
+            return IA3Config(task_type=task)
+        return IA3Config(
+            task_type=task,
+            target_modules=cfg.ia3.target_modules,
+            feedforward_modules=cfg.ia3.feedforward_modules or [],
+        )
     p = cfg.prompt_learning
     if method == "prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
@@ -122,7 +125,7 @@ def load_base_model(model_dir: Path, method: str, dtype: str):
 
     from domaintune.model.loader import torch_dtype
 
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if method == "qlora":
         import torch
         from transformers import BitsAndBytesConfig
@@ -145,81 +148,22 @@ def load_base_model(model_dir: Path, method: str, dtype: str):
     return model
 
 
-# Architectures whose attention modules call the attention interface as Llama does (no soft-capping, sinks
-# or other extras), so `cpu_attention` computes exactly what their eager attention does.
-_CPU_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def select_attention(model, choice: str) -> str:
-    """Set the model's attention implementation for training; returns the one in use."""
-    import torch
-
-    if choice == "auto":
-        config = model.config
-        if (
-            not torch.cuda.is_available()
-            and config.model_type in _CPU_ATTENTION_MODEL_TYPES
-            and not getattr(config, "attention_dropout", 0.0)
-        ):
-            choice = "domaintune_cpu"
-        else:
-            return config._attn_implementation
-    if choice == "domaintune_cpu":
-        from domaintune.train.speed.cpu_attention import register
-
-        register()
-        if getattr(model.config, "attention_dropout", 0.0):
-            raise UserError(
-                f"train.attention: domaintune_cpu has no attention dropout; the model sets "
-                f"attention_dropout={model.config.attention_dropout} (use sdpa or eager)"
-            )
-    model.set_attn_implementation(choice)
-    return choice
-
-
 def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter: Path | None, dtype: str):
-    """Returns (model, info) where model is a PeftModel for adapter methods, else the plain model."""
+    """Returns (model, info) where model is a PeftModel for adapter methods, else the plain model.
+
+    The speed levers are not switched on here: `domaintune.train.speed.apply` does that on the returned model.
+    """
     model = load_base_model(model_dir, method, dtype)
-    info: dict = {"method": method, "attention": select_attention(model, cfg.attention)}
+    info: dict = {"method": method}
     if init_adapter is not None:
-        if method in ("full", "freeze"):
-            raise UserError("train.init_from: an adapter folder cannot seed method full/freeze; use an adapter method")
-        from peft import PeftModel
-
-        if method == "qlora":
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-        # Point the live config at the local base folder (checkpoint saves then never look up a hub id).
-        for adapter_cfg in model.peft_config.values():
-            adapter_cfg.base_model_name_or_path = str(model_dir)
-        peft_type = json.loads((init_adapter / "adapter_config.json").read_text()).get("peft_type")
-        info["init_from_adapter"] = str(init_adapter)
-        info["adapter_type"] = peft_type
-        log.info("continuing adapter %s (%s)", init_adapter, peft_type)
-    elif method == "full":
-        pass
+        model = _continue_adapter(model, method, cfg, model_dir, init_adapter, info)
     elif method == "freeze":
         info["freeze"] = apply_freeze(model, cfg)
-    else:
+    elif method != "full":
         from peft import get_peft_model
 
-        if method == "qlora":
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = _prepare_for_kbit(model, method, cfg)
         model = get_peft_model(model, peft_config_for(method, cfg, model, model_dir))
-    if method == "lora" and cfg.precision != "fp32":
-        info["lora_input_cast"] = skip_lora_input_cast(model)
-    if method in ("lora", "dora", "qlora") and cfg.lora.cheap_mask_dropout:
-        from domaintune.train.speed.fast_dropout import use_cheap_mask_dropout
-
-        info["cheap_mask_dropout"] = use_cheap_mask_dropout(model)
-    if method == "lora" and cfg.lora.fused_linear:
-        from domaintune.train.speed.fused_lora import use_fused_lora_linear
-
-        info["fused_lora_linear"] = use_fused_lora_linear(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     info.update({"trainable_params": trainable, "total_params": total})
@@ -228,20 +172,26 @@ def build_trainable(method: str, cfg: TrainConfig, model_dir: Path, init_adapter
     return model, info
 
 
-def skip_lora_input_cast(model) -> int:
-    """Under bf16/fp16 autocast, let LoRA layers take their half-precision input as it is.
+def _prepare_for_kbit(model, method: str, cfg: TrainConfig):
+    if method != "qlora":
+        return model
+    from peft import prepare_model_for_kbit_training
 
-    peft casts each LoRA layer's input to the adapter weights' dtype (fp32) and autocast casts it straight
-    back to bf16 for the matmul: one full activation copy per adapted module and a dropout over twice the
-    bytes, for the same result. Training runs under autocast (Trainer bf16/fp16), so the cast is skipped
-    (peft's own switch, `cast_input_dtype_enabled`, as in `peft.helpers.disable_input_dtype_casting`).
-    Returns the number of layers changed.
-    """
-    from peft.tuners.lora import LoraLayer
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
-    n = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.cast_input_dtype_enabled = False
-            n += 1
-    return n
+
+def _continue_adapter(model, method: str, cfg: TrainConfig, model_dir: Path, init_adapter: Path, info: dict):
+    """Load an existing adapter (train.init_from) as the trainable one."""
+    if method in FULL_MODEL_METHODS:
+        raise UserError("train.init_from: an adapter folder cannot seed method full/freeze; use an adapter method")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_prepare_for_kbit(model, method, cfg), init_adapter, is_trainable=True)
+    # Point the live config at the local base folder (checkpoint saves then never look up a hub id).
+    for adapter_cfg in model.peft_config.values():
+        adapter_cfg.base_model_name_or_path = str(model_dir)
+    peft_type = json.loads((init_adapter / "adapter_config.json").read_text()).get("peft_type")
+    info["init_from_adapter"] = str(init_adapter)
+    info["adapter_type"] = peft_type
+    log.info("continuing adapter %s (%s)", init_adapter, peft_type)
+    return model

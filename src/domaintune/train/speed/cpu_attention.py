@@ -7,13 +7,19 @@ as for head size 64 or 256), adds the mask in place, and softmaxes in the input 
 accumulates bf16 in fp32 and rounds the result, as eager's fp32 softmax followed by `.to(bf16)`).
 Registered with transformers' `AttentionInterface` under `ATTENTION_NAME`, with the eager (additive float)
 mask. Attention dropout is not supported (the model's `attention_dropout` must be 0: checked).
+`select_attention` puts it (or the configured kernel) on a model.
 """
 
 from __future__ import annotations
 
 import torch
 
+from domaintune.errors import UserError
+
 ATTENTION_NAME = "domaintune_cpu"
+# Architectures whose attention modules call the attention interface as Llama does (no soft-capping, sinks
+# or other extras), so `cpu_attention_forward` computes exactly what their eager attention does.
+_CPU_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -46,3 +52,32 @@ def register() -> str:
     AttentionInterface.register(ATTENTION_NAME, cpu_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
     return ATTENTION_NAME
+
+
+def auto_choice(config) -> tuple[str | None, str]:
+    """What `attention: auto` picks for a model config: (ATTENTION_NAME, why), or (None, why the model's own stays)."""
+    if torch.cuda.is_available():
+        return None, "auto on a CUDA machine: the model's default"
+    if config.model_type not in _CPU_ATTENTION_MODEL_TYPES:
+        return None, f"auto: model type {config.model_type} is not one {ATTENTION_NAME} matches exactly"
+    if getattr(config, "attention_dropout", 0.0):
+        return None, f"auto: the model sets attention_dropout={config.attention_dropout}, which {ATTENTION_NAME} lacks"
+    return ATTENTION_NAME, f"auto: CPU training of a {config.model_type} model without attention dropout"
+
+
+def select_attention(model, choice: str) -> str:
+    """Set the model's attention implementation for training; returns the one in use."""
+    if choice == "auto":
+        picked, _ = auto_choice(model.config)
+        if picked is None:
+            return model.config._attn_implementation
+        choice = picked
+    if choice == ATTENTION_NAME:
+        register()
+        if getattr(model.config, "attention_dropout", 0.0):
+            raise UserError(
+                f"train.speed.attention: {ATTENTION_NAME} has no attention dropout; the model sets "
+                f"attention_dropout={model.config.attention_dropout} (use sdpa or eager)"
+            )
+    model.set_attn_implementation(choice)
+    return choice

@@ -1,4 +1,4 @@
-"""Trainer whose loss projects onto the vocabulary only the tokens that have a label.
+"""The SFT loss, projecting onto the vocabulary only the tokens that have a label (`train.speed.fused_head_loss`).
 
 With assistant-only labels most positions (system prompt, question, template) carry -100, yet a plain
 causal-LM forward projects every position onto the 49k-word vocabulary and log-softmaxes it.
@@ -12,7 +12,8 @@ causal-LM forward projects every position onto the 49k-word vocabulary and log-s
   any row. Used where the head cannot be called on its own: FSDP and DeepSpeed ZeRO-3 shard it, and some
   architectures scale or soft-cap logits after the head (`_POST_HEAD_LOGIT_FIELDS`).
 
-Both compute the same token-mean cross-entropy as the model's own loss (tested).
+Both compute the same token-mean cross-entropy as the model's own loss (tested). `SparseLogitsTrainer`
+(train/trainers.py) calls one or the other.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
@@ -108,12 +108,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def _output_head_slot(model):
+def output_head_slot(model):
     """(parent module, attribute name, head module) of the model's output embeddings."""
     head = model.get_output_embeddings()
     if head is None:
         return None
-    for name, module in model.named_modules():
+    for module in model.modules():
         for child_name, child in module.named_children():
             if child is head:
                 return module, child_name, head
@@ -124,7 +124,7 @@ def fused_head_supported(model) -> bool:
     config = getattr(model, "config", None)
     if config is None or any(getattr(config, f, None) not in (None, 1, 1.0) for f in _POST_HEAD_LOGIT_FIELDS):
         return False
-    slot = _output_head_slot(model)
+    slot = output_head_slot(model)
     return slot is not None and isinstance(slot[2], torch.nn.Linear) and slot[2].bias is None
 
 
@@ -147,13 +147,13 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
 def label_token_loss(model, inputs, num_items_in_batch=None, head_slot=None):
     """Token-mean cross-entropy over the label tokens, projecting only those tokens onto the vocabulary.
 
-    `model` is what the Trainer calls (possibly a DDP wrapper); `head_slot` the `_output_head_slot` of the model
+    `model` is what the Trainer calls (possibly a DDP wrapper); `head_slot` the `output_head_slot` of the model
     inside it, found once by the caller (default: looked up on `model`).
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     positions = label_positions(labels)
-    slot = head_slot if head_slot is not None else _output_head_slot(model)
+    slot = head_slot if head_slot is not None else output_head_slot(model)
     with _head_as_identity(slot) as head:
         outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
     hidden = outputs.logits  # the head was the identity: final hidden states at `positions`
@@ -164,24 +164,3 @@ def label_token_loss(model, inputs, num_items_in_batch=None, head_slot=None):
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     # No logits were materialised; evaluation asks for the loss only (prediction_loss_only).
     return loss_sum / count, CausalLMOutputWithPast(loss=None)
-
-
-class SparseLogitsTrainer(Trainer):
-    """`fused_head`: use `label_token_loss` (checked against the model by `fused_head_supported`)."""
-
-    def __init__(self, *args, fused_head: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fused_head = fused_head and fused_head_supported(self.model)
-        # DDP wraps the model later but keeps its modules: the slot found now stays valid (not a per-step walk).
-        self._head_slot = _output_head_slot(self.model) if self.fused_head else None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.fused_head:
-            loss, outputs = label_token_loss(model, inputs, num_items_in_batch, head_slot=self._head_slot)
-        else:
-            loss, outputs = sparse_causal_lm_loss(model, inputs, num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts the labels of every process while DDP/FSDP average the gradients over
-            # processes: scale back as Trainer.compute_loss does, so N processes match one on the same global batch.
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss

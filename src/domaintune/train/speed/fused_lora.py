@@ -72,7 +72,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def _fused_forward(self, x, *args, **kwargs):
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    dropout = self.lora_dropout[adapter] if adapter in self.lora_dropout else None
+    dropout = self.lora_dropout[adapter] if adapter in self.lora_dropout else None  # noqa: SIM401 (ModuleDict has no get)
     plain = (
         not args
         and not kwargs
@@ -113,6 +113,8 @@ def use_fused_lora_linear(model) -> int:
     n = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and type(module) is LoraLinear:
-            module.forward = types.MethodType(_fused_forward, module)
+            # An instance attribute shadows the class's forward for this layer only (nn.Module keeps plain
+            # attributes in the instance dict), so peft's own forward stays reachable as type(self).forward.
+            object.__setattr__(module, "forward", types.MethodType(_fused_forward, module))
             n += 1
     return n

@@ -1,0 +1,103 @@
+"""`<run>/train/metrics.json` and `loss.png`: what was trained, on what, how fast, and the loss curves."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from domaintune.layout import RunLayout
+from domaintune.train.callbacks import StepTimerCallback
+from domaintune.train.data import TrainData
+from domaintune.train.distributed import Session
+from domaintune.train.init_from import Start
+from domaintune.utils.io import write_json
+from domaintune.utils.versions import library_versions
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+
+
+@dataclass
+class TrainOutcome:
+    """What one training session produced, for the report."""
+
+    trainer: Any
+    output: Any  # Trainer.train's TrainOutput
+    timer: StepTimerCallback
+    saved_kind: str
+    train_wall: float
+    started: float  # time.time() at the start of run_train
+    resume_from: Path | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # build_trainable's info plus the engaged speed levers
+    speed: dict[str, Any] = field(default_factory=dict)  # speed.apply's report
+
+
+def device_summary() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cuda": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Session, out: TrainOutcome) -> dict:
+    tcfg = cfg.train
+    state = out.trainer.state
+    history = state.log_history
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "eval_loss" not in h]
+    timer = out.timer
+    return {
+        "name": cfg.name,
+        "method": tcfg.method,
+        "trained_as": tcfg.trained_as,
+        "model_kind": out.saved_kind,
+        "base_model": cfg.model.name_or_path,
+        "base_model_dir": str(start.model_dir),
+        "init_from": str(start.init_ref) if start.init_ref else None,
+        "config": tcfg.model_dump(mode="json"),
+        "data": data.info,
+        "data_fingerprint": data.fingerprint,
+        "truncated": data.info["truncated"],
+        "params": out.params,
+        "versions": library_versions(),
+        "device": {**device_summary(), "allocator": out.speed.get("allocator", {"malloc": "unchanged"})},
+        "speed": out.speed.get("why", {}),
+        "precision": tcfg.precision,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": state.epoch,
+        "stopped_early": state.global_step < state.max_steps,
+        "resumed_from": str(out.resume_from) if out.resume_from else None,
+        "step0_val_loss": next((loss for step, loss in evals if step == 0), None),
+        "final_train_loss": losses[-1][1] if losses else None,
+        "mean_train_loss": out.output.training_loss,
+        "final_val_loss": evals[-1][1] if evals else None,
+        "best_val_loss": min((loss for _, loss in evals), default=None),
+        "best_checkpoint": state.best_model_checkpoint,
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_this_session": timer.tokens,
+        "tokens_per_second": timer.tokens / timer.train_seconds if timer.train_seconds else None,
+        "train_step_seconds": timer.train_seconds,
+        "train_wall_seconds": out.train_wall,
+        "wall_seconds": time.time() - out.started,
+        "train_curve": losses,
+        "val_curve": evals,
+        "distributed": session.summary(),
+    }
+
+
+def write_reports(cfg: ProjectConfig, layout: RunLayout, metrics: dict, log_history: list[dict]) -> None:
+    """metrics.json and the loss plot (rank 0 only: the caller checks)."""
+    from domaintune.train.plot import plot_losses
+
+    write_json(layout.train_metrics, metrics)
+    plot_losses(log_history, layout.train_dir / "loss.png", title=f"{cfg.name}: {cfg.train.method}")
