@@ -137,7 +137,8 @@ def test_run_eval_end_to_end_and_cache(run_dir):
 
     # a different decoding setting is a different cache key: regenerated, old entries kept
     changed = run_eval(
-        _cfg(run_dir, decoding={"max_new_tokens": 3, "batch_size": 4}, robustness={"enabled": False}), RunLayout(run_dir)
+        _cfg(run_dir, decoding={"max_new_tokens": 3, "batch_size": 4}, robustness={"enabled": False}),
+        RunLayout(run_dir),
     )
     assert changed["cache"]["answers_generated"] == 2 * (6 + 3)
     assert len(list(read_jsonl(ev / "predictions.jsonl"))) == len(first) + 2 * (6 + 3)
@@ -170,7 +171,7 @@ def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_p
         return run_eval(cfg, RunLayout(folder)), list(read_jsonl(folder / "eval" / "items.jsonl"))
 
     report1, items1 = run(tmp_path / "a")
-    report2, items2 = run(tmp_path / "b")
+    _, items2 = run(tmp_path / "b")
     assert [r["answers"] for r in items1] == [r["answers"] for r in items2]  # same seed, same samples
     assert report1["decoding"]["seed"] == 5 and report1["decoding"]["greedy"] is False
     general = [r for r in items1 if r["set"] == "general"]
@@ -179,6 +180,11 @@ def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_p
     assert base > 0
     assert report1["retention"]["tuned"]["ratio"] == pytest.approx(tuned / base)
     assert report1["gates"]["passed"]
+
+
+def _said(result) -> str:
+    """The command's output as one line: rich wraps console text at the terminal width (COLUMNS)."""
+    return " ".join(result.output.split())
 
 
 def test_cli_exits_1_and_names_the_failed_gate(run_dir, tmp_path):
@@ -194,20 +200,21 @@ def test_cli_exits_1_and_names_the_failed_gate(run_dir, tmp_path):
     )
     result = CliRunner().invoke(app, ["eval", str(cfg_file), "--output-dir", str(run_dir)])
     assert result.exit_code == 1, result.output
-    assert "gate failed" in result.output and "rougeL_char_delta >= 50" in result.output
-    assert "perplexity_ratio < 100" not in result.output.split("gate failed", 1)[1]
+    said = _said(result)
+    assert "gate failed" in said and "rougeL_char_delta >= 50" in said
+    assert "perplexity_ratio < 100" not in said.split("gate failed", 1)[1]
     ok = CliRunner().invoke(
         app,
         ["eval", "run", str(cfg_file), "--output-dir", str(run_dir), "--set", "eval.gates=['perplexity_ratio < 100']"],
     )
     assert ok.exit_code == 0, ok.output
-    assert "gates passed" in ok.output
+    assert "gates passed" in _said(ok)
     # the review commands run on the same folder
     exp = CliRunner().invoke(app, ["eval", "export-review", str(cfg_file), "--output-dir", str(run_dir), "--n", "3"])
     assert exp.exit_code == 0, exp.output
     assert (run_dir / "eval" / "review" / "review.html").is_file()
     missing = CliRunner().invoke(app, ["eval", "import-review", str(tmp_path / "none.csv")])
-    assert missing.exit_code == 2 and "not found" in missing.output
+    assert missing.exit_code == 2 and "not found" in _said(missing)
 
 
 # ---------------------------------------------------------------- a real OpenAI-compatible server

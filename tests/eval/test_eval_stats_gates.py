@@ -85,9 +85,9 @@ def test_evaluate_gates_reports_which_failed():
 def test_config_rejects_bad_gate_and_unknown_key():
     from domaintune.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="eval.gates"):
+    with pytest.raises(ConfigError, match=r"eval\.gates"):
         config_from_dict({"name": "x", "eval": {"gates": ["retention => 0.9"]}})
-    with pytest.raises(ConfigError, match="eval.max_item"):
+    with pytest.raises(ConfigError, match=r"eval\.max_item"):
         config_from_dict({"name": "x", "eval": {"max_item": 3}})
     with pytest.raises(ConfigError, match="exactly one of"):
         config_from_dict({"name": "x", "eval": {"models": [{"name": "m"}]}})

@@ -160,7 +160,7 @@ def test_verification_rejects_a_gguf_outside_tolerance(exported):
     _, manifest = exported
     measured = manifest["artifacts"]["gguf-q8_0"]["verified"]["logits_vs_merged"]
     assert check_gguf_tolerance("tiny-q8_0.gguf", "q8_0", measured, {"q8_0": 0.1}) == 0.1
-    with pytest.raises(RuntimeError, match="relative logit error .* exceeds export.gguf_tolerance.q8_0"):
+    with pytest.raises(RuntimeError, match=r"relative logit error .* exceeds export\.gguf_tolerance\.q8_0"):
         check_gguf_tolerance("tiny-q8_0.gguf", "q8_0", measured, {"q8_0": measured["relative_error"] / 2})
 
 
@@ -250,7 +250,7 @@ def test_interrupted_export_leaves_previous_export_untouched(exported, monkeypat
     import domaintune.export.gguf_export as gguf_export
     from domaintune.export.runner import run_export
 
-    run, manifest = exported
+    run, _ = exported
     before = (run / "export" / "manifest.json").read_bytes()
     dead_pid = subprocess.Popen(["true"])
     dead_pid.wait()

@@ -24,6 +24,11 @@ def _project(tmp_path: Path) -> Path:
     return config
 
 
+def _said(result) -> str:
+    """The command's output as one line: rich wraps console text at the terminal width (COLUMNS)."""
+    return " ".join(result.output.split())
+
+
 def _ok(args: list[str]):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -46,7 +51,7 @@ def test_registry_commands_round_trip(tmp_path):
     assert shown["metadata"]["lineage"]["parent_version"] is None  # both trained from the base model
 
     rolled = _ok(["registry", "rollback", "production", "-c", config])
-    assert v1 in rolled.stdout
+    assert v1 in _said(rolled)
     assert json.loads(_ok(["registry", "show", "production", "-c", config, "--json"]).stdout)["version"] == v1
 
     diff = json.loads(_ok(["registry", "diff", v1, v2, "-c", config, "--json"]).stdout)
@@ -61,7 +66,7 @@ def test_registry_commands_round_trip(tmp_path):
     stored = Path(shown["store_path"].replace(v2, v1)) / "model" / "adapter_model.safetensors"
     stored.write_bytes(b"\x01" * 1024)
     result = runner.invoke(app, ["registry", "verify", "production", "-c", config])
-    assert result.exit_code == 1 and "adapter_model.safetensors" in result.stdout
+    assert result.exit_code == 1 and "adapter_model.safetensors" in _said(result)
 
 
 def test_registry_errors_are_one_line_exit_2(tmp_path):
@@ -69,7 +74,7 @@ def test_registry_errors_are_one_line_exit_2(tmp_path):
     result = runner.invoke(app, ["registry", "show", "v9.9.9", "-c", config])
     assert result.exit_code == 2
     result = runner.invoke(app, ["registry", "list"])
-    assert result.exit_code == 2 and "--config" in result.output
+    assert result.exit_code == 2 and "--config" in _said(result)
     _ok(["registry", "register", config])
     result = runner.invoke(app, ["registry", "rollback", "production", "-c", config])
-    assert result.exit_code == 2 and "not set" in result.output
+    assert result.exit_code == 2 and "not set" in _said(result)

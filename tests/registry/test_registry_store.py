@@ -14,6 +14,7 @@ import pytest
 
 from domaintune.config import config_from_dict
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
 from domaintune.registry import ModelRegistry, register_run, registry_from_config
 
 VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)_([0-9a-f]{8}|nodata)_\d{8}T\d{6}Z$")
@@ -71,7 +72,7 @@ def test_resolve_verifies_checksums_and_refuses_tampering(registry, artefact):
     weights.write_bytes(bytes(data))
     registry.resolve("registry://med@production")  # restored: accepted again
     (folder / "extra.py").write_text("print('injected')")
-    with pytest.raises(UserError, match="extra.py: not part of the registered version"):
+    with pytest.raises(UserError, match=r"extra\.py: not part of the registered version"):
         registry.resolve("registry://med@production")
 
 
@@ -149,13 +150,15 @@ def test_interrupted_register_leaves_no_half_registered_version(registry, artefa
 
     import subprocess
 
-    with pytest.raises(Exception):
+    from sqlalchemy.exc import StatementError
+
+    with pytest.raises(StatementError):  # the metadata cannot be stored, after the artefacts were copied in
         registry.register("med", artifacts={"model": artefact}, metadata={"x": NotJson()})
     gone = subprocess.Popen(["true"])
     gone.wait()
     (registry.store / "med" / f".staging-{gone.pid}-0123abcd" / "model").mkdir(parents=True)  # a killed register
     assert registry.list() == []
-    leftovers = [p for p in (registry.store / "med").iterdir()] if (registry.store / "med").exists() else []
+    leftovers = list((registry.store / "med").iterdir()) if (registry.store / "med").exists() else []
     assert [p.name for p in leftovers] == [f".staging-{gone.pid}-0123abcd"]
     version = registry.register("med", artifacts={"model": artefact})
     assert version.startswith("v0.0.1_")
@@ -230,7 +233,7 @@ def _run_folder(tmp_path: Path, artefact: Path, gates: dict | None) -> Path:
 def test_register_run_gathers_lineage_and_status(tmp_path, artefact):
     run = _run_folder(tmp_path, artefact, {"passed": False, "failures": ["test.tuned.rougeL 0.4 < 0.5"]})
     cfg = config_from_dict({"name": "med", "output_dir": str(run)})
-    v1 = register_run(cfg, run)
+    v1 = register_run(cfg, RunLayout(run))
     registry = registry_from_config(cfg)
     assert Path(registry.store).parent == tmp_path / "runs" / "registry"  # beside the run folder
     info = registry.show("med", v1)
@@ -245,7 +248,7 @@ def test_register_run_gathers_lineage_and_status(tmp_path, artefact):
     assert VERSION_RE.match(v1).group(4) == meta["data"]["fingerprint"][:8]
 
     (run / "eval" / "report.json").write_text(json.dumps({"metrics": {}, "gates": {"passed": True, "failures": []}}))
-    v2 = register_run(cfg, run, bump="minor")
+    v2 = register_run(cfg, RunLayout(run), bump="minor")
     info2 = registry.show("med", v2)
     # lineage follows weights: a second run from the base model is not the (rejected) v1's child ...
     assert info2["status"] == "candidate" and info2["parent"] is None
@@ -253,7 +256,7 @@ def test_register_run_gathers_lineage_and_status(tmp_path, artefact):
     child_cfg = config_from_dict(
         {"name": "med", "output_dir": str(run), "train": {"init_from": "registry://med@" + v2}}
     )
-    v3 = register_run(child_cfg, run)
+    v3 = register_run(child_cfg, RunLayout(run))
     assert registry.show("med", v3)["parent"] == v2
     assert registry.show("med", v3)["metadata"]["lineage"]["parent_version"] == v2
     assert registry.resolve("registry://med@" + v2.split("_")[0]).name == "model"
@@ -268,6 +271,6 @@ def test_register_run_refuses_an_export_that_differs_from_its_manifest(tmp_path,
     (run / "export" / "manifest.json").write_text(json.dumps({"files": file_checksums(run / "export")}))
     (run / "export" / "note.txt").write_text("changed")
     cfg = config_from_dict({"name": "med", "output_dir": str(run)})
-    with pytest.raises(UserError, match="note.txt: sha256 mismatch"):
-        register_run(cfg, run)
+    with pytest.raises(UserError, match=r"note\.txt: sha256 mismatch"):
+        register_run(cfg, RunLayout(run))
     assert registry_from_config(cfg).list() == []

@@ -217,7 +217,7 @@ def test_init_from_registry_alias(tmp_path):
     first = make_run_dir(tmp_path / "first")
     cfg1 = cfg_for(first, lora={"r": 4})
     run_train(cfg1, RunLayout(first))
-    version = register_run(cfg1, first)
+    version = register_run(cfg1, RunLayout(first))
     registry_from_config(cfg1).promote("t", version, alias="production", force=True)
 
     second = make_run_dir(tmp_path / "second", seed=1)

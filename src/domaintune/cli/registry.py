@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,7 +14,14 @@ from rich.table import Table
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
 from domaintune.errors import UserError
 
+if TYPE_CHECKING:
+    from domaintune.registry.store import ModelRegistry
+
 out = Console(width=None if sys.stdout.isatty() else 160)
+
+registry_app = typer.Typer(
+    help="Versioned models: register, list, show, diff, promote, roll back, archive.", no_args_is_help=True
+)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Project YAML (gives registry.url, store and name).")
@@ -26,36 +33,35 @@ NameOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _open(
-    config: Path | None,
-    url: str | None,
-    name: str | None,
-    set_: list[str] | None = None,
-    output_dir: Path | None = None,
-    need_name: bool = True,
-):
+def _open(config: Path | None, url: str | None, name: str | None) -> tuple[ModelRegistry, str]:
+    """The registry and the one model a command is about (the only one in a registry given by URL alone)."""
+    registry, model = _open_registry(config, url, name)
+    if model is None:
+        names = registry.names()
+        if len(names) != 1:
+            raise UserError(f"--name is needed: the registry holds {len(names)} models ({', '.join(names) or 'none'})")
+        model = names[0]
+    return registry, model
+
+
+def _open_registry(config: Path | None, url: str | None, name: str | None) -> tuple[ModelRegistry, str | None]:
+    """The registry (from the project file or a URL) and the model name given or configured, if any."""
     from domaintune.registry import ModelRegistry, registry_from_config
 
     if config is not None:
-        cfg = load(config, set_, output_dir)
+        cfg = load(config, None, None)
         registry = ModelRegistry(url) if url else registry_from_config(cfg)
         return registry, name or cfg.registry.name or cfg.name
     if url is None:
         raise UserError("give the project file (--config examples/x.yaml) or the registry URL (--url sqlite:///...)")
-    registry = ModelRegistry(url)
-    if name is None and need_name:
-        names = registry.names()
-        if len(names) != 1:
-            raise UserError(f"--name is needed: the registry holds {len(names)} models ({', '.join(names) or 'none'})")
-        name = names[0]
-    return registry, name
+    return ModelRegistry(url), name
 
 
-def _print_json(data) -> None:
+def _print_json(data: Any) -> None:
     out.print_json(json.dumps(data, ensure_ascii=False, default=str))
 
 
-def _metric_summary(metrics: dict) -> str:
+def _metric_summary(metrics: dict[str, Any]) -> str:
     gates = metrics.get("gates") or {}
     parts = []
     if "passed" in gates:
@@ -75,274 +81,292 @@ def _metric_summary(metrics: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     """Adds the registry stage's commands to the root app."""
-    reg = typer.Typer(
-        help="Versioned models: register, list, show, diff, promote, roll back, archive.", no_args_is_help=True
+    app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("register")
+@friendly_errors
+def register_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    bump: Annotated[str, typer.Option("--bump", help="major | minor | patch")] = "patch",
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="registered | candidate | rejected | archived (default: from the eval gates)"),
+    ] = None,
+    reason: Annotated[list[str] | None, typer.Option("--reason", help="Reason recorded with the status.")] = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Parent version (default: the latest).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register the run folder as a new version, copying its artefacts into the store with sha256 checksums.
+
+    Example: domaintune registry register examples/medical-zh.yaml --bump minor
+    """
+    from domaintune.registry import register_run, registry_from_config
+
+    cfg = load(config, set_, output_dir)
+    version = register_run(cfg, cfg.layout, bump=bump, status=status, reasons=reason, parent=parent)
+    info = registry_from_config(cfg).show(cfg.registry.name or cfg.name, version)
+    if as_json:
+        _print_json(info)
+        return
+    out.print(
+        f"registered [bold]{info['name']}@{version}[/] status={info['status']}"
+        + (f" ({'; '.join(info['reasons'])})" if info["reasons"] else "")
     )
-    app.add_typer(reg, name="registry")
+    out.print(f"{len(info['artifacts'])} files in {info['store_path']}")
 
-    @reg.command("register")
-    @friendly_errors
-    def register_cmd(
-        config: ConfigArg,
-        set_: SetOpt = None,
-        output_dir: OutputDirOpt = None,
-        bump: Annotated[str, typer.Option("--bump", help="major | minor | patch")] = "patch",
-        status: Annotated[
-            str | None,
-            typer.Option(
-                "--status", help="registered | candidate | rejected | archived (default: from the eval gates)"
-            ),
-        ] = None,
-        reason: Annotated[list[str] | None, typer.Option("--reason", help="Reason recorded with the status.")] = None,
-        parent: Annotated[str | None, typer.Option("--parent", help="Parent version (default: the latest).")] = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Register the run folder as a new version, copying its artefacts into the store with sha256 checksums.
 
-        Example: domaintune registry register examples/medical-zh.yaml --bump minor
-        """
-        from domaintune.registry import register_run, registry_from_config
+@registry_app.command("list")
+@friendly_errors
+def list_cmd(
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+    all_names: Annotated[bool, typer.Option("--all", help="Every model in the registry.")] = False,
+) -> None:
+    """List registered versions with status, aliases and headline metrics.
 
-        cfg = load(config, set_, output_dir)
-        version = register_run(cfg, cfg.output_dir, bump=bump, status=status, reasons=reason, parent=parent)
-        info = registry_from_config(cfg).show(cfg.registry.name or cfg.name, version)
-        if as_json:
-            _print_json(info)
-            return
-        out.print(
-            f"registered [bold]{info['name']}@{version}[/] status={info['status']}"
-            + (f" ({'; '.join(info['reasons'])})" if info["reasons"] else "")
+    Example: domaintune registry list -c examples/medical-zh.yaml
+    """
+    registry, model = _open_registry(config, url, name)
+    rows = registry.list(None if all_names else model)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"registry {registry.url}")
+    for col in ("name", "version", "status", "aliases", "created", "metrics"):
+        table.add_column(col)
+    for row in rows:
+        status = row["status"] + (f" ({'; '.join(row['reasons'])[:40]})" if row["reasons"] else "")
+        table.add_row(
+            row["name"],
+            row["version"],
+            status,
+            ", ".join(row["aliases"]),
+            row["created_at"],
+            _metric_summary(row["metrics"]),
         )
-        out.print(f"{len(info['artifacts'])} files in {info['store_path']}")
+    out.print(table)
 
-    @reg.command("list")
-    @friendly_errors
-    def list_cmd(
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-        as_json: JsonOpt = False,
-        all_names: Annotated[bool, typer.Option("--all", help="Every model in the registry.")] = False,
-    ) -> None:
-        """List registered versions with status, aliases and headline metrics.
 
-        Example: domaintune registry list -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name, need_name=False)
-        rows = registry.list(None if all_names else model)
-        if as_json:
-            _print_json(rows)
-            return
-        table = Table(title=f"registry {registry.url}")
-        for col in ("name", "version", "status", "aliases", "created", "metrics"):
-            table.add_column(col)
-        for row in rows:
-            status = row["status"] + (f" ({'; '.join(row['reasons'])[:40]})" if row["reasons"] else "")
-            table.add_row(
-                row["name"],
-                row["version"],
-                status,
-                ", ".join(row["aliases"]),
-                row["created_at"],
-                _metric_summary(row["metrics"]),
-            )
+@registry_app.command("show")
+@friendly_errors
+def show_cmd(
+    version: Annotated[str, typer.Argument(help="Version, vX.Y.Z prefix, alias or `latest`.")],
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one version: metadata, lineage, artefacts with checksums, aliases and events.
+
+    Example: domaintune registry show production -c examples/medical-zh.yaml --json
+    """
+    registry, model = _open(config, url, name)
+    info = registry.show(model, version)
+    if as_json:
+        _print_json(info)
+        return
+    _print_version(info)
+
+
+@registry_app.command("diff")
+@friendly_errors
+def diff_cmd(
+    v1: Annotated[str, typer.Argument(help="First version (or alias).")],
+    v2: Annotated[str, typer.Argument(help="Second version (or alias).")],
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Config, data and metric differences between two versions.
+
+    Example: domaintune registry diff v0.1.0 production -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    result = registry.diff(model, v1, v2)
+    if as_json:
+        _print_json(result)
+        return
+    _print_diff(result)
+
+
+@registry_app.command("promote")
+@friendly_errors
+def promote_cmd(
+    version: Annotated[str, typer.Argument(help="Version (or vX.Y.Z prefix) to promote.")],
+    alias: Annotated[str, typer.Option("--alias", help="production, candidate, staging, ...")] = "production",
+    force: Annotated[bool, typer.Option("--force", help="Allow a rejected/archived version.")] = False,
+    note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+) -> None:
+    """Point an alias at a version (the previous holder is kept for `rollback`).
+
+    Example: domaintune registry promote v0.0.2 --alias production -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    before = registry.aliases(model).get(alias)
+    full = registry.promote(model, version, alias=alias, force=force, note=note)
+    out.print(f"{model}@{alias}: {before or '(unset)'} -> [bold]{full}[/]")
+
+
+@registry_app.command("rollback")
+@friendly_errors
+def rollback_cmd(
+    alias: Annotated[str, typer.Argument(help="Alias to move back to its previous holder.")],
+    note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+) -> None:
+    """Move an alias back to the version that held it before (alias history is kept).
+
+    Example: domaintune registry rollback production -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    old, new = registry.rollback(model, alias, note=note)
+    out.print(f"{model}@{alias}: {old} -> [bold]{new}[/] (rolled back)")
+
+
+@registry_app.command("archive")
+@friendly_errors
+def archive_cmd(
+    version: Annotated[str, typer.Argument(help="Version to archive.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+) -> None:
+    """Mark a version archived (kept, but never promoted again without --force).
+
+    Example: domaintune registry archive v0.0.1 --reason "superseded" -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    full = registry.archive(model, version, reason=reason)
+    out.print(f"{model}@{full}: archived")
+
+
+@registry_app.command("aliases")
+@friendly_errors
+def aliases_cmd(config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Current aliases and their full promote/rollback history.
+
+    Example: domaintune registry aliases -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    current, history = registry.aliases(model), registry.alias_history(model)
+    if as_json:
+        _print_json({"aliases": current, "history": history})
+        return
+    for alias, version in sorted(current.items()):
+        out.print(f"{alias:12} -> {version}")
+    table = Table(title="alias history")
+    for col in ("at", "alias", "action", "from", "to", "note"):
+        table.add_column(col)
+    for h in history:
+        table.add_row(h["at"], h["alias"], h["action"], h["previous"] or "-", h["version"], h["note"] or "")
+    out.print(table)
+
+
+@registry_app.command("verify")
+@friendly_errors
+def verify_cmd(
+    version: Annotated[str, typer.Argument(help="Version or alias to check.")],
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    name: NameOpt = None,
+) -> None:
+    """Recompute the sha256 of every stored file of a version; exit 1 if any differ.
+
+    Example: domaintune registry verify production -c examples/medical-zh.yaml
+    """
+    registry, model = _open(config, url, name)
+    problems = registry.verify(model, version)
+    if problems:
+        for p in problems:
+            out.print(f"[red]tampered:[/] {p}")
+        raise typer.Exit(1)
+    out.print(f"{model}@{version}: all files match their recorded sha256")
+
+
+# ---------------------------------------------------------------------- printing
+
+
+def _print_version(info: dict[str, Any]) -> None:
+    """One version as text: status and aliases, lineage, hyperparameters, metrics, artefacts, events."""
+    meta = info["metadata"] or {}
+    out.print(
+        f"[bold]{info['name']}@{info['version']}[/]  status={info['status']}  "
+        f"aliases={', '.join(info['aliases']) or '-'}"
+    )
+    if info["reasons"]:
+        out.print(f"reasons: {'; '.join(info['reasons'])}")
+    lineage = meta.get("lineage", {})
+    data = meta.get("data", {})
+    for label, value in [
+        ("created", info["created_at"]),
+        ("parent", info["parent"]),
+        ("base model", meta.get("base_model")),
+        ("method", meta.get("method")),
+        ("data fingerprint", data.get("fingerprint")),
+        ("data rows", data.get("rows")),
+        ("run folder", meta.get("run_dir")),
+        ("train run", (lineage.get("train_run") or {}).get("path")),
+        ("eval report sha256", (lineage.get("eval_run") or {}).get("report_sha256")),
+        ("libraries", meta.get("libraries")),
+        ("store", info["store_path"]),
+    ]:
+        out.print(f"  {label:20} {value}", highlight=False)
+    hp = meta.get("hyperparameters") or {}
+    if hp:
+        out.print(
+            "  hyperparameters      "
+            + ", ".join(f"{k}={v}" for k, v in list(hp.items())[:12] if not isinstance(v, (dict, list))),
+            highlight=False,
+        )
+    _print_metrics(meta.get("metrics", {}))
+    out.print(
+        f"  artefacts: {len(info['artifacts'])} files, "
+        f"{sum(f['bytes'] for f in info['artifacts']) / 1e6:,.1f} MB (sha256 recorded)"
+    )
+    for event in info["events"]:
+        out.print(
+            f"  event {event['at']} {event['kind']} {json.dumps(event['details'], ensure_ascii=False)}",
+            highlight=False,
+        )
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from domaintune.registry.store import flatten_keys
+
+    flat = {k: v for k, v in flatten_keys(metrics).items() if isinstance(v, (int, float))}
+    if flat:
+        table = Table(title="metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in list(flat.items())[:40]:
+            table.add_row(key, f"{value:.4g}")
         out.print(table)
 
-    @reg.command("show")
-    @friendly_errors
-    def show_cmd(
-        version: Annotated[str, typer.Argument(help="Version, vX.Y.Z prefix, alias or `latest`.")],
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Show one version: metadata, lineage, artefacts with checksums, aliases and events.
 
-        Example: domaintune registry show production -c examples/medical-zh.yaml --json
-        """
-        registry, model = _open(config, url, name)
-        info = registry.show(model, version)
-        if as_json:
-            _print_json(info)
-            return
-        meta = info["metadata"] or {}
-        out.print(
-            f"[bold]{info['name']}@{info['version']}[/]  status={info['status']}  "
-            f"aliases={', '.join(info['aliases']) or '-'}"
-        )
-        if info["reasons"]:
-            out.print(f"reasons: {'; '.join(info['reasons'])}")
-        lineage = meta.get("lineage", {})
-        data = meta.get("data", {})
-        for label, value in [
-            ("created", info["created_at"]),
-            ("parent", info["parent"]),
-            ("base model", meta.get("base_model")),
-            ("method", meta.get("method")),
-            ("data fingerprint", data.get("fingerprint")),
-            ("data rows", data.get("rows")),
-            ("run folder", meta.get("run_dir")),
-            ("train run", (lineage.get("train_run") or {}).get("path")),
-            ("eval report sha256", (lineage.get("eval_run") or {}).get("report_sha256")),
-            ("libraries", meta.get("libraries")),
-            ("store", info["store_path"]),
-        ]:
-            out.print(f"  {label:20} {value}", highlight=False)
-        hp = meta.get("hyperparameters") or {}
-        if hp:
-            out.print(
-                "  hyperparameters      "
-                + ", ".join(f"{k}={v}" for k, v in list(hp.items())[:12] if not isinstance(v, (dict, list))),
-                highlight=False,
-            )
-        from domaintune.registry.store import _flatten
-
-        flat = {k: v for k, v in _flatten(meta.get("metrics", {})).items() if isinstance(v, (int, float))}
-        if flat:
-            table = Table(title="metrics")
-            table.add_column("metric")
-            table.add_column("value", justify="right")
-            for key, value in list(flat.items())[:40]:
-                table.add_row(key, f"{value:.4g}")
-            out.print(table)
-        out.print(
-            f"  artefacts: {len(info['artifacts'])} files, "
-            f"{sum(f['bytes'] for f in info['artifacts']) / 1e6:,.1f} MB (sha256 recorded)"
-        )
-        for event in info["events"]:
-            out.print(
-                f"  event {event['at']} {event['kind']} {json.dumps(event['details'], ensure_ascii=False)}",
-                highlight=False,
-            )
-
-    @reg.command("diff")
-    @friendly_errors
-    def diff_cmd(
-        v1: Annotated[str, typer.Argument(help="First version (or alias).")],
-        v2: Annotated[str, typer.Argument(help="Second version (or alias).")],
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Config, data and metric differences between two versions.
-
-        Example: domaintune registry diff v0.1.0 production -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        result = registry.diff(model, v1, v2)
-        if as_json:
-            _print_json(result)
-            return
-        out.print(f"a = {result['a']}\nb = {result['b']}")
-        for section in ("config", "data", "metrics"):
-            table = Table(title=f"{section} differences ({len(result[section])})")
-            for col in ("key", "a", "b") + (("delta",) if section == "metrics" else ()):
-                table.add_column(col)
-            for key, entry in result[section].items():
-                row = [key, str(entry["a"])[:60], str(entry["b"])[:60]]
-                if section == "metrics":
-                    row.append(f"{entry['delta']:+.4g}" if "delta" in entry else "")
-                table.add_row(*row)
-            out.print(table)
-        for key in ("base_model", "status"):
-            if result[key]:
-                out.print(f"{key}: {result[key]['a']} -> {result[key]['b']}")
-
-    @reg.command("promote")
-    @friendly_errors
-    def promote_cmd(
-        version: Annotated[str, typer.Argument(help="Version (or vX.Y.Z prefix) to promote.")],
-        alias: Annotated[str, typer.Option("--alias", help="production, candidate, staging, ...")] = "production",
-        force: Annotated[bool, typer.Option("--force", help="Allow a rejected/archived version.")] = False,
-        note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-    ) -> None:
-        """Point an alias at a version (the previous holder is kept for `rollback`).
-
-        Example: domaintune registry promote v0.0.2 --alias production -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        before = registry.aliases(model).get(alias)
-        full = registry.promote(model, version, alias=alias, force=force, note=note)
-        out.print(f"{model}@{alias}: {before or '(unset)'} -> [bold]{full}[/]")
-
-    @reg.command("rollback")
-    @friendly_errors
-    def rollback_cmd(
-        alias: Annotated[str, typer.Argument(help="Alias to move back to its previous holder.")],
-        note: Annotated[str | None, typer.Option("--note", help="Recorded in the alias history.")] = None,
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-    ) -> None:
-        """Move an alias back to the version that held it before (alias history is kept).
-
-        Example: domaintune registry rollback production -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        old, new = registry.rollback(model, alias, note=note)
-        out.print(f"{model}@{alias}: {old} -> [bold]{new}[/] (rolled back)")
-
-    @reg.command("archive")
-    @friendly_errors
-    def archive_cmd(
-        version: Annotated[str, typer.Argument(help="Version to archive.")],
-        reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-    ) -> None:
-        """Mark a version archived (kept, but never promoted again without --force).
-
-        Example: domaintune registry archive v0.0.1 --reason "superseded" -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        full = registry.archive(model, version, reason=reason)
-        out.print(f"{model}@{full}: archived")
-
-    @reg.command("aliases")
-    @friendly_errors
-    def aliases_cmd(
-        config: ConfigOpt = None, url: UrlOpt = None, name: NameOpt = None, as_json: JsonOpt = False
-    ) -> None:
-        """Current aliases and their full promote/rollback history.
-
-        Example: domaintune registry aliases -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        current, history = registry.aliases(model), registry.alias_history(model)
-        if as_json:
-            _print_json({"aliases": current, "history": history})
-            return
-        for alias, version in sorted(current.items()):
-            out.print(f"{alias:12} -> {version}")
-        table = Table(title="alias history")
-        for col in ("at", "alias", "action", "from", "to", "note"):
+def _print_diff(result: dict[str, Any]) -> None:
+    out.print(f"a = {result['a']}\nb = {result['b']}")
+    for section in ("config", "data", "metrics"):
+        table = Table(title=f"{section} differences ({len(result[section])})")
+        for col in ("key", "a", "b") + (("delta",) if section == "metrics" else ()):
             table.add_column(col)
-        for h in history:
-            table.add_row(h["at"], h["alias"], h["action"], h["previous"] or "-", h["version"], h["note"] or "")
+        for key, entry in result[section].items():
+            row = [key, str(entry["a"])[:60], str(entry["b"])[:60]]
+            if section == "metrics":
+                row.append(f"{entry['delta']:+.4g}" if "delta" in entry else "")
+            table.add_row(*row)
         out.print(table)
-
-    @reg.command("verify")
-    @friendly_errors
-    def verify_cmd(
-        version: Annotated[str, typer.Argument(help="Version or alias to check.")],
-        config: ConfigOpt = None,
-        url: UrlOpt = None,
-        name: NameOpt = None,
-    ) -> None:
-        """Recompute the sha256 of every stored file of a version; exit 1 if any differ.
-
-        Example: domaintune registry verify production -c examples/medical-zh.yaml
-        """
-        registry, model = _open(config, url, name)
-        problems = registry.verify(model, version)
-        if problems:
-            for p in problems:
-                out.print(f"[red]tampered:[/] {p}")
-            raise typer.Exit(1)
-        out.print(f"{model}@{version}: all files match their recorded sha256")
+    for key in ("base_model", "status"):
+        if result[key]:
+            out.print(f"{key}: {result[key]['a']} -> {result[key]['b']}")

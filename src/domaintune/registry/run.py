@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import UserError
+from domaintune.layout import RunLayout
+from domaintune.registry.uri import is_registry_uri
 from domaintune.utils.io import fingerprint_files, sha256_file
+from domaintune.utils.versions import RECORDED_PACKAGES, library_versions
 
-DATA_SPLITS = ("train", "val", "test", "general")
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+    from domaintune.registry.store import ModelRegistry
+
+# The registry also records the version of its database layer.
+REGISTRY_LIBRARIES = (*RECORDED_PACKAGES, "sqlalchemy")
+TRAIN_METRICS = (
+    "final_train_loss",
+    "final_val_loss",
+    "best_val_loss",
+    "step0_val_loss",
+    "steps",
+    "tokens_seen",
+    "tokens_per_second",
+)
 
 
-def default_registry_dir(cfg) -> Path:
+def default_registry_dir(cfg: ProjectConfig) -> Path:
     """`registry/` beside the run folder (runs/registry/ for the default runs/<name>)."""
-    return Path(cfg.output_dir).resolve().parent / "registry"
+    return cfg.layout.root.resolve().parent / "registry"
 
 
-def registry_url(cfg) -> str:
+def registry_url(cfg: ProjectConfig) -> str:
     url = cfg.registry.url
     if not url:
         return f"sqlite:///{default_registry_dir(cfg) / 'registry.db'}"
@@ -31,13 +47,162 @@ def registry_url(cfg) -> str:
     return url
 
 
-def registry_from_config(cfg):
+def registry_from_config(cfg: ProjectConfig) -> ModelRegistry:
     from domaintune.registry.store import ModelRegistry
 
     store = cfg.registry.store
     if store is None and not cfg.registry.url:
         store = default_registry_dir(cfg) / "artifacts"
     return ModelRegistry(registry_url(cfg), store=store)
+
+
+def register_run(
+    cfg: ProjectConfig,
+    layout: RunLayout,
+    bump: str = "patch",
+    status: str | None = None,
+    reasons: list[str] | None = None,
+    parent: str | None = None,
+) -> str:
+    """Register the run folder as a new version of `registry.name` (default: the project name).
+
+    status None: `candidate` when the eval gates passed, `rejected` (with the failed gates as
+    reasons) when they failed, `registered` when there is no eval report. parent None: the version
+    `train.init_from` names when it is a registry URI, else none (trained from the base model).
+    """
+    if not layout.root.is_dir():
+        raise UserError(f"run folder {layout.root} does not exist")
+    registry = registry_from_config(cfg)
+    artifacts = _artifacts(cfg, layout)
+    meta, data_hash = gather_run_metadata(cfg, layout)
+    if status is None:
+        status, reasons = _status_from_gates(meta["metrics"].get("gates") or {}, reasons)
+    if parent is None:
+        parent = _weights_parent(cfg, registry)
+    meta["lineage"]["parent_version"] = parent
+    return registry.register(
+        cfg.registry.name or cfg.name,
+        artifacts=artifacts,
+        metadata=meta,
+        data_hash=data_hash,
+        bump=bump,
+        status=status,
+        reasons=reasons,
+        parent=parent,
+    )
+
+
+def _artifacts(cfg: ProjectConfig, layout: RunLayout) -> dict[str, str | Path]:
+    """The `registry.artifacts` paths that exist in the run folder; an export must still match its manifest."""
+    from domaintune.export.runner import verify_manifest
+
+    artifacts: dict[str, str | Path] = {}
+    for rel in cfg.registry.artifacts:
+        source = layout.root / rel  # a run-folder path named in the config
+        if source.exists():
+            artifacts[rel] = source
+    if not artifacts:
+        raise UserError(
+            f"{layout.root}: none of registry.artifacts {cfg.registry.artifacts} exist; run `domaintune train` "
+            "(and export) first"
+        )
+    if layout.export_manifest.is_file() and any(r.split("/")[0] == "export" for r in artifacts):
+        problems = verify_manifest(layout.export_dir)
+        if problems:
+            raise UserError(f"{layout.export_dir}: files differ from export/manifest.json: {'; '.join(problems[:3])}")
+    return artifacts
+
+
+def _status_from_gates(gates: dict[str, Any], reasons: list[str] | None) -> tuple[str, list[str] | None]:
+    """`candidate` when the eval gates passed, `rejected` with the failures when not, `registered` without a report."""
+    if "passed" not in gates:
+        return "registered", [*(reasons or []), "no eval report with gates in the run folder"]
+    if gates["passed"]:
+        return "candidate", reasons
+    return "rejected", [*(reasons or []), *gates.get("failures", [])]
+
+
+def gather_run_metadata(cfg: ProjectConfig, layout: RunLayout) -> tuple[dict, str]:
+    """Metadata and the training-data fingerprint from `data/`, `train/`, `eval/` and `export/`."""
+    split_files = [f for f in _data_files(layout) if f.is_file()]
+    records = {
+        path: _read_json(path)
+        for path in (layout.data_report, layout.train_metrics, layout.eval_report, layout.export_manifest)
+    }
+    train_metrics = records[layout.train_metrics]
+    data_fingerprint = None
+    if split_files:
+        data_fingerprint = fingerprint_files(split_files)
+    elif train_metrics and train_metrics.get("data_fingerprint"):
+        data_fingerprint = str(train_metrics["data_fingerprint"])
+
+    data = {
+        "fingerprint": data_fingerprint,
+        "rows": {f.stem: _count_lines(f) for f in split_files},
+        "files": {f.name: sha256_file(f) for f in split_files},
+    }
+    if train_metrics and train_metrics.get("data_fingerprint"):
+        data["train_fingerprint"] = train_metrics["data_fingerprint"]
+    meta = {
+        "project": cfg.name,
+        "run_dir": str(layout.root),
+        "base_model": (train_metrics or {}).get("base_model") or cfg.model.name_or_path,
+        "method": (train_metrics or {}).get("method") or getattr(cfg.train, "method", None),
+        "hyperparameters": (train_metrics or {}).get("config") or cfg.train.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude={"config_path"}),
+        "data": data,
+        "metrics": _metrics(records[layout.eval_report], train_metrics, records[layout.export_manifest]),
+        "libraries": library_versions(REGISTRY_LIBRARIES),
+        "lineage": _lineage(layout, data_fingerprint, records),
+    }
+    return meta, data_fingerprint or "nodata"
+
+
+def _data_files(layout: RunLayout) -> list[Path]:
+    """The data stage's splits and general pool, which fingerprint the training data."""
+    return [layout.train_file, layout.val_file, layout.test_file, layout.general_file]
+
+
+def _metrics(eval_report: dict | None, train_metrics: dict | None, export_manifest: dict | None) -> dict[str, Any]:
+    """Headline metrics of the eval report (with its gates), of training and of each exported artefact."""
+    metrics: dict[str, Any] = {}
+    if eval_report:
+        metrics["eval"] = eval_report.get("metrics", {})
+        if eval_report.get("gates") is not None:
+            metrics["gates"] = eval_report["gates"]
+        if eval_report.get("primary_metric"):
+            metrics["primary_metric"] = eval_report["primary_metric"]
+    if train_metrics:
+        metrics["train"] = {k: train_metrics.get(k) for k in TRAIN_METRICS if train_metrics.get(k) is not None}
+    if export_manifest:
+        metrics["export"] = {
+            name: {k: entry[k] for k in ("bytes", "perplexity_delta_vs_merged") if k in entry}
+            | ({"perplexity": entry["metric"]["perplexity"]} if "metric" in entry else {})
+            for name, entry in export_manifest.get("artifacts", {}).items()
+        }
+    return metrics
+
+
+def _lineage(layout: RunLayout, data_fingerprint: str | None, records: dict[Path, dict | None]) -> dict[str, Any]:
+    """Where each stage wrote its output, with the sha256 of the record it left (None where it left none)."""
+
+    def sha256_of(path: Path) -> str | None:
+        return sha256_file(path) if records[path] else None
+
+    return {
+        "data_run": {
+            "path": str(layout.data_dir),
+            "fingerprint": data_fingerprint,
+            "report_sha256": sha256_of(layout.data_report),
+        },
+        "train_run": {
+            "path": str(layout.train_dir),
+            "metrics_sha256": sha256_of(layout.train_metrics),
+            "init_from": (records[layout.train_metrics] or {}).get("init_from"),
+        },
+        "eval_run": {"path": str(layout.eval_dir), "report_sha256": sha256_of(layout.eval_report)},
+        "export": {"path": str(layout.export_dir), "manifest_sha256": sha256_of(layout.export_manifest)},
+    }
 
 
 def _read_json(path: Path) -> dict | None:
@@ -54,195 +219,13 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in (
-        "domaintune",
-        "torch",
-        "transformers",
-        "peft",
-        "trl",
-        "datasets",
-        "accelerate",
-        "safetensors",
-        "gguf",
-        "sqlalchemy",
-    ):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def _numeric_leaves(value: Any, prefix: str = "", depth: int = 0) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(value, dict) and depth < 4:
-        for key, item in value.items():
-            out.update(_numeric_leaves(item, f"{prefix}.{key}" if prefix else str(key), depth + 1))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out[prefix] = value
-    return out
-
-
-def gather_run_metadata(cfg, output_dir: Path) -> tuple[dict, str]:
-    """Metadata and the training-data fingerprint from `data/`, `train/`, `eval/` and `export/`."""
-    data_dir, train_dir, eval_dir, export_dir = (output_dir / s for s in ("data", "train", "eval", "export"))
-    split_files = [data_dir / f"{s}.jsonl" for s in DATA_SPLITS if (data_dir / f"{s}.jsonl").is_file()]
-    data_report = _read_json(data_dir / "report.json")
-    train_metrics = _read_json(train_dir / "metrics.json")
-    eval_report = _read_json(eval_dir / "report.json")
-    export_manifest = _read_json(export_dir / "manifest.json")
-
-    data_fingerprint = None
-    if split_files:
-        data_fingerprint = fingerprint_files(split_files)
-    elif train_metrics and train_metrics.get("data_fingerprint"):
-        data_fingerprint = str(train_metrics["data_fingerprint"])
-
-    data = {
-        "fingerprint": data_fingerprint,
-        "rows": {f.stem: _count_lines(f) for f in split_files},
-        "files": {f.name: sha256_file(f) for f in split_files},
-    }
-    if train_metrics and train_metrics.get("data_fingerprint"):
-        data["train_fingerprint"] = train_metrics["data_fingerprint"]
-
-    metrics: dict[str, Any] = {}
-    if eval_report:
-        metrics["eval"] = eval_report.get("metrics", {})
-        if eval_report.get("gates") is not None:
-            metrics["gates"] = eval_report["gates"]
-        if eval_report.get("primary_metric"):
-            metrics["primary_metric"] = eval_report["primary_metric"]
-    if train_metrics:
-        metrics["train"] = {
-            k: train_metrics.get(k)
-            for k in (
-                "final_train_loss",
-                "final_val_loss",
-                "best_val_loss",
-                "step0_val_loss",
-                "steps",
-                "tokens_seen",
-                "tokens_per_second",
-            )
-            if train_metrics.get(k) is not None
-        }
-    if export_manifest:
-        metrics["export"] = {
-            name: {k: entry[k] for k in ("bytes", "perplexity_delta_vs_merged") if k in entry}
-            | ({"perplexity": entry["metric"]["perplexity"]} if "metric" in entry else {})
-            for name, entry in export_manifest.get("artifacts", {}).items()
-        }
-
-    method = (train_metrics or {}).get("method") or getattr(cfg.train, "method", None)
-    meta = {
-        "project": cfg.name,
-        "run_dir": str(output_dir),
-        "base_model": (train_metrics or {}).get("base_model") or cfg.model.name_or_path,
-        "method": method,
-        "hyperparameters": (train_metrics or {}).get("config") or cfg.train.model_dump(mode="json"),
-        "config": cfg.model_dump(mode="json", exclude={"config_path"}),
-        "data": data,
-        "metrics": metrics,
-        "libraries": library_versions(),
-        "lineage": {
-            "data_run": {
-                "path": str(data_dir),
-                "fingerprint": data_fingerprint,
-                "report_sha256": sha256_file(data_dir / "report.json") if data_report else None,
-            },
-            "train_run": {
-                "path": str(train_dir),
-                "metrics_sha256": sha256_file(train_dir / "metrics.json") if train_metrics else None,
-                "init_from": (train_metrics or {}).get("init_from"),
-            },
-            "eval_run": {
-                "path": str(eval_dir),
-                "report_sha256": sha256_file(eval_dir / "report.json") if eval_report else None,
-            },
-            "export": {
-                "path": str(export_dir),
-                "manifest_sha256": sha256_file(export_dir / "manifest.json") if export_manifest else None,
-            },
-        },
-    }
-    return meta, data_fingerprint or "nodata"
-
-
-def _weights_parent(cfg, registry: ModelRegistry) -> str | None:
+def _weights_parent(cfg: ProjectConfig, registry: ModelRegistry) -> str | None:
     """The registered version whose weights training started from (`train.init_from: registry://...`).
 
     A run trained from the base model has no parent: lineage follows weights, not registration order, so a
     rejected or unrelated earlier version never becomes a parent by accident.
     """
     init_from = cfg.train.init_from
-    if not init_from or not str(init_from).startswith("registry://"):
+    if init_from is None or not is_registry_uri(init_from):
         return None
-    return registry.version_of(str(init_from))
-
-
-def register_run(
-    cfg,
-    output_dir,
-    bump: str = "patch",
-    status: str | None = None,
-    reasons: list[str] | None = None,
-    parent: str | None = None,
-) -> str:
-    """Register `<output_dir>` as a new version of `registry.name` (default: the project name).
-
-    status None: `candidate` when the eval gates passed, `rejected` (with the failed gates as
-    reasons) when they failed, `registered` when there is no eval report. parent None: the version
-    `train.init_from` names when it is a registry URI, else none (trained from the base model).
-    """
-    from domaintune.export.runner import verify_manifest
-
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        raise UserError(f"run folder {output_dir} does not exist")
-    registry = registry_from_config(cfg)
-    name = cfg.registry.name or cfg.name
-
-    artifacts: dict[str, Path] = {}
-    for rel in cfg.registry.artifacts:
-        source = output_dir / rel
-        if source.exists():
-            artifacts[rel] = source
-    if not artifacts:
-        raise UserError(
-            f"{output_dir}: none of registry.artifacts {cfg.registry.artifacts} exist; run `domaintune train` "
-            "(and export) first"
-        )
-    if (output_dir / "export" / "manifest.json").is_file() and any(r.split("/")[0] == "export" for r in artifacts):
-        problems = verify_manifest(output_dir / "export")
-        if problems:
-            raise UserError(
-                f"{output_dir / 'export'}: files differ from export/manifest.json: {'; '.join(problems[:3])}"
-            )
-
-    meta, data_hash = gather_run_metadata(cfg, output_dir)
-    if status is None:
-        gates = meta["metrics"].get("gates") or {}
-        if "passed" not in gates:
-            status, reasons = "registered", list(reasons or []) + ["no eval report with gates in the run folder"]
-        elif gates["passed"]:
-            status = "candidate"
-        else:
-            status, reasons = "rejected", list(reasons or []) + list(gates.get("failures", []))
-    if parent is None:
-        parent = _weights_parent(cfg, registry)
-    meta["lineage"]["parent_version"] = parent
-    return registry.register(
-        name,
-        artifacts=artifacts,
-        metadata=meta,
-        data_hash=data_hash,
-        bump=bump,
-        status=status,
-        reasons=reasons,
-        parent=parent,
-    )
+    return registry.version_of(init_from)

@@ -13,6 +13,7 @@ is locked" errors, so two processes registering at once both succeed with distin
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import random
@@ -21,7 +22,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,10 +45,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from domaintune.errors import UserError
+from domaintune.registry.uri import parse_registry_uri
 from domaintune.utils.io import sha256_file
 from domaintune.utils.process import pid_alive
 
-SCHEME = "registry://"
 STATUSES = ("registered", "candidate", "rejected", "archived")
 BUMPS = ("major", "minor", "patch")
 _VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)(?:_|$)")
@@ -130,27 +130,32 @@ def _iso(when: datetime | None = None) -> str:
     return (when or utc_now()).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass(frozen=True)
-class RegistryRef:
-    name: str
-    ref: str
-    subpath: str | None = None
+def _check_register_args(name: str, bump: str, status: str, artifacts: dict[str, str | Path]) -> None:
+    if not _NAME_RE.match(name):
+        raise UserError(f"registry name {name!r}: use letters, digits, '.', '_' and '-'")
+    if bump not in BUMPS:
+        raise UserError(f"--bump {bump!r}: choose one of {', '.join(BUMPS)}")
+    if status not in STATUSES:
+        raise UserError(f"status {status!r}: choose one of {', '.join(STATUSES)}")
+    if not artifacts:
+        raise UserError("nothing to register: no artefacts given")
 
 
-def parse_uri(uri: str) -> RegistryRef:
-    """`registry://name@alias`, `registry://name@v1.2.3[...]`, optionally `/sub/path` inside the version."""
-    if not uri.startswith(SCHEME):
-        raise UserError(f"{uri}: not a registry URI (registry://name@alias or registry://name@v1.2.3)")
-    rest = uri[len(SCHEME) :]
-    if "@" not in rest:
-        raise UserError(f"{uri}: a registry URI looks like registry://name@alias or registry://name@v1.2.3")
-    name, ref = rest.split("@", 1)
-    sub = None
-    if "/" in ref:
-        ref, sub = ref.split("/", 1)
-    if not name or not ref:
-        raise UserError(f"{uri}: a registry URI looks like registry://name@alias or registry://name@v1.2.3")
-    return RegistryRef(name, ref, sub or None)
+def _remove_killed_staging(model_root: Path) -> None:
+    """Staging folders of registers that were killed mid-copy (their process is gone)."""
+    for leftover in model_root.glob(".staging-*"):
+        pid = leftover.name.split("-")[1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _bumped(latest: tuple[int, ...], bump: str) -> tuple[int, int, int]:
+    major, minor, patch = latest
+    if bump == "major":
+        return major + 1, 0, 0
+    if bump == "minor":
+        return major, minor + 1, 0
+    return major, minor, patch + 1
 
 
 def _is_retryable(exc: Exception) -> bool:
@@ -232,102 +237,94 @@ class ModelRegistry:
         parent: str | None = None,
     ) -> str:
         """Copy `artifacts` ({name in the version: source file or folder}) in and record a new version."""
-        if not _NAME_RE.match(name):
-            raise UserError(f"registry name {name!r}: use letters, digits, '.', '_' and '-'")
-        if bump not in BUMPS:
-            raise UserError(f"--bump {bump!r}: choose one of {', '.join(BUMPS)}")
-        if status not in STATUSES:
-            raise UserError(f"status {status!r}: choose one of {', '.join(STATUSES)}")
-        if not artifacts:
-            raise UserError("nothing to register: no artefacts given")
-        short_hash = re.sub(r"[^0-9a-zA-Z]", "", data_hash)[:8] or "nodata"
+        _check_register_args(name, bump, status, artifacts)
         if parent is not None:
             parent = self._version_row(name, parent)["version"]
-
         model_root = self.store / name
         model_root.mkdir(parents=True, exist_ok=True)
-        for leftover in model_root.glob(".staging-*"):  # from a register that was killed mid-copy
-            pid = leftover.name.split("-")[1]
-            if not pid.isdigit() or not pid_alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
+        _remove_killed_staging(model_root)
         staging = model_root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             files = self._copy_in(artifacts, staging)
-            metadata = dict(metadata or {})
+            row = {
+                "data_hash": data_hash,
+                "status": status,
+                "reasons": list(reasons or []),
+                "parent": parent,
+                "meta": dict(metadata or {}),
+            }
 
             def insert(conn: Connection) -> tuple[str, Path]:
-                latest = conn.execute(
-                    select(versions_table.c.major, versions_table.c.minor, versions_table.c.patch)
-                    .where(versions_table.c.name == name)
-                    .order_by(
-                        versions_table.c.major.desc(), versions_table.c.minor.desc(), versions_table.c.patch.desc()
-                    )
-                    .limit(1)
-                ).first()
-                major, minor, patch = latest if latest else (0, 0, 0)
-                if bump == "major":
-                    major, minor, patch = major + 1, 0, 0
-                elif bump == "minor":
-                    minor, patch = minor + 1, 0
-                else:
-                    patch += 1
-                now = utc_now()
-                version = f"v{major}.{minor}.{patch}_{short_hash}_{now.strftime('%Y%m%dT%H%M%SZ')}"
-                final = model_root / version
-                result = conn.execute(
-                    versions_table.insert().values(
-                        name=name,
-                        version=version,
-                        major=major,
-                        minor=minor,
-                        patch=patch,
-                        data_hash=data_hash,
-                        created_at=_iso(now),
-                        status=status,
-                        reasons=list(reasons or []),
-                        parent=parent,
-                        store_path=str(final),
-                        meta=metadata,
-                    )
-                )
-                version_id = result.inserted_primary_key[0]
-                if files:
-                    conn.execute(artifacts_table.insert(), [{"version_id": version_id, **item} for item in files])
-                conn.execute(
-                    events_table.insert().values(
-                        name=name,
-                        version=version,
-                        kind="registered",
-                        details={"status": status, "reasons": list(reasons or []), "bump": bump},
-                        at=_iso(now),
-                    )
-                )
-                return version, final
+                return self._insert_version(conn, name, bump, row, files)
 
-            def attempt() -> str:
-                with self.engine.connect() as conn:
-                    transaction = conn.begin()
-                    try:
-                        version, final = insert(conn)
-                        if final.exists():  # an orphan left by a process killed between rename and commit
-                            shutil.rmtree(final)
-                        os.rename(staging, final)
-                        try:
-                            transaction.commit()
-                        except BaseException:
-                            os.rename(final, staging)
-                            raise
-                    except BaseException:
-                        if transaction.is_active:
-                            transaction.rollback()
-                        raise
-                return version
-
-            return self._with_retry(attempt)
+            return self._with_retry(lambda: self._publish(staging, insert))
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _insert_version(
+        self, conn: Connection, name: str, bump: str, row: dict[str, Any], files: list[dict]
+    ) -> tuple[str, Path]:
+        """Insert the next version's row, its files and a `registered` event; returns (version, its store folder)."""
+        latest = conn.execute(
+            select(versions_table.c.major, versions_table.c.minor, versions_table.c.patch)
+            .where(versions_table.c.name == name)
+            .order_by(versions_table.c.major.desc(), versions_table.c.minor.desc(), versions_table.c.patch.desc())
+            .limit(1)
+        ).first()
+        major, minor, patch = _bumped(tuple(latest) if latest else (0, 0, 0), bump)
+        now = utc_now()
+        short_hash = re.sub(r"[^0-9a-zA-Z]", "", row["data_hash"])[:8] or "nodata"
+        version = f"v{major}.{minor}.{patch}_{short_hash}_{now.strftime('%Y%m%dT%H%M%SZ')}"
+        final = self.store / name / version
+        result = conn.execute(
+            versions_table.insert().values(
+                name=name,
+                version=version,
+                major=major,
+                minor=minor,
+                patch=patch,
+                created_at=_iso(now),
+                store_path=str(final),
+                **row,
+            )
+        )
+        if result.inserted_primary_key is None:
+            raise RuntimeError(f"{name}@{version}: the database returned no id for the new version")
+        version_id = result.inserted_primary_key[0]
+        if files:
+            conn.execute(artifacts_table.insert(), [{"version_id": version_id, **item} for item in files])
+        conn.execute(
+            events_table.insert().values(
+                name=name,
+                version=version,
+                kind="registered",
+                details={"status": row["status"], "reasons": row["reasons"], "bump": bump},
+                at=_iso(now),
+            )
+        )
+        return version, final
+
+    def _publish(self, staging: Path, insert: Callable[[Connection], tuple[str, Path]]) -> str:
+        """Insert the version and rename `staging` into its folder in one transaction: both happen, or neither."""
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                version, final = insert(conn)
+                if final.exists():  # an orphan left by a process killed between rename and commit
+                    shutil.rmtree(final)
+                os.rename(staging, final)
+                try:
+                    transaction.commit()
+                except BaseException:
+                    os.rename(final, staging)
+                    raise
+            except BaseException:
+                if transaction.is_active:
+                    transaction.rollback()
+                raise
+        return version
 
     @staticmethod
     def _copy_in(artifacts: dict[str, str | Path], staging: Path) -> list[dict]:
@@ -482,11 +479,11 @@ class ModelRegistry:
         }
 
     def version_of(self, uri: str) -> str:
-        ref = parse_uri(uri)
+        ref = parse_registry_uri(uri)
         return self._version_row(ref.name, ref.ref)["version"]
 
     # ------------------------------------------------------------------ resolve and verify
-    def verify(self, name: str, ref: str, under: str | None = None) -> list[str]:
+    def verify(self, name: str, ref: str, under: str | None = None) -> builtins.list[str]:
         """Problems with a version's stored files (missing, changed, or unexpected); empty when intact."""
         info = self.show(name, ref)
         root = Path(info["store_path"])
@@ -514,16 +511,17 @@ class ModelRegistry:
         (the trained adapter or full model, loadable with `load_trained`); if the version has no
         `model/`, to `export/merged/`. `registry://name@ref/export/gguf` names a sub-path.
         """
-        ref = parse_uri(uri)
+        ref = parse_registry_uri(uri)
         info = self.show(ref.name, ref.ref)
         root = Path(info["store_path"])
         stored = {f["path"] for f in info["artifacts"]}
         if ref.subpath:
             sub = ref.subpath.strip("/")
         else:
-            sub = next((c for c in ("model", "export/merged") if any(p.startswith(c + "/") for p in stored)), None)
-            if sub is None:
+            found = next((c for c in ("model", "export/merged") if any(p.startswith(c + "/") for p in stored)), None)
+            if found is None:
                 raise UserError(f"{uri}: version {info['version']} holds no model/ or export/merged/ to load")
+            sub = found
         if sub not in stored and not any(p.startswith(sub + "/") for p in stored):
             raise UserError(f"{uri}: version {info['version']} has no artefact {sub!r}")
         problems = self.verify(ref.name, info["version"], under=sub)
@@ -533,7 +531,7 @@ class ModelRegistry:
         return root / sub
 
     # ------------------------------------------------------------------ status, aliases, events
-    def set_status(self, name: str, ref: str, status: str, reasons: list[str] | None = None) -> str:
+    def set_status(self, name: str, ref: str, status: str, reasons: builtins.list[str] | None = None) -> str:
         if status not in STATUSES:
             raise UserError(f"status {status!r}: choose one of {', '.join(STATUSES)}")
 
@@ -634,8 +632,8 @@ class ModelRegistry:
 
         return self._transaction(update)
 
-    def _alias_stack(self, conn: Connection, name: str, alias: str) -> list[str]:
-        stack: list[str] = []
+    def _alias_stack(self, conn: Connection, name: str, alias: str) -> builtins.list[str]:
+        stack: builtins.list[str] = []
         for action, version in conn.execute(
             select(alias_history_table.c.action, alias_history_table.c.version)
             .where(alias_history_table.c.name == name, alias_history_table.c.alias == alias)
@@ -685,7 +683,7 @@ class ModelRegistry:
 
         return self._transaction(update)
 
-    def alias_history(self, name: str, alias: str | None = None) -> list[dict]:
+    def alias_history(self, name: str, alias: str | None = None) -> builtins.list[dict]:
         with self.engine.connect() as conn:
             query = select(alias_history_table).where(alias_history_table.c.name == name)
             if alias is not None:
@@ -717,7 +715,7 @@ class ModelRegistry:
 
         self._transaction(insert)
 
-    def events(self, name: str, version: str | None = None) -> list[dict]:
+    def events(self, name: str, version: str | None = None) -> builtins.list[dict]:
         with self.engine.connect() as conn:
             query = select(events_table).where(events_table.c.name == name)
             if version is not None:
@@ -731,11 +729,11 @@ class ModelRegistry:
         ma, mb = a["metadata"] or {}, b["metadata"] or {}
 
         def changed(x: dict, y: dict) -> dict:
-            fx, fy = _flatten(x), _flatten(y)
+            fx, fy = flatten_keys(x), flatten_keys(y)
             return {k: {"a": fx.get(k), "b": fy.get(k)} for k in sorted(set(fx) | set(fy)) if fx.get(k) != fy.get(k)}
 
         metrics: dict[str, dict] = {}
-        fa, fb = _flatten(ma.get("metrics", {})), _flatten(mb.get("metrics", {}))
+        fa, fb = flatten_keys(ma.get("metrics", {})), flatten_keys(mb.get("metrics", {}))
         for key in sorted(set(fa) | set(fb)):
             va, vb = fa.get(key), fb.get(key)
             if va == vb:
@@ -757,10 +755,11 @@ class ModelRegistry:
         }
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys (`eval.test.tuned.chrf`)."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_keys(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
