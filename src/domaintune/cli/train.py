@@ -11,6 +11,7 @@ from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, console, frie
 
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
+    from domaintune.train.distributed import LaunchSpec
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -57,7 +58,9 @@ def train(
         _print_summary(cfg, metrics)
 
 
-def _launch_through_torchrun(cfg: ProjectConfig, config: Path, set_: list[str] | None, resume: bool, spec) -> None:
+def _launch_through_torchrun(
+    cfg: ProjectConfig, config: Path, set_: list[str] | None, resume: bool, spec: LaunchSpec
+) -> None:
     """Re-run this command as `spec.nproc` torchrun workers on this node; fail with torchrun's exit status."""
     from domaintune.errors import UserError
     from domaintune.train import distributed as dist

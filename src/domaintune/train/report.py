@@ -19,6 +19,9 @@ from domaintune.utils.versions import library_versions
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
 
+# The libraries train/metrics.json records the versions of.
+TRAIN_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "domaintune")
+
 
 @dataclass
 class TrainOutcome:
@@ -68,7 +71,7 @@ def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Se
         "data_fingerprint": data.fingerprint,
         "truncated": data.info["truncated"],
         "params": out.params,
-        "versions": library_versions(),
+        "versions": library_versions(TRAIN_LIBRARIES),
         "device": {**device_summary(), "allocator": out.speed.get("allocator", {"malloc": "unchanged"})},
         "speed": out.speed.get("why", {}),
         "precision": tcfg.precision,

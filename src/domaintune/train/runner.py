@@ -21,7 +21,7 @@ from domaintune.model.loader import load_tokenizer
 from domaintune.train import distributed, speed
 from domaintune.train.checkpoints import last_complete_checkpoint, prepare_train_dir, resume_point
 from domaintune.train.config import TrainConfig
-from domaintune.train.data import build_datasets
+from domaintune.train.data import TrainData, build_datasets
 from domaintune.train.init_from import Start, resolve_start
 from domaintune.train.report import TrainOutcome, build_metrics, write_reports
 from domaintune.train.save import save_model
@@ -52,23 +52,15 @@ def run_train(
     seed = tcfg.seed if tcfg.seed is not None else cfg.seed
     session = _setup_process(tcfg, layout)
     resume_from = resume_point(layout, resume)
-    layout.train_dir.mkdir(parents=True, exist_ok=True)
     start = resolve_start(cfg)
     tokenizer = load_tokenizer(start.model_cfg, start.model_dir)
     data = build_datasets(cfg, layout, tokenizer, seed)
-    if session.world.is_main:  # only rank 0 writes; the others wait for it
-        prepare_train_dir(layout, tcfg, data.fingerprint, resume)
-    session.barrier()
+    _setup_train_dir(layout, tcfg, data, resume, session)
     model, params, engaged = _setup_model(cfg, start, seed, session)
     parts = TrainerParts(model, tokenizer, data, seed, resume, engaged.get("fused_head_loss", False))
-    if tcfg.trainer_loss == "distill":
-        parts.teacher = _load_teacher(cfg, model)
+    parts.teacher = _setup_teacher(cfg, model)
     trainer, timer = build_trainer(cfg, layout, parts, session, extra_callbacks)
-
-    train_start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_wall = time.perf_counter() - train_start
-
+    output, train_wall = _train(trainer, resume_from)
     saved_kind = save_model(trainer, tokenizer, layout, start, tcfg, distributed=session.active)
     outcome = TrainOutcome(trainer, output, timer, saved_kind, train_wall, started, resume_from, params, engaged)
     metrics = build_metrics(cfg, start, data, session, outcome)
@@ -111,8 +103,28 @@ def _setup_model(cfg: ProjectConfig, start: Start, seed: int, session: distribut
     return model, params, engaged
 
 
-def _load_teacher(cfg: ProjectConfig, student):
+def _setup_train_dir(
+    layout: RunLayout, tcfg: TrainConfig, data: TrainData, resume: bool, session: distributed.Session
+) -> None:
+    """train/ exists, and rank 0 has checked or recorded what the checkpoints in it are of."""
+    layout.train_dir.mkdir(parents=True, exist_ok=True)
+    if session.world.is_main:  # only rank 0 writes; the others wait for it
+        prepare_train_dir(layout, tcfg, data.fingerprint, resume)
+    session.barrier()
+
+
+def _setup_teacher(cfg: ProjectConfig, student):
+    """Distillation's teacher (None for every other method)."""
+    if cfg.train.trainer_loss != "distill":
+        return None
     from domaintune.train.distill import load_teacher
 
     assert cfg.train.distill is not None  # the config requires it for method distill
     return load_teacher(cfg.train.distill.teacher, cfg, student)
+
+
+def _train(trainer, resume_from) -> tuple[Any, float]:
+    """Trainer.train from the start or the resume checkpoint; returns its output and the wall seconds it took."""
+    train_start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return output, time.perf_counter() - train_start
