@@ -30,7 +30,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "limited": {"models": ["med-a"]},
         "slow": {"rpm": 3},
         "tokens": {"tpm": 60},
-        "daily": {"daily_tokens": 30},
+        "daily": {"daily_tokens": 80},
         "revoked": {},
     }.items():
         keys[name] = state.store.create_key(name, **kwargs)[1]
@@ -246,11 +246,11 @@ def test_rate_limit_token_limit_and_daily_quota(server):
     assert "tokens per minute" in e.value.message and "retry-after" in e.value.response.headers
 
     daily = client(server, "daily")
-    chat(daily, max_tokens=2)  # the first request uses the quota up (prompt alone is ~30 tokens)
+    used = chat(daily, max_tokens=10).usage.total_tokens  # ~30 prompt tokens + at most 10
     with pytest.raises(openai.RateLimitError) as e:
-        chat(daily, max_tokens=2)
+        chat(daily, max_tokens=60 - used)  # reserves more than the 80 - used left
     assert e.value.code == "daily_quota_exceeded"
-    assert "daily token quota exhausted" in e.value.message and "of its 30 tokens" in e.value.message
+    assert f"only {80 - used} of the key's 80 tokens are left" in e.value.message
     assert int(e.value.response.headers["retry-after"]) > 0
 
 

@@ -8,7 +8,7 @@ from domaintune.config import ConfigError, config_from_dict
 from domaintune.errors import UserError
 from domaintune.serve.engines import choose_engine, vllm_unavailable_reason
 from domaintune.serve.engines.transformers import IncrementalText
-from domaintune.serve.limits import RateLimiter
+from domaintune.serve.limits import LimitExceeded, MemoryLimits, Quota
 
 
 def test_engine_choice_is_explicit_about_vllm():
@@ -22,23 +22,49 @@ def test_engine_choice_is_explicit_about_vllm():
     assert choose_engine("transformers")[0] == "transformers"
 
 
-def test_rate_limiter_windows_and_retry_after():
+def test_limits_reserve_settle_and_retry_after():
     now = [1000.0]
-    rl = RateLimiter(clock=lambda: now[0])
-    assert rl.check_request("k", 2) is None and rl.check_request("k", 2) is None
+    limits = MemoryLimits(lambda key_id, day: 0, clock=lambda: now[0])
+    rpm = Quota("k", rpm=2)
+    limits.admit(rpm, 0)
+    limits.admit(rpm, 0)
     now[0] += 20
-    over = rl.check_request("k", 2)
-    assert over is not None and over.retry_after_s == 40  # the first request leaves the window at t+60
+    with pytest.raises(LimitExceeded) as over:
+        limits.admit(rpm, 0)
+    assert over.value.retry_after_s == 40  # the first request leaves the window at t+60
     now[0] += 40
-    assert rl.check_request("k", 2) is None
-    assert rl.check_tokens("k", 100, 60) is None
-    rl.add_tokens("k", 60)
+    limits.admit(rpm, 0)
+
+    tpm = Quota("t", tpm=100)
+    first = limits.admit(tpm, 60)  # reserved: prompt + max_tokens
+    limits.settle(first, 50)  # used 50: 10 refunded
     now[0] += 15
-    rl.add_tokens("k", 30)
-    over = rl.check_tokens("k", 100, 20)
-    assert over is not None and over.retry_after_s == 45 and "90 of 100" in over.message
-    assert "more than the key's limit" in rl.check_tokens("k", 100, 101).message
-    assert rl.check_tokens("k", None, 10**9) is None
+    limits.admit(tpm, 30)
+    with pytest.raises(LimitExceeded) as over:
+        limits.admit(tpm, 21)  # 80 used or reserved + 21 > 100
+    assert over.value.retry_after_s == 45 and "80 of 100" in over.value.message
+    with pytest.raises(LimitExceeded, match="more than the key's limit"):
+        limits.admit(tpm, 101)
+    limits.admit(Quota("free"), 10**9)  # no limits: always admitted
+
+
+def test_daily_quota_reserves_and_refunds_and_starts_from_the_store():
+    limits = MemoryLimits(lambda key_id, day: 70)  # 70 tokens already used today, per the store
+    daily = Quota("d", daily=100)
+    with pytest.raises(LimitExceeded) as over:
+        limits.admit(daily, 31)
+    assert over.value.code == "daily_quota_exceeded" and "only 30" in over.value.message
+    held = limits.admit(daily, 30)
+    with pytest.raises(LimitExceeded):
+        limits.admit(daily, 1)  # everything left is reserved
+    limits.settle(held, 10)  # 20 refunded
+    limits.admit(daily, 20)
+    with pytest.raises(LimitExceeded) as over:
+        limits.admit(daily, 1)
+    assert "exhausted" in over.value.message and over.value.retry_after_s > 0
+    released = limits.admit(Quota("r", rpm=1, daily=100), 0)
+    limits.release(released)  # a request refused after admission gives its slot back
+    limits.admit(Quota("r", rpm=1, daily=100), 0)
 
 
 class _CharTokenizer:

@@ -2,7 +2,9 @@
 
 `build_state(cfg, output_dir)` (serve/state.py) loads the models and opens the store (slow, done
 once before the server listens); `create_app(state)` returns the fastapi app: request ids and the
-body size limit as middleware, OpenAI's error JSON for every error, and the routers of routes.py.
+declared body size limit as middleware (bodies are also counted as they arrive, see routes.py),
+OpenAI's error JSON for every error, and the routers of routes.py. /openapi.json describes every
+request body, so the API can be fuzzed against its own schema.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 
 from domaintune.serve.generation import metric_labels
 from domaintune.serve.observability import request_id_var
-from domaintune.serve.protocol import ApiError, too_large
+from domaintune.serve.protocol import ApiError, ChatBody, CompletionBody, FeedbackBody, LoadModelBody, too_large
 from domaintune.serve.routes import admin_router, openai_router, ops_router
 from domaintune.serve.state import ServeState, build_state
 
@@ -39,7 +44,23 @@ def create_app(state: ServeState) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(ops_router)
     app.include_router(admin_router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # fastapi's documented way to extend it
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """fastapi's schema plus the request bodies that the routes read themselves (after authentication)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema(
+            [(m, "validation") for m in (ChatBody, CompletionBody, FeedbackBody, LoadModelBody)],
+            ref_template="#/components/schemas/{model}",
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 @contextlib.asynccontextmanager

@@ -3,15 +3,18 @@
 The controller is plain logic (no HTTP, no clock of its own): the server feeds it each request's
 outcome and each feedback rating, and acts on the decisions it returns. Tests inject outcomes.
 `setup_canary` wires a controller into the server; `on_canary_decision` is what a decision does
-there (metrics, the serve store's event log, the registry's events and aliases).
+there (metrics, the serve store's event log, the registry's events and aliases). Replicas sharing
+one store follow each other's decisions: `refresh_canary` reads new decision events every few seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -84,6 +87,8 @@ class CanaryController:
         self.candidate_total = 0
         self.decision: Decision | None = None
         self._lock = threading.Lock()
+        self.synced_at = time.monotonic()  # when the store's decision events were last read
+        self.last_event_id = 0
 
     # ---- routing --------------------------------------------------------------------------------
     def bucket(self, subject: str) -> float:
@@ -191,6 +196,14 @@ class CanaryController:
             self.on_decision(decision)
         return decision
 
+    def adopt(self, state: str, reason: str, manual: bool) -> bool:
+        """Take a decision another replica made (not announced again); False when already decided here."""
+        with self._lock:
+            if self.state != RUNNING or state == RUNNING:
+                return False
+            self._decide(state, reason, manual)
+            return True
+
     def rollback(self, reason: str = "rolled back by an operator") -> Decision:
         with self._lock:
             decision = self._decide(ROLLED_BACK, reason, manual=True)
@@ -230,26 +243,56 @@ def setup_canary(state: ServeState, cfg: CanaryConfig) -> None:
     stable = state.catalog.add(f"{cfg.model}@stable", cfg.stable, hidden=True)
     candidate = state.catalog.add(f"{cfg.model}@candidate", cfg.candidate, hidden=True)
     state.canary_arms = {STABLE: stable, CANDIDATE: candidate}
-    initial = _decided_before(state, cfg)
+    initial, last_id = _decided_before(state, cfg)
     state.canary = CanaryController(cfg, on_decision=lambda d: on_canary_decision(state, cfg, d), state=initial)
+    state.canary.last_event_id = last_id
     state.metrics.canary_state.labels(cfg.model).set(STATE_CODES[initial])
     if initial != RUNNING:
         log.warning("canary for %s starts %s (decided before a restart)", cfg.model, initial)
 
 
-def _decided_before(state: ServeState, cfg: CanaryConfig) -> str:
-    """A decision taken before a restart stands for the same stable/candidate pair."""
-    initial = RUNNING
+def _decision_of(ev: Any, cfg: CanaryConfig) -> str | None:
+    """The state a stored event decided for this canary's stable/candidate pair (None: another event)."""
+    d = ev.details
+    if (
+        ev.kind in DECISION_EVENTS.values()
+        and d.get("model") == cfg.model
+        and d.get("stable_source") == cfg.stable
+        and d.get("candidate_source") == cfg.candidate
+    ):
+        return ROLLED_BACK if ev.kind == DECISION_EVENTS[ROLLED_BACK] else PROMOTED
+    return None
+
+
+def _decided_before(state: ServeState, cfg: CanaryConfig) -> tuple[str, int]:
+    """(state, last event id): a decision taken before a restart stands for the same stable/candidate pair."""
+    initial, last_id = RUNNING, 0
     for ev in state.store.events():
-        d = ev.details
-        if (
-            ev.kind in DECISION_EVENTS.values()
-            and d.get("model") == cfg.model
-            and d.get("stable_source") == cfg.stable
-            and d.get("candidate_source") == cfg.candidate
-        ):
-            initial = ROLLED_BACK if ev.kind == DECISION_EVENTS[ROLLED_BACK] else PROMOTED
-    return initial
+        initial = _decision_of(ev, cfg) or initial
+        last_id = max(last_id, ev.id)
+    return initial, last_id
+
+
+SYNC_EVERY_S = 2.0
+
+
+async def refresh_canary(state: ServeState) -> None:
+    """Follow decisions other replicas stored since the last look (at most every SYNC_EVERY_S seconds)."""
+    canary = state.canary
+    if canary is None or canary.state != RUNNING or time.monotonic() - canary.synced_at < SYNC_EVERY_S:
+        return
+    canary.synced_at = time.monotonic()
+    try:
+        events = await asyncio.to_thread(state.store.events, None, canary.last_event_id)
+    except Exception as exc:  # the store is down: keep routing as now, readiness reports the store
+        log.warning("could not read canary decisions from the store: %s", exc)
+        return
+    for ev in events:
+        canary.last_event_id = max(canary.last_event_id, ev.id)
+        decided = _decision_of(ev, canary.cfg)
+        if decided and canary.adopt(decided, str(ev.details.get("reason", "")), bool(ev.details.get("manual"))):
+            state.metrics.canary_state.labels(canary.cfg.model).set(STATE_CODES[decided])
+            log.warning("canary for %s is %s (decided by another replica)", canary.cfg.model, decided)
 
 
 def on_canary_decision(state: ServeState, cfg: CanaryConfig, decision: Decision) -> None:

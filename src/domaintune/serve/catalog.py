@@ -68,16 +68,30 @@ def _weights_folder(path: Path) -> Path:
     raise UserError(f"{path}: no adapter_config.json or config.json here (nor in model/ or export/merged/)")
 
 
+_VERSION_CACHE: dict[tuple[str, int, int], str] = {}  # (file, size, mtime) -> sha256 of its bytes
+
+
+def _file_digest(item: Path) -> str:
+    stat = item.stat()
+    key = (str(item.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _VERSION_CACHE.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with item.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = _VERSION_CACHE[key] = h.hexdigest()
+    return digest
+
+
 def local_version(path: Path) -> str:
-    """A short content id for unregistered folders: sha256 of the config and the weight files' sizes."""
+    """A short content id for unregistered folders: sha256 over the config and weight files' contents."""
     digest = hashlib.sha256()
     for item in sorted(path.iterdir()):
         if item.is_file() and item.suffix in (".json", ".safetensors", ".bin"):
             digest.update(item.name.encode())
-            digest.update(str(item.stat().st_size).encode())
-            if item.suffix == ".json":
-                digest.update(item.read_bytes())
-    return "local-" + digest.hexdigest()[:10]
+            digest.update(_file_digest(item).encode())
+    return "local-" + digest.hexdigest()[:12]
 
 
 class Catalog:
@@ -89,6 +103,7 @@ class Catalog:
         self.base_name: str | None = None
         self._lock = threading.RLock()
         self._backbone_paths: dict[str, str] = {}  # resolved path -> backbone key
+        self._adapters_added = 0  # engine adapter keys are `adapter<n>`, never the public name
 
     # ---- resolution -----------------------------------------------------------------------------
     def registry(self):
@@ -152,7 +167,9 @@ class Catalog:
                     parent_name = parent
                 else:
                     backbone, parent_name = self._adapter_backbone(name, base_path)
-                adapter_key = f"{name}"
+                # peft refuses names with '.' and treats `__base__` as "no adapter": the engine gets its own key.
+                self._adapters_added += 1
+                adapter_key = f"adapter{self._adapters_added}"
                 self.engine.add_adapter(adapter_key, folder, backbone)
                 model = ServedModel(
                     name,

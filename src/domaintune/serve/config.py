@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from domaintune.utils.config_types import ConfigPath, StrictModel
+from domaintune.utils.names import check_model_name
 
 
 class ServedModelConfig(StrictModel):
@@ -22,6 +23,11 @@ class ServedModelConfig(StrictModel):
         None,
         description="Served model an adapter applies to (default: the adapter's recorded base, normally the base).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_model_name(value)
 
 
 class CanaryConfig(StrictModel):
@@ -40,6 +46,11 @@ class CanaryConfig(StrictModel):
     auto_promote: bool = Field(True, description="Promote automatically once `promote_after` requests passed.")
     salt: str = Field("canary", description="Salt of the sticky hash (change it to reshuffle who gets the candidate).")
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return check_model_name(value)
+
     @model_validator(mode="after")
     def _check(self) -> CanaryConfig:
         if self.min_requests > self.window:
@@ -57,7 +68,10 @@ class ServeConfig(StrictModel):
             "(the choice and its reason are logged at start). `vllm` fails when it cannot run."
         ),
     )
-    base_name: str | None = Field(None, description="Public name of the base model (default: model.name_or_path).")
+    base_name: str | None = Field(
+        None,
+        description="Public name of the base model (default: model.name_or_path, or its last part when it is a path).",
+    )
     serve_base: bool = Field(True, description="List and serve the base model itself.")
     serve_trained: bool = Field(
         True,
@@ -84,19 +98,61 @@ class ServeConfig(StrictModel):
     max_context_tokens: int | None = Field(
         None, ge=16, description="Context length to enforce (default: the model's max_position_embeddings)."
     )
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Larger request bodies get 413 (counted as they arrive, chunked ones too)."
+    )
     require_api_key: bool = Field(True, description="Require `Authorization: Bearer <key>` on /v1 endpoints.")
     store_url: str | None = Field(
-        None, description="SQLAlchemy URL of the key/request/feedback store (default: sqlite in <output_dir>/serve/)."
+        None,
+        description=(
+            "SQLAlchemy URL of the key/usage/request/feedback/canary store (default: sqlite in <output_dir>/serve/); "
+            "several replicas share one, e.g. postgresql+psycopg://user:pass@db/domaintune."
+        ),
+    )
+    limits_url: str | None = Field(
+        None,
+        description=(
+            "Where rate-limit, token-quota and failed-auth counters live: unset keeps them in this process's "
+            "memory (one replica); `redis://host:6379/0` shares them between replicas."
+        ),
     )
     log_requests: bool = Field(True, description="Store every request/response (PII-redacted) for the feedback loop.")
     redact_pii: bool = Field(True, description="Redact PII (data stage's redactor) before anything is stored.")
     metrics_require_key: bool = Field(False, description="Require an admin key for /metrics.")
     key_hash_iterations: int = Field(100_000, ge=1000, description="PBKDF2-SHA256 iterations for API key hashes.")
+    auth_failures_per_minute: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Key checks that may fail per minute, per client address and per key id; beyond it such checks get 429 "
+            "without being hashed (keys already verified on this replica keep working)."
+        ),
+    )
+    max_pending_key_checks: int = Field(
+        32, ge=1, description="Key hashes queued at once; beyond it new unverified keys get 429 at no cost."
+    )
+    feedback_per_minute: int = Field(30, ge=1, description="Feedback posts per minute per key (or client address).")
+    max_feedback_per_request: int = Field(5, ge=1, description="Feedback rows one logged request may receive.")
+    max_feedback_chars: int = Field(10_000, ge=1, description="Longest correction or comment accepted, in characters.")
+    cpu_workers: int = Field(
+        2, ge=1, description="Threads for request CPU work off the event loop (JSON parsing, chat template, tokens)."
+    )
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     feedback_dir: ConfigPath | None = Field(
         None, description="Where `domaintune feedback export` writes (default: <output_dir>/feedback)."
     )
+
+    @field_validator("base_name")
+    @classmethod
+    def _base_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)
+
+    @field_validator("limits_url")
+    @classmethod
+    def _limits_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use redis://host:port/db (or rediss://, unix://); leave it unset for in-memory limits")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

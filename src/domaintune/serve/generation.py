@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from domaintune.serve.canary import refresh_canary
 from domaintune.serve.catalog import ServedModel
 from domaintune.serve.config import ServeConfig
-from domaintune.serve.engines import Completion, GenRequest, QueueFullError, SamplingParams
-from domaintune.serve.limits import LimitExceeded
+from domaintune.serve.engines import Backbone, Completion, GenRequest, QueueFullError, SamplingParams
+from domaintune.serve.limits import LimitExceeded, Quota, Reservation
 from domaintune.serve.protocol import (
     DONE,
     UNSUPPORTED,
@@ -35,6 +35,7 @@ from domaintune.serve.protocol import (
     bad_request,
     completion_response,
     generation_failed,
+    header_value,
     sse,
     stream_chunk,
     timed_out,
@@ -42,8 +43,11 @@ from domaintune.serve.protocol import (
 )
 from domaintune.serve.state import Redactor, ServeState
 from domaintune.serve.store import ApiKey
+from domaintune.utils.names import model_name_problem
 
 log = logging.getLogger("domaintune.serve")
+
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (as vLLM does)
 
 
 @dataclass
@@ -62,12 +66,21 @@ class Job:
     params: SamplingParams
     started: float
     gen: GenRequest
+    reservation: Reservation | None = None
+    accounted: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """True for the first caller only: a job is accounted for exactly once, however it ended."""
+        with self._lock:
+            first, self.accounted = not self.accounted, True
+            return first
 
     def headers(self) -> dict[str, str]:
         return {
-            "x-request-id": self.response_id,
-            "x-domaintune-served": self.served.name,
-            "x-domaintune-version": self.served.version,
+            "x-request-id": header_value(self.response_id),
+            "x-domaintune-served": header_value(self.served.name),
+            "x-domaintune-version": header_value(self.served.version),
         }
 
     def usage(self, completion: Completion) -> dict[str, int]:
@@ -100,47 +113,19 @@ def _classify(completion: Completion) -> str:
 
 
 # ---- admission ----------------------------------------------------------------------------------
-def _rate_limited(over: LimitExceeded) -> ApiError:
-    return ApiError(
-        429,
-        over.message,
-        "rate_limit_error",
-        "rate_limit_exceeded",
-        headers={"Retry-After": str(over.retry_after_s)},
-    )
+def _limited(over: LimitExceeded) -> ApiError:
+    return ApiError(429, over.message, over.type, over.code, headers={"Retry-After": str(over.retry_after_s)})
 
 
-def _seconds_to_utc_midnight() -> int:
-    now = datetime.now(timezone.utc)
-    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return max(1, math.ceil((tomorrow - now).total_seconds()))
-
-
-def check_request_rate(state: ServeState, key: ApiKey | None) -> None:
-    if key is not None:
-        over = state.limiter.check_request(key.id, key.rpm)
-        if over:
-            raise _rate_limited(over)
-
-
-async def check_token_limits(state: ServeState, key: ApiKey | None, needed_tokens: int) -> None:
-    """Tokens per minute, then the daily quota (kept in the store, so it survives restarts)."""
-    if key is None:
-        return
-    over = state.limiter.check_tokens(key.id, key.tpm, needed_tokens)
-    if over:
-        raise _rate_limited(over)
-    if key.daily_tokens is not None:
-        used = await asyncio.to_thread(state.store.tokens_used_today, key.id)
-        if used >= key.daily_tokens:
-            raise ApiError(
-                429,
-                f"daily token quota exhausted: this key has used {used} of its {key.daily_tokens} tokens today "
-                "(UTC); the quota resets at 00:00 UTC",
-                "insufficient_quota",
-                "daily_quota_exceeded",
-                headers={"Retry-After": str(_seconds_to_utc_midnight())},
-            )
+async def reserve(state: ServeState, key: ApiKey | None, tokens: int) -> Reservation | None:
+    """Count the request and reserve its most tokens against the key's rpm, tpm and daily quota at once."""
+    if key is None or (key.rpm is None and key.tpm is None and key.daily_tokens is None):
+        return None
+    quota = Quota(key.id, key.rpm, key.tpm, key.daily_tokens)
+    try:
+        return await state.limit(state.limits.admit, quota, tokens)
+    except LimitExceeded as over:
+        raise _limited(over) from None
 
 
 def route(
@@ -148,9 +133,14 @@ def route(
 ) -> tuple[ServedModel, str | None]:
     """The served model for `body.model`, and the canary arm when it is the canary's public name."""
     public = body.model
+    problem = model_name_problem(public)
+    if problem:
+        raise bad_request(problem, "model", "invalid_model_name")
     canary = state.canary
     is_canary = canary is not None and public == canary.cfg.model
     served = None if is_canary else state.catalog.get(public)
+    if served is not None and served.hidden:  # canary arms are reached through the public name only
+        served = None
     if not is_canary and served is None:
         raise ApiError(
             404,
@@ -178,8 +168,29 @@ def route(
     return served, arm
 
 
+def _prompt_text_length(body: GenerationBody) -> int:
+    """Characters of the prompt's text (a lower bound for the templated prompt)."""
+    if isinstance(body, ChatBody):
+        return sum(len(m.text()) for m in body.messages)
+    if isinstance(body, CompletionBody):
+        return len(body.single_prompt())
+    return 0
+
+
+def _refuse_surely_too_long(bb: Backbone, body: GenerationBody, ctx: int) -> None:
+    """Refuse a prompt that cannot fit before tokenising it: no token covers more than `max_token_chars`."""
+    chars = _prompt_text_length(body)
+    if bb.max_token_chars and chars > ctx * bb.max_token_chars:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, your prompt has {chars} characters, "
+            f"at least {chars // bb.max_token_chars} tokens. Please reduce the length of the prompt.",
+            "messages" if isinstance(body, ChatBody) else "prompt",
+            "context_length_exceeded",
+        )
+
+
 def _prompt(tokenizer: Any, body: GenerationBody) -> tuple[list[int], Any]:
-    """(prompt token ids, what the request log keeps) for a chat or a completion body."""
+    """(prompt token ids, what the request log keeps) for a chat or a completion body (CPU work: runs in a pool)."""
     if isinstance(body, ChatBody):
         messages = body.chat_messages()
         try:
@@ -189,7 +200,10 @@ def _prompt(tokenizer: Any, body: GenerationBody) -> tuple[list[int], Any]:
         return tokenizer(text, add_special_tokens=False)["input_ids"], messages
     if isinstance(body, CompletionBody):
         prompt = body.single_prompt()
-        return tokenizer(prompt)["input_ids"], prompt
+        ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise bad_request("the prompt is empty: give at least one token of text", "prompt", "empty_prompt")
+        return ids, prompt
     raise TypeError(f"{type(body).__name__} is neither a chat nor a completion body")
 
 
@@ -235,9 +249,11 @@ def sampling(scfg: ServeConfig, body: GenerationBody, prompt_tokens: int, ctx: i
                 "max_tokens",
                 "context_length_exceeded",
             )
+    temperature = scfg.default_temperature if body.temperature is None else body.temperature
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=scfg.default_temperature if body.temperature is None else body.temperature,
+        # Below GREEDY_BELOW the distribution is an argmax anyway, and dividing by it overflows: decode greedily.
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=scfg.default_top_p if body.top_p is None else body.top_p,
         stop=body.stops(),
         seed=body.seed,
@@ -248,13 +264,15 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
     """Admit the request and queue it on the engine; every refusal is an ApiError."""
     started = time.monotonic()
     scfg = state.scfg
-    check_request_rate(state, key)
+    await refresh_canary(state)
     served, arm = route(state, request, key, body)
     bb = state.engine.backbone(served.backbone)
-    prompt_ids, prompt_record = _prompt(bb.tokenizer, body)
     ctx = bb.context_length if scfg.max_context_tokens is None else min(bb.context_length, scfg.max_context_tokens)
+    _refuse_unsupported(body)
+    _refuse_surely_too_long(bb, body, ctx)
+    prompt_ids, prompt_record = await state.cpu(_prompt, bb.tokenizer, body)
     params = sampling(scfg, body, len(prompt_ids), ctx)
-    await check_token_limits(state, key, len(prompt_ids) + params.max_tokens)
+    reservation = await reserve(state, key, len(prompt_ids) + params.max_tokens)
     endpoint = "chat" if isinstance(body, ChatBody) else "completion"
     rid = request.state.rid
     response_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{rid}"
@@ -271,9 +289,12 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
     job = Job(
         rid, response_id, endpoint, body.model, served, arm, key, prompt_record, len(prompt_ids), params, started, gen
     )
+    job.reservation = reservation
     try:
         state.engine.submit(gen)
     except QueueFullError as exc:
+        if reservation is not None:
+            await state.limit(state.limits.release, reservation)
         raise ApiError(
             503,
             f"server overloaded: {exc}; retry shortly",
@@ -287,14 +308,22 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
 
 # ---- accounting ---------------------------------------------------------------------------------
 def finish_job(state: ServeState, job: Job, status: int, completion: Completion | None, outcome: str) -> None:
-    """Account for a finished job: metrics, usage, request log, canary evidence (runs in a thread)."""
+    """Account for a finished job, once: metrics, usage (the reservation settled), request log, canary evidence.
+
+    Runs in a thread. The usage settled is what the request really took: its prompt and the tokens generated.
+    """
+    if not job.claim():
+        return
     latency = time.monotonic() - job.started
     completion_tokens = completion.completion_tokens if completion else 0
-    _count(state, job, status, completion, outcome, latency)
     total = job.prompt_tokens + completion_tokens
-    if job.key is not None:
-        state.limiter.add_tokens(job.key.id, total)
-        state.store.add_usage(job.key.id, total)
+    try:
+        if job.reservation is not None:
+            state.limits.settle(job.reservation, total)
+        if job.key is not None:
+            state.store.add_usage(job.key.id, total, job.reservation.day if job.reservation else None)
+    finally:
+        _count(state, job, status, completion, outcome, latency)
     if state.scfg.log_requests:
         _log_request(state, job, status, completion, outcome, latency)
     if job.arm is not None and state.canary is not None and outcome != "cancelled":
@@ -407,8 +436,9 @@ async def respond(state: ServeState, job: Job, body: GenerationBody) -> Response
     """The answer as one JSON object, or as a stream of server-sent events when the client asked for one."""
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(
+        return JobStream(
             _stream(state, job, body, created),
+            on_close=lambda: abandon(state, job),
             media_type="text/event-stream",
             headers={**job.headers(), "Cache-Control": "no-cache"},
         )
@@ -418,8 +448,8 @@ async def respond(state: ServeState, job: Job, body: GenerationBody) -> Response
         job.gen.cancelled.set()
         await asyncio.to_thread(finish_job, state, job, 504, None, "timeout")
         raise timed_out(state.scfg.request_timeout_s) from None
-    except asyncio.CancelledError:
-        job.gen.cancelled.set()
+    except asyncio.CancelledError:  # the client went away: stop generating, still account for it
+        abandon(state, job)
         raise
     except Exception as exc:
         await asyncio.to_thread(finish_job, state, job, 500, None, "error")
@@ -467,6 +497,42 @@ async def _stream(state: ServeState, job: Job, body: GenerationBody, created: in
         yield DONE
     finally:
         if not finished:  # the client went away mid-stream: stop generating, still account for it
-            job.gen.cancelled.set()
-            log.info("client disconnected; generation cancelled", extra={"event": "cancelled"})
-            asyncio.get_running_loop().run_in_executor(None, finish_job, state, job, 499, None, "cancelled")
+            abandon(state, job)
+
+
+def abandon(state: ServeState, job: Job) -> None:
+    """The client is gone (or the response was never sent): stop the generation, account for the job once."""
+    if job.accounted:
+        return
+    job.gen.cancelled.set()
+    log.info("client disconnected; generation cancelled", extra={"event": "cancelled"})
+    task = asyncio.get_running_loop().create_task(_account_abandoned(state, job))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task] = set()
+
+
+async def _account_abandoned(state: ServeState, job: Job) -> None:
+    """Wait for the engine to stop the cancelled generation, then account for the tokens it did generate."""
+    completion = None
+    try:
+        completion = await asyncio.wait_for(_wait_done(state, job), timeout=max(1.0, _deadline_left(state, job)))
+    except Exception:  # an error or no answer in time: account for the prompt alone
+        completion = None
+    await asyncio.to_thread(finish_job, state, job, 499, completion, "cancelled")
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer that accounts for its job however the response ends, even if it never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

@@ -78,6 +78,12 @@ class Metrics:
             "domaintune_feedback", "Feedback ratings received.", MODEL_LABELS + ("rating",), registry=r
         )
         self.models_loaded = Gauge("domaintune_models_loaded", "Models served now.", registry=r)
+        self.auth_failures = Counter(
+            "domaintune_auth_failures",
+            "Refused API key checks by reason (missing, malformed, unknown_key, wrong_secret, revoked, throttled, busy).",
+            ("reason",),
+            registry=r,
+        )
 
 
 class JsonFormatter(logging.Formatter):

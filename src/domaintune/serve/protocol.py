@@ -1,15 +1,26 @@
 """The wire format of the API: request bodies, OpenAI-style errors and response payloads.
 
-Every error is OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
+Every error is OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}. Bodies are
+checked before any model sees them: JSON only (no NaN or Infinity), nested at most MAX_JSON_DEPTH
+deep, no lone UTF-16 surrogates in any string, then the fields' own rules; anything else is a 400.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from domaintune.utils.names import check_model_name
+
+MAX_JSON_DEPTH = 32
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -35,10 +46,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, "invalid_request_error", code, param)
 
 
-def too_large(size: int, limit: int) -> ApiError:
-    return ApiError(
-        413, f"request body is {size} bytes; the limit is {limit}", "invalid_request_error", "request_too_large"
-    )
+def too_large(size: int | None, limit: int) -> ApiError:
+    what = f"request body is {size} bytes" if size is not None else "request body is larger than the limit"
+    return ApiError(413, f"{what}; the limit is {limit} bytes", "invalid_request_error", "request_too_large")
+
+
+def header_value(value: str) -> str:
+    """`value` as an HTTP header value: printable ASCII as it is, anything else percent-encoded (UTF-8)."""
+    if _HEADER_SAFE.fullmatch(value):
+        return value
+    return quote(value, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%"))
 
 
 def timed_out(timeout_s: float) -> ApiError:
@@ -83,22 +100,24 @@ class StreamOptions(BaseModel):
 class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # unsupported OpenAI parameters are refused by name, not as unknown
 
-    model: str
+    model: str = Field(..., max_length=256)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > 256 for s in ([value] if isinstance(value, str) else value or [])):
+            raise ValueError("a stop sequence is at most 256 characters")
         return value
 
     def explicit_max_tokens(self) -> int | None:
@@ -106,9 +125,10 @@ class GenerationBody(BaseModel):
         return self.max_tokens
 
     def stops(self) -> list[str]:
+        """The stop sequences, empty ones dropped (they would stop before the first token)."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
 
 class ChatBody(GenerationBody):
@@ -135,7 +155,7 @@ class CompletionBody(GenerationBody):
 
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(..., min_length=1)
+    request_id: str = Field(..., min_length=1, max_length=200)
     rating: Literal[1, -1]
     correction: str | None = None
     comment: str | None = None
@@ -143,9 +163,21 @@ class FeedbackBody(BaseModel):
 
 class LoadModelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1)
-    source: str = Field(..., min_length=1)
-    parent: str | None = None
+    name: str = Field(..., min_length=1, max_length=128)
+    source: str = Field(..., min_length=1, max_length=4096)
+    parent: str | None = Field(None, max_length=128)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("the source must not contain NUL characters")
+        return value
 
 
 UNSUPPORTED = {
@@ -158,14 +190,48 @@ UNSUPPORTED = {
 }
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_problem(data: Any) -> str | None:
+    """Why a parsed body is refused before validation: too deep, or a lone surrogate in a string."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid Unicode text"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep"
+            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+            for k, v in items:
+                if k is not None and _SURROGATE.search(k):
+                    return "an object key holds a lone UTF-16 surrogate, which is not valid Unicode text"
+                stack.append((v, depth + 1))
+    return None
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body's JSON, refused with 400 when malformed, non-standard (NaN), too deep or not valid text."""
+    try:
+        data = json.loads(raw or b"null", parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        raise bad_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    problem = _json_problem(data)
+    if problem:
+        raise bad_request(problem, code="invalid_json")
+    return data
+
+
 def parse_body(raw: bytes, model_cls: type[Body], max_bytes: int) -> Body:
     """A request body as `model_cls`; too large, not JSON or invalid fields are OpenAI-style errors."""
     if len(raw) > max_bytes:
         raise too_large(len(raw), max_bytes)
-    try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
     try:

@@ -8,7 +8,6 @@ none was sent), and the admin router requires an admin key for every route. Bodi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -16,8 +15,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from domaintune.errors import UserError
+from domaintune.serve.auth import authenticate, client_address
 from domaintune.serve.canary import RUNNING, CanaryController, canary_model_entry
 from domaintune.serve.generation import respond, start_job
 from domaintune.serve.protocol import (
@@ -29,8 +30,10 @@ from domaintune.serve.protocol import (
     LoadModelBody,
     bad_request,
     parse_body,
+    parse_json,
+    too_large,
 )
-from domaintune.serve.state import ServeState
+from domaintune.serve.state import Redactor, ServeState
 from domaintune.serve.store import ApiKey, RequestRow
 
 log = logging.getLogger("domaintune.serve")
@@ -42,33 +45,6 @@ async def get_state(request: Request) -> ServeState:
 
 
 StateDep = Annotated[ServeState, Depends(get_state)]
-
-
-async def authenticate(request: Request, state: ServeState, admin: bool = False) -> ApiKey | None:
-    """The caller's key from `Authorization: Bearer`; None when keys are optional and none was sent."""
-    header = request.headers.get("authorization", "")
-    presented = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not presented:
-        if not admin and not state.scfg.require_api_key:
-            return None
-        raise ApiError(
-            401,
-            "missing API key: send `Authorization: Bearer <key>` (create one with `domaintune keys create`)",
-            "authentication_error",
-            "missing_api_key",
-        )
-    key = await asyncio.to_thread(state.store.verify, presented)
-    if key is None:
-        raise ApiError(401, "invalid or revoked API key", "authentication_error", "invalid_api_key")
-    request.state.key_name = key.name
-    if admin and not key.is_admin:
-        raise ApiError(
-            403,
-            "this endpoint needs an admin key (`domaintune keys create --admin`)",
-            "permission_error",
-            "admin_required",
-        )
-    return key
 
 
 async def api_key(request: Request, state: StateDep) -> ApiKey | None:
@@ -87,13 +63,32 @@ async def metrics_key(request: Request, state: StateDep) -> None:
 ApiKeyDep = Annotated[ApiKey | None, Depends(api_key)]
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as more than `limit` bytes arrived (chunked bodies too)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(None, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def json_body(model_cls: type[Body]) -> Callable[[Request, ServeState], Awaitable[Body]]:
-    """A dependency that reads the body as `model_cls` (OpenAI-style 400/413 errors otherwise)."""
+    """A dependency that reads the body as `model_cls` (OpenAI-style 400/413 errors otherwise), parsed off the loop."""
 
     async def read(request: Request, state: StateDep) -> Body:
-        return parse_body(await request.body(), model_cls, state.scfg.max_body_bytes)
+        limit = state.scfg.max_body_bytes
+        raw = await read_body(request, limit)
+        return await state.cpu(parse_body, raw, model_cls, limit)
 
     return read
+
+
+def body_schema(model_cls: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route whose body `json_body` reads (app.py adds the schemas)."""
+    ref = {"$ref": f"#/components/schemas/{model_cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def listed_models(state: ServeState, include_hidden: bool) -> list[dict[str, Any]]:
@@ -108,7 +103,7 @@ def listed_models(state: ServeState, include_hidden: bool) -> list[dict[str, Any
 openai_router = APIRouter(prefix="/v1")
 
 
-@openai_router.post("/chat/completions")
+@openai_router.post("/chat/completions", openapi_extra=body_schema(ChatBody))
 async def chat_completions(
     request: Request, state: StateDep, key: ApiKeyDep, body: Annotated[ChatBody, Depends(json_body(ChatBody))]
 ) -> Response:
@@ -116,7 +111,7 @@ async def chat_completions(
     return await respond(state, job, body)
 
 
-@openai_router.post("/completions")
+@openai_router.post("/completions", openapi_extra=body_schema(CompletionBody))
 async def completions(
     request: Request,
     state: StateDep,
@@ -154,17 +149,53 @@ async def _logged_request(state: ServeState, request_id: str) -> RequestRow:
     )
 
 
-@openai_router.post("/feedback")
-async def feedback(state: StateDep, key: ApiKeyDep, body: Annotated[FeedbackBody, Depends(json_body(FeedbackBody))]):
+async def _check_feedback(state: ServeState, request: Request, key: ApiKey | None, body: FeedbackBody) -> None:
+    """Feedback is bounded: text length, posts per minute per key (or address), rows per logged request."""
+    scfg = state.scfg
+    for field in ("correction", "comment"):
+        text = getattr(body, field)
+        if text is not None and len(text) > scfg.max_feedback_chars:
+            raise bad_request(
+                f"{field} is {len(text)} characters; at most {scfg.max_feedback_chars} are accepted",
+                field,
+                "feedback_too_long",
+            )
+    who = f"feedback:{key.id}" if key is not None else f"feedback-addr:{client_address(request)}"
+    over = await state.limit(state.limits.hit, who, scfg.feedback_per_minute)
+    if over is not None:
+        raise ApiError(
+            429,
+            f"feedback rate limit reached: {scfg.feedback_per_minute} per minute; retry in {over.retry_after_s} s",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            headers={"Retry-After": str(over.retry_after_s)},
+        )
+
+
+@openai_router.post("/feedback", openapi_extra=body_schema(FeedbackBody))
+async def feedback(
+    request: Request,
+    state: StateDep,
+    key: ApiKeyDep,
+    body: Annotated[FeedbackBody, Depends(json_body(FeedbackBody))],
+):
+    await _check_feedback(state, request, key, body)
     row = await _logged_request(state, body.request_id)
     if key is not None and not key.is_admin and row.key_id != key.id:
         raise ApiError(
             403, "this request was made with another API key", "permission_error", "not_your_request", "request_id"
         )
+    if await asyncio.to_thread(state.store.count_feedback, row.id) >= state.scfg.max_feedback_per_request:
+        raise ApiError(
+            409,
+            f"this request already has {state.scfg.max_feedback_per_request} feedback rows, the most accepted",
+            "invalid_request_error",
+            "feedback_limit_reached",
+            "request_id",
+        )
     correction, comment = body.correction, body.comment
     if state.redactor is not None:
-        correction = state.redactor(correction)[0] if correction else correction
-        comment = state.redactor(comment)[0] if comment else comment
+        correction, comment = await state.cpu(_redacted_pair, state.redactor, correction, comment)
     fid = await asyncio.to_thread(
         state.store.add_feedback, row.id, key.id if key else None, body.rating, correction, comment
     )
@@ -175,6 +206,13 @@ async def feedback(state: StateDep, key: ApiKeyDep, body: Annotated[FeedbackBody
     if row.canary_arm and state.canary is not None:
         await asyncio.to_thread(state.canary.feedback, row.id, body.rating)
     return {"id": fid, "object": "feedback", "request_id": row.id, "rating": body.rating}
+
+
+def _redacted_pair(redactor: Redactor, correction: str | None, comment: str | None) -> tuple[str | None, str | None]:
+    return (
+        redactor(correction)[0] if correction else correction,
+        redactor(comment)[0] if comment else comment,
+    )
 
 
 # ---- health, readiness, metrics -----------------------------------------------------------------
@@ -221,7 +259,7 @@ async def admin_models(state: StateDep):
     }
 
 
-@admin_router.post("/models", status_code=201)
+@admin_router.post("/models", status_code=201, openapi_extra=body_schema(LoadModelBody))
 async def admin_load(state: StateDep, body: Annotated[LoadModelBody, Depends(json_body(LoadModelBody))]) -> Response:
     if state.canary is not None and body.name == state.canary.cfg.model:
         raise bad_request(f"{body.name!r} is the canary's public name", "name")
@@ -262,8 +300,11 @@ async def canary_status(state: StateDep):
 @admin_router.post("/canary/promote")
 async def canary_promote(request: Request, state: StateDep):
     canary = _configured_canary(state)
-    raw = await request.body()
-    force = bool(json.loads(raw).get("force")) if raw.strip() else False
+    raw = await read_body(request, state.scfg.max_body_bytes)
+    data = parse_json(raw) if raw.strip() else {}
+    if not isinstance(data, dict):
+        raise bad_request('the body must be a JSON object such as {"force": true}', code="invalid_json")
+    force = bool(data.get("force"))
     try:
         await asyncio.to_thread(canary.promote, "promoted by an operator", force)
     except ValueError as exc:

@@ -1,26 +1,32 @@
-"""What one server process holds: config, store, engine, catalog, metrics, limiter, canary.
+"""What one server process holds: config, store, engine, catalog, metrics, limits, canary, worker threads.
 
 `build_state(cfg, output_dir)` loads the models and opens the store (slow, done once before the
-server listens); the app reads everything it needs from the `ServeState` it returns.
+server listens); the app reads everything it needs from the `ServeState` it returns. CPU work of a
+request (JSON parsing, chat templates, tokenising) runs on `cpu_pool` and key hashing on
+`key_pool`, never on the event loop, so health checks and streams stay responsive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from domaintune.layout import RunLayout
 from domaintune.serve.canary import CanaryController, setup_canary
 from domaintune.serve.catalog import Catalog, ServedModel
 from domaintune.serve.config import ServeConfig
 from domaintune.serve.engines import Engine, build_engine, choose_engine
-from domaintune.serve.limits import RateLimiter
+from domaintune.serve.limits import Limits, open_limits
 from domaintune.serve.observability import Metrics
 from domaintune.serve.store import Store, default_store_url
+from domaintune.utils.names import default_model_name
 
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
@@ -29,6 +35,7 @@ log = logging.getLogger("domaintune.serve")
 
 # The data stage's PII redactor: text -> (redacted text, counts per kind).
 Redactor = Callable[[str], tuple[str, dict[str, int]]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,15 +46,31 @@ class ServeState:
     engine_reason: str
     catalog: Catalog
     metrics: Metrics
-    limiter: RateLimiter
+    limits: Limits
     project_name: str
     canary: CanaryController | None = None
     canary_arms: dict[str, ServedModel] = field(default_factory=dict)
     redactor: Redactor | None = None
     started_at: float = field(default_factory=time.time)
+    cpu_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "domaintune-cpu"))
+    key_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "domaintune-keys"))
+    pending_key_checks: int = 0  # changed on the event loop only
+
+    async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work (parsing, templates, tokenising) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, functools.partial(fn, *args))
+
+    async def limit(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call the limits: directly when in memory, from a thread when they do network I/O (Redis)."""
+        if self.limits.remote:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def close(self) -> None:
         self.engine.stop()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self.key_pool.shutdown(wait=False, cancel_futures=True)
+        self.limits.close()
         self.store.engine.dispose()
 
 
@@ -79,11 +102,27 @@ def build_state(cfg: ProjectConfig, output_dir: Path | None = None, engine_name:
     metrics = Metrics()
     engine.on_batch = metrics.batch_size.observe
     catalog = Catalog(engine, registry_factory=_registry_factory(cfg))
-    state = ServeState(scfg, store, engine, reason, catalog, metrics, RateLimiter(), cfg.name, redactor=_redactor(scfg))
+    try:
+        limits = open_limits(scfg.limits_url, store.tokens_used_on)
+    except BaseException:
+        engine.stop()
+        raise
+    state = ServeState(
+        scfg,
+        store,
+        engine,
+        reason,
+        catalog,
+        metrics,
+        limits,
+        cfg.name,
+        redactor=_redactor(scfg),
+        cpu_pool=ThreadPoolExecutor(scfg.cpu_workers, "domaintune-cpu"),
+    )
     try:
         _load_models(state, cfg, layout)
     except BaseException:
-        engine.stop()
+        state.close()
         raise
     metrics.models_loaded.set(len(catalog.models))
     engine.start()
@@ -95,7 +134,7 @@ def _load_models(state: ServeState, cfg: ProjectConfig, layout: RunLayout) -> No
     from domaintune.model.loader import resolve_model_dir
 
     scfg, catalog = state.scfg, state.catalog
-    base_name = scfg.base_name or cfg.model.name_or_path
+    base_name = scfg.base_name or default_model_name(cfg.model.name_or_path)
     catalog.add_base(base_name, resolve_model_dir(cfg.model))
     if not scfg.serve_base:
         catalog.models[base_name].hidden = True

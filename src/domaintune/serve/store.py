@@ -1,16 +1,22 @@
-"""The serving store (SQLAlchemy; SQLite by default): API keys, daily usage, request log, feedback, events.
+"""The serving store (SQLAlchemy; SQLite by default, PostgreSQL for several replicas): API keys, daily
+usage, request log, feedback, events (canary decisions).
 
 API keys are stored only as salted PBKDF2-SHA256 hashes; the plaintext is shown once at creation.
 A key looks like `dt-<key id>-<secret>`: the id finds the row, the secret is checked against the hash.
+Checking a key costs the same PBKDF2 work whether its id exists or not (a dummy hash for unknown
+ids), so timing does not tell which ids exist. A SQLite store file is readable by its owner only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +34,11 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
+    update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from domaintune.errors import UserError
@@ -145,13 +154,24 @@ def _public(row: ApiKeyRow) -> ApiKey:
 
 
 def _hash_secret(secret: str, salt: bytes, iterations: int) -> str:
-    return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations).hex()
+    return hashlib.pbkdf2_hmac("sha256", secret.encode("utf-8", "replace"), salt, iterations).hex()
+
+
+_DUMMY_SALT = bytes(16)
 
 
 def default_store_url(output_dir: Path) -> str:
     path = RunLayout.of(output_dir).serve_store
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def _owner_only(path: str) -> None:
+    """Create the SQLite file (and chmod it and its WAL/SHM files) readable and writable by its owner only."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path + suffix, 0o600)
 
 
 class Store:
@@ -163,11 +183,16 @@ class Store:
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
         try:
             self.engine = create_engine(url, **kwargs)
         except Exception as exc:  # bad URL / missing driver: the user's setting
-            raise UserError(f"serve.store_url {url!r}: cannot open ({exc})") from None
+            raise UserError(f"serve.store_url {_safe_url(url)}: cannot open ({exc})") from None
         if url.startswith("sqlite"):
+            database = self.engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                _owner_only(database)
 
             @event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_conn, _record):
@@ -176,11 +201,24 @@ class Store:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
 
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
+        if url.startswith("sqlite") and database and database != ":memory:" and not database.startswith("file:"):
+            _owner_only(database)  # the WAL and SHM files exist now
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
         # (key id, sha256 of the presented secret) pairs already checked against the PBKDF2 hash.
         self._verified: set[tuple[str, str]] = set()
+
+    def _create_tables(self) -> None:
+        """Create missing tables; replicas starting together may race on it, so a failed try is retried."""
+        for attempt in range(5):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except Exception as exc:
+                if attempt == 4:
+                    raise UserError(f"serve.store_url {_safe_url(self.url)}: cannot create tables ({exc})") from None
+                time.sleep(0.2 * (attempt + 1))
 
     def session(self) -> Session:
         return self._sessions()
@@ -246,37 +284,65 @@ class Store:
 
     def verify(self, presented: str) -> ApiKey | None:
         """The key record for a presented plaintext key, or None when unknown, wrong or revoked."""
-        parts = presented.strip().split("-", 2)
-        if len(parts) != 3 or parts[0] != KEY_PREFIX:
-            return None
-        key_id, secret = parts[1], parts[2]
+        return self.check_key(presented)[0]
+
+    def check_key(self, presented: str) -> tuple[ApiKey | None, str]:
+        """(key record or None, outcome): ok | malformed | unknown_key | revoked | wrong_secret.
+
+        The PBKDF2 hash runs in every case but a cached success, with a dummy salt when the id is
+        unknown or the key malformed, so the time taken does not tell which key ids exist.
+        """
+        key_id, secret = split_key(presented)
         with self.session() as s:
-            row = s.get(ApiKeyRow, key_id)
-            if row is None or row.revoked_at is not None:
-                return None
-            fingerprint = (key_id, hashlib.sha256(secret.encode()).hexdigest())
+            row = s.get(ApiKeyRow, key_id) if key_id else None
+            if row is None:
+                _hash_secret(secret or presented, _DUMMY_SALT, self.iterations)
+                return None, "unknown_key" if key_id else "malformed"
+            fingerprint = (row.id, hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest())
             if fingerprint not in self._verified:
                 expected = _hash_secret(secret, bytes.fromhex(row.salt), row.iterations)
                 if not hmac.compare_digest(expected, row.hash):
-                    return None
+                    return None, "wrong_secret"
                 self._verified.add(fingerprint)
-            return _public(row)
+            if row.revoked_at is not None:
+                return None, "revoked"
+            return _public(row), "ok"
+
+    def cached_key(self, presented: str) -> ApiKey | None:
+        """The key record when this exact key was verified before and is still active; no hashing."""
+        key_id, secret = split_key(presented)
+        if not key_id or (key_id, hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()) not in self._verified:
+            return None
+        with self.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            return None if row is None or row.revoked_at is not None else _public(row)
 
     # ---- usage ---------------------------------------------------------------------------------
     def tokens_used_today(self, key_id: str) -> int:
+        return self.tokens_used_on(key_id, utc_day())
+
+    def tokens_used_on(self, key_id: str, day: str) -> int:
         with self.session() as s:
-            row = s.get(DailyUsageRow, (key_id, utc_day()))
+            row = s.get(DailyUsageRow, (key_id, day))
             return row.tokens if row else 0
 
-    def add_usage(self, key_id: str, tokens: int) -> None:
-        day = utc_day()
-        with self._write_lock, self.session() as s, s.begin():
-            row = s.get(DailyUsageRow, (key_id, day))
-            if row is None:
-                s.add(DailyUsageRow(key_id=key_id, day=day, tokens=tokens, requests=1))
-            else:
-                row.tokens += tokens
-                row.requests += 1
+    def add_usage(self, key_id: str, tokens: int, day: str | None = None) -> None:
+        """Add one request's tokens to the key's day, atomically (replicas may write the same row at once)."""
+        day = day or utc_day()
+        for attempt in range(3):
+            try:
+                with self._write_lock, self.session() as s, s.begin():
+                    done = s.execute(
+                        update(DailyUsageRow)
+                        .where(DailyUsageRow.key_id == key_id, DailyUsageRow.day == day)
+                        .values(tokens=DailyUsageRow.tokens + tokens, requests=DailyUsageRow.requests + 1)
+                    )
+                    if not getattr(done, "rowcount", 0):
+                        s.execute(insert(DailyUsageRow).values(key_id=key_id, day=day, tokens=tokens, requests=1))
+                return
+            except IntegrityError:  # another replica inserted the day's row first: add to it
+                if attempt == 2:
+                    raise
 
     # ---- request log and feedback ---------------------------------------------------------------
     def log_request(self, **fields: Any) -> None:
@@ -286,6 +352,11 @@ class Store:
     def get_request(self, request_id: str) -> RequestRow | None:
         with self.session() as s:
             return s.get(RequestRow, request_id)
+
+    def count_feedback(self, request_id: str) -> int:
+        with self.session() as s:
+            stmt = select(func.count()).select_from(FeedbackRow).where(FeedbackRow.request_id == request_id)
+            return s.scalar(stmt) or 0
 
     def add_feedback(
         self, request_id: str, key_id: str | None, rating: int, correction: str | None, comment: str | None
@@ -316,9 +387,27 @@ class Store:
         with self._write_lock, self.session() as s, s.begin():
             s.add(EventRow(kind=kind, details=json.loads(json.dumps(details, default=str))))
 
-    def events(self, kind: str | None = None) -> list[EventRow]:
+    def events(self, kind: str | None = None, after_id: int = 0) -> list[EventRow]:
         with self.session() as s:
-            stmt = select(EventRow).order_by(EventRow.id)
+            stmt = select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id)
             if kind:
                 stmt = stmt.where(EventRow.kind == kind)
             return list(s.scalars(stmt))
+
+
+def split_key(presented: str) -> tuple[str | None, str]:
+    """(key id, secret) of `dt-<id>-<secret>`; (None, "") when it does not look like a key."""
+    parts = presented.strip().split("-", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or len(parts[1]) > 16 or not parts[2]:
+        return None, ""
+    return parts[1], parts[2]
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return "(unparsable URL)"

@@ -52,6 +52,7 @@ class GenRequest:
     events: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    solo: bool = False  # runs alone: a batch it was in failed as a whole
 
     def emit(self, kind: str, payload: Any) -> None:
         # RuntimeError: the event loop is closed, nobody is listening any more
@@ -72,6 +73,7 @@ class Backbone:
     context_length: int
     adapters: dict[str, Path] = field(default_factory=dict)
     model: Any = None
+    max_token_chars: int = 0  # the longest token's text: no prompt of n characters has fewer than n / this tokens
 
 
 class Engine(ABC):
@@ -123,6 +125,14 @@ def read_context_length(path: Path) -> int:
         if isinstance(config.get(key), int):
             return config[key]
     return DEFAULT_CONTEXT_LENGTH
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (0 when the vocabulary cannot be read)."""
+    try:
+        return max((len(token) for token in tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without a readable vocabulary: no early length check
+        return 0
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -4,6 +4,10 @@ One background thread takes queued requests, batches the ones on the same backbo
 one `generate` call, adapters mixed per row through peft's `adapter_names`), samples each row with
 its own temperature/top_p/seed, and stops each row on its own at the end-of-turn tokens, its stop
 strings or its `max_tokens`.
+
+A request's failure stays its own: a row whose sampling or decoding fails gets the error and stops
+while the other rows go on; when the batch fails as a whole, the rows that had not produced a
+token yet run again one by one, so only the request that breaks the model gets the error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from domaintune.serve.engines.base import (
     GenRequest,
     QueueFullError,
     load_tokenizer,
+    max_token_chars,
     read_context_length,
 )
 
@@ -100,6 +105,15 @@ class _Row:
             ),
         )
 
+    def fail(self, exc: BaseException) -> None:
+        """This row alone failed: its request gets the error, the batch goes on without it."""
+        if self.done:
+            return
+        self.done = True
+        self.finish_reason = "error"
+        log.warning("generation failed for %s: %s", self.request.id, exc, extra={"event": "row_failed"})
+        self.request.emit("error", exc)
+
     def step(self, token_id: int) -> None:
         if self.done:
             return
@@ -133,20 +147,12 @@ def _make_hooks(rows: list[_Row]):
         def __call__(self, input_ids, scores):
             out = torch.full_like(scores, float("-inf"))
             for i, row in enumerate(rows):
-                logits = scores[i]
-                params = row.request.params
-                if row.done or params.temperature <= 0.0:
-                    choice = int(torch.argmax(logits))
-                else:
-                    probs = torch.softmax(logits / params.temperature, dim=-1)
-                    if params.top_p < 1.0:
-                        sorted_probs, order = torch.sort(probs, descending=True)
-                        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-                        keep[0] = True
-                        filtered = torch.zeros_like(probs)
-                        filtered[order[keep]] = sorted_probs[keep]
-                        probs = filtered / filtered.sum()
-                    choice = int(torch.multinomial(probs, 1, generator=row.generator))
+                choice = 0
+                if not row.done:
+                    try:
+                        choice = _sample(scores[i], row)
+                    except Exception as exc:  # this row's failure, not the batch's
+                        row.fail(exc)
                 out[i, choice] = 0.0
             return out
 
@@ -154,10 +160,33 @@ def _make_hooks(rows: list[_Row]):
         def __call__(self, input_ids, scores, **kwargs):
             last = input_ids[:, -1].tolist()
             for row, token_id in zip(rows, last):
-                row.step(int(token_id))
+                try:
+                    row.step(int(token_id))
+                except Exception as exc:  # e.g. decoding this row's text
+                    row.fail(exc)
             return torch.tensor([row.done for row in rows], dtype=torch.bool, device=input_ids.device)
 
     return PerRowSampler(), PerRowStop()
+
+
+def _sample(logits: Any, row: _Row) -> int:
+    """One token for one row: greedy at temperature 0, else from its own generator within top_p."""
+    import torch
+
+    params = row.request.params
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_probs[keep]
+        probs = filtered / filtered.sum()
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the next-token distribution is not finite (logits overflowed)")
+    return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
 def select_batch(pending: list[GenRequest], max_batch_size: int, max_batch_tokens: int) -> list[GenRequest]:
@@ -204,6 +233,7 @@ class TransformersEngine(Engine):
         self._backbones: dict[str, Backbone] = {}
         self._adapter_home: dict[str, str] = {}
         self._pending: collections.deque[GenRequest] = collections.deque()
+        self._solo: collections.deque[GenRequest] = collections.deque()  # rows of a failed batch, run alone
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()  # held while generating and while (un)loading weights
         self._thread: threading.Thread | None = None
@@ -226,6 +256,7 @@ class TransformersEngine(Engine):
             eot_ids=end_of_turn_token_ids(tokenizer),
             context_length=read_context_length(path),
             model=model,
+            max_token_chars=max_token_chars(tokenizer),
         )
         with self._model_lock:
             self._backbones[key] = backbone
@@ -277,7 +308,7 @@ class TransformersEngine(Engine):
             self._cond.notify()
 
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._solo)
 
     def problems(self) -> list[str]:
         if self._thread is None or not self._thread.is_alive():
@@ -298,15 +329,18 @@ class TransformersEngine(Engine):
             self._thread.join(timeout=30)
             self._thread = None
         with self._cond:  # whatever is still queued will never run: tell its waiters now
-            while self._pending:
-                self._pending.popleft().emit("error", RuntimeError("the server is shutting down"))
+            for queue in (self._pending, self._solo):
+                while queue:
+                    queue.popleft().emit("error", RuntimeError("the server is shutting down"))
 
     def _take_batch(self) -> list[GenRequest] | None:
         with self._cond:
-            while not self._pending and not self._stopping:
+            while not self._pending and not self._solo and not self._stopping:
                 self._cond.wait(timeout=0.5)
             if self._stopping:
                 return None
+            if self._solo:
+                return [self._solo.popleft()]
             # Give concurrent clients a moment to join the batch.
             deadline = time.monotonic() + self.batch_wait_s
             while len(self._pending) < self.max_batch_size and not self._stopping:
@@ -332,7 +366,7 @@ class TransformersEngine(Engine):
                 continue
             try:
                 self._run_batch(live)
-            except Exception as exc:  # one bad batch must not kill the server: its requests get the error
+            except Exception as exc:  # nothing may kill the batcher: these requests get the error
                 log.exception("generation failed for a batch of %d", len(live))
                 for r in live:
                     r.emit("error", exc)
@@ -376,19 +410,39 @@ class TransformersEngine(Engine):
                 kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in batch]
             if self.on_batch:
                 self.on_batch(len(batch))
-            with torch.inference_mode():
-                bb.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=gen_config,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    stopping_criteria=StoppingCriteriaList([stopper]),
-                    **kwargs,
-                )
-            self.batches_run += 1
+            try:
+                with torch.inference_mode():
+                    bb.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        generation_config=gen_config,
+                        logits_processor=LogitsProcessorList([sampler]),
+                        stopping_criteria=StoppingCriteriaList([stopper]),
+                        **kwargs,
+                    )
+            except Exception as exc:
+                self._recover(rows, exc)
+                return
+            finally:
+                self.batches_run += 1
             for row in rows:  # generate ended (max_new_tokens reached) with rows still open
                 if not row.done:
                     row.finish("length")
+
+    def _recover(self, rows: list[_Row], exc: Exception) -> None:
+        """The whole batch failed: rows that have not produced a token run again alone; the others get the error."""
+        log.warning("a batch of %d failed (%s); retrying its requests one by one", len(rows), exc)
+        with self._cond:
+            for row in rows:
+                if row.done:
+                    continue
+                if len(rows) > 1 and not row.text.ids and not row.request.solo:
+                    row.done = True  # this attempt is over; the request itself goes on
+                    row.request.solo = True
+                    self._solo.append(row.request)
+                else:
+                    row.fail(exc)
+            self._cond.notify()
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:

@@ -14,6 +14,7 @@ from domaintune.serve.engines.base import (
     Engine,
     GenRequest,
     load_tokenizer,
+    max_token_chars,
     read_context_length,
 )
 
@@ -89,6 +90,7 @@ class VLLMEngine(Engine):
             tokenizer=tokenizer,
             eot_ids=end_of_turn_token_ids(tokenizer),
             context_length=self.max_model_len or read_context_length(path),
+            max_token_chars=max_token_chars(tokenizer),
         )
         self._backbones[key] = backbone
         return backbone
@@ -125,52 +127,57 @@ class VLLMEngine(Engine):
         request.loop.create_task(self._generate(request))
 
     async def _generate(self, request: GenRequest) -> None:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
+        """One request's generation; whatever goes wrong (its parameters too) is this request's error alone."""
+        self._in_flight += 1
+        try:
+            await self._run(request)
+        except Exception as exc:
+            request.emit("error", exc)
+        finally:
+            self._in_flight -= 1
 
-        bb = self._backbones[request.backbone]
-        engine = self._engines[request.backbone]
+    def _sampling(self, request: GenRequest) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+
         p = request.params
-        sampling = VSamplingParams(
+        return VSamplingParams(
             max_tokens=p.max_tokens,
             temperature=p.temperature,
             top_p=p.top_p,
             stop=p.stop or None,
             seed=p.seed,
-            stop_token_ids=list(bb.eot_ids),
+            stop_token_ids=list(self._backbones[request.backbone].eot_ids),
         )
+
+    async def _run(self, request: GenRequest) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        bb = self._backbones[request.backbone]
+        engine = self._engines[request.backbone]
+        sampling = self._sampling(request)
         lora = None
         if request.adapter:
             lora = LoRARequest(request.adapter, self._lora_ids[request.adapter], str(bb.adapters[request.adapter]))
-        self._in_flight += 1
         sent = 0
         first_at = None
         final = None
-        try:
-            async for output in engine.generate(
-                TokensPrompt(prompt_token_ids=request.prompt_ids), sampling, request.id, lora_request=lora
-            ):
-                if request.cancelled.is_set():
-                    await engine.abort(request.id)
-                    request.emit(
-                        "done",
-                        Completion(output.outputs[0].text, len(output.outputs[0].token_ids), "cancelled", first_at),
-                    )
-                    return
-                out = output.outputs[0]
-                if first_at is None and out.token_ids:
-                    first_at = time.monotonic()
-                if len(out.text) > sent:
-                    request.emit("delta", out.text[sent:])
-                    sent = len(out.text)
-                final = out
-            reason = "length" if final is not None and final.finish_reason == "length" else "stop"
-            request.emit(
-                "done",
-                Completion(final.text if final else "", len(final.token_ids) if final else 0, reason, first_at),
-            )
-        except Exception as exc:
-            request.emit("error", exc)
-        finally:
-            self._in_flight -= 1
+        async for output in engine.generate(
+            TokensPrompt(prompt_token_ids=request.prompt_ids), sampling, request.id, lora_request=lora
+        ):
+            out = output.outputs[0]
+            if request.cancelled.is_set():
+                await engine.abort(request.id)
+                request.emit("done", Completion(out.text, len(out.token_ids), "cancelled", first_at))
+                return
+            if first_at is None and out.token_ids:
+                first_at = time.monotonic()
+            if len(out.text) > sent:
+                request.emit("delta", out.text[sent:])
+                sent = len(out.text)
+            final = out
+        reason = "length" if final is not None and final.finish_reason == "length" else "stop"
+        request.emit(
+            "done",
+            Completion(final.text if final else "", len(final.token_ids) if final else 0, reason, first_at),
+        )
