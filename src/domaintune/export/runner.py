@@ -337,7 +337,7 @@ def _write_modelfile(cfg: ProjectConfig, tokenizer: Any, gguf_dir: Path) -> None
         stops,
         ecfg.ollama_template,
         ecfg.ollama_parameters,
-        system=getattr(cfg.data, "system_prompt", None),
+        system=cfg.data.system_prompt,  # the training data's system prompt
     )
     (gguf_dir / "Modelfile").write_text(text, encoding="utf-8")
 
