@@ -88,3 +88,20 @@ def test_declared_reads_are_known_sections():
     for spec in STAGES.values():
         assert spec.reads, spec.name
         assert all(hasattr(RunLayout, attr) for attr in spec.outputs), spec.name
+
+
+def test_a_single_declared_field_is_readable_and_fingerprinted_alone(tmp_path):
+    """Train reads serve.feedback_dir (DPO's default data) but no other serve setting."""
+    spec = StageSpec("t", ("train", "serve.feedback_dir"), (), ())
+    cfg = _config(tmp_path, serve={"feedback_dir": str(tmp_path / "fb")})
+    view = ScopedConfig(cfg, spec)
+    assert view.serve.feedback_dir == cfg.serve.feedback_dir
+    with pytest.raises(UndeclaredConfigReadError, match=r"cfg\.serve\.port"):
+        _ = view.serve.port
+    assert spec.read_values(cfg)["serve.feedback_dir"] == str(tmp_path / "fb")
+    calls: list[str] = []
+    runners = _recording_runners(calls)
+    run_pipeline(_config(tmp_path), runners=runners)
+    calls.clear()
+    run_pipeline(_config(tmp_path, serve={"feedback_dir": str(tmp_path / "elsewhere")}), runners=runners)
+    assert calls[:1] == ["train"], "a new feedback folder re-trains (DPO reads it)"

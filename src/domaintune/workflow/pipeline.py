@@ -33,7 +33,10 @@ _EVERYTHING_BUT_SERVE = ("model", "data", "train", "eval", "export", "registry")
 
 STAGES: dict[str, StageSpec] = {
     "data": StageSpec("data", ("data", "model"), (), ("train_file", "data_report"), hash_input_files=True),
-    "train": StageSpec("train", ("model", "train", "registry"), ("data",), ("model_dir", "train_metrics")),
+    # DPO without train.dpo.path reads the feedback export folder; no other serve setting re-trains
+    "train": StageSpec(
+        "train", ("model", "train", "registry", "serve.feedback_dir"), ("data",), ("model_dir", "train_metrics")
+    ),
     "eval": StageSpec("eval", ("model", "eval", "registry"), ("data", "train"), ("eval_report",)),
     "export": StageSpec("export", ("model", "export", "eval"), ("data", "train"), ("export_manifest",)),
     # register records the whole project config with the version, so it reads every section
@@ -79,12 +82,12 @@ def _input_files(value: Any) -> list[Path]:
 def stage_fingerprint(cfg: ProjectConfig, spec: StageSpec, upstream_fingerprints: dict[str, str]) -> str:
     """sha256 over the declared sections, the seed, the version and the upstream fingerprints."""
     digest = hashlib.sha256()
-    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in spec.reads}
+    sections = spec.read_values(cfg)
     digest.update(json.dumps({"sections": sections, "seed": cfg.seed, "version": __version__}, sort_keys=True).encode())
     for name in spec.upstream:
         digest.update(f"{name}={upstream_fingerprints.get(name, 'absent')}".encode())
     if spec.hash_input_files:
-        for section in spec.reads:
+        for section in spec.sections:
             for path in _input_files(getattr(cfg, section).model_dump(mode="python")):
                 stat = path.stat()
                 digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -256,7 +259,7 @@ def _can_skip(run: _Run, spec: StageSpec, previous: dict[str, Any], fingerprint:
 
 
 def _has_complete_checkpoint(layout: RunLayout) -> bool:
-    from domaintune.train.runner import last_complete_checkpoint
+    from domaintune.train.checkpoints import last_complete_checkpoint
 
     return last_complete_checkpoint(layout.checkpoints_dir) is not None
 

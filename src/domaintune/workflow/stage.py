@@ -27,15 +27,35 @@ SECTIONS = ("model", "data", "train", "eval", "export", "registry", "serve")
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    reads: tuple[str, ...]  # config sections the stage reads; its fingerprint hashes exactly these
+    # config sections the stage reads, or single fields (`serve.feedback_dir`) where it reads one setting
+    # of a section whose other settings must not re-run it; its fingerprint hashes exactly these
+    reads: tuple[str, ...]
     upstream: tuple[str, ...]  # stages whose outputs it reads; their fingerprints chain into its own
     outputs: tuple[str, ...]  # RunLayout attributes that must exist for the stage to be skipped
     hash_input_files: bool = False  # also hash size and mtime of every file its sections name
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.reads if s not in SECTIONS]
+        unknown = [s for s in self.reads if s.split(".", 1)[0] not in SECTIONS or s.count(".") > 1]
         if unknown:
             raise ValueError(f"stage {self.name}: unknown config section(s) {unknown}")
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The whole sections it reads."""
+        return tuple(r for r in self.reads if "." not in r)
+
+    def fields_of(self, section: str) -> tuple[str, ...]:
+        """The single fields it reads of a section it does not read whole."""
+        return tuple(r.split(".", 1)[1] for r in self.reads if r.startswith(section + "."))
+
+    def read_values(self, cfg: Any) -> dict[str, Any]:
+        """What the fingerprint hashes: each declared section, or each declared field, as JSON."""
+        values: dict[str, Any] = {}
+        for read in self.reads:
+            section, _, name = read.partition(".")
+            dumped = getattr(cfg, section).model_dump(mode="json")
+            values[read] = dumped[name] if name else dumped
+        return values
 
     def output_paths(self, layout: RunLayout) -> list[Path]:
         return [getattr(layout, attr) for attr in self.outputs]
@@ -58,15 +78,40 @@ class ScopedConfig:
 
     def __getattr__(self, name: str) -> Any:
         spec: StageSpec = object.__getattribute__(self, "_spec")
-        if name in SECTIONS and name not in spec.reads:
-            raise UndeclaredConfigReadError(
-                f"stage {spec.name!r} read cfg.{name} but declares reads={spec.reads}: add {name!r} to its "
-                "StageSpec in domaintune/workflow/pipeline.py so a change to it re-runs the stage"
-            )
-        return getattr(object.__getattribute__(self, "_cfg"), name)
+        value = getattr(object.__getattribute__(self, "_cfg"), name)
+        if name not in SECTIONS or name in spec.sections:
+            return value
+        fields = spec.fields_of(name)
+        if fields:
+            return _ScopedSection(value, f"{spec.name}", name, fields)
+        raise UndeclaredConfigReadError(_undeclared(spec.name, f"cfg.{name}", spec.reads, name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a stage's config is read-only")
+
+
+class _ScopedSection:
+    """One config section through which a stage sees only the fields it declared."""
+
+    def __init__(self, section: Any, stage: str, name: str, fields: tuple[str, ...]):
+        object.__setattr__(self, "_view", (section, stage, name, fields))
+
+    def __getattr__(self, field: str) -> Any:
+        section, stage, name, fields = object.__getattribute__(self, "_view")
+        if field in fields:
+            return getattr(section, field)
+        declared = tuple(f"{name}.{f}" for f in fields)
+        raise UndeclaredConfigReadError(_undeclared(stage, f"cfg.{name}.{field}", declared, f"{name}.{field}"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a stage's config is read-only")
+
+
+def _undeclared(stage: str, what: str, reads: tuple[str, ...], add: str) -> str:
+    return (
+        f"stage {stage!r} read {what} but declares reads={reads}: add {add!r} to its StageSpec in "
+        "domaintune/workflow/pipeline.py so a change to it re-runs the stage"
+    )
 
 
 def scoped(cfg: ProjectConfig, spec: StageSpec) -> ProjectConfig:
