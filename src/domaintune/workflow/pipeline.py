@@ -37,8 +37,12 @@ STAGES: dict[str, StageSpec] = {
     "train": StageSpec(
         "train", ("model", "train", "registry", "serve.feedback_dir"), ("data",), ("model_dir", "train_metrics")
     ),
-    "eval": StageSpec("eval", ("model", "eval", "registry"), ("data", "train"), ("eval_report",)),
-    "export": StageSpec("export", ("model", "export", "eval"), ("data", "train"), ("export_manifest",)),
+    # eval reads train.replay to refuse a retention set that training replayed
+    "eval": StageSpec("eval", ("model", "eval", "train"), ("data", "train"), ("eval_report",)),
+    # export measures eval.primary_metric on its artefacts; the Modelfile carries data.system_prompt
+    "export": StageSpec(
+        "export", ("model", "export", "eval", "data.system_prompt"), ("data", "train"), ("export_manifest",)
+    ),
     # register records the whole project config with the version, so it reads every section
     "register": StageSpec("register", _EVERYTHING_BUT_SERVE, ("data", "train", "eval", "export"), ("registered_file",)),
 }
