@@ -1,0 +1,226 @@
+"""Batched generation and scoring over llama.cpp: many sequences decoded together in one context.
+
+`Decoder` keeps up to `n_seq` sequences in flight (continuous batching): every `step()` is one
+`llama_decode` holding the next token of each running sequence plus as much of waiting prompts as the
+batch has room for; a sequence whose prompt is complete gets its next token sampled from its own
+logits (greedy, or temperature / top-p with its own seed, and transformers' repetition penalty), and
+finishes at an end-of-turn token or at `max_tokens`. A finished sequence's slot and KV cache are free
+for the next one at once. `generate()` runs a list of prompts to completion (eval); the serving engine
+drives `Decoder` itself. `score()` gives each reference's negative log-likelihood (perplexity).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from domaintune.llamacpp.runtime import Context, Entry, GGUFModel
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Seq:
+    """One sequence: its prompt, what it generated and why it stopped."""
+
+    prompt: list[int]
+    params: Sampling
+    tag: object = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled
+    slot: int = -1
+    fed: int = 0  # tokens of prompt + generated already in the KV cache
+    rng: np.random.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sample_token(logits: np.ndarray, seq: Seq) -> int:
+    """The next token: transformers' repetition penalty, then greedy or temperature / top-p sampling."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = np.fromiter(set(seq.prompt) | set(seq.tokens), dtype=np.int64)
+        picked = logits[seen]
+        logits[seen] = np.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+    if p.temperature <= 0.0:
+        return int(np.argmax(logits))
+    if seq.rng is None:
+        seq.rng = np.random.default_rng(p.seed)
+    scaled = logits.astype(np.float64) / p.temperature
+    scaled -= scaled.max()
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = np.cumsum(sorted_probs) - sorted_probs < p.top_p
+        keep[0] = True
+        order, sorted_probs = order[keep], sorted_probs[keep]
+        return int(order[seq.rng.choice(len(order), p=sorted_probs / sorted_probs.sum())])
+    return int(seq.rng.choice(len(probs), p=probs))
+
+
+class Decoder:
+    """Continuous batching of up to `n_seq` sequences on one llama.cpp context."""
+
+    def __init__(
+        self,
+        model: GGUFModel,
+        stop_ids: Iterable[int] | None = None,
+        n_seq: int = 16,
+        seq_ctx: int = 2048,
+        n_batch: int = 2048,
+        threads: int | None = None,
+        lora=None,
+    ):
+        self.model = model
+        self.ctx = Context(model, n_seq=n_seq, seq_ctx=seq_ctx, n_batch=n_batch, threads=threads, lora=lora)
+        self.stop_ids = set(stop_ids) if stop_ids is not None else set(model.eog_ids())
+        self.free_slots = collections.deque(range(n_seq))
+        self.running: list[Seq] = []
+        self.decodes = 0
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    @property
+    def has_room(self) -> bool:
+        return bool(self.free_slots)
+
+    def add(self, seq: Seq) -> None:
+        """Start a sequence (needs a free slot); a prompt longer than the slot's context keeps its end."""
+        limit = self.ctx.seq_ctx - seq.params.max_tokens
+        if limit < 1:
+            raise ValueError(f"max_tokens {seq.params.max_tokens} leaves no room in a {self.ctx.seq_ctx}-token context")
+        if len(seq.prompt) > limit:
+            seq.prompt = seq.prompt[-limit:]
+        if not seq.prompt:
+            raise ValueError("an empty prompt cannot be decoded")
+        seq.slot = self.free_slots.popleft()
+        seq.fed = 0
+        self.running.append(seq)
+
+    def finish(self, seq: Seq, reason: str) -> None:
+        """End a sequence now (stop, length, cancelled) and free its slot."""
+        if seq.done and seq.slot < 0:
+            return
+        seq.finish_reason = seq.finish_reason or reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self.ctx.clear(seq.slot)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+
+    def _plan(self) -> tuple[list[Entry], list[Seq]]:
+        """This step's batch: each decoding sequence's last token first, then prompt chunks that fit."""
+        entries: list[Entry] = []
+        ready: list[Seq] = []
+        decoding = [s for s in self.running if s.fed >= len(s.prompt)]
+        prefilling = [s for s in self.running if s.fed < len(s.prompt)]
+        for s in decoding:
+            entries.append(Entry(s.tokens[-1], s.fed, s.slot, True))
+            ready.append(s)
+        room = self.ctx.n_batch - len(entries)
+        for s in prefilling:
+            if room <= 0:
+                break
+            chunk = s.prompt[s.fed : s.fed + room]
+            last = s.fed + len(chunk) == len(s.prompt)
+            entries.extend(Entry(t, s.fed + i, s.slot, last and i == len(chunk) - 1) for i, t in enumerate(chunk))
+            room -= len(chunk)
+            if last:
+                ready.append(s)
+        return entries, ready
+
+    def step(self) -> list[tuple[Seq, int]]:
+        """One llama_decode; returns the (sequence, new token) pairs sampled, finished ones included."""
+        entries, ready = self._plan()
+        if not entries:
+            return []
+        rows = self.ctx.decode(entries)
+        self.decodes += 1
+        by_slot = {entries[r].seq: r for r in rows}
+        out: list[tuple[Seq, int]] = []
+        for s in ready:
+            s.fed = len(s.prompt) + len(s.tokens)
+            token = sample_token(self.ctx.logits(by_slot[s.slot]), s)
+            out.append((s, token))
+            if token in self.stop_ids:
+                self.finish(s, "stop")
+                continue
+            s.tokens.append(token)
+            if len(s.tokens) >= s.params.max_tokens:
+                self.finish(s, "length")
+        return out
+
+
+def generate(
+    decoder: Decoder,
+    prompts: Sequence[list[int]],
+    params: Sampling | Sequence[Sampling],
+    on_done: Callable[[int, Seq], None] | None = None,
+) -> list[Seq]:
+    """Every prompt decoded to its end, `n_seq` at a time; results in prompt order."""
+    per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    waiting = collections.deque(
+        Seq(list(p), s, tag=i) for i, (p, s) in enumerate(zip(prompts, per_prompt))
+    )
+    results: list[Seq | None] = [None] * len(prompts)
+    while waiting or decoder.running:
+        while waiting and decoder.has_room:
+            decoder.add(waiting.popleft())
+        for seq, _token in decoder.step():
+            if seq.done:
+                index = int(seq.tag)  # type: ignore[call-overload]
+                results[index] = seq
+                if on_done:
+                    on_done(index, seq)
+    return [r for r in results if r is not None]
+
+
+def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    """(sum of negative log-likelihood, number of tokens) of each answer given its prompt.
+
+    Sequences are packed into batches of up to `n_batch` tokens over the context's slots; logits are
+    asked for only at the positions that predict answer tokens (a sequence longer than the batch keeps
+    its end).
+    """
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    pending = collections.deque(range(len(rows)))
+    limit = min(ctx.seq_ctx, ctx.n_batch)
+    while pending:
+        entries: list[Entry] = []
+        placed: list[tuple[int, list[int], int, int]] = []  # (row, tokens, first scored position, first entry)
+        while pending and len(placed) < ctx.n_seq:
+            prompt, answer = rows[pending[0]]
+            seq = (prompt + answer)[-limit:]
+            if entries and len(entries) + len(seq) > ctx.n_batch:
+                break
+            i = pending.popleft()
+            first = len(seq) - min(len(answer), len(seq) - 1) - 1
+            placed.append((i, seq, first, len(entries)))
+            slot = len(placed) - 1
+            entries.extend(Entry(t, p, slot, first <= p < len(seq) - 1) for p, t in enumerate(seq))
+        row_of = dict(zip([k for k, e in enumerate(entries) if e.logits], ctx.decode(entries)))
+        for i, seq, first, start in placed:
+            nll = 0.0
+            for p in range(first, len(seq) - 1):
+                logits = ctx.logits(row_of[start + p]).astype(np.float64)
+                top = logits.max()
+                nll += float(top + np.log(np.exp(logits - top).sum()) - logits[seq[p + 1]])
+            results[i] = (nll, len(seq) - 1 - first)
+        ctx.clear()
+    return results
