@@ -68,8 +68,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_large(None, limit)
+        if size > limit:  # answer now and close the connection: the rest of the body is never read
+            error = too_large(None, limit)
+            error.headers["Connection"] = "close"
+            raise error
         chunks.append(chunk)
     return b"".join(chunks)
 
