@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from domaintune.config import ProjectConfig, load_config
 from domaintune.errors import UserError
@@ -40,7 +41,8 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (UserError, FileNotFoundError) as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            # soft_wrap: one line at any terminal width (scripts grep it); Text: brackets in the message stay
+            console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
