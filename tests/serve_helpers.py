@@ -40,3 +40,103 @@ def serve_config(output_dir: Path, serve: dict | None = None, **extra):
     }
     data.update(extra)
     return config_from_dict(data)
+
+
+# ---- real Redis and PostgreSQL servers on loopback (Debian's redis-server and postgresql) ----------
+def _wait_for(check, what: str, seconds: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start within {seconds:g} s")
+
+
+def start_redis(folder: Path):
+    """A throwaway redis-server on 127.0.0.1:<free port>; returns (url, process). Skips when not installed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis = pytest.importorskip("redis", reason="the redis package is not installed (pip install redis)")
+    from domaintune.serve.server import free_port
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_for(lambda: redis.Redis.from_url(url).ping(), "redis-server")
+    return url, proc
+
+
+def _pg_bin(name: str) -> str | None:
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+def start_postgres(folder: Path, databases: tuple[str, ...] = ("serve",)):
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port> with `databases`; returns (url of each, stop()).
+
+    As root (CI), the cluster runs as the `postgres` user, which initdb requires. Skips when not installed.
+    """
+    import os
+    import subprocess
+
+    import pytest
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
+    from domaintune.serve.server import free_port
+
+    data = folder / "pgdata"
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+        import shutil
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL as")
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root without runuser to start PostgreSQL as the postgres user")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        folder.chmod(0o755)
+        for parent in folder.parents:  # the postgres user must be able to reach the folder
+            if parent.exists() and parent.stat().st_mode & 0o001 == 0 and str(parent).startswith("/tmp"):
+                parent.chmod(parent.stat().st_mode | 0o001)
+        prefix = [runuser, "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda args: subprocess.run(prefix + args, check=True, capture_output=True, text=True)  # noqa: E731
+    run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"])
+    options = f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off -c full_page_writes=off"
+    run([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "-t", "60", "start"])
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in databases:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    def stop() -> None:
+        subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
+
+    urls = {name: f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}" for name in databases}
+    return urls, stop

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from domaintune.errors import UserError
 from domaintune.serve.auth import authenticate, client_address
-from domaintune.serve.canary import RUNNING, CanaryController, canary_model_entry
+from domaintune.serve.canary import RUNNING, CanaryController, canary_model_entry, refresh_canary
 from domaintune.serve.generation import respond, start_job
 from domaintune.serve.protocol import (
     ApiError,
@@ -296,7 +296,9 @@ def _configured_canary(state: ServeState) -> CanaryController:
 
 @admin_router.get("/canary")
 async def canary_status(state: StateDep):
-    return _configured_canary(state).snapshot()
+    canary = _configured_canary(state)
+    await refresh_canary(state)  # a decision another replica took shows here too
+    return canary.snapshot()
 
 
 @admin_router.post("/canary/promote")
