@@ -58,6 +58,7 @@ def tiny_config(**train):
         "max_val_samples": 4,
         "logging_steps": 1,
         "tracking": "none",
+        "precision": "fp32",  # the same arithmetic on every CPU (`auto` would pick bf16 where it is native)
     }
     base.update(train)
     return config_from_dict({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "train": base})

@@ -60,3 +60,66 @@ def test_a_cgroup_quota_caps_the_threads(monkeypatch):
 
 def test_bf16_penalty_is_a_positive_ratio():
     assert autoselect.measure_bf16_penalty(seconds=0.02, shape=(64, 64, 64)) > 0
+
+
+def test_auto_threads_are_shared_among_the_torchrun_processes_of_a_machine(monkeypatch):
+    monkeypatch.setattr(autoselect, "usable_physical_cores", lambda: (8, "8 physical core(s)"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    choice = choose_threads("auto")
+    assert choice.value == 2 and "shared by 4 processes" in choice.reason
+    assert choose_threads(None).value == 2  # null means auto
+    assert choose_threads(3).value == 3
+
+
+def test_apply_threads_sets_torch_and_says_why(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        choice = autoselect.apply_threads(1)
+        assert torch.get_num_threads() == 1 and choice.describe() == {"value": 1, "reason": "set in the config"}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_a_gpu_is_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla T4" if not bf16 else "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    choice = choose_precision("auto", "cuda")
+    assert choice.value == expected and ("H200" in choice.reason or "T4" in choice.reason)
+    assert choose_precision("fp32", "cuda").value == "fp32"
+
+
+@pytest.mark.parametrize("value", ["auto", None, 2])
+def test_every_stage_takes_auto_or_a_count_of_threads(value):
+    from domaintune.config import config_from_dict
+
+    sections = {s: {"num_threads": value} for s in ("train", "eval", "export", "serve")}
+    cfg = config_from_dict({"name": "t", **sections})
+    assert {getattr(cfg, s).num_threads for s in sections} == {value}
+
+
+def test_threads_below_one_are_refused():
+    from pydantic import ValidationError
+
+    from domaintune.train.config import TrainConfig
+
+    with pytest.raises(ValidationError):
+        TrainConfig(num_threads=0)
+    assert TrainConfig().num_threads == "auto" and TrainConfig().precision == "auto"
+
+
+@pytest.mark.parametrize(("hardware", "expected"), [(WITH_AMX, "bf16"), (WITHOUT_BF16, "fp32")])
+def test_estimate_plans_in_the_precision_auto_picks(monkeypatch, hardware, expected):
+    from domaintune.config import config_from_dict
+    from domaintune.hardware import plan
+
+    monkeypatch.setattr(plan, "detect_hardware", lambda: hardware)
+    monkeypatch.setattr(plan, "measure_cpu_flops", lambda precision: 1e11)
+    cfg = config_from_dict({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "train": {"max_steps": 2}})
+    result = plan.plan_estimates(cfg, gpus=["A100-80G"])
+    assert f"precision {expected}" in result.header
+    assert f"({expected})" in result.targets[0].name

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from domaintune.hardware.autoselect import ThreadCount
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 ALL_METRICS = (
@@ -130,11 +131,10 @@ class EvalConfig(StrictModel):
         description="Pass/fail rules such as `rougeL_char_delta >= 2` or `retention >= 0.95`; eval exits 1 on failure.",
     )
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
-    num_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch CPU threads while evaluating (default: torch's). 1 avoids OpenMP spin "
-        "contention on a busy CPU.",
+    num_threads: ThreadCount = Field(
+        "auto",
+        description="torch CPU threads while evaluating. auto (or null): one per physical core this process may use "
+        "(affinity, SMT siblings and cgroup quota considered).",
     )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
     worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")

@@ -51,9 +51,10 @@ def run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
     import torch
 
+    from domaintune.hardware.autoselect import apply_threads
+
     threads = torch.get_num_threads()
-    if cfg.eval.num_threads:
-        torch.set_num_threads(cfg.eval.num_threads)
+    apply_threads(cfg.eval.num_threads)  # auto: one per usable physical core
     try:
         return _run_eval(cfg, layout)
     finally:

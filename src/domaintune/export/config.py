@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from domaintune.hardware.autoselect import ThreadCount
 from domaintune.utils.config_types import StrictModel
 
 GgufType = Literal["f32", "f16", "q8_0"]
@@ -80,10 +81,10 @@ class ExportConfig(StrictModel):
         ),
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="Token limit of those answers.")
-    num_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch CPU threads for the export (default: torch's). 1 avoids OpenMP spin contention on a busy CPU.",
+    num_threads: ThreadCount = Field(
+        "auto",
+        description="torch CPU threads for the export. auto (or null): one per physical core this process may use "
+        "(affinity, SMT siblings and cgroup quota considered).",
     )
     speed_prompts: int = Field(2, ge=1, description="Prompts used to time greedy generation (tokens/s).")
     speed_new_tokens: int = Field(32, ge=1, description="New tokens generated per timed prompt.")

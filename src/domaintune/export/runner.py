@@ -22,6 +22,7 @@ from rich.console import Console
 
 from domaintune.errors import UserError
 from domaintune.export import measure
+from domaintune.hardware.autoselect import apply_threads
 from domaintune.layout import RunLayout
 from domaintune.utils.io import atomic_dir, read_jsonl, remove_stale_staging, sha256_file, write_json
 from domaintune.utils.process import pid_alive
@@ -76,8 +77,7 @@ def _build(cfg: ProjectConfig, layout: RunLayout, staging: Path) -> dict:
 
     ecfg = cfg.export
     started = time.perf_counter()
-    if ecfg.num_threads:
-        torch.set_num_threads(ecfg.num_threads)
+    apply_threads(ecfg.num_threads)  # auto: one per usable physical core
     rows, metric_skip = _val_rows(layout, ecfg.eval_rows)
     if metric_skip:
         console.print(f"[yellow]warning:[/] {metric_skip}")

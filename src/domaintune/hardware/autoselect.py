@@ -13,11 +13,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from domaintune.hardware.probe import Hardware, detect_hardware
 
 AUTO = "auto"
+# A stage's `num_threads`: a count, or `auto` (null means the same: one per usable physical core).
+ThreadCount = Annotated[int, Field(ge=1)] | Literal["auto"] | None
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,25 @@ def usable_physical_cores() -> tuple[int, str]:
 
 
 def choose_threads(requested: int | str | None) -> Choice:
-    """An explicit count is kept; `auto` (or None) is one thread per usable physical core."""
+    """An explicit count is kept; `auto` (or None) is one thread per usable physical core, shared among the
+    processes torchrun started on this machine (LOCAL_WORLD_SIZE)."""
     if requested not in (None, AUTO):
         return Choice(int(requested), "set in the config")
     count, why = usable_physical_cores()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local > 1:
+        share = max(count // local, 1)
+        return Choice(share, f"auto: {why}, shared by {local} processes on this machine")
     return Choice(count, f"auto: {why}")
+
+
+def apply_threads(requested: int | str | None) -> Choice:
+    """`choose_threads`, then torch.set_num_threads with the count; returns the choice (for the stage's report)."""
+    import torch
+
+    choice = choose_threads(requested)
+    torch.set_num_threads(choice.value)
+    return choice
 
 
 def choose_precision(requested: str, device: str = "cpu", hardware: Hardware | None = None) -> Choice:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from domaintune.hardware.autoselect import AUTO, choose_precision, choose_threads
 from domaintune.hardware.estimate import (
     METHODS,
     NAMED_GPUS,
@@ -74,6 +75,7 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
         tokens_note = f"no {train_file} yet: run `domaintune data` first for run times"
 
     hardware = detect_hardware()
+    requested = run.precision
     targets: list[Target] = []
     if hardware.cuda_devices:
         name, memory = hardware.cuda_devices[0]
@@ -82,9 +84,10 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
     else:
         import torch
 
-        precision = "bf16" if run.precision == "bf16" and hardware.cpu_bf16 else "fp32"
+        chosen = choose_precision(run.precision, "cpu", hardware).value if run.precision == AUTO else run.precision
+        precision = "bf16" if chosen == "bf16" and hardware.cpu_bf16 else "fp32"
         run.precision = precision  # bf16 without AVX-512-BF16/AMX runs at fp32 speed or worse
-        threads = cfg.train.num_threads or torch.get_num_threads()
+        threads = choose_threads(cfg.train.num_threads).value
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -98,7 +101,10 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
         peak, memory = NAMED_GPUS[gpu]
         targets.append(Target(gpu, "gpu", memory, peak))
     for target in targets:
-        target.estimates = estimate_all(shape, run, target.device, target.peak_tflops * 1e12, METHODS)
+        # `auto` on a GPU is bf16 (fp16 on old ones: the same memory and datasheet speed)
+        gpu_precision = "bf16" if requested == AUTO else requested
+        target_run = replace(run, precision=gpu_precision) if target.device == "gpu" else run
+        target.estimates = estimate_all(shape, target_run, target.device, target.peak_tflops * 1e12, METHODS)
     header = (
         f"model {cfg.model.name_or_path}: {shape.params / 1e6:.1f}M parameters, {shape.layers} layers, "
         f"hidden {shape.hidden}; sequence {run.seq_len}, batch {run.batch_size} x accumulation {run.grad_accum}, "

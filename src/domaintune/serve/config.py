@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from domaintune.hardware.autoselect import ThreadCount
 from domaintune.utils.config_types import ConfigPath, StrictModel
 from domaintune.utils.names import check_model_name
 
@@ -81,6 +82,11 @@ class ServeConfig(StrictModel):
     canary: CanaryConfig | None = Field(None, description="Canary rollout of a candidate version; off when absent.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="Weights dtype for serving (default: model.dtype)."
+    )
+    num_threads: ThreadCount = Field(
+        "auto",
+        description="torch CPU threads of the transformers engine. auto (or null): one per physical core this "
+        "process may use (affinity, SMT siblings and cgroup quota considered).",
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded together in one batch.")
     max_batch_tokens: int = Field(

@@ -98,6 +98,11 @@ def build_state(cfg: ProjectConfig, output_dir: Path | None = None, engine_name:
     store = Store(scfg.store_url or default_store_url(layout.root), key_hash_iterations=scfg.key_hash_iterations)
     name, reason = choose_engine(engine_name or scfg.engine)
     log.info("engine: %s (%s)", name, reason, extra={"engine": name})
+    if name == "transformers":
+        from domaintune.hardware.autoselect import apply_threads
+
+        threads = apply_threads(scfg.num_threads)
+        log.info("torch threads: %s (%s)", threads.value, threads.reason)
     engine = build_engine(name, scfg.dtype or cfg.model.dtype, scfg)
     metrics = Metrics()
     engine.on_batch = metrics.batch_size.observe

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from domaintune.hardware.autoselect import ThreadCount
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 Method = Literal["full", "freeze", "lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3", "distill", "dpo"]
@@ -280,10 +281,21 @@ class TrainConfig(StrictModel):
     max_val_samples: int | None = Field(200, ge=1, description="Validation rows used for the periodic val loss.")
     gradient_checkpointing: bool = False
     seed: int | None = Field(None, description="Default: the project's seed.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32; bf16 autocast (CPU with AVX-512-BF16/AMX, or GPU); fp16 (GPU only)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "auto: bf16 where the hardware does it natively (CPUs with AVX-512-BF16 or AMX, CUDA GPUs with bf16), "
+            "fp16 on older GPUs, fp32 otherwise (train/metrics.json records the choice and why). fp32; bf16 "
+            "autocast (kept, with a warning and the measured penalty, on a CPU that emulates it); fp16 (GPU only)."
+        ),
     )
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    num_threads: ThreadCount = Field(
+        "auto",
+        description=(
+            "torch CPU threads. auto (or null): one per physical core this process may use (affinity, SMT siblings "
+            "and cgroup quota considered; shared among the torchrun processes of a machine)."
+        ),
+    )
     speed: SpeedConfig = Field(
         default_factory=SpeedConfig, description="CPU speed levers, each on by default (docs/train-performance.md)."
     )

@@ -36,6 +36,7 @@ class TrainOutcome:
     resume_from: Path | None = None
     params: dict[str, Any] = field(default_factory=dict)  # build_trainable's info plus the engaged speed levers
     speed: dict[str, Any] = field(default_factory=dict)  # speed.apply's report
+    chosen: dict[str, Any] = field(default_factory=dict)  # precision / num_threads: value, reason (and warning)
 
 
 def device_summary() -> dict[str, Any]:
@@ -75,6 +76,7 @@ def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Se
         "device": {**device_summary(), "allocator": out.speed.get("allocator", {"malloc": "unchanged"})},
         "speed": out.speed.get("why", {}),
         "precision": tcfg.precision,
+        "chosen": out.chosen,  # what `auto` (or the config) set precision and threads to, and why
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,

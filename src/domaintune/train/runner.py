@@ -1,6 +1,7 @@
 """`run_train`: fine-tune the configured base model on `<run>/data/*.jsonl` with transformers' Trainer.
 
-Read top to bottom, `run_train` is the stage: settle the process (threads, torchrun ranks), find where training
+Read top to bottom, `run_train` is the stage: settle `precision` and `num_threads` for this machine (`auto`:
+hardware/autoselect.py), settle the process (threads, torchrun ranks), find where training
 starts (`init_from.py`), load the tokenizer, build the datasets (`data.py`), build the trainable model for the
 method (`methods.py`) and switch the speed levers on (`speed/`), build the Trainer (`trainers.py`), train,
 save `model/` (`save.py`) and write `train/metrics.json` and `train/loss.png` (`report.py`).
@@ -11,11 +12,15 @@ continues exactly), evaluation cadence, best-checkpoint tracking and early stopp
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
+
 from domaintune.errors import UserError
+from domaintune.hardware.autoselect import Choice, choose_precision, choose_threads
 from domaintune.layout import RunLayout
 from domaintune.model.loader import load_tokenizer
 from domaintune.train import distributed, speed
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["last_complete_checkpoint", "run_train"]
 
+log = logging.getLogger(__name__)
+
 
 def run_train(
     cfg: ProjectConfig,
@@ -48,6 +55,7 @@ def run_train(
     benchmarks). Returns the metrics that train/metrics.json holds.
     """
     started = time.time()
+    cfg, chosen = _choose_for_this_machine(cfg)
     tcfg = cfg.train
     seed = tcfg.seed if tcfg.seed is not None else cfg.seed
     session = _setup_process(tcfg, layout)
@@ -63,11 +71,33 @@ def run_train(
     output, train_wall = _train(trainer, resume_from)
     saved_kind = save_model(trainer, tokenizer, layout, start, tcfg, distributed=session.active)
     outcome = TrainOutcome(trainer, output, timer, saved_kind, train_wall, started, resume_from, params, engaged)
+    outcome.chosen = {name: choice.describe() for name, choice in chosen.items()}
     metrics = build_metrics(cfg, start, data, session, outcome)
     if session.world.is_main:  # reports and plots from rank 0 only
         write_reports(cfg, layout, metrics, trainer.state.log_history)
     session.barrier()
     return metrics
+
+
+def _choose_for_this_machine(cfg: ProjectConfig) -> tuple[ProjectConfig, dict[str, Choice]]:
+    """`precision` and `num_threads` settled for this machine (`auto`: from the hardware, hardware/autoselect.py).
+
+    Returns the config with the chosen values in `train` (everything after reads those) and the choices with
+    why, for train/metrics.json. bf16 forced on a CPU that only emulates it is kept, with a warning.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = {
+        "precision": choose_precision(cfg.train.precision, device),
+        "num_threads": choose_threads(cfg.train.num_threads),
+    }
+    for choice in chosen.values():
+        if choice.warning:
+            log.warning(choice.warning)
+            Console(stderr=True).print(f"[yellow]warning:[/] {choice.warning}", markup=True, highlight=False)
+    train = cfg.train.model_copy(update={name: choice.value for name, choice in chosen.items()})
+    return cfg.model_copy(update={"train": train}), chosen
 
 
 def _setup_process(tcfg: TrainConfig, layout: RunLayout) -> distributed.Session:
@@ -78,8 +108,7 @@ def _setup_process(tcfg: TrainConfig, layout: RunLayout) -> distributed.Session:
     # (bf16 autocast on a CPU is correct everywhere, and fast with AVX-512-BF16 / AMX.)
     if tcfg.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
+    torch.set_num_threads(int(tcfg.num_threads or torch.get_num_threads()))
     return distributed.start_session(tcfg, layout.train_dir)
 
 

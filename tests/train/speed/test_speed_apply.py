@@ -49,6 +49,10 @@ def test_run_train_records_allocator_and_speed_levers(tmp_path, keep):
         "glibc" if keep else "off (train.speed.keep_freed_buffers)"
     )
     assert on_disk["speed"]["lora_input_cast"] == "precision fp32"
+    # What precision and threads were used, and why (tiny_config sets fp32; threads are `auto`).
+    assert on_disk["chosen"]["precision"] == {"value": "fp32", "reason": "set in the config"}
+    assert on_disk["chosen"]["num_threads"]["reason"].startswith("auto: ")
+    assert on_disk["device"]["threads"] == on_disk["chosen"]["num_threads"]["value"]
 
 
 @pytest.mark.parametrize(
