@@ -69,14 +69,36 @@ _INDEX = re.compile(r"^\d+$")
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `dotted.key=value` (value parsed as YAML; list items by index: `data.sources.0.path=x`)."""
+    """Apply one `dotted.key=value` (value parsed as YAML).
+
+    List items by index (`data.sources.0.path=x`); `dotted.key.+=value` (or `dotted.key+=value`) appends the
+    value to the list there, creating it when the key is unset: `data.sources.+={path: fb.jsonl, reader: messages}`.
+    """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
     key, raw_value = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
+    key = key.strip()
+    append = key.endswith("+")
+    parts = [p for p in (key[:-1] if append else key).split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
     value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    node = _parent_node(data, parts, key)
+    last = parts[-1]
+    if append:
+        _append(node, last, value, key)
+    elif isinstance(node, list):
+        if not _INDEX.match(last) or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)} items (append with +=)")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a value, not a section")
+
+
+def _parent_node(data: dict[str, Any], parts: list[str], key: str) -> Any:
+    """The section or list that holds the last part of a dotted key (sections are created on the way)."""
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
@@ -88,15 +110,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = node.setdefault(part, {})
         else:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
-    last = parts[-1]
+    return node
+
+
+def _append(node: Any, last: str, value: Any, key: str) -> None:
+    """`key.+=value`: one more item at the end of the list `node[last]` (a new list when it is unset)."""
     if isinstance(node, list):
         if not _INDEX.match(last) or int(last) >= len(node):
             raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)} items")
-        node[int(last)] = value
+        target = node[int(last)]
     elif isinstance(node, dict):
-        node[last] = value
+        target = node.setdefault(last, [])
+        if target is None:
+            target = node[last] = []
     else:
-        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a value, not a section")
+        raise ConfigError(f"--set {key}: the parent of {last} is a value, not a section")
+    if not isinstance(target, list):
+        raise ConfigError(f"--set {key}: {last} is {type(target).__name__}, not a list; += appends to lists only")
+    target.append(value)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
