@@ -27,6 +27,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Seq:
 def sample_token(logits: np.ndarray, seq: Seq) -> int:
     """The next token: transformers' repetition penalty, then greedy or temperature / top-p sampling."""
     p = seq.params
+    for token, bias in (p.logit_bias or {}).items():
+        logits[token] += bias
     if p.repetition_penalty != 1.0:
         seen = np.fromiter(set(seq.prompt) | set(seq.tokens), dtype=np.int64)
         picked = logits[seen]
@@ -175,9 +178,7 @@ def generate(
 ) -> list[Seq]:
     """Every prompt decoded to its end, `n_seq` at a time; results in prompt order."""
     per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-    waiting = collections.deque(
-        Seq(list(p), s, tag=i) for i, (p, s) in enumerate(zip(prompts, per_prompt))
-    )
+    waiting = collections.deque(Seq(list(p), s, tag=i) for i, (p, s) in enumerate(zip(prompts, per_prompt)))
     results: list[Seq | None] = [None] * len(prompts)
     while waiting or decoder.running:
         while waiting and decoder.has_room:

@@ -9,7 +9,11 @@ from domaintune.llamacpp.runtime import default_threads, init_backend
 
 # Every GGUF type domaintune builds: converter types come straight from convert_hf_to_gguf.py, the
 # others are quantised from the f16 file.
-QUANTISER_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+QUANTISER_TYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+}
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m", "q5_k_m")
 
 

@@ -8,6 +8,7 @@ with tokens of any of them in one llama.cpp batch. Nothing here samples or sched
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -115,10 +116,8 @@ class GGUFModel:
             self.ptr = None
 
     def __del__(self):  # pragma: no cover - best effort at interpreter shutdown
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- metadata ---------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -175,6 +174,10 @@ class GGUFModel:
     def bos_id(self) -> int | None:
         bos = int(_lib().llama_vocab_bos(self.vocab))
         return bos if bos >= 0 else None
+
+    def eos_id(self) -> int | None:
+        eos = int(_lib().llama_vocab_eos(self.vocab))
+        return eos if eos >= 0 else None
 
     def adds_bos(self) -> bool:
         return bool(_lib().llama_vocab_get_add_bos(self.vocab))
@@ -235,10 +238,8 @@ class Context:
             self.ptr = None
 
     def __del__(self):  # pragma: no cover
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def clear(self, seq: int = -1) -> None:
         """Forget a sequence's KV cache (-1: every sequence)."""

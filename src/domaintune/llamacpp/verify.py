@@ -1,0 +1,177 @@
+"""A GGUF checked where users run it: llama.cpp's greedy answers and perplexity against the merged model.
+
+For each prompt both engines decode greedily; agreement is the share of the transformers answer's
+tokens that llama.cpp reproduces before the first difference (1.0: identical answers). Perplexity of
+reference answers is computed by both on the same token ids; the relative change must stay within the
+quantisation type's tolerance. Template, tokens and end-of-turn handling come from `template.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# (least greedy agreement, largest relative perplexity change) per GGUF type. f16 is a cast of the
+# float32 merged model: answers may part only where two logits tie within f16 rounding. The k-quants
+# change weights enough to move some greedy paths; perplexity is the steadier measure.
+TOLERANCE: dict[str, tuple[float, float]] = {
+    "f32": (0.99, 0.001),
+    "f16": (0.95, 0.01),
+    "bf16": (0.9, 0.02),
+    "q8_0": (0.8, 0.03),
+    "q5_k_m": (0.5, 0.10),
+    "q4_k_m": (0.4, 0.20),
+}
+
+
+@dataclass
+class Verification:
+    qtype: str
+    agreement: float
+    exact: float
+    perplexity_gguf: float | None
+    perplexity_hf: float | None
+    ppl_change: float | None
+    tolerance: tuple[float, float]
+    template: dict[str, Any]
+    ok: bool
+    problems: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.qtype,
+            "greedy_agreement": round(self.agreement, 4),
+            "greedy_exact": round(self.exact, 4),
+            "perplexity_gguf": self.perplexity_gguf,
+            "perplexity_merged": self.perplexity_hf,
+            "perplexity_change": self.ppl_change,
+            "tolerance": {"min_agreement": self.tolerance[0], "max_perplexity_change": self.tolerance[1]},
+            "template": self.template,
+            "ok": self.ok,
+            "problems": self.problems,
+        }
+
+
+def agreement(reference: list[int], candidate: list[int]) -> float:
+    """Share of the reference answer reproduced before the first differing token."""
+    if not reference:
+        return 1.0 if not candidate else 0.0
+    same = next((i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), min(len(reference), len(candidate)))
+    if same == min(len(reference), len(candidate)) and len(reference) != len(candidate):
+        return same / max(len(reference), len(candidate))
+    return same / len(reference)
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[0],
+            )[0, len(ids) :].tolist()
+            cut = next((i for i, t in enumerate(gen) if t in stop_ids), None)
+            out.append(gen if cut is None else gen[:cut])
+    return out
+
+
+def hf_nll(model, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    with torch.inference_mode():
+        for prompt, answer in rows:
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].float()
+            out.append((float(F.cross_entropy(logits, torch.tensor(answer), reduction="sum")), len(answer)))
+    return out
+
+
+def _ppl(rows: list[tuple[float, int]]) -> float | None:
+    import math
+
+    n = sum(k for _, k in rows)
+    return math.exp(sum(s for s, _ in rows) / n) if n else None
+
+
+def encode_rows(tokenizer, conversations: list[list[dict]], references: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + end-of-turn) per reference, tokenized by transformers."""
+    from domaintune.model.loader import end_of_turn_token_ids
+
+    eot = end_of_turn_token_ids(tokenizer)[0]
+    rows = []
+    for messages, reference in zip(conversations, references):
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        a_ids = tokenizer(reference, add_special_tokens=False).input_ids + [eot]
+        rows.append((p_ids, a_ids))
+    return rows
+
+
+def verify_gguf(
+    gguf_path: Path,
+    hf_dir: Path,
+    qtype: str,
+    conversations: list[list[dict]],
+    references: list[str] | None = None,
+    max_new_tokens: int = 32,
+    hf_model: Any = None,
+    threads: int | None = None,
+) -> Verification:
+    """Load `gguf_path` in llama.cpp and compare it with the Hugging Face model in `hf_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score
+    from domaintune.llamacpp.runtime import Context, GGUFModel
+    from domaintune.llamacpp.template import check_template
+    from domaintune.model.loader import end_of_turn_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = hf_model if hf_model is not None else AutoModelForCausalLM.from_pretrained(hf_dir)
+    model.eval()
+    gguf = GGUFModel(gguf_path)
+    stop_ids = end_of_turn_token_ids(tokenizer)
+    prompts = [
+        tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+        for m in conversations
+    ]
+    decoder = Decoder(gguf, stop_ids=stop_ids, n_seq=min(8, max(1, len(prompts))), seq_ctx=1024, threads=threads)
+    try:
+        ours = [s.tokens for s in generate(decoder, prompts, Sampling(max_tokens=max_new_tokens))]
+    finally:
+        decoder.close()
+    theirs = hf_greedy(model, prompts, max_new_tokens, stop_ids)
+    scores = [agreement(t, o) for t, o in zip(theirs, ours)]
+    ppl_gguf = ppl_hf = change = None
+    if references:
+        rows = encode_rows(tokenizer, conversations, references)
+        ctx = Context(gguf, n_seq=4, seq_ctx=1024, n_batch=1024, threads=threads)
+        try:
+            ppl_gguf = _ppl(score(ctx, rows))
+        finally:
+            ctx.close()
+        ppl_hf = _ppl(hf_nll(model, rows))
+        if ppl_gguf and ppl_hf:
+            change = abs(ppl_gguf - ppl_hf) / ppl_hf
+    template = check_template(gguf, tokenizer)
+    return _judge(qtype, scores, ppl_gguf, ppl_hf, change, template.as_dict())
+
+
+def _judge(qtype, scores, ppl_gguf, ppl_hf, change, template) -> Verification:
+    tolerance = TOLERANCE.get(qtype, (0.0, 1.0))
+    mean = sum(scores) / len(scores) if scores else 1.0
+    exact = sum(1 for s in scores if s == 1.0) / len(scores) if scores else 1.0
+    problems = list(template["problems"])
+    if mean < tolerance[0]:
+        problems.append(f"greedy agreement {mean:.2f} is below {tolerance[0]} for {qtype}")
+    if change is not None and change > tolerance[1]:
+        problems.append(f"perplexity changed by {change:.1%} (more than {tolerance[1]:.0%} for {qtype})")
+    rnd = (lambda v: None if v is None else round(v, 4))
+    return Verification(qtype, mean, exact, rnd(ppl_gguf), rnd(ppl_hf), rnd(change), tolerance, template, not problems, problems)
