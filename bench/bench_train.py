@@ -210,7 +210,14 @@ def run_domaintune(
 
 
 def run_llamafactory(
-    rows, steps: int, workdir: Path, lf_python: str, bf16: bool, threads: int, gradient_checkpointing: bool = True
+    rows,
+    steps: int,
+    workdir: Path,
+    lf_python: str,
+    bf16: bool,
+    threads: int,
+    gradient_checkpointing: bool = True,
+    device: str = "cpu",
 ) -> dict:
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir
@@ -257,7 +264,7 @@ def run_llamafactory(
         "save_strategy": "no",
         "report_to": "none",
         "seed": SEED,
-        "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}"),
+        "output_dir": str(workdir / f"lf-out-{'bf16' if bf16 else 'fp32'}-{len(list(workdir.iterdir()))}"),
         "overwrite_output_dir": True,
         "bf16": bf16,
         "preprocessing_num_workers": 1,
@@ -265,7 +272,7 @@ def run_llamafactory(
         "overwrite_cache": True,
         "include_num_input_tokens_seen": "non_padding",
         "disable_tqdm": True,
-        "use_cpu": True,
+        "use_cpu": device == "cpu",
         "disable_gradient_checkpointing": not gradient_checkpointing,
     }
     cfg_path, out_path = workdir / "lf-config.json", workdir / "lf-result.json"
@@ -286,6 +293,30 @@ def run_llamafactory(
     result = json.loads(out_path.read_text())
     result["truncated"] = None
     return result
+
+
+def auto_precision(device: str):
+    """What `precision: auto` picks on this machine (with why), and whether bf16 is native here."""
+    from domaintune.hardware.autoselect import choose_precision
+    from domaintune.hardware.probe import detect_hardware
+
+    hardware = detect_hardware()
+    chosen = choose_precision("auto", device, hardware)
+    return chosen, (chosen.value == "bf16" if device == "cuda" else hardware.cpu_bf16)
+
+
+def machine_line(device: str) -> str:
+    """CPU model name and its matmul-relevant flags (or the GPU), for docs/train-performance.md."""
+    from domaintune.hardware.probe import detect_hardware
+
+    hardware = detect_hardware()
+    flags = sorted(f for f in hardware.cpu_flags if f.startswith(("avx512", "amx", "avx2", "fma", "avx_vnni")))
+    line = f"{hardware.cpu_model}, {hardware.cpu_cores} CPU(s), flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
+    if device == "cuda":
+        import torch
+
+        line += f"; GPU {torch.cuda.get_device_name(0)}"
+    return line
 
 
 def same_batches(a: dict, b: dict) -> str:
@@ -323,6 +354,16 @@ def main() -> None:
         action="store_true",
         help="also run 'domaintune bf16' once with each CPU lever off (each in its own process)",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="precision of the ablation runs and of the headline ratio (auto: what `precision: auto` picks here)",
+    )
+    parser.add_argument(
+        "--force-bf16", action="store_true", help="also run bf16 on a CPU without native bf16 (emulated: slow)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU proof's run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: {extra, out} for an ablation run
     args = parser.parse_args()
 
@@ -335,14 +376,23 @@ def main() -> None:
     batch_trace.install(Trainer, TRACE)
     torch.set_num_threads(args.threads)
     rows, selection = load_rows(args.steps * BATCH)
+    chosen, native_bf16 = auto_precision(args.device)
+    ablation_precision = chosen.value if args.precision == "auto" else args.precision
     if args.child:  # one ablation run, in this fresh process
         child = json.loads(args.child)
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-            result = run_domaintune(rows, args.steps, Path(tmp), "bf16", False, args.threads, child["extra"])
+            result = run_domaintune(
+                rows, args.steps, Path(tmp), child["precision"], False, args.threads, child["extra"]
+            )
         Path(child["out"]).write_text(json.dumps(result, default=str))
         return
-    ours_fast, ours_packed, ours_like = ("domaintune bf16", "domaintune bf16 padding-free", "domaintune fp32")
+    print(f"machine: {machine_line(args.device)}")
+    print(f"precision auto here: {chosen.value} ({chosen.reason})")
+    bf16_runs = native_bf16 or args.force_bf16
+    ours_bf16, ours_packed, ours_fp32 = ("domaintune bf16", "domaintune bf16 padding-free", "domaintune fp32")
+    ours_fast = f"domaintune {ablation_precision}"  # the reference run: the precision auto picks (or --precision)
     lf_fp32, lf_bf16, lf_bf16_nogc = ("LLaMA-Factory fp32", "LLaMA-Factory bf16", "LLaMA-Factory bf16 no-GC")
+    lf_fp32_nogc = "LLaMA-Factory fp32 no-GC"
     results: dict[str, dict] = {}
     lf_errors = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -352,12 +402,14 @@ def main() -> None:
             return lambda: run_domaintune(rows, args.steps, workdir, precision, packing, args.threads)
 
         def lf(bf16, gc=True):
-            return lambda: run_llamafactory(rows, args.steps, workdir, args.lf_python, bf16, args.threads, gc)
+            return lambda: run_llamafactory(
+                rows, args.steps, workdir, args.lf_python, bf16, args.threads, gc, args.device
+            )
 
         def ablation(lever):
             def run():
                 out = workdir / f"ablation-{len(list(workdir.iterdir()))}.json"
-                child = json.dumps({"extra": LEVERS[lever], "out": str(out)})
+                child = json.dumps({"extra": LEVERS[lever], "out": str(out), "precision": ablation_precision})
                 subprocess.run(
                     [
                         sys.executable,
@@ -377,14 +429,19 @@ def main() -> None:
 
             return run
 
-        # Alternate the tools so that a change in machine load hits both sides alike.
-        plan = [(ours_fast, ours("bf16", False))]
-        if not args.skip_lf and args.lf_bf16:
-            plan += [(lf_bf16, lf(True)), (lf_bf16_nogc, lf(True, gc=False))]
-        plan.append((ours_like, ours("fp32", False)))
-        if not args.skip_lf:
-            plan.append((lf_fp32, lf(False)))
-        if not args.skip_packing:
+        # Alternate the tools so that a change in machine load hits both sides alike; the precision auto picks
+        # first (it is the reference run); bf16 only where the CPU does it natively (or --force-bf16).
+        plan = []
+        for precision in sorted(("fp32", "bf16"), key=lambda p: p != ablation_precision):
+            if precision == "bf16" and bf16_runs:
+                plan.append((ours_bf16, ours("bf16", False)))
+                if not args.skip_lf and args.lf_bf16:
+                    plan += [(lf_bf16, lf(True)), (lf_bf16_nogc, lf(True, gc=False))]
+            elif precision == "fp32":
+                plan.append((ours_fp32, ours("fp32", False)))
+                if not args.skip_lf:
+                    plan += [(lf_fp32, lf(False)), (lf_fp32_nogc, lf(False, gc=False))]
+        if not args.skip_packing and bf16_runs:
             plan.append((ours_packed, ours("bf16", True)))
         if args.only:
             keep = {name.strip() for name in args.only.split(",")}
@@ -443,11 +500,12 @@ def main() -> None:
                 f"{b['mean_train_loss']:.4f})"
             )
     pairs = [
-        (ours_fast, lf_bf16_nogc, "bf16 vs bf16, identical settings"),
-        (ours_fast, lf_bf16, "bf16 vs bf16, LLaMA-Factory's default gradient checkpointing"),
-        (ours_fast, lf_fp32, "ours bf16 vs LLaMA-Factory's CPU default"),
-        (ours_like, lf_fp32, "fp32 vs fp32"),
-        (ours_packed, ours_fast, "padding-free vs padded batches"),
+        (ours_bf16, lf_bf16_nogc, "bf16 vs bf16, identical settings"),
+        (ours_bf16, lf_bf16, "bf16 vs bf16, LLaMA-Factory's default gradient checkpointing"),
+        (ours_bf16, lf_fp32, "ours bf16 vs LLaMA-Factory's CPU default"),
+        (ours_fp32, lf_fp32_nogc, "fp32 vs fp32, identical settings"),
+        (ours_fp32, lf_fp32, "fp32 vs fp32, LLaMA-Factory's default gradient checkpointing"),
+        (ours_packed, ours_bf16, "padding-free vs padded batches"),
     ]
     for ours_name, theirs, what in pairs:
         if ours_name in results and theirs in results:
@@ -459,6 +517,8 @@ def main() -> None:
                 f"mean loss {a['mean_train_loss']:.4f} vs {b['mean_train_loss']:.4f}, "
                 f"final {a['final_logged_loss']:.4f} vs {b['final_logged_loss']:.4f}"
             )
+    if not bf16_runs:
+        print(f"bf16: not measured (no native bf16 on this CPU: {chosen.reason}; --force-bf16 to run it emulated)")
     if args.skip_lf:
         print("LLaMA-Factory: not measured (--skip-lf)")
     for name, error in lf_errors.items():

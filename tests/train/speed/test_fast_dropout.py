@@ -15,7 +15,7 @@ from torch import nn
 from domaintune.train import speed
 from domaintune.train.config import TrainConfig
 from domaintune.train.methods import build_trainable
-from domaintune.train.speed.fast_dropout import CheapMaskDropout, use_cheap_mask_dropout
+from domaintune.train.speed.fast_dropout import CheapMaskDropout, cheap_keep_mask, use_cheap_mask_dropout
 from train_helpers import N_LINEAR_LORA_LAYERS, lora_layers, lora_model
 
 
@@ -161,3 +161,16 @@ def test_speed_apply_follows_the_cheap_mask_dropout_setting(tiny_model_dir, chea
     expected = CheapMaskDropout if cheap else nn.Dropout
     assert all(type(d) is expected and d.p == 0.1 for d in dropouts)
     assert info.get("cheap_mask_dropout") == (N_LINEAR_LORA_LAYERS if cheap else None)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_fp32_mask_is_the_comparison_of_the_same_random_bits(p):
+    """The fp32 integer path gives exactly what comparing the same 16-bit draws with the threshold gives."""
+    x = torch.ones(10_001)
+    torch.manual_seed(3)
+    fast = cheap_keep_mask(x, p)
+    torch.manual_seed(3)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
+    threshold = round(p * 65536) - 32768
+    keep = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert torch.equal(fast, torch.where(bits[: x.numel()] >= threshold, keep, torch.zeros(())))

