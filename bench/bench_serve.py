@@ -6,6 +6,14 @@ time until the loop reaches and finishes it). Both sides decode greedily with th
 and stop at the end-of-turn token, so they do the same work.
 
     nice -n 10 python bench/bench_serve.py --clients 32 --requests-per-client 2 --max-tokens 32
+
+Mixed workload (--mixed): a `domaintune serve` process on loopback, 64 concurrent clients for a
+bounded time, 10% of them hostile (degenerate sampling, lone surrogates, deeply nested JSON, empty
+prompts, bad model names, wrong secrets, oversized chunked bodies and prompts, huge feedback). It
+reports p50/p95/p99 of the well-formed requests, every answer by class, the well-formed requests
+that failed (must be 0; the exit status says so) and the server's memory before and after.
+
+    nice -n 10 python bench/bench_serve.py --mixed --clients 64 --hostile-share 0.1 --duration 180
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -170,6 +180,9 @@ def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
 
 
 def main() -> None:
+    if "--mixed" in sys.argv:
+        sys.argv.remove("--mixed")
+        raise SystemExit(mixed_main())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -185,8 +198,6 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
-    import os
-
     import torch
 
     if args.threads:
@@ -315,6 +326,263 @@ def main() -> None:
                 indent=2,
             )
         )
+
+
+# ---- mixed workload: well-formed and hostile clients together ------------------------------------
+CHAT_PATH = "/v1/chat/completions"
+
+
+def _hostile_requests(model: str, key: str, admin: str) -> list[tuple[str, dict]]:
+    """(label, httpx request arguments) for each hostile input the server must refuse or survive."""
+    auth = {"Authorization": f"Bearer {key}"}
+    raw = {**auth, "content-type": "application/json"}
+    key_id = key.split("-")[1]
+
+    def chat(**extra):
+        return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
+
+    async def chunked():
+        for _ in range(2 * 16):  # 2 MB without Content-Length: over serve.max_body_bytes (1 MB)
+            yield b"x" * 65536
+
+    return [
+        ("tiny temperature", {"json": chat(temperature=1e-45), "headers": auth}),
+        (
+            "lone surrogate",
+            {
+                "content": b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % model.encode(),
+                "headers": raw,
+            },
+        ),
+        ("nested 5000 deep", {"content": b"[" * 5000 + b"]" * 5000, "headers": raw}),
+        ("NaN", {"content": b'{"model": "m", "messages": [], "temperature": NaN}', "headers": raw}),
+        (
+            "empty prompt",
+            {"path": "/v1/completions", "json": {"model": model, "prompt": "", "max_tokens": 4}, "headers": auth},
+        ),
+        ("bad model name", {"json": chat(model="x/../y"), "headers": auth}),
+        ("non-latin-1 name", {"json": chat(model="é中文"), "headers": auth}),
+        (
+            "newline in name",
+            {
+                "path": "/admin/models",
+                "json": {"name": "a\nb", "source": "/tmp"},
+                "headers": {"Authorization": f"Bearer {admin}"},
+            },
+        ),
+        (
+            "__base__",
+            {
+                "path": "/admin/models",
+                "json": {"name": "__base__", "source": "/tmp"},
+                "headers": {"Authorization": f"Bearer {admin}"},
+            },
+        ),
+        ("wrong secret", {"json": chat(), "headers": {"Authorization": f"Bearer dt-{key_id}-{'w' * 32}"}}),
+        ("unknown key id", {"json": chat(), "headers": {"Authorization": "Bearer dt-00000000-" + "w" * 32}}),
+        ("chunked 2 MB body", {"content": chunked, "headers": auth}),
+        (
+            "oversized prompt",
+            {"json": chat(messages=[{"role": "user", "content": "word " * 190_000}]), "headers": auth},
+        ),
+        (
+            "huge feedback",
+            {
+                "path": "/v1/feedback",
+                "json": {"request_id": "x", "rating": -1, "correction": "y" * 900_000},
+                "headers": auth,
+            },
+        ),
+    ]
+
+
+def _well_formed(i: int, model: str) -> tuple[str, dict]:
+    prompt = FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)]
+    kind = i % 4
+    if kind == 3:
+        return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0.7, "seed": i}
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "seed": i}
+    return CHAT_PATH, {**body, "stream": kind == 1, "temperature": 0.0 if kind == 2 else 0.8}
+
+
+async def _mixed_clients(url: str, keys: dict, model: str, clients: int, hostile: int, duration: float) -> dict:
+    import httpx
+
+    stats: dict = {"latencies": [], "classes": {}, "failed_well_formed": [], "requests": 0}
+    deadline = time.monotonic() + duration
+    hostile_inputs = _hostile_requests(model, keys["user"], keys["admin"])
+
+    def count(who: str, label: str) -> None:
+        stats["classes"][f"{who}: {label}"] = stats["classes"].get(f"{who}: {label}", 0) + 1
+
+    async def well_formed(client, n: int) -> None:
+        i = n
+        while time.monotonic() < deadline:
+            path, body = _well_formed(i, model)
+            i += clients
+            start = time.perf_counter()
+            try:
+                r = await client.post(url + path, json=body, headers={"Authorization": f"Bearer {keys['user']}"})
+                ok = r.status_code == 200 and (not body.get("stream") or r.text.rstrip().endswith("data: [DONE]"))
+                ok = ok and "error" not in (r.text if body.get("stream") else "")
+                label = str(r.status_code)
+            except httpx.HTTPError as exc:
+                ok, label = False, type(exc).__name__
+            stats["requests"] += 1
+            count("well-formed", label)
+            if ok:
+                stats["latencies"].append(time.perf_counter() - start)
+            else:
+                stats["failed_well_formed"].append(f"{path} {label}")
+
+    async def attacker(client, n: int) -> None:
+        i = n
+        while time.monotonic() < deadline:
+            label, args = hostile_inputs[i % len(hostile_inputs)]
+            i += 1
+            args = dict(args)
+            path = args.pop("path", CHAT_PATH)
+            if callable(args.get("content")):
+                args["content"] = args["content"]()
+            try:
+                r = await client.post(url + path, **args)
+                outcome = f"{r.status_code} {r.json()['error']['code'] if r.status_code >= 400 else 'ok'}"
+            except (httpx.HTTPError, ValueError) as exc:
+                outcome = f"connection closed ({type(exc).__name__})"
+            stats["requests"] += 1
+            count(f"hostile {label}", outcome)
+
+    limits = httpx.Limits(max_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks = [attacker(client, n) for n in range(hostile)]
+        tasks += [well_formed(client, n) for n in range(clients - hostile)]
+        await asyncio.gather(*tasks)
+    return stats
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start_mixed_server(tmp: Path, model: str) -> tuple[subprocess.Popen, str, dict]:
+    """`domaintune serve` on a free loopback port with a user and an admin key; (process, url, keys)."""
+    import httpx
+    import yaml
+
+    from domaintune.serve.server import free_port
+    from domaintune.serve.store import Store
+
+    serve = {
+        "key_hash_iterations": 100_000,
+        "max_tokens_cap": 64,
+        "default_max_tokens": 32,
+        "serve_trained": False,
+        "engine": "transformers",
+        "request_timeout_s": 300,
+        "max_context_tokens": 512,
+    }
+    project = tmp / "project.yaml"
+    project.write_text(
+        yaml.safe_dump(
+            {"name": "bench", "output_dir": str(tmp / "run"), "model": {"name_or_path": model}, "serve": serve}
+        )
+    )
+    store = Store(f"sqlite:///{tmp / 'run' / 'serve' / 'serve.db'}", key_hash_iterations=100_000)
+    keys = {"user": store.create_key("bench")[1], "admin": store.create_key("ops", is_admin=True)[1]}
+    store.engine.dispose()
+    port = free_port()
+    exe = Path(sys.executable).parent / "domaintune"
+    proc = subprocess.Popen(
+        [str(exe), "serve", str(project), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp / "server.log").open("w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url, keys
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("server not ready within 300 s")
+
+
+def mixed_main() -> int:
+    parser = argparse.ArgumentParser(description="bench_serve --mixed: well-formed and hostile clients together")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--hostile-share", type=float, default=0.1)
+    parser.add_argument("--duration", type=float, default=180.0, help="Seconds of load (bounded).")
+    parser.add_argument("--model", default="tiny-random-llama")
+    parser.add_argument("--max-memory-growth-mb", type=float, default=200.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_mixed_"))
+    (tmp / "run" / "serve").mkdir(parents=True)
+    proc, url, keys = _start_mixed_server(tmp, args.model)
+    try:
+        model = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {keys['user']}"}).json()["data"][0][
+            "id"
+        ]
+        for _ in range(3):  # warm-up: the first batches pay one-off costs
+            httpx.post(
+                url + CHAT_PATH,
+                json=_well_formed(0, model)[1],
+                headers={"Authorization": f"Bearer {keys['user']}"},
+                timeout=120,
+            )
+        rss_before = _rss_mb(proc.pid)
+        hostile = max(1, round(args.clients * args.hostile_share))
+        t0 = time.perf_counter()
+        stats = asyncio.run(_mixed_clients(url, keys, model, args.clients, hostile, args.duration))
+        wall = time.perf_counter() - t0
+        time.sleep(2)
+        rss_after = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return _mixed_report(args, stats, wall, hostile, rss_before, rss_after)
+
+
+def _mixed_report(args, stats: dict, wall: float, hostile: int, rss_before: float, rss_after: float) -> int:
+    import platform
+
+    lat = stats["latencies"]
+    report = {
+        "clients": args.clients,
+        "hostile_clients": hostile,
+        "duration_s": round(wall, 1),
+        "requests": stats["requests"],
+        "well_formed_ok": len(lat),
+        "well_formed_failed": len(stats["failed_well_formed"]),
+        "failed_examples": stats["failed_well_formed"][:10],
+        "p50_s": round(pct(lat, 0.5), 3),
+        "p95_s": round(pct(lat, 0.95), 3),
+        "p99_s": round(pct(lat, 0.99), 3),
+        "classes": dict(sorted(stats["classes"].items())),
+        "server_rss_mb_before": round(rss_before, 1),
+        "server_rss_mb_after": round(rss_after, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    growth_ok = rss_after - rss_before <= args.max_memory_growth_mb
+    hostile_5xx = sum(n for k, n in stats["classes"].items() if k.startswith("hostile") and k.split(": ")[1][:1] == "5")
+    print(
+        f"well-formed failed: {report['well_formed_failed']} (must be 0); hostile 5xx: {hostile_5xx} (must be 0); "
+        f"memory {rss_before:.0f} -> {rss_after:.0f} MB (bound +{args.max_memory_growth_mb:g} MB)"
+    )
+    return 0 if report["well_formed_failed"] == 0 and hostile_5xx == 0 and growth_ok else 1
 
 
 if __name__ == "__main__":

@@ -62,11 +62,12 @@ class CanaryConfig(StrictModel):
 class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 in a container).")
     port: int = Field(8000, ge=0, le=65535)
-    engine: Literal["auto", "transformers", "vllm"] = Field(
+    engine: Literal["auto", "transformers", "vllm", "llamacpp"] = Field(
         "auto",
         description=(
-            "Inference engine. `auto`: vLLM when it is installed and a CUDA GPU is present, else transformers "
-            "(the choice and its reason are logged at start). `vllm` fails when it cannot run."
+            "Inference engine. `auto`: vLLM when it is installed and a CUDA GPU is present, else llama.cpp (q8_0 "
+            "GGUF, continuous batching) when llama-cpp-python is installed, else transformers (the choice and its "
+            "reason are logged at start). `vllm` / `llamacpp` fail when they cannot run."
         ),
     )
     base_name: str | None = Field(

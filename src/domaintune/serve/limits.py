@@ -273,12 +273,3 @@ def _tpm_wait(window: Iterable[list], used: int, incoming: int, tpm: int, now: f
         if used - freed + incoming <= tpm:
             return WINDOW_S - (now - stamp)
     return WINDOW_S
-
-
-def open_limits(url: str | None, daily_usage: DailyUsage) -> Limits:
-    """In-memory counters, or Redis ones for `redis://...` (shared by every replica)."""
-    if not url:
-        return MemoryLimits(daily_usage)
-    from domaintune.serve.limits_redis import RedisLimits
-
-    return RedisLimits(url, daily_usage)

@@ -23,7 +23,7 @@ from domaintune.serve.canary import CanaryController, setup_canary
 from domaintune.serve.catalog import Catalog, ServedModel
 from domaintune.serve.config import ServeConfig
 from domaintune.serve.engines import Engine, build_engine, choose_engine
-from domaintune.serve.limits import Limits, open_limits
+from domaintune.serve.limits import DailyUsage, Limits, MemoryLimits
 from domaintune.serve.observability import Metrics
 from domaintune.serve.store import Store, default_store_url
 from domaintune.utils.names import default_model_name
@@ -72,6 +72,15 @@ class ServeState:
         self.key_pool.shutdown(wait=False, cancel_futures=True)
         self.limits.close()
         self.store.engine.dispose()
+
+
+def open_limits(url: str | None, daily_usage: DailyUsage) -> Limits:
+    """In-memory counters (one replica), or Redis ones for `redis://...` (shared by every replica)."""
+    if not url:
+        return MemoryLimits(daily_usage)
+    from domaintune.serve.limits_redis import RedisLimits
+
+    return RedisLimits(url, daily_usage)
 
 
 def _registry_factory(cfg: ProjectConfig) -> Callable[[], Any]:

@@ -1,4 +1,4 @@
-"""Inference engines behind one interface (`Engine`): transformers (default, CPU) and vLLM (CUDA GPU)."""
+"""Inference engines behind one interface (`Engine`): vLLM (CUDA GPU), llama.cpp (CPU) and transformers."""
 
 from __future__ import annotations
 
@@ -39,13 +39,30 @@ def choose_engine(setting: str) -> tuple[str, str]:
         return "vllm", "serve.engine=vllm"
     if setting == "transformers":
         return "transformers", "serve.engine=transformers"
+    from domaintune.serve.engines.llamacpp import llamacpp_unavailable_reason
+
+    cpp_reason = llamacpp_unavailable_reason()
+    if setting == "llamacpp":
+        if cpp_reason:
+            raise UserError(f"serve.engine is 'llamacpp' but llama.cpp cannot run here: {cpp_reason}")
+        return "llamacpp", "serve.engine=llamacpp"
     if reason is None:
         return "vllm", "serve.engine=auto: vllm is installed and a CUDA GPU is present"
-    return "transformers", f"serve.engine=auto: using transformers because {reason}"
+    if cpp_reason is None:
+        return "llamacpp", f"serve.engine=auto: llama.cpp on the CPU because {reason}"
+    return "transformers", f"serve.engine=auto: using transformers because {reason}, and {cpp_reason}"
 
 
 def build_engine(name: str, dtype: str, serve_cfg: ServeConfig) -> Engine:
     """The engine `choose_engine` named, configured from the `serve:` section."""
+    if name == "llamacpp":
+        from domaintune.serve.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(
+            max_batch_size=serve_cfg.max_batch_size,
+            max_queue=serve_cfg.max_queue,
+            max_context=serve_cfg.max_context_tokens or 2048,
+        )
     if name == "vllm":
         return VLLMEngine(
             dtype="auto" if dtype == "float32" else dtype,
