@@ -201,7 +201,11 @@ def _qwen_tokenizer(tiktoken: Path, specials: list[str], template: str):
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        found = [(ranks[a], ranks[b], a, b) for a, b in splits if a in ranks and b in ranks and max(ranks[a], ranks[b]) < rank]
+        found = [
+            (ranks[a], ranks[b], a, b)
+            for a, b in splits
+            if a in ranks and b in ranks and max(ranks[a], ranks[b]) < rank
+        ]
         merges.extend((text(a), text(b)) for _, _, a, b in sorted(found))
     bpe = models.BPE(vocab={text(b): r for b, r in ranks.items()}, merges=merges, ignore_merges=False)
     tok = Tokenizer(bpe)
@@ -222,7 +226,54 @@ def _qwen_tokenizer(tiktoken: Path, specials: list[str], template: str):
 
 
 def _corpus() -> list[str]:
-    words = ["the", "patient", "has", "a", "fever", "and", "headache,", "what", "should", "we", "do", "about", "it?", "drink", "water", "and", "rest.", "vitamin", "C", "helps;", "a", "doctor", "checks", "blood", "pressure", "120/80", "at", "37.8", "°C.", "hello", "how", "can", "I", "help", "you", "today", "头痛怎么办", "发烧", "医生", "建议", "多喝水", "休息", "血压", "检查", "您好", "请问"]
+    words = [
+        "the",
+        "patient",
+        "has",
+        "a",
+        "fever",
+        "and",
+        "headache,",
+        "what",
+        "should",
+        "we",
+        "do",
+        "about",
+        "it?",
+        "drink",
+        "water",
+        "and",
+        "rest.",
+        "vitamin",
+        "C",
+        "helps;",
+        "a",
+        "doctor",
+        "checks",
+        "blood",
+        "pressure",
+        "120/80",
+        "at",
+        "37.8",
+        "°C.",
+        "hello",
+        "how",
+        "can",
+        "I",
+        "help",
+        "you",
+        "today",
+        "头痛怎么办",
+        "发烧",
+        "医生",
+        "建议",
+        "多喝水",
+        "休息",
+        "血压",
+        "检查",
+        "您好",
+        "请问",
+    ]
     lines = []
     for i in range(400):
         lines.append(" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)))
@@ -311,19 +362,19 @@ def _config(family: str, vocab_size: int, tok):
     from transformers import AutoConfig
 
     model_type = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "mistral": "mistral", "phi3": "phi3"}
-    shape = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=family != "phi3",
-    )
+    shape = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": family != "phi3",
+    }
     if family in ("qwen3", "gemma3"):
         shape["head_dim"] = 16
     if family == "gemma3":

@@ -19,7 +19,14 @@ EXPECTED_EOT = {
     "mistral": "</s>",
     "phi3": "<|end|>",
 }
-EXPECTED_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "mistral": "llama", "phi3": "phi3"}
+EXPECTED_ARCH = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "mistral": "llama",
+    "phi3": "phi3",
+}
 
 
 def _family_dir(family: str, family_cache: Path, tiny_model_dir: Path) -> Path:

@@ -161,7 +161,9 @@ def check_template(model: GGUFModel, tokenizer, run_stop: bool = True) -> Templa
         if not case["jinja_equal"]:
             check.problems.append(f"{name}: the GGUF template renders a different prompt than transformers")
         if not case["tokens_equal"]:
-            check.problems.append(f"{name}: llama.cpp tokenizes the prompt differently (token {case['first_token_difference']})")
+            check.problems.append(
+                f"{name}: llama.cpp tokenizes the prompt differently (token {case['first_token_difference']})"
+            )
     eot = end_of_turn_token_ids(tokenizer)[0]
     check.eot_tokens = [tokenizer.convert_ids_to_tokens(eot)]
     check.eot_is_eog = model.is_eog(eot) and model.token_text(eot) == check.eot_tokens[0]

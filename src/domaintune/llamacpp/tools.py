@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,9 +69,86 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(kept[-lines:])
 
 
+_POOL: ProcessPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _converter_pool() -> ProcessPoolExecutor:
+    """Children forked from a fork server that has torch and transformers imported already.
+
+    A fresh `python convert_hf_to_gguf.py` spends most of a small model's conversion importing torch
+    and transformers (seconds); a child of this server starts with them loaded, and each conversion
+    gets its own child (max_tasks_per_child=1), so no converter state outlives it.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["numpy", "torch", "transformers", "safetensors", "sentencepiece"])
+            fresh_child: dict = {"max_tasks_per_child": 1}  # Python >= 3.11 (older ones use a subprocess)
+            _POOL = ProcessPoolExecutor(max_workers=1, mp_context=ctx, **fresh_child)
+        return _POOL
+
+
+def _reset_pool() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False, cancel_futures=True)
+        _POOL = None
+
+
+def _run_in_child(folder: str, script: str, args: list[str]) -> tuple[int, str]:
+    """Run one of llama.cpp's scripts as __main__ in this (forked) process, with its own gguf-py first."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("NO_LOCAL_GGUF", None)
+    sys.path[:0] = [str(Path(folder) / "gguf-py"), folder]
+    for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+        del sys.modules[name]
+    buf = io.StringIO()
+    logging.basicConfig(stream=buf, level=logging.INFO, force=True)
+    sys.argv = [str(Path(folder) / script), *args]
+    code = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    return code, buf.getvalue()
+
+
 def run_tool(script: str, args: list[str], timeout_s: float = 3600) -> str:
-    """Run one of llama.cpp's scripts; returns its log, raises ConversionError with the log's tail on failure."""
+    """Run one of llama.cpp's scripts; returns its log, raises ConversionError with the log's tail on failure.
+
+    It runs in a child of a warm fork server (see `_converter_pool`), or as a plain subprocess when
+    $DOMAINTUNE_LLAMACPP_SUBPROCESS=1.
+    """
     folder = _require_converter()
+    if os.environ.get("DOMAINTUNE_LLAMACPP_SUBPROCESS") == "1" or sys.version_info < (3, 11):
+        code, log = _run_subprocess(folder, script, args, timeout_s)
+    else:
+        try:
+            code, log = _converter_pool().submit(_run_in_child, str(folder), script, args).result(timeout=timeout_s)
+        except BrokenProcessPool:  # the fork server could not start (e.g. __main__ is not a file): plain run
+            _reset_pool()
+            code, log = _run_subprocess(folder, script, args, timeout_s)
+    if code != 0:
+        raise ConversionError(f"llama.cpp {script} failed (exit {code}):\n{_tail(log)}")
+    return log
+
+
+def _run_subprocess(folder: Path, script: str, args: list[str], timeout_s: float) -> tuple[int, str]:
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder)])
@@ -80,10 +161,7 @@ def run_tool(script: str, args: list[str], timeout_s: float = 3600) -> str:
         timeout=timeout_s,
         check=False,
     )
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise ConversionError(f"llama.cpp {script} failed (exit {proc.returncode}):\n{_tail(log)}")
-    return log
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 @lru_cache(maxsize=4)
@@ -93,9 +171,10 @@ def _supported(folder: str) -> frozenset[str]:
     section = ""
     for line in log.splitlines():
         if line.rstrip().endswith("models:"):
-            section = line.strip()
-        elif line.strip().startswith("- ") and section.startswith("TEXT"):
-            names.add(line.strip()[2:].strip())
+            section = line.rsplit(":", 2)[-2].strip() if line.count(":") > 1 else line.strip()
+        item = re.search(r"- (\w+)\s*$", line)
+        if item and section.startswith("TEXT"):
+            names.add(item.group(1))
     return frozenset(names)
 
 

@@ -57,7 +57,9 @@ def agreement(reference: list[int], candidate: list[int]) -> float:
     """Share of the reference answer reproduced before the first differing token."""
     if not reference:
         return 1.0 if not candidate else 0.0
-    same = next((i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), min(len(reference), len(candidate)))
+    same = next(
+        (i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), min(len(reference), len(candidate))
+    )
     if same == min(len(reference), len(candidate)) and len(reference) != len(candidate):
         return same / max(len(reference), len(candidate))
     return same / len(reference)
@@ -139,7 +141,9 @@ def verify_gguf(
     gguf = GGUFModel(gguf_path)
     stop_ids = end_of_turn_token_ids(tokenizer)
     prompts = [
-        tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+        tokenizer(
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
         for m in conversations
     ]
     decoder = Decoder(gguf, stop_ids=stop_ids, n_seq=min(8, max(1, len(prompts))), seq_ctx=1024, threads=threads)
@@ -173,5 +177,10 @@ def _judge(qtype, scores, ppl_gguf, ppl_hf, change, template) -> Verification:
         problems.append(f"greedy agreement {mean:.2f} is below {tolerance[0]} for {qtype}")
     if change is not None and change > tolerance[1]:
         problems.append(f"perplexity changed by {change:.1%} (more than {tolerance[1]:.0%} for {qtype})")
-    rnd = (lambda v: None if v is None else round(v, 4))
-    return Verification(qtype, mean, exact, rnd(ppl_gguf), rnd(ppl_hf), rnd(change), tolerance, template, not problems, problems)
+
+    def rnd(v):
+        return None if v is None else round(v, 4)
+
+    return Verification(
+        qtype, mean, exact, rnd(ppl_gguf), rnd(ppl_hf), rnd(change), tolerance, template, not problems, problems
+    )
