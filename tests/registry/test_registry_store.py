@@ -123,7 +123,7 @@ def test_status_archive_and_rejected_versions(registry, artefact):
     assert registry.show("med", bad)["status"] == "archived"
     registry.record_event("med", good, "canary_rollback", {"candidate_error_rate": 0.31, "window": 200})
     kinds = [e["kind"] for e in registry.events("med", good)]
-    assert kinds == ["registered", "canary_rollback"]
+    assert kinds == ["registered", "promoted", "canary_rollback"]  # promotions are events too
     assert registry.show("med", good)["events"][-1]["details"]["window"] == 200
 
 

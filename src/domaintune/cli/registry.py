@@ -137,19 +137,56 @@ def list_cmd(
         _print_json(rows)
         return
     table = Table(title=f"registry {registry.url}")
-    for col in ("name", "version", "status", "aliases", "created", "metrics"):
+    for col in ("name", "version", "parent", "status", "aliases", "created", "metrics", "last event"):
         table.add_column(col)
     for row in rows:
         status = row["status"] + (f" ({'; '.join(row['reasons'])[:40]})" if row["reasons"] else "")
+        notable = [e for e in row["events"] if e["kind"] != "registered"]
         table.add_row(
             row["name"],
             row["version"],
+            _semver(row["parent"]),
             status,
             ", ".join(row["aliases"]),
             row["created_at"],
             _metric_summary(row["metrics"]),
+            notable[-1]["kind"] if notable else "",
         )
     out.print(table)
+    _print_events(rows)
+
+
+def _print_events(rows: list[dict[str, Any]]) -> None:
+    """Every promotion, rollback, canary decision and round, one line each, oldest first."""
+    events = sorted(
+        ((e["at"], row["name"], row["version"], e) for row in rows for e in row["events"] if e["kind"] != "registered"),
+        key=lambda item: item[0],
+    )
+    if events:
+        out.print("events:")
+    for at, name, version, event in events:
+        out.print(f"  {at} {name}@{_semver(version)} {_event_summary(event)}", highlight=False, soft_wrap=True)
+
+
+def _semver(version: str | None) -> str:
+    """`v0.0.2` of `v0.0.2_<data hash>_<time>`, `-` for none."""
+    return version.split("_")[0] if version else "-"
+
+
+def _event_summary(event: dict[str, Any]) -> str:
+    """One event in a few words: what happened, to which alias, and why."""
+    kind, d = event["kind"], event.get("details") or {}
+    if kind == "promoted":
+        return f"promoted to {d.get('alias')}"
+    if kind == "rolled_back":
+        return f"rolled back from {d.get('alias')} to {_semver(d.get('to'))}"
+    if kind.startswith("canary_"):
+        return f"{kind.replace('_', ' ')}: {str(d.get('reason', ''))[:80]}"
+    if kind == "round":
+        return f"round from {_semver(d.get('parent'))}: {d.get('feedback_rows', 0)} feedback rows"
+    if kind == "canary_candidate":
+        return f"canary candidate ({d.get('alias')})"
+    return kind
 
 
 @registry_app.command("show")
@@ -312,6 +349,8 @@ def _print_version(info: dict[str, Any]) -> None:
     for label, value in [
         ("created", info["created_at"]),
         ("parent", info["parent"]),
+        ("data kept", data.get("kept")),
+        ("data sha256", {k: v[:12] for k, v in (data.get("files") or {}).items()}),
         ("base model", meta.get("base_model")),
         ("method", meta.get("method")),
         ("data fingerprint", data.get("fingerprint")),
@@ -330,16 +369,44 @@ def _print_version(info: dict[str, Any]) -> None:
             + ", ".join(f"{k}={v}" for k, v in list(hp.items())[:12] if not isinstance(v, (dict, list))),
             highlight=False,
         )
+    for item in lineage.get("merged") or []:
+        out.print(
+            f"  merged               {item.get('role', 'input')}: {item.get('rows')} rows sha256 "
+            f"{str(item.get('sha256'))[:12]} from {item.get('from') or item.get('path')}",
+            highlight=False,
+        )
+    _print_round(meta.get("round"))
     _print_metrics(meta.get("metrics", {}))
     out.print(
         f"  artefacts: {len(info['artifacts'])} files, "
         f"{sum(f['bytes'] for f in info['artifacts']) / 1e6:,.1f} MB (sha256 recorded)"
     )
     for event in info["events"]:
-        out.print(
-            f"  event {event['at']} {event['kind']} {json.dumps(event['details'], ensure_ascii=False)}",
-            highlight=False,
-        )
+        out.print(f"  event {event['at']} {_event_summary(event)}", highlight=False, soft_wrap=True)
+        out.print(f"        {json.dumps(event['details'], ensure_ascii=False, default=str)}", highlight=False)
+
+
+def _print_round(round_meta: dict[str, Any] | None) -> None:
+    """A round's window, what it took from feedback, and the child-vs-parent comparison."""
+    if not round_meta:
+        return
+    window = round_meta.get("window") or {}
+    feedback = round_meta.get("feedback") or {}
+    out.print(
+        f"  round                from {window.get('start') or 'the start'} to {window.get('end')}: "
+        f"{feedback.get('train_rows', 0)} feedback rows trained, {feedback.get('holdout_rows', 0)} held out, "
+        f"{feedback.get('dropped_total', 0)} dropped",
+        highlight=False,
+    )
+    for set_name, comparison in (round_meta.get("comparison") or {}).items():
+        primary = comparison.get("primary") or {}
+        if primary:
+            out.print(
+                f"  child vs parent      {set_name}: {primary.get('metric')} {primary.get('parent', 0):.2f} -> "
+                f"{primary.get('child', 0):.2f} (delta {primary.get('delta', 0):+.2f}, 95% CI "
+                f"[{primary.get('ci_low', float('nan')):+.2f}, {primary.get('ci_high', float('nan')):+.2f}])",
+                highlight=False,
+            )
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from domaintune.utils.config_types import ConfigPath, StrictModel
@@ -26,5 +28,14 @@ class RegistryConfig(StrictModel):
         description=(
             "Run-folder paths copied into the store on `register` (those that exist; at least one must). "
             "`model` is what `registry://name@alias` resolves to."
+        ),
+    )
+    training_data: Literal["store", "reference"] = Field(
+        "store",
+        description=(
+            "How a version keeps the data it was trained and tested on (`data/{train,val,test,general,"
+            "general_holdout}.jsonl`). `store`: copied into the version with the other artefacts, so `--continue-from` "
+            "and `domaintune round` read exactly those rows however the run folder changes later. `reference`: only "
+            "their sha256 is recorded; the next round reads the run folder and refuses files whose checksum differs."
         ),
     )

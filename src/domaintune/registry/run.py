@@ -63,12 +63,16 @@ def register_run(
     status: str | None = None,
     reasons: list[str] | None = None,
     parent: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Register the run folder as a new version of `registry.name` (default: the project name).
 
     status None: `candidate` when the eval gates passed, `rejected` (with the failed gates as
     reasons) when they failed, `registered` when there is no eval report. parent None: the version
     `train.init_from` names when it is a registry URI, else none (trained from the base model).
+    `extra`: more top-level metadata (a round's window, feedback and comparison under `round`).
+    The data files are stored with the version (`registry.training_data: store`) or referenced by
+    sha256; what an incremental run merged (`run/merged.json`) is recorded as `lineage.merged`.
     """
     if not layout.root.is_dir():
         raise UserError(f"run folder {layout.root} does not exist")
@@ -80,6 +84,8 @@ def register_run(
     if parent is None:
         parent = _weights_parent(cfg, registry)
     meta["lineage"]["parent_version"] = parent
+    meta["lineage"]["merged"] = merged_inputs(cfg, layout)
+    meta.update(extra or {})
     return registry.register(
         cfg.registry.name or cfg.name,
         artifacts=artifacts,
@@ -101,6 +107,10 @@ def _artifacts(cfg: ProjectConfig, layout: RunLayout) -> dict[str, str | Path]:
         source = layout.root / rel  # a run-folder path named in the config
         if source.exists():
             artifacts[rel] = source
+    if cfg.registry.training_data == "store" and any(r.split("/")[0] != "data" for r in artifacts):
+        for path in data_files(layout):
+            if path.is_file():
+                artifacts.setdefault(layout.relative(path), path)
     if not artifacts:
         raise UserError(
             f"{layout.root}: none of registry.artifacts {cfg.registry.artifacts} exist; run `domaintune train` "
@@ -136,10 +146,13 @@ def gather_run_metadata(cfg: ProjectConfig, layout: RunLayout) -> tuple[dict, st
     elif train_metrics and train_metrics.get("data_fingerprint"):
         data_fingerprint = str(train_metrics["data_fingerprint"])
 
+    recorded = [f for f in data_files(layout) if f.is_file()]
     data = {
         "fingerprint": data_fingerprint,
-        "rows": {f.stem: _count_lines(f) for f in split_files},
-        "files": {f.name: sha256_file(f) for f in split_files},
+        "rows": {f.stem: _count_lines(f) for f in recorded},
+        "files": {f.name: sha256_file(f) for f in recorded},
+        "kept": cfg.registry.training_data,
+        "inputs": source_inputs(cfg),
     }
     if train_metrics and train_metrics.get("data_fingerprint"):
         data["train_fingerprint"] = train_metrics["data_fingerprint"]
@@ -161,6 +174,46 @@ def gather_run_metadata(cfg: ProjectConfig, layout: RunLayout) -> tuple[dict, st
 def _data_files(layout: RunLayout) -> list[Path]:
     """The data stage's splits and general pool, which fingerprint the training data."""
     return [layout.train_file, layout.val_file, layout.test_file, layout.general_file]
+
+
+def data_files(layout: RunLayout) -> list[Path]:
+    """Every data file a version records by sha256 (and stores, with `training_data: store`)."""
+    return [*_data_files(layout), layout.general_holdout_file]
+
+
+def source_inputs(cfg: ProjectConfig) -> list[dict[str, Any]]:
+    """The data sources read, by content: name, path and sha256 (of a file; of its files' list for a folder)."""
+    inputs = []
+    for source in cfg.data.sources:
+        path = Path(source.path) if source.path else None
+        if path is None or not path.exists():
+            continue
+        digest = (
+            sha256_file(path)
+            if path.is_file()
+            else fingerprint_files(sorted(p for p in path.rglob("*") if p.is_file()))
+        )
+        inputs.append({"name": source.name or path.name, "path": str(path), "sha256": digest})
+    return inputs
+
+
+MERGED_FILE = "merged.json"  # in the run folder's `run/`: what an incremental run merged
+
+
+def merged_record(layout: RunLayout) -> Path:
+    return layout.run_dir / MERGED_FILE
+
+
+def merged_inputs(cfg: ProjectConfig, layout: RunLayout) -> list[dict[str, Any]]:
+    """`run/merged.json`'s entries that this run still read: the file is a data source and has the same sha256."""
+    record = _read_json(merged_record(layout)) or {}
+    sources = {str(Path(s.path)) for s in cfg.data.sources if s.path}
+    kept = []
+    for entry in record.get("merged", []):
+        path = Path(entry["path"])
+        if str(path) in sources and path.is_file() and sha256_file(path) == entry["sha256"]:
+            kept.append(entry)
+    return kept
 
 
 def _metrics(eval_report: dict | None, train_metrics: dict | None, export_manifest: dict | None) -> dict[str, Any]:

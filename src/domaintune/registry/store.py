@@ -417,6 +417,7 @@ class ModelRegistry:
                 query = query.where(versions_table.c.name == name)
             rows = [dict(r) for r in conn.execute(query).mappings()]
             aliases = [dict(r) for r in conn.execute(select(aliases_table)).mappings()]
+            events = self._events_by_version(conn, name)
         out = []
         for row in rows:
             if not include_archived and row["status"] == "archived":
@@ -432,9 +433,48 @@ class ModelRegistry:
                     "parent": row["parent"],
                     "reasons": row["reasons"],
                     "metrics": (row["meta"] or {}).get("metrics", {}),
+                    "events": events.get((row["name"], row["version"]), []),
                 }
             )
         return out
+
+    @staticmethod
+    def _events_by_version(conn: Connection, name: str | None) -> dict[tuple[str, str], builtins.list[dict]]:
+        """Every event (kind, details, at) of every version, oldest first, by (name, version)."""
+        query = select(
+            events_table.c.name, events_table.c.version, events_table.c.kind, events_table.c.details, events_table.c.at
+        ).order_by(events_table.c.id)
+        if name is not None:
+            query = query.where(events_table.c.name == name)
+        found: dict[tuple[str, str], builtins.list[dict]] = {}
+        for r in conn.execute(query).mappings():
+            if r["version"] is not None:
+                found.setdefault((r["name"], r["version"]), []).append(
+                    {"kind": r["kind"], "details": r["details"], "at": r["at"]}
+                )
+        return found
+
+    def find_by_metadata(self, name: str, dotted_key: str, value: Any) -> builtins.list[dict]:
+        """Versions of `name` whose metadata holds `value` at `dotted_key` (e.g. `round.fingerprint`), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    versions_table.c.version,
+                    versions_table.c.status,
+                    versions_table.c.created_at,
+                    versions_table.c.meta,
+                )
+                .where(versions_table.c.name == name)
+                .order_by(versions_table.c.id)
+            ).mappings()
+            found = []
+            for row in rows:
+                node: Any = row["meta"] or {}
+                for part in dotted_key.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None and node == value:
+                    found.append({"version": row["version"], "status": row["status"], "created_at": row["created_at"]})
+            return found
 
     def show(self, name: str, ref: str) -> dict:
         with self.engine.connect() as conn:
@@ -487,9 +527,13 @@ class ModelRegistry:
         """Problems with a version's stored files (missing, changed, or unexpected); empty when intact."""
         info = self.show(name, ref)
         root = Path(info["store_path"])
-        prefix = (under.strip("/") + "/") if under else ""
+        sub = under.strip("/") if under else ""
         problems = []
-        expected = {f["path"]: f for f in info["artifacts"] if f["path"].startswith(prefix)}
+        expected = {
+            f["path"]: f
+            for f in info["artifacts"]
+            if not sub or f["path"] == sub or f["path"].startswith(sub + "/")  # a folder, or one file
+        }
         for path, item in expected.items():
             file = root / path
             if not file.is_file():
@@ -628,6 +672,12 @@ class ModelRegistry:
                     note=note,
                 )
             )
+            details = {"alias": alias, "previous": current, "note": note, "forced": bool(force)}
+            conn.execute(
+                events_table.insert().values(
+                    name=name, version=row["version"], kind="promoted", details=details, at=now
+                )
+            )
             return row["version"]
 
         return self._transaction(update)
@@ -677,6 +727,15 @@ class ModelRegistry:
             conn.execute(
                 alias_history_table.insert().values(
                     name=name, alias=alias, action="rollback", version=target, previous=current, at=now, note=note
+                )
+            )
+            conn.execute(
+                events_table.insert().values(
+                    name=name,
+                    version=current,
+                    kind="rolled_back",
+                    details={"alias": alias, "to": target, "note": note},
+                    at=now,
                 )
             )
             return current, target
