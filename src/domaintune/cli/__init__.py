@@ -16,7 +16,7 @@ app = typer.Typer(
 
 # One module per stage; each exposes register(app). Kept as a list so a stage's
 # commands live beside nothing else's.
-_COMMAND_MODULES = ["workflow", "data", "train", "eval", "export", "registry", "serve", "hardware", "config"]
+_COMMAND_MODULES = ["workflow", "data", "train", "eval", "export", "registry", "serve", "hardware", "config", "studio"]
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"domaintune.cli.{_name}").register(app)
