@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import UserError
@@ -72,6 +73,7 @@ class Decision:
     reason: str
     manual: bool
     stats: dict[str, Any]
+    at: str | None = None  # UTC, when it was taken (kept across restarts: read back from the store)
 
 
 class CanaryController:
@@ -153,6 +155,7 @@ class CanaryController:
                 "kind": self.decision.kind,
                 "reason": self.decision.reason,
                 "manual": self.decision.manual,
+                "at": self.decision.at,
             },
         }
 
@@ -186,9 +189,10 @@ class CanaryController:
             )
         return None
 
-    def _decide(self, state: str, reason: str, manual: bool) -> Decision:
+    def _decide(self, state: str, reason: str, manual: bool, at: str | None = None) -> Decision:
         self.state = state
-        self.decision = Decision(state, reason, manual, {a: s.as_dict() for a, s in self.stats().items()})
+        stats = {a: s.as_dict() for a, s in self.stats().items()}
+        self.decision = Decision(state, reason, manual, stats, at or _utc_now())
         return self.decision
 
     def _announce(self, decision: Decision | None) -> Decision | None:
@@ -196,12 +200,12 @@ class CanaryController:
             self.on_decision(decision)
         return decision
 
-    def adopt(self, state: str, reason: str, manual: bool) -> bool:
+    def adopt(self, state: str, reason: str, manual: bool, at: str | None = None) -> bool:
         """Take a decision another replica made (not announced again); False when already decided here."""
         with self._lock:
             if self.state != RUNNING or state == RUNNING:
                 return False
-            self._decide(state, reason, manual)
+            self._decide(state, reason, manual, at)
             return True
 
     def rollback(self, reason: str = "rolled back by an operator") -> Decision:
@@ -234,6 +238,10 @@ class CanaryController:
         return decision
 
 
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # ---- the canary inside the server ------------------------------------------------------------------
 DECISION_EVENTS = {ROLLED_BACK: "canary_rolled_back", PROMOTED: "canary_promoted"}
 
@@ -243,34 +251,58 @@ def setup_canary(state: ServeState, cfg: CanaryConfig) -> None:
     stable = state.catalog.add(f"{cfg.model}@stable", cfg.stable, hidden=True)
     candidate = state.catalog.add(f"{cfg.model}@candidate", cfg.candidate, hidden=True)
     state.canary_arms = {STABLE: stable, CANDIDATE: candidate}
-    initial, last_id = _decided_before(state, cfg)
+    decided, last_id = _decided_before(state, cfg, candidate.version)
+    initial = decided.kind if decided else RUNNING
     state.canary = CanaryController(cfg, on_decision=lambda d: on_canary_decision(state, cfg, d), state=initial)
+    state.canary.decision = decided  # /admin/canary and /metrics say why after a restart too
     state.canary.last_event_id = last_id
     state.metrics.canary_state.labels(cfg.model).set(STATE_CODES[initial])
-    if initial != RUNNING:
-        log.warning("canary for %s starts %s (decided before a restart)", cfg.model, initial)
+    if decided is not None:
+        _show_decision(state, cfg, decided, candidate.version)
+        log.warning("canary for %s starts %s (decided before a restart: %s)", cfg.model, initial, decided.reason)
 
 
-def _decision_of(ev: Any, cfg: CanaryConfig) -> str | None:
-    """The state a stored event decided for this canary's stable/candidate pair (None: another event)."""
+def _show_decision(state: ServeState, cfg: CanaryConfig, decision: Decision, candidate_version: str) -> None:
+    """The last decision as an info metric (value 1) carrying its reason; one per canary."""
+    gauge = state.metrics.canary_decision
+    gauge.clear()
+    gauge.labels(cfg.model, decision.kind, candidate_version, decision.reason).set(1)
+
+
+def _decision_of(ev: Any, cfg: CanaryConfig, candidate_version: str | None) -> str | None:
+    """The state a stored event decided for this canary's stable/candidate pair (None: another event).
+
+    A decision stands for the candidate version it was taken on: when `candidate: registry://m@candidate`
+    moves to a new version (the next round), the new candidate starts running.
+    """
     d = ev.details
+    recorded = d.get("candidate_version")
     if (
         ev.kind in DECISION_EVENTS.values()
         and d.get("model") == cfg.model
         and d.get("stable_source") == cfg.stable
         and d.get("candidate_source") == cfg.candidate
+        and (recorded is None or candidate_version is None or recorded == candidate_version)
     ):
         return ROLLED_BACK if ev.kind == DECISION_EVENTS[ROLLED_BACK] else PROMOTED
     return None
 
 
-def _decided_before(state: ServeState, cfg: CanaryConfig) -> tuple[str, int]:
-    """(state, last event id): a decision taken before a restart stands for the same stable/candidate pair."""
-    initial, last_id = RUNNING, 0
+def _stored_decision(ev: Any, kind: str) -> Decision:
+    d = ev.details
+    at = ev.created_at.strftime("%Y-%m-%dT%H:%M:%SZ") if ev.created_at else None
+    return Decision(kind, str(d.get("reason", "")), bool(d.get("manual")), dict(d.get("window") or {}), at)
+
+
+def _decided_before(state: ServeState, cfg: CanaryConfig, candidate_version: str) -> tuple[Decision | None, int]:
+    """(last decision, last event id): a decision taken before a restart stands for the same candidate."""
+    decided, last_id = None, 0
     for ev in state.store.events():
-        initial = _decision_of(ev, cfg) or initial
+        kind = _decision_of(ev, cfg, candidate_version)
+        if kind is not None:
+            decided = _stored_decision(ev, kind)
         last_id = max(last_id, ev.id)
-    return initial, last_id
+    return decided, last_id
 
 
 SYNC_EVERY_S = 2.0
@@ -287,11 +319,16 @@ async def refresh_canary(state: ServeState) -> None:
     except Exception as exc:  # the store is down: keep routing as now, readiness reports the store
         log.warning("could not read canary decisions from the store: %s", exc)
         return
+    candidate_version = state.canary_arms[CANDIDATE].version
     for ev in events:
         canary.last_event_id = max(canary.last_event_id, ev.id)
-        decided = _decision_of(ev, canary.cfg)
-        if decided and canary.adopt(decided, str(ev.details.get("reason", "")), bool(ev.details.get("manual"))):
-            state.metrics.canary_state.labels(canary.cfg.model).set(STATE_CODES[decided])
+        decided = _decision_of(ev, canary.cfg, candidate_version)
+        if decided is None:
+            continue
+        stored = _stored_decision(ev, decided)
+        if canary.adopt(decided, stored.reason, stored.manual, stored.at):
+            state.metrics.canary_state.labels(canary.cfg.model).set(STATE_CODES[stored.kind])
+            _show_decision(state, canary.cfg, stored, candidate_version)
             log.warning("canary for %s is %s (decided by another replica)", canary.cfg.model, decided)
 
 
@@ -308,8 +345,10 @@ def on_canary_decision(state: ServeState, cfg: CanaryConfig, decision: Decision)
         "reason": decision.reason,
         "manual": decision.manual,
         "window": decision.stats,
+        "at": decision.at,
     }
     state.metrics.canary_state.labels(cfg.model).set(STATE_CODES[decision.kind])
+    _show_decision(state, cfg, decision, candidate.version)
     if decision.kind == ROLLED_BACK:
         state.metrics.canary_rollbacks.labels(cfg.model, candidate.version).inc()
         log.warning(

@@ -74,6 +74,12 @@ class Metrics:
         self.canary_promotions = Counter(
             "domaintune_canary_promotions", "Canary promotions.", ("model", "version"), registry=r
         )
+        self.canary_decision = Gauge(
+            "domaintune_canary_decision",
+            "The canary's last decision (value 1) and its reason; read back from the store after a restart.",
+            ("model", "decision", "candidate_version", "reason"),
+            registry=r,
+        )
         self.feedback = Counter(
             "domaintune_feedback", "Feedback ratings received.", MODEL_LABELS + ("rating",), registry=r
         )
