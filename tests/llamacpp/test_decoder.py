@@ -1,0 +1,77 @@
+"""The batched llama.cpp decoder against transformers on the tiny Llama: same greedy tokens, same
+perplexity, per-sequence stops, and a verification report within the f16 / q8_0 tolerances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("llamacpp_ready")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What helps against a fever?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "头痛怎么办？"}],
+    [{"role": "user", "content": "Name three vitamins."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_f16(tiny_model_dir, gguf_dir) -> Path:
+    from domaintune.llamacpp.tools import convert_hf
+
+    return convert_hf(tiny_model_dir, gguf_dir / "tiny-f16.gguf", "f16")
+
+
+def test_batched_greedy_and_scores_match_transformers(tiny_model_dir, tiny_f16):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score
+    from domaintune.llamacpp.runtime import Context, GGUFModel
+    from domaintune.llamacpp.verify import encode_rows, hf_greedy, hf_nll
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [
+        tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)).input_ids for c in CONVERSATIONS
+    ]
+    model = GGUFModel(tiny_f16)
+    decoder = Decoder(model, stop_ids=[2], n_seq=2, seq_ctx=256)  # 3 prompts through 2 slots: a slot is reused
+    ours = generate(decoder, prompts, Sampling(max_tokens=12))
+    assert [s.tokens for s in ours] == hf_greedy(hf, prompts, 12, [2])
+    rows = encode_rows(tok, CONVERSATIONS, ["Rest and water.", "多喝水。", "A, C and D."])
+    ctx = Context(model, n_seq=2, seq_ctx=256, n_batch=256)
+    for (a, n), (b, m) in zip(score(ctx, rows), hf_nll(hf, rows)):
+        assert n == m and a == pytest.approx(b, rel=2e-3)
+
+
+def test_stop_token_and_length_end_each_sequence_on_its_own(tiny_f16):
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate
+    from domaintune.llamacpp.runtime import GGUFModel
+
+    model = GGUFModel(tiny_f16)
+    decoder = Decoder(model, stop_ids=[2], n_seq=4, seq_ctx=128)
+    forced = Sampling(max_tokens=5, logit_bias={2: 1e4})
+    free = Sampling(max_tokens=5, logit_bias={2: -1e4})
+    stopped, ran = generate(decoder, [[1, 100, 200], [1, 100, 200]], [forced, free])
+    assert stopped.finish_reason == "stop" and stopped.tokens == []
+    assert ran.finish_reason == "length" and len(ran.tokens) == 5
+    seeded = [Sampling(max_tokens=6, temperature=1.0, top_p=0.9, seed=7)] * 2
+    a, b = generate(decoder, [[1, 300], [1, 300]], seeded)
+    assert a.tokens == b.tokens  # same seed, same sample
+
+
+@pytest.mark.slow  # two verifications with transformers generation: about a minute on a busy 2-core CPU
+def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, tiny_f16, gguf_dir):
+    from domaintune.llamacpp.quantize import quantize
+    from domaintune.llamacpp.verify import verify_gguf
+
+    refs = ["Rest and water.", "多喝水。", "A, C and D."]
+    f16 = verify_gguf(tiny_f16, tiny_model_dir, "f16", CONVERSATIONS, refs, max_new_tokens=12)
+    assert f16.ok, f16.problems
+    assert f16.agreement == 1.0 and f16.ppl_change is not None and f16.ppl_change < 0.01
+    q8 = verify_gguf(
+        quantize(tiny_f16, gguf_dir / "tiny-q8_0.gguf", "q8_0"), tiny_model_dir, "q8_0", CONVERSATIONS, refs
+    )
+    assert q8.as_dict()["tolerance"] == {"min_agreement": 0.8, "max_perplexity_change": 0.03}
+    assert q8.ppl_change is not None and q8.ppl_change < 0.03
