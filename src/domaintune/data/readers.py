@@ -473,6 +473,11 @@ def iter_source(src: SourceConfig, index: int, base_dir: Path) -> Iterator[Recor
     if src.reader == "sql":
         yield from read_sql(src, name, base_dir)
         return
+    if src.reader == "annotations":  # an annotation project's settled rows (domaintune.annotate)
+        from domaintune.data.annotations_reader import read_annotations
+
+        yield from read_annotations(src, name)
+        return
     for path in source_files(src):
         reader = reader_for(src, path)
         if reader == "csv":

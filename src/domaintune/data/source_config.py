@@ -24,6 +24,7 @@ ReaderName = Literal[
     "alpaca",
     "sharegpt",
     "messages",
+    "annotations",
 ]
 
 FieldRef = str | list[str]
