@@ -16,7 +16,19 @@ app = typer.Typer(
 
 # One module per stage; each exposes register(app). Kept as a list so a stage's
 # commands live beside nothing else's.
-_COMMAND_MODULES = ["workflow", "data", "train", "eval", "export", "registry", "serve", "hardware", "config", "studio"]
+_COMMAND_MODULES = [
+    "workflow",
+    "data",
+    "train",
+    "eval",
+    "export",
+    "registry",
+    "serve",
+    "hardware",
+    "config",
+    "studio",
+    "annotate",
+]
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"domaintune.cli.{_name}").register(app)
