@@ -44,7 +44,13 @@ LLaMA-Factory runs in its own venv (default /work/lf-venv: torch==2.13.0 install
 llamafactory==0.9.5, torchvision/torchaudio removed; its audio import is satisfied by bench/lf_shim).
 
 Usage: python bench/bench_train.py --steps 10 --lf-bf16 [--ablations] [--threads 1] [--lf-python PATH] [--skip-lf]
-       [--skip-packing] [--only "domaintune bf16,LLaMA-Factory bf16 no-GC"] [--json]
+       [--skip-packing] [--only "domaintune bf16,LLaMA-Factory bf16 no-GC"] [--json] [--precision auto|fp32|bf16]
+       [--force-bf16] [--device cpu|cuda]
+       python bench/bench_train.py --check-estimate examples/medical-zh.yaml RUN_DIR [--set train.precision=fp32]
+
+Precision: the runs in the precision `precision: auto` picks here come first (it is printed, with the CPU's model
+and flags); bf16 runs only where the CPU does bf16 natively (--force-bf16 runs it emulated). --precision picks the
+precision of the --ablations runs.
 """
 
 from __future__ import annotations
@@ -319,6 +325,57 @@ def machine_line(device: str) -> str:
     return line
 
 
+def check_estimate(config: Path, run_dir: Path, sets: list[str]) -> bool:
+    """`domaintune estimate`'s train-stage prediction (peak memory, wall time) against a measured train stage.
+
+    The run folder must hold the data stage's output. When it holds a finished train stage with the GNU time
+    record (time.txt, from `/usr/bin/time -v`) that one is used; else the stage runs here under measurement
+    (peak RSS of the child, wall clock). Prints both and whether each is within 25%; returns that.
+    """
+    import re
+    import resource
+    import time
+
+    from domaintune.config import load_config
+    from domaintune.hardware.plan import plan_estimates, stage_seconds
+
+    cfg = load_config(config, sets, run_dir)
+    time_txt, metrics_path = run_dir / "time.txt", run_dir / "train" / "metrics.json"
+    if not (time_txt.is_file() and metrics_path.is_file()):
+        sets_args = [a for s in sets for a in ("--set", s)]
+        cmd = [sys.executable, "-m", "domaintune", "train", str(config), "--output-dir", str(run_dir), *sets_args]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+        time_txt.write_text(
+            f"Elapsed (wall clock) time (s): {wall}\nMaximum resident set size (kbytes): {int(peak_gib * 1024**2)}\n"
+        )
+    text = time_txt.read_text()
+    peak_gib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024**2
+    measured_wall = json.loads(metrics_path.read_text())["wall_seconds"] if metrics_path.is_file() else None
+    plan = plan_estimates(cfg, gpus=[])
+    target = plan.targets[0]
+    estimate = next(e for e in target.estimates if e.method == cfg.train.trained_as)
+    predicted_wall = stage_seconds(plan, target, estimate)
+    rows = [("peak memory GiB", estimate.total_gib, peak_gib), ("train stage s", predicted_wall, measured_wall)]
+    print(f"estimate vs measured, {config} train stage on {target.name}:")
+    ok = True
+    for what, predicted, measured in rows:
+        if predicted is None or not measured:
+            print(f"  {what:16s} predicted {predicted}, measured {measured}: cannot compare")
+            ok = False
+            continue
+        ratio = predicted / measured
+        within = abs(ratio - 1) <= 0.25
+        ok &= within
+        print(
+            f"  {what:16s} predicted {predicted:8.2f} measured {measured:8.2f} ratio {ratio:4.2f} "
+            f"{'within 25%' if within else 'OFF by more than 25%'}"
+        )
+    return ok
+
+
 def same_batches(a: dict, b: dict) -> str:
     """'identical' when both runs trained on the same examples (token ids and labels) in the same steps."""
     if not a.get("batches") or not b.get("batches"):
@@ -364,8 +421,18 @@ def main() -> None:
         "--force-bf16", action="store_true", help="also run bf16 on a CPU without native bf16 (emulated: slow)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU proof's run")
+    parser.add_argument(
+        "--check-estimate",
+        nargs=2,
+        metavar=("CONFIG", "RUN_DIR"),
+        default=None,
+        help="compare `domaintune estimate`'s train-stage memory and time with a measured run of CONFIG in RUN_DIR",
+    )
+    parser.add_argument("--set", action="append", default=[], help="with --check-estimate: config overrides")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: {extra, out} for an ablation run
     args = parser.parse_args()
+    if args.check_estimate:
+        sys.exit(0 if check_estimate(Path(args.check_estimate[0]), Path(args.check_estimate[1]), args.set) else 1)
 
     import torch
     from transformers import Trainer

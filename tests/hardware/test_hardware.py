@@ -57,3 +57,32 @@ def test_doctor_runs_and_lists_capabilities():
     assert result.exit_code == 0, result.output
     for text in ("QLoRA", "vLLM", "bundled model", "torch"):
         assert text in result.output
+
+
+def test_estimate_predicts_the_whole_train_stage_from_the_data(tmp_path, monkeypatch):
+    """Tokens per row come from the data; the stage adds the validation forwards and the fixed cost."""
+    import json as _json
+
+    from domaintune.config import config_from_dict
+    from domaintune.hardware import plan as plan_module
+    from domaintune.hardware.probe import Hardware
+
+    data = tmp_path / "data"
+    data.mkdir()
+    row = _json.dumps({"messages": [{"role": "user", "content": "q " * 20}, {"role": "assistant", "content": "a"}]})
+    (data / "train.jsonl").write_text((row + "\n") * 10)
+    (data / "val.jsonl").write_text((row + "\n") * 4)
+    monkeypatch.setattr(plan_module, "detect_hardware", lambda: Hardware("cpu", 2, 8.0, set()))
+    monkeypatch.setattr(plan_module, "measure_cpu_flops", lambda precision: 1e11)
+    train = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 2, "max_length": 512}
+    cfg = config_from_dict(
+        {"name": "t", "output_dir": str(tmp_path), "model": {"name_or_path": "tiny-random-llama"}, "train": train}
+    )
+    result = plan_module.plan_estimates(cfg, gpus=[])
+    target = result.targets[0]
+    lora = next(e for e in target.estimates if e.method == "lora")
+    assert "x ~" in result.header and lora.run_seconds is not None
+    assert lora.run_seconds < 4 * 2 * 512 / lora.tokens_per_s  # rows are far shorter than max_length
+    assert result.eval_tokens > 0  # 3 evaluations (steps 0, 2, 4) of 4 val rows
+    stage = plan_module.stage_seconds(result, target, lora)
+    assert stage is not None and stage > lora.run_seconds + plan_module.STAGE_FIXED_SECONDS

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         Example: domaintune estimate examples/medical-zh.yaml --gpu A100-80G --gpu "RTX 3090-24G"
         """
         from domaintune.hardware.estimate import NAMED_GPUS
-        from domaintune.hardware.plan import plan_estimates
+        from domaintune.hardware.plan import plan_estimates, stage_seconds
 
         for name in gpu or []:
             if name not in NAMED_GPUS:
@@ -83,6 +83,7 @@ def register(app: typer.Typer) -> None:
                 "fits",
                 "tokens/s",
                 "run time",
+                "train stage",
                 title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)",
             )
             for est in target.estimates:
@@ -96,6 +97,7 @@ def register(app: typer.Typer) -> None:
                     "[green]yes[/]" if fits else "[red]no[/]",
                     f"{est.tokens_per_s:,.0f}",
                     run_time,
+                    _duration(stage_seconds(plan, target, est)),
                 )
             out.print(table)
         out.print(plan.footer)

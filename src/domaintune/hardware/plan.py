@@ -39,6 +39,56 @@ class Plan:
     header: str
     targets: list[Target]
     footer: str
+    eval_tokens: int = 0  # tokens the periodic validation passes forward (step 0 and every eval_steps)
+
+
+# The train stage's fixed cost on a CPU besides the steps: imports, model load, tokenisation, saving (measured on
+# the bundled model: 10-20 s).
+STAGE_FIXED_SECONDS = 15.0
+
+
+def stage_seconds(plan: Plan, target: Target, estimate: Estimate) -> float | None:
+    """The whole train stage: the steps, the validation forwards (2P FLOPs a token) and the fixed cost."""
+    if estimate.run_seconds is None:
+        return None
+    forward_share = 2 / 6 if estimate.method in ("full", "distill") else 2 / 4  # forward of a 6P / 4P step
+    eval_seconds = plan.eval_tokens / estimate.tokens_per_s * forward_share
+    return estimate.run_seconds + eval_seconds + (STAGE_FIXED_SECONDS if target.device == "cpu" else 30.0)
+
+
+def _rows(path) -> int:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    except OSError:
+        return 0
+
+
+def _run_tokens(cfg: ProjectConfig, run: RunShape, model_dir) -> tuple[str, float | None]:
+    """Sets run.total_tokens from the data when it exists; returns the note for the header and tokens per row."""
+    train_file = cfg.layout.train_file
+    tokens = count_tokens_in_split(train_file, model_dir, run.seq_len)
+    rows = _rows(train_file)
+    per_row = tokens / rows if tokens and rows else None
+    max_steps = cfg.train.max_steps
+    if max_steps:
+        row_tokens = per_row or run.seq_len
+        run.total_tokens = int(max_steps * run.batch_size * run.grad_accum * row_tokens)
+        return f"{max_steps} steps x {run.batch_size * run.grad_accum} rows x ~{row_tokens:.0f} tokens", per_row
+    if tokens is not None:
+        run.total_tokens = int(tokens * cfg.train.epochs)
+        return f"{tokens:,} tokens in {train_file} x {cfg.train.epochs} epochs", per_row
+    return f"no {train_file} yet: run `domaintune data` first for run times", per_row
+
+
+def _eval_tokens(cfg: ProjectConfig, run: RunShape, per_row: float | None) -> int:
+    if not run.total_tokens or per_row is None:
+        return 0
+    train = cfg.train
+    steps = train.max_steps or run.total_tokens / (per_row * run.batch_size * run.grad_accum)
+    rows = _rows(cfg.layout.val_file)
+    rows = min(rows or train.max_val_samples or 0, train.max_val_samples or rows)
+    return int((steps // train.eval_steps + 1) * rows * per_row)
 
 
 def run_shape_from_config(cfg: ProjectConfig) -> RunShape:
@@ -61,18 +111,7 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
     model_dir = resolve_model_dir(cfg.model)  # a config.json is all we read from it
     shape = model_shape_from_config(model_dir)
     run = run_shape_from_config(cfg)
-    train_file = cfg.layout.train_file
-    tokens = count_tokens_in_split(train_file, model_dir, run.seq_len)
-    epochs = cfg.train.epochs
-    max_steps = cfg.train.max_steps
-    if max_steps:
-        run.total_tokens = max_steps * run.batch_size * run.grad_accum * run.seq_len
-        tokens_note = f"{max_steps} steps x {run.batch_size * run.grad_accum} rows x <= {run.seq_len} tokens"
-    elif tokens is not None:
-        run.total_tokens = int(tokens * epochs)
-        tokens_note = f"{tokens:,} tokens in {train_file} x {epochs} epochs"
-    else:
-        tokens_note = f"no {train_file} yet: run `domaintune data` first for run times"
+    tokens_note, per_row = _run_tokens(cfg, run, model_dir)
 
     hardware = detect_hardware()
     requested = run.precision
@@ -112,8 +151,9 @@ def plan_estimates(cfg: ProjectConfig, gpus: list[str]) -> Plan:
         f"run size: {tokens_note}"
     )
     footer = (
-        "Memory = weights + gradients + AdamW states + activations + logits + runtime; "
+        "Memory = weights + gradients + AdamW states + activations + logits + runtime; train stage = run time + "
+        "validation forwards + loading/saving; "
         "time = FLOPs per token (6P full, 4P frozen base, +2P checkpointing) / usable FLOP/s. "
         "Estimates, not measurements: leave ~10% headroom."
     )
-    return Plan(header, targets, footer)
+    return Plan(header, targets, footer, _eval_tokens(cfg, run, per_row))
