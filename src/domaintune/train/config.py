@@ -7,9 +7,20 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from domaintune.hardware.autoselect import ThreadCount
+from domaintune.train.preference.config import (
+    GRPOSettings,
+    KTOSettings,
+    ORPOSettings,
+    PPOSettings,
+    RewardSettings,
+    SimPOSettings,
+)
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
-Method = Literal["full", "freeze", "lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3", "distill", "dpo"]
+Method = Literal[
+    "full", "freeze", "lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3", "distill", "dpo",
+    "kto", "orpo", "simpo", "reward", "ppo", "grpo",
+]  # fmt: skip
 ADAPTER_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ptuning", "ia3")
 PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning")
 # Methods whose `model/` is a full model folder rather than a PEFT adapter.
@@ -80,6 +91,13 @@ class DPOSettings(StrictModel):
         "lora", description="The method DPO trains through (adapter settings come from their own sections)."
     )
     beta: float = Field(0.1, gt=0.0, description="DPO beta (strength of the KL anchor to the reference model).")
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+        "sigmoid_norm",
+    ] = Field("sigmoid", description="DPO variant (trl's loss_type): sigmoid is DPO; ipo, robust, hinge, apo_zero...")  # fmt: skip
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="robust / exo_pair: probability that a preference label is flipped."
+    )
 
 
 class ReplaySettings(StrictModel):
@@ -244,6 +262,14 @@ class TrainConfig(StrictModel):
     ia3: IA3Settings = Field(default_factory=IA3Settings)
     distill: DistillSettings | None = Field(None, description="Required when method is `distill`.")
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    kto: KTOSettings = Field(default_factory=KTOSettings, description="KTO on unpaired thumbs up/down rows.")
+    orpo: ORPOSettings = Field(default_factory=ORPOSettings, description="ORPO (reference-free) on preference pairs.")
+    simpo: SimPOSettings = Field(default_factory=SimPOSettings, description="SimPO / CPO (reference-free) on pairs.")
+    reward: RewardSettings = Field(default_factory=RewardSettings, description="A reward model from preference pairs.")
+    ppo: PPOSettings | None = Field(None, description="Required when method is `ppo` (at least `reward_model:`).")
+    grpo: GRPOSettings = Field(
+        default_factory=GRPOSettings, description="GRPO with the verifier rewards declared here."
+    )
     init_from: str | None = Field(
         None,
         description=(
@@ -334,6 +360,10 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         if self.method == "distill" and self.distill is None:
             raise ValueError("method `distill` needs a `train.distill:` section with at least `teacher:`")
+        if self.method == "ppo" and self.ppo is None:
+            raise ValueError("method `ppo` needs a `train.ppo:` section with at least `reward_model:`")
+        if self.method == "grpo" and not self.grpo.rewards:
+            raise ValueError("method `grpo` needs at least one reward in `train.grpo.rewards`")
         effective = self.trained_as
         if self.packing and effective in PROMPT_LEARNING_METHODS:
             raise ValueError(f"packing cannot be used with `{effective}` (virtual tokens are prepended per example)")
@@ -356,16 +386,21 @@ class TrainConfig(StrictModel):
         """The method the weights are trained with: DPO's adapter, the distillation student's method, or `method`."""
         if self.method == "dpo":
             return self.dpo.adapter
+        if self.method in ("kto", "orpo", "simpo", "reward", "ppo", "grpo"):
+            section = getattr(self, self.method)
+            return section.adapter if section is not None else "lora"
         if self.method == "distill" and self.distill is not None:
             return self.distill.student_method
         return self.method
 
     @property
-    def trainer_loss(self) -> Literal["dpo", "distill", "model", "label_tokens"]:
+    def trainer_loss(self) -> Literal["dpo", "distill", "model", "label_tokens", "preference"]:
         """Which loss the Trainer computes: trl's DPO, distillation, the model's own (prompt learning: virtual
         tokens shift positions inside peft's forward), or the label-token loss of `train/speed/fused_head.py`."""
         if self.method == "dpo" or self.method == "distill":
             return self.method
+        if self.method in ("kto", "orpo", "simpo", "reward", "ppo", "grpo"):
+            return "preference"  # trl's trainers (train/preference/trainers.py)
         return "model" if self.trained_as in PROMPT_LEARNING_METHODS else "label_tokens"
 
 

@@ -1,0 +1,137 @@
+"""The datasets of the preference and reinforcement methods: rows read, converted, deduplicated and split.
+
+Pairs (orpo, simpo, reward, and dpo's file layouts), unpaired rows (kto) and prompt rows (grpo, ppo) are read
+with `data/preference_rows.py`'s conversions; exact duplicates (on the prompt and answers, normalised) are
+dropped and counted; without a `val_path`, 10% (at least one row) is held out with the run's seed. What was used
+goes into train/metrics.json's `data` like the SFT sets' accounting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from domaintune.data.preference_rows import RowError, convert, text_key
+from domaintune.errors import UserError
+from domaintune.layout import RunLayout
+from domaintune.utils.io import fingerprint_files, read_jsonl_numbered
+
+if TYPE_CHECKING:
+    from domaintune.config import ProjectConfig
+
+# The columns each kind hands to trl (extra fields of pairs and unpaired rows are left out: trl tokenises rows).
+COLUMNS = {"preference": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
+KIND_OF = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "reward": "preference",
+           "kto": "unpaired", "grpo": "prompt", "ppo": "prompt"}  # fmt: skip
+UNPAIRED_HELP = "write it with `domaintune feedback export CONFIG` (thumbs up/down), or set train.kto.path"
+
+
+def _norm_key(row: dict[str, Any]) -> str:
+    return hashlib.sha256(" ".join(text_key(row).lower().split()).encode()).hexdigest()
+
+
+def read_rows(path: Path, kind: str, limit: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rows of `kind` from a JSONL file, exact duplicates dropped; returns (rows, counts)."""
+    if not path.is_file():
+        hint = (
+            UNPAIRED_HELP if kind == "unpaired" else "write it with `domaintune feedback export` or `domaintune data`"
+        )
+        raise UserError(f"{path}: {kind} file not found ({hint})")
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    counts = {"read": 0, "duplicates": 0}
+    try:
+        for line_no, raw in read_jsonl_numbered(path):
+            counts["read"] += 1
+            try:
+                converted = convert(raw, kind)
+            except RowError as exc:
+                raise UserError(f"{path}:{line_no}: {exc}") from None
+            for row in converted:
+                key = _norm_key(row)
+                if key in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add(key)
+                rows.append(_columns(row, kind))
+            if limit is not None and len(rows) >= limit:
+                rows = rows[:limit]
+                break
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not rows:
+        raise UserError(f"{path}: no {kind} rows")
+    counts["rows"] = len(rows)
+    return rows, counts
+
+
+def _columns(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    if kind in COLUMNS:
+        return {k: row[k] for k in COLUMNS[kind]}
+    scalar = (str, int, float, bool, type(None))
+    return {k: v for k, v in row.items() if k == "prompt" or isinstance(v, scalar)}
+
+
+def split_rows(rows: list[dict[str, Any]], seed: int, path: Path) -> tuple[list[dict], list[dict]]:
+    """(train, val): 10% (at least one row) held out, shuffled with the seed."""
+    if len(rows) < 2:
+        raise UserError(f"{path}: need at least 2 rows to hold one out for validation (or set val_path)")
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, len(rows) // 10)
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+def default_path(cfg: ProjectConfig, layout: RunLayout, kind: str) -> Path:
+    """Where each kind comes from by default: feedback export's pairs / unpaired rows, or the data stage's rows."""
+    if kind == "prompt":
+        return layout.train_file
+    from domaintune.serve.feedback import PREFERENCE_FILE, UNPAIRED_FILE, feedback_export_dir
+
+    name = UNPAIRED_FILE if kind == "unpaired" else PREFERENCE_FILE
+    return feedback_export_dir(cfg, layout.root) / name
+
+
+def _paths(cfg: ProjectConfig, layout: RunLayout) -> tuple[Path, Path | None]:
+    tcfg = cfg.train
+    section = getattr(tcfg, tcfg.method)
+    kind = KIND_OF[tcfg.method]
+    if kind == "prompt":
+        path = section.prompts_path or default_path(cfg, layout, kind)
+        return Path(path), Path(section.val_prompts_path) if section.val_prompts_path else layout.val_file
+    path = section.path or default_path(cfg, layout, kind)
+    return Path(path), Path(section.val_path) if section.val_path else None
+
+
+def preference_data(cfg: ProjectConfig, layout: RunLayout, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, val, info): the datasets.Dataset pair for a preference or reinforcement method and its accounting."""
+    from datasets import Dataset
+
+    tcfg = cfg.train
+    kind = KIND_OF[tcfg.method]
+    path, val_path = _paths(cfg, layout)
+    rows, counts = read_rows(path, kind, tcfg.max_train_samples)
+    files = [path]
+    if val_path is not None and val_path.is_file():
+        val, val_counts = read_rows(val_path, kind, tcfg.max_val_samples)
+        files.append(val_path)
+        train = rows
+    else:
+        train, val = split_rows(rows, seed, path)
+        val, val_counts = val[: tcfg.max_val_samples or len(val)], {"rows": len(val)}
+    train_info: dict[str, Any] = {**counts, "rows": len(train)}
+    if kind == "unpaired":
+        train_info["desirable"] = sum(bool(r["label"]) for r in train)
+        train_info["undesirable"] = len(train) - train_info["desirable"]
+    info = {
+        "kind": kind,
+        "train_file": str(path),
+        "val_file": str(val_path) if len(files) > 1 else None,
+        "train": train_info,
+        "val": {**val_counts, "rows": len(val)},
+        "fingerprint": fingerprint_files(files),
+        "truncated": None,
+    }
+    return Dataset.from_list(train), Dataset.from_list(val), info
