@@ -44,6 +44,10 @@ def build_datasets(cfg: ProjectConfig, layout: RunLayout, tokenizer, seed: int) 
     """SFT examples with assistant-only labels, or DPO's preference pairs."""
     if cfg.train.method == "dpo":
         return dpo_data(cfg.train, seed, default_preference_path(cfg, layout))
+    if cfg.train.trainer_loss == "preference":  # kto, orpo, simpo, reward, ppo, grpo: train/preference/rows.py
+        from domaintune.train.preference.rows import preference_data
+
+        return TrainData(*preference_data(cfg, layout, seed))
     return sft_data(cfg.train, tokenizer, layout, seed)
 
 

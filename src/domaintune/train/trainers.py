@@ -4,7 +4,8 @@
   `train/speed/fused_head.py`;
 - prompt learning (prefix, prompt, ptuning): the plain Trainer (virtual tokens shift positions inside peft's
   forward, so the model's own loss is used);
-- distill: `DistillTrainer` (train/distill.py); dpo: trl's `DPOTrainer`.
+- distill: `DistillTrainer` (train/distill.py); dpo: trl's `DPOTrainer`;
+- kto, orpo, simpo, reward, ppo, grpo: trl's trainers, built in train/preference/trainers.py.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def build_trainer(
     tcfg = cfg.train
     timer = StepTimerCallback()
     callbacks = _callbacks(tcfg, layout, cfg.name, parts.data, session, timer) + list(extra_callbacks)
-    tokens_mode = "all" if (tcfg.packing and tcfg.method != "dpo") else "non_padding"
+    tokens_mode = "all" if (tcfg.packing and tcfg.trainer_loss not in ("dpo", "preference")) else "non_padding"
     arguments = {
         "include_num_input_tokens_seen": tokens_mode,
         **session.trainer_arguments(parts.model, layout.train_dir),
@@ -76,6 +77,15 @@ def build_trainer(
 
 
 def _trainer(tcfg: TrainConfig, checkpoint_dir: Path, parts: TrainerParts, callbacks: list, arguments: dict):
+    if tcfg.trainer_loss == "preference":  # kto, orpo, simpo, reward, ppo, grpo
+        from domaintune.train.preference.trainers import build_preference_trainer
+
+        def make_args(args_cls, **extra):
+            return training_arguments(
+                tcfg, parts.seed, checkpoint_dir, not parts.resume, args_cls=args_cls, **extra, **arguments
+            )
+
+        return build_preference_trainer(tcfg, parts, callbacks, make_args)
     if tcfg.trainer_loss == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -86,6 +96,8 @@ def _trainer(tcfg: TrainConfig, checkpoint_dir: Path, parts: TrainerParts, callb
             not parts.resume,
             args_cls=DPOConfig,
             beta=tcfg.dpo.beta,
+            loss_type=[tcfg.dpo.loss_type],
+            label_smoothing=tcfg.dpo.label_smoothing,
             max_length=tcfg.max_length,
             **arguments,
         )
