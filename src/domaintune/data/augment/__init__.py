@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from domaintune.annotate.judge import JUDGED_OPS, apply_judge
 from domaintune.data.augment.config import AugmentConfig, GeneratorConfig
 from domaintune.data.augment.generator import CachedGenerator, make_generator
 from domaintune.data.augment.ops import (
@@ -77,6 +78,8 @@ def run_augment(
                 res = balance(ctx, op, index, train_rows + synthetic)
             else:  # pragma: no cover - the config's discriminator admits only the ops above
                 raise ValueError(op.op)
+            if acfg.judge is not None and op.op in JUDGED_OPS:
+                apply_judge(ctx, res, acfg.judge)
             after = counters()
             summary = res.summary()
             if after != before or op.op in ("synthetic_qa", "paraphrase", "back_translate"):

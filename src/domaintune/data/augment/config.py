@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from domaintune.annotate.judge import JudgeConfig
 from domaintune.data.source_config import SourceConfig
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
@@ -148,3 +149,9 @@ class AugmentConfig(StrictModel):
     )
     seed: int | None = Field(None, description="Seed of the random choices (default: the project seed).")
     ops: list[AugmentOp] = Field(default_factory=list, description="Operations, applied in order.")
+    judge: JudgeConfig | None = Field(
+        None,
+        description="LLM-as-judge + validators (JSON schema, regex, groundedness, PII) on the rows of synthetic_qa, "
+        "paraphrase, back_translate and lexical; rejected rows go to quarantine with score and reason "
+        "(domaintune.annotate.judge).",
+    )
