@@ -20,6 +20,34 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _estimate_table(plan, target) -> Table:
+    from domaintune.hardware.plan import stage_seconds
+
+    table = Table(
+        "method",
+        "trainable",
+        "memory GiB",
+        "fits",
+        "tokens/s",
+        "run time",
+        "train stage",
+        title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)",
+    )
+    for est in target.estimates:
+        fits = est.total_gib <= target.memory_gib * 0.95
+        note = "" if target.supported(est.method) else " (needs CUDA)"
+        table.add_row(
+            est.method + note,
+            f"{est.trainable_params / 1e6:.2f}M",
+            f"{est.total_gib:.2f}",
+            "[green]yes[/]" if fits else "[red]no[/]",
+            f"{est.tokens_per_s:,.0f}",
+            _duration(est.run_seconds),
+            _duration(stage_seconds(plan, target, est)),
+        )
+    return table
+
+
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor() -> None:
@@ -64,7 +92,7 @@ def register(app: typer.Typer) -> None:
         Example: domaintune estimate examples/medical-zh.yaml --gpu A100-80G --gpu "RTX 3090-24G"
         """
         from domaintune.hardware.estimate import NAMED_GPUS
-        from domaintune.hardware.plan import plan_estimates, stage_seconds
+        from domaintune.hardware.plan import plan_estimates
 
         for name in gpu or []:
             if name not in NAMED_GPUS:
@@ -76,28 +104,5 @@ def register(app: typer.Typer) -> None:
         out = Console()
         out.print(plan.header)
         for target in plan.targets:
-            table = Table(
-                "method",
-                "trainable",
-                "memory GiB",
-                "fits",
-                "tokens/s",
-                "run time",
-                "train stage",
-                title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)",
-            )
-            for est in target.estimates:
-                fits = est.total_gib <= target.memory_gib * 0.95
-                run_time = _duration(est.run_seconds)
-                note = "" if target.supported(est.method) else " (needs CUDA)"
-                table.add_row(
-                    est.method + note,
-                    f"{est.trainable_params / 1e6:.2f}M",
-                    f"{est.total_gib:.2f}",
-                    "[green]yes[/]" if fits else "[red]no[/]",
-                    f"{est.tokens_per_s:,.0f}",
-                    run_time,
-                    _duration(stage_seconds(plan, target, est)),
-                )
-            out.print(table)
+            out.print(_estimate_table(plan, target))
         out.print(plan.footer)
