@@ -8,10 +8,10 @@ was finalised with --force (then its rows say so in `annotation`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from domaintune.data.readers import Record, read_jsonl
 from domaintune.data.source_config import SourceConfig
 from domaintune.errors import UserError
 
@@ -24,6 +24,7 @@ def annotation_files(src: SourceConfig) -> list[Path]:
     return [file]
 
 
-def read_annotations(src: SourceConfig, name: str) -> Iterator[Record]:
+def read_annotations(src: SourceConfig, name: str, read_jsonl: Callable[..., Iterator[Any]]) -> Iterator[Any]:
+    """The project's rows as JSON-lines records (`read_jsonl` is the readers' own, passed in: no import circle)."""
     for file in annotation_files(src):
         yield from read_jsonl(file, src, name)

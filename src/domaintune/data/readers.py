@@ -476,7 +476,7 @@ def iter_source(src: SourceConfig, index: int, base_dir: Path) -> Iterator[Recor
     if src.reader == "annotations":  # an annotation project's settled rows (domaintune.annotate)
         from domaintune.data.annotations_reader import read_annotations
 
-        yield from read_annotations(src, name)
+        yield from read_annotations(src, name, read_jsonl)
         return
     for path in source_files(src):
         reader = reader_for(src, path)
