@@ -106,7 +106,7 @@ def diverse_rank(uncertainty: Sequence[float], cluster: Sequence[int]) -> list[i
     members: dict[int, list[int]] = defaultdict(list)
     for k in sorted(range(len(uncertainty)), key=lambda k: (-uncertainty[k], k)):
         members[cluster[k]].append(k)
-    order = []
+    order: list[int] = []
     depth = 0
     while len(order) < len(uncertainty):
         layer = [m[depth] for m in members.values() if len(m) > depth]

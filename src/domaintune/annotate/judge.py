@@ -130,9 +130,8 @@ def openai_judge(jc: JudgeConfig) -> Callable[[list[dict[str, str]]], str]:
     client = OpenAI(base_url=jc.base_url, api_key=key or "EMPTY", max_retries=1, timeout=jc.timeout_s)
 
     def ask(messages: list[dict[str, str]]) -> str:
-        resp = client.chat.completions.create(
-            model=jc.model or "", messages=messages, max_tokens=jc.max_tokens, temperature=0
-        )  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {"model": jc.model or "", "messages": messages, "max_tokens": jc.max_tokens}
+        resp = client.chat.completions.create(temperature=0, **kwargs)
         return (resp.choices[0].message.content or "") if resp.choices else ""
 
     return ask
