@@ -3,6 +3,8 @@
 - SFT rows (the data stage's messages form): the logged prompt with the user's correction as the answer.
 - Preference rows for DPO (TRL's conversational form): prompt messages, chosen = correction,
   rejected = the model's original answer.
+- Unpaired rows for KTO: prompt messages, completion = the served answer, label = its latest thumbs
+  (up: true, down: false); a correction is also a desirable completion.
 
 Everything in the store is already PII-redacted. Rows are deduplicated against each other and
 against `<output_dir>/data/train.jsonl` (exact, on normalised text; and near-duplicates with the
@@ -84,7 +86,11 @@ class _Deduper:
         return None
 
 
-PREFERENCE_FILE = "preference.jsonl"  # also `train.dpo.path`'s default (train/runner.py)
+# The files `feedback export` writes; the train stage reads its defaults through these same names
+# (train.dpo.path, train.orpo/simpo/reward.path: PREFERENCE_FILE; train.kto.path: UNPAIRED_FILE).
+SFT_FILE = "sft.jsonl"
+PREFERENCE_FILE = "preference.jsonl"
+UNPAIRED_FILE = "unpaired.jsonl"
 
 
 def feedback_export_dir(cfg: ProjectConfig, output_dir: Path) -> Path:
@@ -93,7 +99,7 @@ def feedback_export_dir(cfg: ProjectConfig, output_dir: Path) -> Path:
 
 
 def export_feedback(cfg: ProjectConfig, output_dir: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
-    """Write sft.jsonl, preference.jsonl and report.json; returns the report."""
+    """Write sft.jsonl, preference.jsonl, unpaired.jsonl and report.json; returns the report."""
     layout = RunLayout(Path(output_dir)) if output_dir else cfg.layout
     out_dir = Path(out_dir or feedback_export_dir(cfg, layout.root))
     url = cfg.serve.store_url or default_store_url(layout.root)
@@ -112,9 +118,11 @@ def export_feedback(cfg: ProjectConfig, output_dir: Path | None = None, out_dir:
     dedup = _Deduper(cfg.data.dedup)
     train_rows = _add_training_rows(dedup, train_path)
     sft, pref, dropped = _feedback_rows(latest, dedup)
+    unpaired, unpaired_dropped = _unpaired_rows(pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_jsonl(out_dir / SFT_FILE, sft)
     write_jsonl(out_dir / PREFERENCE_FILE, pref)
+    write_jsonl(out_dir / UNPAIRED_FILE, unpaired)
     report = {
         "store": url,
         "feedback_rows": len(pairs),
@@ -122,10 +130,17 @@ def export_feedback(cfg: ProjectConfig, output_dir: Path | None = None, out_dir:
         "requests_with_corrections": len(latest),
         "sft_rows": len(sft),
         "preference_rows": len(pref),
+        "unpaired_rows": len(unpaired),
+        "unpaired_desirable": sum(r["label"] for r in unpaired),
         "dropped": dropped,
+        "unpaired_dropped": unpaired_dropped,
         "deduplicated_against": str(train_path) if train_path.is_file() else None,
         "train_rows_compared": train_rows,
-        "files": {"sft": str(out_dir / "sft.jsonl"), "preference": str(out_dir / PREFERENCE_FILE)},
+        "files": {
+            "sft": str(out_dir / SFT_FILE),
+            "preference": str(out_dir / PREFERENCE_FILE),
+            "unpaired": str(out_dir / UNPAIRED_FILE),
+        },
     }
     write_json(out_dir / "report.json", report)
     return report
@@ -178,3 +193,46 @@ def _feedback_rows(
                 }
             )
     return sft, pref, dropped
+
+
+def _unpaired_rows(pairs: list[tuple[Any, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """KTO rows: each request's served answer labelled by its latest thumbs, and each latest correction as
+    desirable; exact repeats (same prompt and completion) and rating-0 rows are dropped and counted."""
+    latest: dict[str, tuple[Any, Any]] = {}
+    for fb, req in pairs:  # oldest first: the last rating wins
+        latest[req.id] = (fb, req)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    dropped = {"no_rating": 0, "no_answer": 0, "exact": 0}
+    for request_id, (fb, req) in latest.items():
+        prompt = _prompt_messages(req.prompt)
+        candidates = []
+        if fb.rating == 0:
+            dropped["no_rating"] += 1
+        elif (req.response or "").strip():
+            candidates.append(("served", req.response.strip(), fb.rating > 0))
+        else:
+            dropped["no_answer"] += 1
+        if fb.correction and fb.correction.strip():
+            candidates.append(("correction", fb.correction.strip(), True))
+        for origin, answer, label in candidates:
+            key = hashlib.sha256(_norm(_row_text(prompt) + "\n" + answer).encode()).hexdigest()
+            if key in seen:
+                dropped["exact"] += 1
+                continue
+            seen.add(key)
+            rows.append(
+                {
+                    "id": f"fbkto-{origin}-{request_id}",
+                    "prompt": prompt,
+                    "completion": [{"role": "assistant", "content": answer}],
+                    "label": label,
+                    "origin": origin,
+                    "source": "feedback",
+                    "request_id": request_id,
+                    "model": req.model,
+                    "version": req.version,
+                    "rating": fb.rating,
+                }
+            )
+    return rows, dropped
