@@ -120,13 +120,15 @@ def _setup_model(cfg: ProjectConfig, start: Start, seed: int, session: distribut
 
     tcfg = cfg.train
     set_seed(seed)  # adapter initialisation (LoRA A, prompt embeddings...) draws from the global RNG
-    base_dtype = speed.base_dtype(tcfg, cfg.model.dtype)
     if tcfg.trainer_loss == "preference":  # kto, orpo, simpo, reward, ppo, grpo: train/preference/
         from domaintune.train.preference.models import build_preference_model, speed_settings
 
+        tcfg = speed_settings(tcfg)
+        base_dtype = speed.base_dtype(tcfg, cfg.model.dtype)
         model, params = build_preference_model(tcfg, start.model_dir, start.init_adapter, base_dtype)
-        engaged = speed.apply(model, speed_settings(tcfg), sharded_head=session.sharded_head)
+        engaged = speed.apply(model, tcfg, sharded_head=session.sharded_head)
     else:
+        base_dtype = speed.base_dtype(tcfg, cfg.model.dtype)
         model, params = build_trainable(tcfg.trained_as, tcfg, start.model_dir, start.init_adapter, base_dtype)
         engaged = speed.apply(model, tcfg, sharded_head=session.sharded_head)
     params.update({k: v for k, v in engaged.items() if k not in ("allocator", "why")})

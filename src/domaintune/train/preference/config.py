@@ -96,6 +96,13 @@ class VerifierSpec(StrictModel):
     pass_at: float = Field(
         1.0, description="A completion passes this verifier when its score is at least this (the pass-rate figures)."
     )
+    applies_if: str | None = Field(
+        None,
+        description=(
+            "A regular expression searched (case-insensitively) in the prompt: where it does not match, this "
+            "component does not apply and scores 1 (e.g. the return-window check only on questions about returns)."
+        ),
+    )
     field: str = Field(
         "reference", description="answer_match: the row field with the reference answer (data-stage rows: the answer)."
     )

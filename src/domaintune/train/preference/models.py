@@ -42,9 +42,10 @@ def preference_summary(tcfg: TrainConfig, model_dir: Path, init_adapter: Path | 
 
 
 def speed_settings(tcfg: TrainConfig) -> TrainConfig:
-    """Methods that generate while training use sdpa attention and peft's own LoRA forward (the CPU training
-    kernels are for teacher-forced steps)."""
+    """Methods that generate while training use sdpa attention, peft's own LoRA forward and fp32 base weights (the
+    CPU training kernels are for teacher-forced steps, and trl generates outside the bf16 autocast)."""
     if tcfg.method not in GENERATING_METHODS:
         return tcfg
-    speed = tcfg.speed.model_copy(update={"attention": "sdpa", "fused_lora_linear": False})
+    update = {"attention": "sdpa", "fused_lora_linear": False, "half_precision_base": False}
+    speed = tcfg.speed.model_copy(update=update)
     return tcfg.model_copy(update={"speed": speed})

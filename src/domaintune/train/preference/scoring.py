@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from domaintune.train.preference.verifiers import Verifier, combined_scores, passes, score_components
+from domaintune.train.preference.verifiers import Verifier, applies, combined_scores, passes, score_components
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float | None, float | None]:
@@ -79,11 +79,20 @@ def score_answers(verifiers: Sequence[Verifier], rows: Sequence[dict[str, Any]],
             v.__name__: sum(s >= v.spec.pass_at for s in components[v.__name__]) / max(1, len(passed))
             for v in verifiers
         },
+        "component_applicable": {v.__name__: sum(applies(v.spec, p) for p in prompts) for v in verifiers},
+        "component_pass_rate_where_applicable": {
+            v.__name__: _applicable_rate(v, prompts, components) for v in verifiers
+        },
         "reward_mean": sum(total) / len(total) if total else None,
         "pass_rate": sum(passed) / len(passed) if passed else None,
         "pass_rate_ci95": [low, high],
         "passed": [bool(x) for x in passed],
     }
+
+
+def _applicable_rate(v: Verifier, prompts: Sequence[Any], components: dict[str, list[float]]) -> float | None:
+    hits = [s >= v.spec.pass_at for p, s in zip(prompts, components[v.__name__], strict=True) if applies(v.spec, p)]
+    return sum(hits) / len(hits) if hits else None
 
 
 def compare_models(

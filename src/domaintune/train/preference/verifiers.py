@@ -195,6 +195,18 @@ def _text_scorer(spec: VerifierSpec) -> Callable[[str, str, dict[str, Any]], flo
     raise ValueError(f"no text scorer for {spec.type}")
 
 
+def _only_where_it_applies(spec: VerifierSpec, score: Callable[[str, str, dict[str, Any]], float]):
+    if spec.applies_if is None:
+        return score
+    condition = re.compile(spec.applies_if, re.I)
+    return lambda p, c, row: score(p, c, row) if condition.search(p) else 1.0
+
+
+def applies(spec: VerifierSpec, prompt: Any) -> bool:
+    """Whether a component applies to a prompt (`applies_if`)."""
+    return spec.applies_if is None or re.search(spec.applies_if, prompt_text(prompt), re.I) is not None
+
+
 def build_verifier(spec: VerifierSpec, name: str) -> Verifier:
     if spec.type == "python":
         return BatchVerifier(spec, name, import_function(str(spec.function)))
@@ -202,7 +214,7 @@ def build_verifier(spec: VerifierSpec, name: str) -> Verifier:
         from domaintune.train.preference.reward import RewardModelScorer
 
         return BatchVerifier(spec, name, RewardModelScorer(Path(str(spec.reward_model))))
-    return Verifier(spec, name, _text_scorer(spec))
+    return Verifier(spec, name, _only_where_it_applies(spec, _text_scorer(spec)))
 
 
 def build_verifiers(specs: Sequence[VerifierSpec]) -> list[Verifier]:
@@ -250,7 +262,8 @@ def _judge_scorer(spec: VerifierSpec) -> Callable[[str, str, dict[str, Any]], fl
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             log.warning("llm_judge %s failed: %s (scored 0)", url, exc)
             return 0.0
-        number = _last_number(str(reply).split("\n")[0]) or _last_number(str(reply))
+        found = _NUMBER_RE.search(str(reply))  # the first number: "7", "7/10", "7 out of 10"
+        number = float(found.group(0).replace(",", "")) if found else None
         return 0.0 if number is None or math.isnan(number) else min(max(number / 10.0, 0.0), 1.0)
 
     return score
