@@ -30,6 +30,8 @@ def serve_config(output_dir: Path, serve: dict | None = None, **extra):
         "key_hash_iterations": 1000,
         "batch_wait_ms": 20,
         "max_body_bytes": 20_000,
+        # these tests are about the server, on the default engine's batching; llama.cpp has its own tests
+        "engine": "transformers",
     }
     section.update(serve or {})
     data = {

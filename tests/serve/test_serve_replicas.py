@@ -71,6 +71,7 @@ def replicas(services, tmp_path_factory, tiny_model_dir):
     make_tiny_adapter(tiny_model_dir, root / "adapter-a", seed=1)
     make_tiny_adapter(tiny_model_dir, root / "adapter-b", seed=2)
     serve = {
+        "engine": "transformers",
         "store_url": services["serve"],
         "limits_url": services["redis"],
         "key_hash_iterations": 1000,

@@ -1,11 +1,11 @@
 """Who is calling: API keys from `Authorization: Bearer`, checked at a bounded cost.
 
 A key verified before on this replica is recognised without hashing (its record is re-read, so a
-revocation takes effect at once). Any other key costs one PBKDF2 hash on `key_pool`, a small pool
-of its own, so a flood of wrong keys cannot slow the other requests down; and before it is hashed,
-the attempt is counted per client address and per key id: once either has had
-`serve.auth_failures_per_minute` failed checks this minute, further unverified keys from it get 429
-without any hashing. A right key's attempt is uncounted again. Every refusal is written to the
+revocation takes effect at once). Any other key costs one PBKDF2 hash on `key_pool`, a pool of its
+own, so a flood of wrong keys cannot slow the other requests down. Before hashing: a client address
+or key id that had `serve.auth_failures_per_minute` failed checks this minute gets 429 without any
+hashing; concurrent checks of the same key share one hash; and at most `serve.max_pending_key_checks`
+different keys wait for a hash at once (429 beyond). Every refusal is written to the
 `domaintune.audit` log (client address, key id, reason; never the secret) and counted in
 `domaintune_auth_failures_total`.
 """
@@ -63,30 +63,43 @@ def _throttled(wait_s: int, what: str) -> ApiError:
 
 async def verify_key(state: ServeState, request: Request, presented: str) -> ApiKey:
     """The key's record, or 401 (wrong, unknown, revoked) / 429 (too many failures, too many checks queued)."""
-    key = await state.cpu(state.store.cached_key, presented)
-    if key is not None:
-        return key
+    if state.store.verified_before(presented):
+        key = await state.cpu(state.store.cached_key, presented)
+        if key is not None:
+            return key
     key_id, _secret = split_key(presented)
     subjects = [f"addr:{client_address(request)}"] + ([f"key:{key_id}"] if key_id else [])
-    wait = await state.limit(state.limits.auth_attempt, subjects, state.scfg.auth_failures_per_minute)
+    wait = await state.limit(state.limits.auth_blocked, subjects, state.scfg.auth_failures_per_minute)
     if wait is not None:
         _refuse(state, request, "throttled", key_id)
         raise _throttled(wait, "this address or for this key")
-    if state.pending_key_checks >= state.scfg.max_pending_key_checks:
-        await state.limit(state.limits.auth_succeeded, subjects)  # not a failure of this client's
-        _refuse(state, request, "busy", key_id)
-        raise _throttled(1, "all clients (the key checks are busy)")
-    state.pending_key_checks += 1
-    try:
-        loop = asyncio.get_running_loop()
-        key, outcome = await loop.run_in_executor(state.key_pool, state.store.check_key, presented)
-    finally:
-        state.pending_key_checks -= 1
+    key, outcome = await _hash_check(state, request, presented, key_id)
     if key is None:
+        await state.limit(state.limits.auth_failed, subjects)
         _refuse(state, request, outcome, key_id)
         raise ApiError(401, UNAUTHORIZED, "authentication_error", "invalid_api_key")
-    await state.limit(state.limits.auth_succeeded, subjects)
     return key
+
+
+async def _hash_check(
+    state: ServeState, request: Request, presented: str, key_id: str | None
+) -> tuple[ApiKey | None, str]:
+    """One PBKDF2 check on the key pool; concurrent checks of the same key wait for the same one."""
+    running = state.key_checks.get(presented)
+    if running is not None:
+        return await asyncio.shield(running)
+    if len(state.key_checks) >= state.scfg.max_pending_key_checks:
+        _refuse(state, request, "busy", key_id)
+        raise _throttled(1, "all clients (the key checks are busy)")
+    future = asyncio.get_running_loop().run_in_executor(state.key_pool, state.store.check_key, presented)
+    state.key_checks[presented] = future
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if future.done():
+            state.key_checks.pop(presented, None)
+        else:  # this request was cancelled; the check goes on for the others waiting on it
+            future.add_done_callback(lambda _f: state.key_checks.pop(presented, None))
 
 
 async def authenticate(request: Request, state: ServeState, admin: bool = False) -> ApiKey | None:

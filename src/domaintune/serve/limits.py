@@ -136,12 +136,12 @@ class Limits(ABC):
         """Count one event in `bucket`'s current minute; LimitExceeded (not raised) when over `limit`."""
 
     @abstractmethod
-    def auth_attempt(self, subjects: Iterable[str], limit: int) -> int | None:
-        """Before hashing a key: seconds to wait when a subject is over `limit` this minute, else count it."""
+    def auth_blocked(self, subjects: Iterable[str], limit: int) -> int | None:
+        """Seconds to wait when a subject has had `limit` failed key checks this minute, else None."""
 
     @abstractmethod
-    def auth_succeeded(self, subjects: Iterable[str]) -> None:
-        """The key was right: its attempt does not count as a failure."""
+    def auth_failed(self, subjects: Iterable[str]) -> None:
+        """Count one failed key check for each subject."""
 
     def close(self) -> None:
         return None
@@ -249,20 +249,15 @@ class MemoryLimits(Limits):
             self._fixed.add(f"hit:{bucket}", 1)
             return None
 
-    def auth_attempt(self, subjects: Iterable[str], limit: int) -> int | None:
-        names = [f"auth:{s}" for s in subjects]
+    def auth_blocked(self, subjects: Iterable[str], limit: int) -> int | None:
         with self._lock:
-            waits = [w for w in (self._fixed.wait_if_over(n, limit) for n in names) if w is not None]
-            if waits:
-                return max(1, math.ceil(max(waits)))
-            for name in names:
-                self._fixed.add(name, 1)
-            return None
+            waits = [w for w in (self._fixed.wait_if_over(f"auth:{s}", limit) for s in subjects) if w is not None]
+            return max(1, math.ceil(max(waits))) if waits else None
 
-    def auth_succeeded(self, subjects: Iterable[str]) -> None:
+    def auth_failed(self, subjects: Iterable[str]) -> None:
         with self._lock:
             for subject in subjects:
-                self._fixed.add(f"auth:{subject}", -1)
+                self._fixed.add(f"auth:{subject}", 1)
 
 
 def _tpm_wait(window: Iterable[list], used: int, incoming: int, tpm: int, now: float) -> float:

@@ -104,26 +104,27 @@ end
 return 1
 """
 
-# KEYS: one counter per subject. ARGV: limit, window ms. Returns ms to wait, or -1 when counted.
-AUTH_ATTEMPT = """
+# KEYS: one counter per subject. ARGV: limit. Returns the ms to wait when one is at the limit, else -1.
+AUTH_BLOCKED = """
 local limit, wait = tonumber(ARGV[1]), -1
 for i = 1, #KEYS do
   if tonumber(redis.call('GET', KEYS[i]) or '0') >= limit then
     wait = math.max(wait, redis.call('PTTL', KEYS[i]))
   end
 end
-if wait >= 0 then return wait end
-for i = 1, #KEYS do
-  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-end
-return -1
+return wait
 """
 
-AUTH_SUCCEEDED = """
-for i = 1, #KEYS do
-  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+# KEYS: one counter per subject (or bucket). ARGV: window ms, limit (-1: none). Returns ms to wait or -1.
+COUNT = """
+local limit = tonumber(ARGV[2])
+if limit >= 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
+  return redis.call('PTTL', KEYS[1])
 end
-return 1
+for i = 1, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return -1
 """
 
 
@@ -150,8 +151,8 @@ class RedisLimits(Limits):
             raise UserError(f"serve.limits_url {_redacted(url)}: cannot reach Redis ({exc})") from None
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
-        self._auth_attempt = self.client.register_script(AUTH_ATTEMPT)
-        self._auth_succeeded = self.client.register_script(AUTH_SUCCEEDED)
+        self._auth_blocked = self.client.register_script(AUTH_BLOCKED)
+        self._count = self.client.register_script(COUNT)
         self.window_ms = int(WINDOW_S * 1000)
 
     @staticmethod
@@ -198,19 +199,18 @@ class RedisLimits(Limits):
         self._adjust(reservation, 0, drop=True)
 
     def hit(self, bucket: str, limit: int) -> LimitExceeded | None:
-        wait_ms = self._auth_attempt(keys=[f"{PREFIX}:hit:{bucket}"], args=[limit, self.window_ms])
-        if int(wait_ms) < 0:
+        wait_ms = int(self._count(keys=[f"{PREFIX}:hit:{bucket}"], args=[self.window_ms, limit]))
+        if wait_ms < 0:
             return None
-        wait = max(1, math.ceil(int(wait_ms) / 1000))
+        wait = max(1, math.ceil(wait_ms / 1000))
         return LimitExceeded(f"limit reached: {limit} per minute; retry in {wait} s", wait)
 
-    def auth_attempt(self, subjects: Iterable[str], limit: int) -> int | None:
-        keys = [f"{PREFIX}:auth:{s}" for s in subjects]
-        wait_ms = int(self._auth_attempt(keys=keys, args=[limit, self.window_ms]))
+    def auth_blocked(self, subjects: Iterable[str], limit: int) -> int | None:
+        wait_ms = int(self._auth_blocked(keys=[f"{PREFIX}:auth:{s}" for s in subjects], args=[limit]))
         return None if wait_ms < 0 else max(1, math.ceil(wait_ms / 1000))
 
-    def auth_succeeded(self, subjects: Iterable[str]) -> None:
-        self._auth_succeeded(keys=[f"{PREFIX}:auth:{s}" for s in subjects], args=[])
+    def auth_failed(self, subjects: Iterable[str]) -> None:
+        self._count(keys=[f"{PREFIX}:auth:{s}" for s in subjects], args=[self.window_ms, -1])
 
     def close(self) -> None:
         self.client.close()

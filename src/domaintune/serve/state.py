@@ -54,7 +54,7 @@ class ServeState:
     started_at: float = field(default_factory=time.time)
     cpu_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "domaintune-cpu"))
     key_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "domaintune-keys"))
-    pending_key_checks: int = 0  # changed on the event loop only
+    key_checks: dict[str, asyncio.Future] = field(default_factory=dict)  # key -> its hash in progress (loop only)
 
     async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work (parsing, templates, tokenising) off the event loop."""

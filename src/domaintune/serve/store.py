@@ -308,11 +308,18 @@ class Store:
                 return None, "revoked"
             return _public(row), "ok"
 
+    def verified_before(self, presented: str) -> bool:
+        """Was this exact key verified before by this process? (memory only: no database, no hashing)"""
+        key_id, secret = split_key(presented)
+        return (
+            bool(key_id) and (key_id, hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()) in self._verified
+        )
+
     def cached_key(self, presented: str) -> ApiKey | None:
         """The key record when this exact key was verified before and is still active; no hashing."""
-        key_id, secret = split_key(presented)
-        if not key_id or (key_id, hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()) not in self._verified:
+        if not self.verified_before(presented):
             return None
+        key_id, _secret = split_key(presented)
         with self.session() as s:
             row = s.get(ApiKeyRow, key_id)
             return None if row is None or row.revoked_at is not None else _public(row)

@@ -7,6 +7,10 @@ any step (no waiting for the batch to drain), every step is one `llama_decode` o
 every running request plus waiting prompts, and each request samples with its own temperature, top_p
 and seed and stops on its own at the end-of-turn tokens, its stop strings or its `max_tokens`, exactly
 as in the transformers engine (the same `IncrementalText` holds back text a stop string may claim).
+
+A request's failure stays its own: one that cannot start or whose text fails gets the error alone; when
+a decoding step fails as a whole, the requests that had not produced a token yet run again one at a
+time (a `solo` request waits for an empty batch and keeps others out), so only the culprit fails.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from domaintune.serve.engines.base import (
     GenRequest,
     QueueFullError,
     load_tokenizer,
+    max_token_chars,
     read_context_length,
 )
 from domaintune.serve.engines.transformers import IncrementalText
@@ -119,7 +124,14 @@ class LlamaCppEngine(Engine):
         eot = end_of_turn_token_ids(tokenizer)
         context = min(self.max_context, read_context_length(path))
         decoder = self._decoder(path, eot, context)
-        backbone = Backbone(key=key, path=path, tokenizer=tokenizer, eot_ids=eot, context_length=context)
+        backbone = Backbone(
+            key=key,
+            path=path,
+            tokenizer=tokenizer,
+            eot_ids=eot,
+            context_length=context,
+            max_token_chars=max_token_chars(tokenizer),
+        )
         with self._lock:
             self._backbones[key] = backbone
             self._decoders[(key, None)] = decoder
@@ -231,6 +243,7 @@ class LlamaCppEngine(Engine):
             waiting = list(self._pending)
             self._pending.clear()
         kept: list[GenRequest] = []
+        solo_waiting = {(r.backbone, r.adapter) for r in waiting if r.solo}
         for request in waiting:
             decoder = self._decoders.get((request.backbone, request.adapter))
             if decoder is None:
@@ -241,12 +254,23 @@ class LlamaCppEngine(Engine):
             if request.cancelled.is_set():
                 request.emit("done", Completion("", 0, "cancelled", None))
                 continue
-            if not decoder.has_room:
+            key = (request.backbone, request.adapter)
+            wait_for_solo = not request.solo and key in solo_waiting  # a retried request drains the batch first
+            if (
+                not decoder.has_room
+                or (request.solo and decoder.running)
+                or wait_for_solo
+                or self._solo_running(decoder)
+            ):
                 kept.append(request)
                 continue
             p = request.params
-            seq = Seq(list(request.prompt_ids), Sampling(p.max_tokens, p.temperature, p.top_p, seed=p.seed))
-            decoder.add(seq)
+            try:
+                seq = Seq(list(request.prompt_ids), Sampling(p.max_tokens, p.temperature, p.top_p, seed=p.seed))
+                decoder.add(seq)
+            except Exception as exc:  # this request cannot start: its error alone
+                request.emit("error", exc)
+                continue
             self._live[id(seq)] = _Live(request, self._backbones[request.backbone].tokenizer, seq)
         if kept:
             with self._cond:
@@ -264,13 +288,43 @@ class LlamaCppEngine(Engine):
                 continue
             if self.on_batch:
                 self.on_batch(len(decoder.running))
-            for seq, token in decoder.step():
+            try:
+                stepped = decoder.step()
+            except Exception as exc:
+                self._recover(decoder, exc)
+                continue
+            for seq, token in stepped:
                 live = self._live.get(id(seq))
                 if live is None:
                     continue
-                reason = live.token(token)
+                try:
+                    reason = live.token(token)
+                except Exception as exc:  # e.g. decoding this request's text: its error alone
+                    decoder.finish(seq, "cancelled")
+                    self._live.pop(id(seq))
+                    live.request.emit("error", exc)
+                    continue
                 if reason is not None:
                     decoder.finish(seq, reason)
                     self._live.pop(id(seq))
                     live.finish(reason)
             self.steps_run += 1
+
+    def _solo_running(self, decoder: Any) -> bool:
+        return any(self._live[id(s)].request.solo for s in decoder.running if id(s) in self._live)
+
+    def _recover(self, decoder: Any, exc: Exception) -> None:
+        """A step failed as a whole: requests that produced no token yet run again alone, the others get the error."""
+        running = list(decoder.running)
+        log.warning("a llama.cpp step over %d requests failed (%s); retrying them one by one", len(running), exc)
+        for seq in running:
+            decoder.finish(seq, "cancelled")
+            live = self._live.pop(id(seq), None)
+            if live is None:
+                continue
+            if len(running) > 1 and not live.text.ids and not live.request.solo:
+                live.request.solo = True
+                with self._cond:
+                    self._pending.appendleft(live.request)
+            else:
+                live.request.emit("error", exc)
