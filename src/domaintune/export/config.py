@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from domaintune.hardware.autoselect import ThreadCount
 from domaintune.utils.config_types import StrictModel
 
-GgufType = Literal["f32", "f16", "q8_0"]
+GgufType = Literal["f16", "q8_0", "q4_k_m", "q5_k_m"]
 
 
 def _default_gguf_types() -> list[GgufType]:
@@ -35,21 +35,23 @@ class ExportConfig(StrictModel):
     )
     gguf: list[GgufType] = Field(
         default_factory=_default_gguf_types,
-        description="GGUF files to write to `export/gguf/` (tokenizer and chat template inside). Empty: none.",
-    )
-    gguf_tokenizer_pre: str | None = Field(
-        None,
         description=(
-            "llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`). Default: detected from the tokenizer "
-            "(as llama.cpp's converter does); set it for a tokenizer that is not recognised."
+            "GGUF files built by llama.cpp (its converter, then its quantiser) in `export/gguf/`: f16, q8_0, "
+            "q4_k_m, q5_k_m. Any architecture llama.cpp's converter supports. Empty: none."
         ),
     )
-    verify_gguf: bool = Field(True, description="Load each GGUF back with transformers and compare with the source.")
-    gguf_tolerance: dict[str, float] = Field(
-        default_factory=lambda: {"f32": 1e-4, "f16": 0.01, "q8_0": 0.1},
+    verify_gguf: bool = Field(
+        True,
         description=(
-            "Largest relative logit error allowed when verifying a GGUF file: rms(gguf - source) / "
-            "rms(source - its mean), over the verification prompts. Exceeding it fails the export."
+            "Verify each GGUF where users run it: loaded by llama.cpp, greedy answers and perplexity on val rows "
+            "against the merged model, the chat template rendered through llama.cpp, the end-of-turn stop."
+        ),
+    )
+    gguf_tolerance: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Largest relative perplexity change (GGUF in llama.cpp vs the merged model) per type; defaults: "
+            "f16 0.01, q8_0 0.03, q5_k_m 0.10, q4_k_m 0.20. A GGUF beyond it is reported as failed and removed."
         ),
     )
     merge_tolerance: float = Field(

@@ -1,5 +1,8 @@
 """`run_export`: merge the trained adapter, quantise, write GGUF + Modelfile, and a checksummed manifest.
 
+GGUF files are built by llama.cpp itself (`domaintune.export.gguf`); what they need is checked before
+anything is built, and a GGUF that fails is reported in the manifest while the other artefacts are kept.
+
 Everything is built in a staging folder inside the run folder and swapped into `export/` at the
 end, so an interrupted export never leaves a half-written `export/` (or a manifest that lies).
 """
@@ -22,6 +25,7 @@ from rich.console import Console
 
 from domaintune.errors import UserError
 from domaintune.export import measure
+from domaintune.export.gguf import check_gguf_plan
 from domaintune.hardware.autoselect import apply_threads
 from domaintune.layout import RunLayout
 from domaintune.utils.io import atomic_dir, read_jsonl, remove_stale_staging, sha256_file, write_json
@@ -42,7 +46,7 @@ METRIC_DESCRIPTION = (
     "(export stage's own measure, identical for every artefact; lower is better)"
 )
 # The libraries whose versions shape the exported files.
-EXPORT_LIBRARIES = ("domaintune", "torch", "transformers", "peft", "safetensors", "gguf")
+EXPORT_LIBRARIES = ("domaintune", "torch", "transformers", "peft", "safetensors", "gguf", "llama-cpp-python")
 
 
 def run_export(cfg: ProjectConfig, layout: RunLayout) -> dict:
@@ -72,13 +76,14 @@ def _remove_stale_staging(layout: RunLayout) -> None:
 
 
 def _build(cfg: ProjectConfig, layout: RunLayout, staging: Path) -> dict:
-    """merge -> int8 -> bitsandbytes -> pruned -> gguf, each artefact measured as it is made; then the manifest."""
+    """merge -> int8 -> bitsandbytes -> pruned -> gguf (llama.cpp), each artefact measured as it is made; then the manifest."""
     import torch
 
     ecfg = cfg.export
     started = time.perf_counter()
     apply_threads(ecfg.num_threads)  # auto: one per usable physical core
     rows, metric_skip = _val_rows(layout, ecfg.eval_rows)
+    check_gguf_plan(cfg, layout.model_dir)  # before anything is built: fails with the key to change
     if metric_skip:
         console.print(f"[yellow]warning:[/] {metric_skip}")
     model, tokenizer, adapter = _load_trained(cfg, layout.model_dir)
@@ -95,7 +100,7 @@ def _build(cfg: ProjectConfig, layout: RunLayout, staging: Path) -> dict:
         artifacts[f"bnb-{kind}"] = _bitsandbytes(merged_dir, staging / f"bnb-{kind}", kind)
     if ecfg.prune_sparsity is not None:
         artifacts["pruned"] = _pruned(reference, staging / "pruned", ecfg.prune_sparsity, bench)
-    artifacts.update(_gguf(cfg, merged_dir, staging / "gguf", reference, bench))
+    artifacts.update(_gguf(cfg, merged_dir, staging / "gguf", reference, bench, rows))
     _with_deltas(artifacts, "merged")
 
     return {
@@ -298,53 +303,27 @@ def _pruned(reference: Any, pruned_dir: Path, sparsity: float, bench: _Bench) ->
     return entry
 
 
-def _gguf(cfg: ProjectConfig, merged_dir: Path, gguf_dir: Path, reference: Any, bench: _Bench) -> dict[str, dict]:
-    """One GGUF file per configured type (each read back and verified), and the Ollama Modelfile beside them."""
-    from domaintune.export.gguf_export import write_gguf
+def _gguf(cfg: ProjectConfig, merged_dir: Path, gguf_dir: Path, reference: Any, bench: _Bench, rows) -> dict:
+    """GGUF files by llama.cpp (converted, quantised, verified in llama.cpp) and the Modelfile beside them."""
+    from domaintune.export.gguf import build_ggufs
 
-    ecfg = cfg.export
-    artifacts: dict[str, dict] = {}
-    for qtype in ecfg.gguf:
-        file_name = f"{cfg.name}-{qtype}.gguf"
-        _say(f"[gguf-{qtype}] writing {file_name}")
-        info = write_gguf(merged_dir, gguf_dir / file_name, qtype, tokenizer_pre=ecfg.gguf_tokenizer_pre, name=cfg.name)
-        entry: dict[str, Any] = {
-            "path": f"gguf/{file_name}",
-            "bytes": (gguf_dir / file_name).stat().st_size,
-            "tokenizer_pre": info["tokenizer_pre"],
-            "tensors": info["tensors"],
-        }
-        if ecfg.verify_gguf:
-            entry.update(_verify_gguf(gguf_dir, file_name, qtype, reference, bench))
-        artifacts[f"gguf-{qtype}"] = entry
-    if ecfg.gguf and ecfg.modelfile:
-        _write_modelfile(cfg, bench.tokenizer, gguf_dir)
-    return artifacts
-
-
-def _write_modelfile(cfg: ProjectConfig, tokenizer: Any, gguf_dir: Path) -> None:
-    from domaintune.export.gguf_export import ollama_modelfile
-    from domaintune.model.loader import end_of_turn_token_ids
-
-    ecfg = cfg.export
-    target = ecfg.modelfile_gguf if ecfg.modelfile_gguf in ecfg.gguf else ecfg.gguf[0]
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_token_ids(tokenizer)]
-    if "<|im_start|>" in (tokenizer.chat_template or "") and "<|im_start|>" not in stops:
-        stops.append("<|im_start|>")
-    text = ollama_modelfile(
-        f"{cfg.name}-{target}.gguf",
-        tokenizer,
-        stops,
-        ecfg.ollama_template,
-        ecfg.ollama_parameters,
-        system=cfg.data.system_prompt,  # the training data's system prompt
-    )
-    (gguf_dir / "Modelfile").write_text(text, encoding="utf-8")
+    if not cfg.export.gguf:
+        return {}
+    tok = bench.tokenizer
+    speed = [
+        tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in bench.prompts
+    ]
+    return build_ggufs(cfg, merged_dir, gguf_dir, rows, reference, speed)
 
 
 def _with_deltas(artifacts: dict[str, dict], reference: str) -> None:
     ref = artifacts[reference]
     for entry in artifacts.values():
+        if "failed" in entry:
+            continue
         entry["size_ratio_vs_merged"] = round(entry["bytes"] / ref["bytes"], 4)
         if "speed" in entry:
             entry["speed_ratio_vs_merged"] = round(entry["speed"]["tokens_per_s"] / ref["speed"]["tokens_per_s"], 4)
@@ -414,70 +393,6 @@ def _quality(name: str, model: Any, tokenizer: Any, bench: _Bench) -> dict | Non
     metric = bench.cfg.eval.primary_metric
     _say(f"[{name}] answering {len(bench.quality_rows)} test prompts (scored with eval's {metric})")
     return measure.answer_quality(model, tokenizer, bench.quality_rows, metric, bench.cfg.export.eval_max_new_tokens)
-
-
-def check_gguf_tolerance(file_name: str, qtype: str, logits: dict, tolerances: dict[str, float]) -> float | None:
-    """Fail the export when a GGUF file's logits stray further from the merged model than allowed."""
-    tolerance = tolerances.get(qtype)
-    if tolerance is not None and logits["relative_error"] > tolerance:
-        raise RuntimeError(
-            f"{file_name}: relative logit error {logits['relative_error']:.3g} exceeds export.gguf_tolerance.{qtype}"
-            f" = {tolerance}"
-        )
-    return tolerance
-
-
-def _verify_gguf(gguf_dir: Path, file_name: str, qtype: str, reference: Any, bench: _Bench) -> dict[str, Any]:
-    """Load the GGUF file back through transformers and compare it with the merged model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ecfg, tokenizer, prompts = bench.cfg.export, bench.tokenizer, bench.prompts
-    _say(f"[gguf-{qtype}] loading back with transformers (gguf_file=) to verify")
-    loaded, load_s = measure.timed(
-        lambda: AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=file_name, dtype=torch.float32)
-    )
-    loaded.eval()
-    gguf_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=file_name)
-    sample = tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True) + TOKENIZER_PROBE
-    same_ids = (
-        tokenizer(sample, add_special_tokens=False)["input_ids"]
-        == gguf_tok(sample, add_special_tokens=False)["input_ids"]
-    )
-    if not same_ids:
-        raise RuntimeError(f"{file_name}: the tokenizer stored in the GGUF file encodes text differently")
-    if (gguf_tok.chat_template or "") != (tokenizer.chat_template or ""):
-        raise RuntimeError(f"{file_name}: the chat template stored in the GGUF file differs from the source")
-    logits = measure.compare_logits(reference, loaded, bench.probes)
-    tolerance = check_gguf_tolerance(file_name, qtype, logits, ecfg.gguf_tolerance)
-    ref_tokens = measure.greedy_tokens(reference, tokenizer, prompts[0], ecfg.speed_new_tokens)
-    got_tokens = measure.greedy_tokens(loaded, tokenizer, prompts[0], ecfg.speed_new_tokens)
-    prefix = 0
-    for a, b in zip(ref_tokens, got_tokens):
-        if a != b:
-            break
-        prefix += 1
-    entry = {
-        "load_s": round(load_s, 3),
-        "verified": {
-            "tokenizer_identical": True,
-            "chat_template_identical": True,
-            "logits_vs_merged": logits,
-            "tolerance": tolerance,
-            "greedy_identical": ref_tokens == got_tokens,
-            "greedy_common_prefix": prefix,
-            "greedy_tokens": len(ref_tokens),
-        },
-    }
-    entry["speed"] = measure.generation_speed(loaded, tokenizer, prompts, ecfg.speed_new_tokens)
-    if bench.examples:
-        entry["metric"] = measure.perplexity(loaded, bench.examples)
-    quality = _quality(f"gguf-{qtype}", loaded, tokenizer, bench)
-    if quality is not None:
-        entry["quality"] = quality
-    del loaded
-    gc.collect()
-    return entry
 
 
 # ---------------------------------------------------------------------- the manifest

@@ -126,6 +126,7 @@ def verify_gguf(
     max_new_tokens: int = 32,
     hf_model: Any = None,
     threads: int | None = None,
+    tolerance: tuple[float, float] | None = None,
 ) -> Verification:
     """Load `gguf_path` in llama.cpp and compare it with the Hugging Face model in `hf_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,11 +166,12 @@ def verify_gguf(
         if ppl_gguf and ppl_hf:
             change = abs(ppl_gguf - ppl_hf) / ppl_hf
     template = check_template(gguf, tokenizer)
-    return _judge(qtype, scores, ppl_gguf, ppl_hf, change, template.as_dict())
+    return _judge(qtype, scores, ppl_gguf, ppl_hf, change, template.as_dict(), tolerance)
 
 
-def _judge(qtype, scores, ppl_gguf, ppl_hf, change, template) -> Verification:
-    tolerance = TOLERANCE.get(qtype, (0.0, 1.0))
+def _judge(qtype, scores, ppl_gguf, ppl_hf, change, template, tolerance=None) -> Verification:
+    """`tolerance`: (least greedy agreement, largest relative perplexity change); default `TOLERANCE[qtype]`."""
+    tolerance = tolerance or TOLERANCE.get(qtype, (0.0, 1.0))
     mean = sum(scores) / len(scores) if scores else 1.0
     exact = sum(1 for s in scores if s == 1.0) / len(scores) if scores else 1.0
     problems = list(template["problems"])
