@@ -114,6 +114,21 @@ class EvalConfig(StrictModel):
     decoding: DecodingConfig = Field(
         default_factory=DecodingConfig, description="Decoding settings shared by every model (greedy by default)."
     )
+    engine: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description=(
+            "Engine generating the answers of local models (base, tuned, eval.models paths), the same for all "
+            "of them. llamacpp: each model as a q8_0 GGUF (the tuned adapter merged first), several sequences "
+            "decoded together on the CPU. auto: llama.cpp on a CPU-only machine when llama-cpp-python is "
+            "installed, else transformers. Perplexity is always computed with transformers."
+        ),
+    )
+    engine_check_items: int = Field(
+        8,
+        ge=0,
+        description="With llamacpp: greedy answers to this many items are also generated with transformers and "
+        "their token agreement is reported. 0: no check.",
+    )
     metrics: list[Literal[ALL_METRICS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(ALL_METRICS),
         description="Metrics computed; `judge` runs only when `judge.url` is set.",

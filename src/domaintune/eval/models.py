@@ -74,6 +74,7 @@ class Answer:
     n_tokens: int | None
     latency_s: float
     batch_size: int = 1
+    token_ids: list[int] | None = None  # llama.cpp answers: for the agreement check with transformers
 
 
 @dataclass
@@ -89,6 +90,8 @@ class EvalModel:
     cacheable: bool = True
     _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    engine: str = "transformers"  # "llamacpp": answers from a q8_0 GGUF of `hf_source`'s folder
+    hf_source: Callable[[], tuple[Path, Any]] | None = None  # (plain HF folder, tokenizer with the eval template)
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
@@ -120,7 +123,56 @@ class EvalModel:
             return []
         if self.kind == "endpoint":
             return self._generate_endpoint(prompts, decoding, seed, desc, on_batch)
+        if self.engine == "llamacpp":
+            return self._generate_llamacpp(prompts, decoding, seed, desc, on_batch)
         return self._generate_local(prompts, decoding, seed, desc, on_batch)
+
+    def _generate_llamacpp(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None):
+        """Batched continuous decoding in llama.cpp (`decoding.batch_size` sequences together)."""
+        from domaintune.llamacpp.cache import gguf_for
+        from domaintune.llamacpp.generate import Decoder, Sampling, generate
+        from domaintune.llamacpp.runtime import GGUFModel
+        from domaintune.model.loader import end_of_turn_token_ids
+
+        if self.hf_source is None:
+            raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
+        folder, tokenizer = self.hf_source()
+        eot = end_of_turn_token_ids(tokenizer)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        ids = [tokenizer(t, add_special_tokens=False).input_ids[-decoding.max_prompt_tokens :] for t in texts]
+        sample = decoding.temperature > 0
+        params = [
+            Sampling(
+                max_tokens=decoding.max_new_tokens,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p if sample else 1.0,
+                repetition_penalty=decoding.repetition_penalty,
+                seed=seed + i if sample else None,
+            )
+            for i in range(len(ids))
+        ]
+        model = GGUFModel(gguf_for(folder, "q8_0"))
+        ctx = max(len(i) for i in ids) + decoding.max_new_tokens + 8
+        decoder = Decoder(model, stop_ids=eot, n_seq=min(decoding.batch_size, len(ids)), seq_ctx=ctx)
+        answers: list[Answer | None] = [None] * len(ids)
+        bar = tqdm(total=len(ids), desc=desc or self.name, unit="answer", dynamic_ncols=True)
+        t0 = time.perf_counter()
+
+        def done(i: int, seq) -> None:
+            n = len(seq.tokens) + (1 if seq.finish_reason == "stop" else 0)
+            text = clean_answer(tokenizer.decode(seq.tokens, skip_special_tokens=True))
+            answers[i] = Answer(text, n, time.perf_counter() - t0, decoder.ctx.n_seq, list(seq.tokens))
+            bar.update(1)
+            if on_batch:
+                on_batch([i], [answers[i]])
+
+        try:
+            generate(decoder, ids, params, on_done=done)
+        finally:
+            bar.close()
+            decoder.close()
+            model.close()
+        return answers
 
     def _generate_local(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None) -> list[Answer]:
         import torch
@@ -332,6 +384,58 @@ def local_identity(path: Path) -> str:
     return _adapter_identity(path) if is_adapter_dir(path) else f"folder:{folder_fingerprint(path)}"
 
 
+def choose_eval_engine(setting: str) -> tuple[str, str]:
+    """(engine, reason) for `eval.engine`; `llamacpp` that cannot run is an error naming the key."""
+    if setting == "transformers":
+        return "transformers", "eval.engine=transformers"
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+
+    reason = unavailable_reason() or converter_unavailable_reason()
+    if setting == "llamacpp":
+        if reason:
+            raise UserError(f"eval.engine is 'llamacpp' but llama.cpp cannot run here ({reason}); set eval.engine")
+        return "llamacpp", "eval.engine=llamacpp"
+    import torch
+
+    if torch.cuda.is_available():
+        return "transformers", "eval.engine=auto: transformers on the CUDA GPU"
+    if reason:
+        return "transformers", f"eval.engine=auto: transformers because {reason}"
+    return "llamacpp", "eval.engine=auto: llama.cpp on the CPU (q8_0 GGUF of each model)"
+
+
+def _hf_source(folder: Path, base_dir: Path | None, chat_template: str | None) -> tuple[Path, Any]:
+    """The plain HF folder llama.cpp converts (an adapter merged into `base_dir` first) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from domaintune.llamacpp.cache import merged_adapter
+    from domaintune.model.loader import apply_chat_template_setting, is_adapter_dir
+
+    source = merged_adapter(folder, base_dir) if base_dir is not None and is_adapter_dir(folder) else folder
+    tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").is_file() else source)
+    apply_chat_template_setting(tokenizer, chat_template, source=str(folder))
+    return source, tokenizer
+
+
+def _use_engine(models: list[EvalModel], engine: str, cfg: ProjectConfig) -> None:
+    """Every local model answers through the same engine (and its identity says which, for the answer cache)."""
+    from domaintune.model.loader import resolve_model_dir
+
+    if engine != "llamacpp":
+        return
+    base_dir = resolve_model_dir(cfg.model)
+    for m in models:
+        if m.kind != "local":
+            continue
+        m.engine = "llamacpp"
+        m.identity += "|engine:llamacpp-q8_0"
+        if m.name == "base":
+            m.hf_source = functools.partial(_hf_source, base_dir, None, cfg.model.chat_template)
+        else:
+            folder = Path(m.spec.path) if m.spec is not None and m.spec.path is not None else Path(m.description)
+            m.hf_source = functools.partial(_hf_source, folder, base_dir, None)
+
+
 def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
     """base (the `model:` section), tuned (the run's `model/`) and every `eval.models` entry."""
     from domaintune.model.loader import load_model_and_tokenizer, load_trained, resolve_model_dir
@@ -396,4 +500,7 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
             )
     if not models:
         raise UserError("eval: nothing to evaluate (eval.base and eval.tuned are false and eval.models is empty)")
+    engine, why = choose_eval_engine(ecfg.engine)
+    log.info("%s", why)
+    _use_engine(models, engine, cfg)
     return models

@@ -1,0 +1,55 @@
+"""`eval.engine`: the same prompts answered by llama.cpp (batched, q8_0 GGUF) and by transformers."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from domaintune.errors import UserError
+
+PROMPTS = [[{"role": "user", "content": f"头痛发热{i}天，应该怎么办？ Question {i}"}] for i in range(5)]
+
+
+def test_engine_choice_names_the_key(monkeypatch):
+    import domaintune.llamacpp as llamacpp
+    from domaintune.eval.models import choose_eval_engine
+
+    assert choose_eval_engine("transformers")[0] == "transformers"
+    monkeypatch.setattr(llamacpp, "unavailable_reason", lambda: "llama-cpp-python is not installed")
+    with pytest.raises(UserError, match=r"eval\.engine"):
+        choose_eval_engine("llamacpp")
+    name, why = choose_eval_engine("auto")
+    assert (name == "transformers" and "not installed" in why) or "CUDA" in why
+
+
+def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
+    from domaintune.eval.config import DecodingConfig
+    from domaintune.eval.models import EvalModel, _hf_source
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+    from domaintune.llamacpp.verify import agreement
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import load_model_and_tokenizer
+
+    reason = unavailable_reason() or converter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    decoding = DecodingConfig(max_new_tokens=8, batch_size=3)
+    hf = EvalModel(
+        "base",
+        "local",
+        "x",
+        "tiny",
+        loader=lambda: load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random-llama")),
+    )
+    cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
+    cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
+    theirs = hf.generate(PROMPTS, decoding, seed=0)
+    ours = cpp.generate(PROMPTS, decoding, seed=0)
+    _, tokenizer = hf._ensure_loaded()
+    scores = []
+    for a, b in zip(theirs, ours):
+        ref = tokenizer(a.text, add_special_tokens=False).input_ids
+        scores.append(agreement(ref, tokenizer(b.text, add_special_tokens=False).input_ids))
+        assert b.token_ids is not None and b.n_tokens is not None and b.n_tokens <= 8
+    assert sum(scores) / len(scores) >= 0.8  # q8_0 tolerance of verify.TOLERANCE
