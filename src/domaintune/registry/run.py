@@ -205,13 +205,17 @@ def merged_record(layout: RunLayout) -> Path:
 
 
 def merged_inputs(cfg: ProjectConfig, layout: RunLayout) -> list[dict[str, Any]]:
-    """`run/merged.json`'s entries that this run still read: the file is a data source and has the same sha256."""
+    """`run/merged.json`'s entries that this run still used (a stale record from an earlier run is left out):
+    a data source with the same sha256, or a file the run folder holds byte for byte (a pinned test set)."""
     record = _read_json(merged_record(layout)) or {}
     sources = {str(Path(s.path)) for s in cfg.data.sources if s.path}
     kept = []
     for entry in record.get("merged", []):
         path = Path(entry["path"])
-        if str(path) in sources and path.is_file() and sha256_file(path) == entry["sha256"]:
+        as_source = str(path) in sources and path.is_file() and sha256_file(path) == entry["sha256"]
+        held = layout.root / entry.get("file", "-")
+        as_copy = entry.get("file") is not None and held.is_file() and sha256_file(held) == entry["sha256"]
+        if as_source or as_copy:
             kept.append(entry)
     return kept
 
