@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from domaintune.errors import UserError
+from domaintune.model.adapters import is_mergeable_adapter, unmergeable_note
 from domaintune.model.config import ModelConfig
 from domaintune.utils.io import atomic_dir, remove_stale_staging
 
@@ -256,7 +257,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 def load_trained(path: str | Path, dtype: str = "float32", merge: bool = False):
     """Load what the train stage saved in `model/`: a PEFT adapter (on its recorded base) or a full model.
 
-    Returns (model, tokenizer). With merge=True an adapter is merged into its base (for export/serving).
+    Returns (model, tokenizer). With merge=True an adapter is merged into its base (for export/serving) when
+    it can be: a prompt-learning adapter (prefix, prompt, ptuning) has no weights to merge and comes back as
+    the unmerged PeftModel, which generates the same way (`domaintune.model.adapters`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,6 +278,8 @@ def load_trained(path: str | Path, dtype: str = "float32", merge: bool = False):
         base_path = str(resolve_model_dir(ModelConfig(name_or_path=base_path)))
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype))
     model = PeftModel.from_pretrained(base, path)
-    if merge:
+    if merge and is_mergeable_adapter(path):
         model = model.merge_and_unload()
+    elif merge:
+        log.info("%s", unmergeable_note(path))
     return model, tokenizer
