@@ -35,4 +35,11 @@ for _name in _COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    """Run the CLI; an exception no command caught is a crash: exit 3, never 1 (1 means a gate rejected)."""
+    from domaintune.cli.common import EXIT_CRASHED, report_crash
+
+    try:
+        app()
+    except Exception as exc:  # SystemExit and KeyboardInterrupt are not Exceptions: they pass through
+        report_crash(exc)
+        raise SystemExit(EXIT_CRASHED) from None

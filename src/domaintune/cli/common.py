@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -33,8 +36,22 @@ def load(config: Path, overrides: list[str] | None, output_dir: Path | None) -> 
     return load_config(config, overrides or [], output_dir)
 
 
+# Exit codes every command keeps (README "Exit codes"): a script tells a rejected model from a broken run.
+EXIT_OK = 0
+EXIT_GATE_REJECTED = 1  # the run worked; an eval gate (or a check such as `registry verify`) said no
+EXIT_USER_ERROR = 2  # configuration or input error: the message names what to fix
+EXIT_CRASHED = 3  # a stage crashed (a bug or the environment): the traceback is printed above the last line
+
+
+def report_crash(exc: BaseException) -> None:
+    """The traceback, then one line naming the crash (scripts read the last line)."""
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message = f"crashed ({type(exc).__name__}: {exc}); exit code {EXIT_CRASHED}, the traceback is above"
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+
+
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected user errors into one red line and exit code 2 instead of a traceback."""
+    """User errors: one red line, exit 2. Any other exception: its traceback and exit 3 (never 1, the gate's code)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,6 +60,11 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except (UserError, FileNotFoundError) as exc:
             # soft_wrap: one line at any terminal width (scripts grep it); Text: brackets in the message stay
             console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            report_crash(exc)
+            raise typer.Exit(EXIT_CRASHED) from None
 
     return wrapper
