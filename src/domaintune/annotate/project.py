@@ -151,6 +151,13 @@ class Project:
                     out.setdefault(r["item"], {})[annotator] = r["labels"]
         return out
 
+    def labels_of(self, annotator: str) -> dict[str, dict[str, Any]]:
+        """{item: labels} of one annotator only (their latest entry per item): what a blind screen may show them."""
+        path = self.labels_file(annotator)
+        if annotator not in self.task.annotators or not path.is_file():
+            return {}
+        return {r["item"]: r["labels"] for r in read_jsonl(path)}
+
     def complete(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Items every assigned annotator has labelled."""
         labels = self.labels()

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from domaintune.errors import UserError
-from domaintune.studio import routes_core, routes_data, routes_review, routes_runs
+from domaintune.studio import routes_annotate, routes_core, routes_data, routes_review, routes_runs
 from domaintune.studio.auth import Auth
 from domaintune.studio.core import HERE, SESSION_COOKIE, ForbiddenError, RedirectError, Studio, environment
 
@@ -26,7 +26,7 @@ def create_app(workspace: Path, state_dir: Path | None = None, password_iteratio
     app.state.studio = studio
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _error_handlers(app, studio)
-    for module in (routes_core, routes_data, routes_runs, routes_review):
+    for module in (routes_core, routes_data, routes_runs, routes_review, routes_annotate):
         module.register(app, studio)
 
     @app.middleware("http")
