@@ -13,6 +13,7 @@ token yet run again one by one, so only the request that breaks the model gets t
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -189,7 +190,9 @@ def _sample(logits: Any, row: _Row) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
-def select_batch(pending: list[GenRequest], max_batch_size: int, max_batch_tokens: int) -> list[GenRequest]:
+def select_batch(
+    pending: list[GenRequest], max_batch_size: int, max_batch_tokens: int, same_adapter: bool = False
+) -> list[GenRequest]:
     """The oldest request plus the same-backbone requests closest to its prompt length that fit the budget.
 
     Prompts are left-padded to the longest one, so a batch costs (size x longest prompt) tokens of
@@ -199,7 +202,9 @@ def select_batch(pending: list[GenRequest], max_batch_size: int, max_batch_token
     first = pending[0]
     batch = [first]
     longest = len(first.prompt_ids)
-    others = [r for r in pending[1:] if r.backbone == first.backbone]
+    others = [
+        r for r in pending[1:] if r.backbone == first.backbone and (not same_adapter or r.adapter == first.adapter)
+    ]
     others.sort(key=lambda r: abs(len(r.prompt_ids) - len(first.prompt_ids)))  # stable: older first on ties
     for req in others:
         if len(batch) >= max_batch_size:
@@ -210,6 +215,13 @@ def select_batch(pending: list[GenRequest], max_batch_size: int, max_batch_token
         batch.append(req)
         longest = width
     return batch
+
+
+def _has_prompt_learning(model: Any) -> bool:
+    """A PeftModel holding a prefix / prompt / p-tuning adapter: those are never merged nor mixed per row
+    (peft's `adapter_names` is LoRA-only), so its batches run one adapter (or the base) at a time."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
 
 
 class TransformersEngine(Engine):
@@ -348,7 +360,9 @@ class TransformersEngine(Engine):
                 if left <= 0:
                     break
                 self._cond.wait(timeout=left)
-            picked = select_batch(list(self._pending), self.max_batch_size, self.max_batch_tokens)
+            head = self._pending[0]
+            unmixed = head.backbone in self._backbones and _has_prompt_learning(self._backbones[head.backbone].model)
+            picked = select_batch(list(self._pending), self.max_batch_size, self.max_batch_tokens, unmixed)
             chosen = {id(r) for r in picked}
             self._pending = collections.deque(r for r in self._pending if id(r) not in chosen)
             return picked
@@ -406,12 +420,18 @@ class TransformersEngine(Engine):
                 pad_token_id=pad_id,
             )
             kwargs: dict[str, Any] = {}
-            if isinstance(bb.model, PeftModel):
+            adapters_off: Any = contextlib.nullcontext()
+            if _has_prompt_learning(bb.model):  # batches hold one adapter's rows (select_batch same_adapter)
+                if batch[0].adapter is None:
+                    adapters_off = bb.model.disable_adapter()
+                else:
+                    bb.model.set_adapter(batch[0].adapter)
+            elif isinstance(bb.model, PeftModel):
                 kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in batch]
             if self.on_batch:
                 self.on_batch(len(batch))
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), adapters_off:
                     bb.model.generate(
                         input_ids=ids,
                         attention_mask=mask,
