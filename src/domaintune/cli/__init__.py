@@ -40,6 +40,8 @@ def main() -> None:
 
     try:
         app()
+    except typer.Exit as exc:  # normally turned into SystemExit by typer; kept exact if one escapes
+        raise SystemExit(exc.exit_code) from None
     except Exception as exc:  # SystemExit and KeyboardInterrupt are not Exceptions: they pass through
         report_crash(exc)
         raise SystemExit(EXIT_CRASHED) from None

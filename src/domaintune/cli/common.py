@@ -61,7 +61,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             # soft_wrap: one line at any terminal width (scripts grep it); Text: brackets in the message stay
             console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True, highlight=False)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:
             report_crash(exc)
