@@ -116,3 +116,53 @@ def test_stored_parent_data_is_read_and_recorded_as_merged(tmp_path):
     store_copy.write_text(_rows(5, "tampered"), encoding="utf-8")
     with pytest.raises(UserError, match=r"tampered|sha256"):
         parent_data(registry, f"registry://tiny@{v1}")
+
+
+def _long_rows(questions: list[str]) -> str:
+    return "".join(
+        json.dumps(
+            {
+                "id": f"more-{i}",
+                "messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": f"A full and careful answer about {q.lower()} for the customer."},
+                ],
+            }
+        )
+        + "\n"
+        for i, q in enumerate(questions)
+    )
+
+
+def test_a_round_merges_new_sources_once_and_rehearses_with_dry_run(tmp_path):
+    from domaintune.workflow.round import RoundOptions, run_round
+
+    config = _project(tmp_path)
+    cfg = load_config(config)
+    _fake_run(cfg.layout.root, 20, "parent")
+    v1 = register_run(cfg, cfg.layout)  # records qa.jsonl by sha256 as merged
+    registry_from_config(cfg).promote("tiny", v1, alias="production")
+    rehearse = RoundOptions(dry_run=True)
+    idle = run_round(cfg, "registry://tiny@production", rehearse)
+    assert idle.status == "nothing_to_do" and "no new feedback" in idle.message
+
+    new = [
+        "How do I repot a fern without hurting its roots?",
+        "Which soil suits a young lemon tree in a pot?",
+        "How often should an orchid be watered in winter?",
+        "test question 1?",  # repeats a prompt of the parent's test set
+    ]
+    (tmp_path / "more.jsonl").write_text(_long_rows(new), encoding="utf-8")
+    cfg2 = load_config(config, ["data.sources.+={path: more.jsonl, reader: messages}"])
+    planned = run_round(cfg2, "registry://tiny@production", rehearse)
+    assert planned.status == "dry_run", planned.message
+    summary = planned.summary
+    assert summary["rows"]["new_rows"] == 3 and summary["rows"]["parent_train"] == 20
+    assert [Path(s["path"]).name for s in summary["new_sources"]] == ["more.jsonl"]
+    plan = json.loads((planned.folder / "round" / "plan.json").read_text())
+    assert [Path(s["path"]).name for s in plan["new_sources"]] == ["more.jsonl"]
+    assert {Path(i["path"]).name for i in plan["inputs"]} == {"qa.jsonl", "more.jsonl"}
+    quarantine = [json.loads(line) for line in (planned.folder / "round" / "quarantine.jsonl").open()]
+    assert [q["stage"] for q in quarantine] == ["decontaminate"]
+    assert not (tmp_path / "run" / "rounds" / "latest.json").exists()  # a rehearsal is not in the history
+    assert len(registry_from_config(cfg).list("tiny")) == 1

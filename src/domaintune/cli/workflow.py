@@ -105,6 +105,9 @@ def round_cmd(
         typer.Option("--parent-gate/--no-parent-gate", help="Reject a child worse than its parent on the test set."),
     ] = True,
     force: Annotated[bool, typer.Option("--force", help="Run even when this round was already registered.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Stop before training: what would be taken, merged and dropped.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """One unattended round: feedback since the parent's round -> merge -> train -> compare -> register -> canary.
@@ -124,6 +127,7 @@ def round_cmd(
         webhook=webhook or os.environ.get("DOMAINTUNE_ROUND_WEBHOOK") or None,
         canary=canary,
         parent_gate=parent_gate,
+        dry_run=dry_run,
     )
     console = Console(stderr=True)
     result = run_round(cfg, from_, options, on_stage=lambda name, what: console.rule(f"[bold]{name}[/]: {what}"))

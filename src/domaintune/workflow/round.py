@@ -61,12 +61,13 @@ class RoundOptions:
     webhook: str | None = None  # POST the summary here
     canary: bool = True  # make the child the canary's candidate when serve.canary is configured
     parent_gate: bool = True  # reject a child that is worse than its parent on the test set
+    dry_run: bool = False  # stop before training: what the round would take, merge and drop
     now: datetime | None = None  # naive UTC; tests set it
 
 
 @dataclass
 class RoundResult:
-    status: str  # candidate | rejected | nothing_to_do | already_done
+    status: str  # candidate | rejected | nothing_to_do | already_done | dry_run
     message: str
     summary: dict[str, Any]
     folder: Path | None = None
@@ -187,6 +188,11 @@ def _run(r: _Round, on_stage: Callable[[str, str], None] | None) -> RoundResult:
         )
     child = r.child
     assert child is not None
+    if r.options.dry_run:
+        rows = r.parent.rows["train"] + len(r.intake.train)
+        return _finish(
+            r, "dry_run", f"would train {rows} rows from {r.parent.version} in {r.folder} (nothing registered)"
+        )
     result = run_pipeline(child, parent_version=r.parent.version, runners=_runners(r), on_stage=on_stage)
     r.stages = {o.name: round(o.seconds, 1) for o in result.outcomes}
     registered = json.loads(child.layout.registered_file.read_text(encoding="utf-8"))
@@ -284,8 +290,7 @@ def _new_source_rows(cfg: ProjectConfig, r: _Round) -> list[dict[str, Any]]:
         format="messages",
     )
     data["decontaminate"]["enabled"] = False  # against the lineage's test sets, below
-    if isinstance(data.get("guards"), dict):
-        data["guards"]["on_violation"] = "warn"  # the split is not used: every row is a training candidate
+    data["split"].update(ratios=[1, 0, 0], by="random")  # every row is a training candidate: the test sets stay
     layout = RunLayout(r.round_dir / "new-sources")
     scratch = cfg.model_copy(update={"data": type(cfg.data).model_validate(data), "output_dir": layout.root})
     run_data(scratch, layout)
@@ -543,7 +548,9 @@ def _finish(r: _Round, status: str, message: str, **extra: Any) -> RoundResult:
     }
     if r.child is not None:  # the round was prepared: what it took, merged and measured
         meta = _metadata(r, _read_json(r.comparison_file))
-        summary.update(feedback=meta["feedback"], rows=meta["rows"], comparison=meta["comparison"])
+        summary.update(
+            feedback=meta["feedback"], rows=meta["rows"], new_sources=meta["new_sources"], comparison=meta["comparison"]
+        )
     elif r.intake.seen:  # stopped before screening: what the review rules made of the window
         summary["feedback"] = {
             "rows_in_window": r.intake.seen,
@@ -560,8 +567,12 @@ def _finish(r: _Round, status: str, message: str, **extra: Any) -> RoundResult:
         summary["canary"] = extra["canary"]
     rounds_dir = r.cfg.layout.root / "rounds"
     rounds_dir.mkdir(parents=True, exist_ok=True)
-    summary["webhook_error"] = notify(r.options.webhook, summary)
-    write_summary(rounds_dir, r.folder if r.folder and r.folder.is_dir() else None, summary)
+    if r.options.dry_run:  # a rehearsal: not sent, not in the history
+        if r.folder is not None and r.folder.is_dir():
+            write_json(r.round_dir / "summary.json", summary)
+    else:
+        summary["webhook_error"] = notify(r.options.webhook, summary)
+        write_summary(rounds_dir, r.folder if r.folder and r.folder.is_dir() else None, summary)
     return RoundResult(status, message, summary, r.folder, extra.get("version"))
 
 
