@@ -196,3 +196,46 @@ def test_annotation_walk_create_label_blind_kappa_arbitrate_finalize(studio_serv
     assert next(r for r in rows if r["instruction"] == "头痛三天怎么办")["output"] == CORRECTION
     assert len(walk.taken) == 7
     print(f"annotation walk: {time.time() - started:.1f}s")
+
+
+def test_annotation_screens_without_a_browser_blind_csrf_and_roles(tmp_path):
+    """The same rules over plain HTTP (runs where Chromium is missing): login, CSRF, roles, blindness."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from domaintune.studio.app import create_app
+
+    workspace = tmp_path / "ws"
+    task_file = _workspace(workspace, tmp_path)
+    app = create_app(workspace, password_iterations=1000)
+    for name, role in (("eng", "engineer"), ("ann_a", "reviewer"), ("ann_b", "reviewer"), ("dr_wang", "reviewer")):
+        app.state.studio.auth.add_user(name, role, f"{name}-password")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    def login(name):
+        client = TestClient(app)
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        client.post("/login", data={"csrf": token, "username": name, "password": f"{name}-password", "next": "/"})
+        return client, re.search(r'meta name="csrf" content="([^"]+)"', client.get("/annotate").text).group(1)
+
+    assert TestClient(app).get("/p/clinic/annotate", follow_redirects=False).status_code == 303
+    eng, csrf = login("eng")
+    assert eng.post("/p/clinic/annotate", content="task_text=x", headers=form).status_code == 403
+    r = eng.post("/p/clinic/annotate", data={"csrf": csrf, "task_text": task_file.read_text("utf-8")})
+    assert r.status_code == 200 and "ann_a" in r.text
+    ann_a, csrf_a = login("ann_a")
+    page = ann_a.get("/p/clinic/annotate/triage/label").text
+    item = re.search(r'data-item="([^"]+)"', page).group(1)
+    saved = ann_a.post(
+        "/p/clinic/annotate/triage/label",
+        data={"csrf": csrf_a, f"dept::{item}": "外科", f"fixed_answer::{item}": "A的秘密更正"},
+    )
+    assert 'id="labels-saved"' in saved.text
+    assert "A的秘密更正" not in login("ann_b")[0].get("/p/clinic/annotate/triage/label").text
+    assert ann_a.get("/p/clinic/annotate/triage").status_code == 403
+    assert ann_a.get("/p/clinic/annotate/triage/arbitrate").status_code == 403
+    assert login("dr_wang")[0].get("/p/clinic/annotate/triage/label").status_code == 403
+    incomplete = ann_a.post("/p/clinic/annotate/triage/label", data={"csrf": csrf_a, f"topics::{item}": "用药"})
+    assert 'id="label-problems"' in incomplete.text and "dept" in incomplete.text
+    assert eng.get("/p/clinic/annotate/..%2Fetc/label").status_code in (400, 404)
