@@ -165,4 +165,9 @@ def test_a_round_merges_new_sources_once_and_rehearses_with_dry_run(tmp_path):
     quarantine = [json.loads(line) for line in (planned.folder / "round" / "quarantine.jsonl").open()]
     assert [q["stage"] for q in quarantine] == ["decontaminate"]
     assert not (tmp_path / "run" / "rounds" / "latest.json").exists()  # a rehearsal is not in the history
+    # the same round again (after a kill, say) uses the same folder and leaves its inputs untouched
+    new_rows = planned.folder / "round" / "new_train.jsonl"
+    stamp = new_rows.stat().st_mtime_ns
+    assert run_round(cfg2, "registry://tiny@production", rehearse).folder == planned.folder
+    assert new_rows.stat().st_mtime_ns == stamp
     assert len(registry_from_config(cfg).list("tiny")) == 1

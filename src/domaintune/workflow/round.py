@@ -184,7 +184,9 @@ def _run(r: _Round, on_stage: Callable[[str, str], None] | None) -> RoundResult:
     _prepare(r)
     if not r.intake.train:
         return _finish(
-            r, "nothing_to_do", f"{len(r.candidates)} candidate rows, none new after dedup and decontamination"
+            r,
+            "nothing_to_do",
+            f"{len(r.candidates)} candidate rows, none left to train on after holdout, dedup and decontamination",
         )
     child = r.child
     assert child is not None
@@ -269,11 +271,25 @@ def _prepare(r: _Round) -> None:
     source_rows = _new_source_rows(cfg, r)
     r.source_rows = len(source_rows)
     screen(r.candidates + source_rows, parent_train, test_sets, cfg.data, rules, r.intake)
-    write_jsonl(r.new_rows_file, r.intake.train)
-    write_jsonl(r.holdout_file, r.intake.holdout)
-    write_jsonl(r.round_dir / "quarantine.jsonl", r.intake.dropped)
+    for path, rows in (
+        (r.new_rows_file, r.intake.train),
+        (r.holdout_file, r.intake.holdout),
+        (r.round_dir / "quarantine.jsonl", r.intake.dropped),
+    ):
+        _write_unless_same(path, rows)
     r.child = _child_config(r)
     write_json(r.round_dir / "plan.json", _metadata(r))
+
+
+def _write_unless_same(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows, leaving a file that already holds exactly them untouched (its mtime too), so a round run
+    again in its folder (after a kill) finds its data stage unchanged and resumes training."""
+    fresh = path.with_name(path.name + ".new")
+    write_jsonl(fresh, rows)
+    if path.is_file() and sha256_file(path) == sha256_file(fresh):
+        fresh.unlink()
+    else:
+        fresh.replace(path)
 
 
 def _new_source_rows(cfg: ProjectConfig, r: _Round) -> list[dict[str, Any]]:
