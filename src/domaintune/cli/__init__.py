@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "config",
     "studio",
     "annotate",
+    "template",
 ]
 
 for _name in _COMMAND_MODULES:
