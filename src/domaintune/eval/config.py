@@ -114,8 +114,9 @@ class EvalConfig(StrictModel):
     decoding: DecodingConfig = Field(
         default_factory=DecodingConfig, description="Decoding settings shared by every model (greedy by default)."
     )
+    # default transformers until the report states the engine and its agreement sample (docs/llamacpp.md)
     engine: Literal["auto", "transformers", "llamacpp"] = Field(
-        "auto",
+        "transformers",
         description=(
             "Engine generating the answers of local models (base, tuned, eval.models paths), the same for all "
             "of them. llamacpp: each model as a q8_0 GGUF (the tuned adapter merged first), several sequences "
