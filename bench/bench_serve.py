@@ -330,6 +330,7 @@ def main() -> None:
 
 # ---- mixed workload: well-formed and hostile clients together ------------------------------------
 CHAT_PATH = "/v1/chat/completions"
+REQUEST_TIMEOUT_S = 300
 
 
 def _hostile_requests(model: str, key: str, admin: str) -> list[tuple[str, dict]]:
@@ -453,7 +454,9 @@ async def _mixed_clients(url: str, keys: dict, model: str, clients: int, hostile
             count(f"hostile {label}", outcome)
 
     limits = httpx.Limits(max_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    # The clients wait longer than the server's own deadline (request_timeout_s, 300 s): a request that the
+    # server could not finish in time is its 504, not a client giving up first on a slow, shared machine.
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S + 60, limits=limits) as client:
         tasks = [attacker(client, n) for n in range(hostile)]
         tasks += [well_formed(client, n) for n in range(clients - hostile)]
         await asyncio.gather(*tasks)
@@ -481,7 +484,7 @@ def _start_mixed_server(tmp: Path, model: str) -> tuple[subprocess.Popen, str, d
         "default_max_tokens": 32,
         "serve_trained": False,
         "engine": "transformers",
-        "request_timeout_s": 300,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
         "max_context_tokens": 512,
     }
     project = tmp / "project.yaml"
