@@ -20,6 +20,8 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     src = report["sources"]["zh_medical_dialogue"]
     assert src["input"] == 7644 and src["balanced"]
     assert src["kept"] == {"train": 300, "val": 40, "test": 40}
+    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 3
+    assert report["normalise"]["rows_changed"] < 100  # Chinese punctuation is kept: few rows change
     assert src["dropped"]["dedup_exact: exact duplicate"] > 0
     assert src["dropped"]["dedup_near: near duplicate"] > 0  # CJK char 5-gram MinHash on the real corpus
     assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["呼吸科"]
@@ -27,6 +29,9 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
     assert row["department"] and row["difficulty"] in ("easy", "medium", "hard")
     assert len(row["messages"][2]["content"]) <= 130
+    lines = (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    asked = [json.loads(line)["messages"][1]["content"] for line in lines]
+    assert sum("，" in q or "？" in q for q in asked) > len(asked) / 2  # the rows keep their Chinese punctuation
     assert report["general"]["input"] == report["general"]["written"] == 175  # one instance per seed task
     assert (report["general"]["replay_rows"], report["general"]["holdout_rows"]) == (131, 44)  # 25% of tasks held out
     quarantined = len((tmp_path / "data" / "quarantine.jsonl").read_text(encoding="utf-8").splitlines())
@@ -46,12 +51,17 @@ def test_medical_en_example(shared_datasets, tmp_path):
     for src in cfg.data.sources:
         src.path = shared_datasets / "medquad" / folders[src.name]
     cfg.data.general = None
+    cfg.data.sample = cfg.data.sample.model_copy(update={"train": None, "val": None, "test": None})  # every row
     report = run_data(cfg, RunLayout(tmp_path), progress=False)
     assert report["balanced"]
     drugs = report["sources"]["MPlusDrugs"]
     assert drugs["input"] > 10000 and drugs["kept_total"] == 0
     assert drugs["dropped"]["filter: empty:output"] == drugs["input"]
-    assert sum(report["split"]["sizes"].values()) == 380
+    # MedQuAD asks many questions twice (different answers): grouped by prompt, none is in two splits
+    assert report["split"]["sizes"] == {"train": 2844, "val": 355, "test": 355}
+    assert report["split"]["groups"]["rows_in_shared_groups"] > 100
+    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 3
+    assert not report["guards"]["violations"]
     rows = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     assert all(r["qtype"] and r["focus"] for r in rows)
     assert len(report["split"]["per_stratum"]["train"]) >= 8

@@ -11,10 +11,11 @@ from domaintune.data.pii import id_check_digit, is_valid_id_card, luhn_valid, re
 from domaintune.data.text import detect_language, ngrams, normalise_text, repetition_ratio
 
 
-def test_normalise_nfkc_html_control_whitespace():
+def test_normalise_width_html_control_whitespace():
     raw = "ＡＢＣ１２３，  &lt;b&gt; <p>hi&nbsp;there</p>\x00\x07\u200b x\u3000\u3000y\r\n\n\n\nz  "
-    assert normalise_text(raw) == "ABC123, hi there x y\n\nz"
-    assert normalise_text("ｶﾀｶﾅ") == "カタカナ"  # half-width katakana → full-width (NFKC)
+    assert normalise_text(raw) == "ABC123， hi there x y\n\nz"  # letters and digits folded, ， kept
+    assert normalise_text(raw, nfkc=True) == "ABC123, hi there x y\n\nz"  # the old behaviour, on request
+    assert normalise_text("ｶﾀｶﾅ") == "カタカナ"  # half-width katakana → full-width
     assert normalise_text("a  b", whitespace=False) == "a  b"
     assert normalise_text("if x<y and y>z") == "if x<y and y>z"  # not a tag
     assert normalise_text("<script>alert(1)</script><BR/>ok<span class='x'>!</span>") == "ok !"

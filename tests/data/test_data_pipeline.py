@@ -166,37 +166,44 @@ def test_decontamination_drops_train_rows_sharing_ngrams(tmp_path):
         rows[i]["q"] = shared + " first"
         rows[i + 10]["q"] = shared + " second"
     write_jsonl(tmp_path / "in.jsonl", rows)
-    data = {
-        "split": {"ratios": [1, 1, 0]},
+    data = {  # no grouping and no near check: only the shared 8-gram can find the pairs
+        "split": {"ratios": [1, 1, 0], "group_by": []},
         "dedup": {"near": False},
-        "decontaminate": {"ngram": 8},
+        "decontaminate": {"ngram": 8, "near_threshold": None},
         "filters": {"outlier_sigma": None},
     }
     report = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "run"), progress=False)
     val = {r["id"] for r in read(tmp_path, "val")}
     train = {r["id"] for r in read(tmp_path, "train")}
-    expected = set()
+    expected = {}
     for i in range(10):
         a, b = f"in-{i + 1:06d}", f"in-{i + 11:06d}"
         if a in val and b not in val:
-            expected.add(b)
+            expected[b] = a
         if b in val and a not in val:
-            expected.add(a)
-    dropped = {e["row"]["id"] for e in read(tmp_path, "quarantine") if e["stage"] == "decontaminate"}
-    assert expected and dropped == expected and not (dropped & train)
+            expected[a] = b
+    quarantined = [e for e in read(tmp_path, "quarantine") if e["stage"] == "decontaminate"]
+    dropped = {e["row"]["id"]: e["matched_id"] for e in quarantined}  # each names the val row it matched
+    assert expected and dropped == expected and not (set(dropped) & train)
+    assert {e["reason"] for e in quarantined} == {"shares a 8-gram with a val prompt"}
     assert report["decontaminate"]["dropped"] == len(expected) and report["balanced"]
+    assert [(p["split"], p["against"], p["exact"]) for p in report["leakage"]["pairs"]] == [
+        ("train", "val", 0),
+        ("train", "test", 0),
+        ("val", "test", 0),
+    ]
     # scope "all": shared answer text also counts (the corpus answers share a long phrase)
     for r in rows:
         r["a"] = "the standard closing sentence of every answer in this clinic is long " + r["a"]
     write_jsonl(tmp_path / "in.jsonl", rows)
     prompt_only = run_data(cfg_for(tmp_path, data), RunLayout(tmp_path / "p"), progress=False)
-    everything = run_data(
-        cfg_for(tmp_path, {**data, "decontaminate": {"ngram": 8, "scope": "all"}}),
-        RunLayout(tmp_path / "all"),
-        progress=False,
-    )
     assert prompt_only["decontaminate"]["dropped"] == len(expected)
-    assert everything["split"]["sizes"]["train"] == 0
+    # ... and then removes every train row: the removal guard fails the stage, naming the step and the cause
+    everything = cfg_for(tmp_path, {**data, "decontaminate": {"ngram": 8, "scope": "all", "near_threshold": None}})
+    with pytest.raises(UserError, match=r"(?s)step decontaminate removed 100.0% .* of train.*boilerplate"):
+        run_data(everything, RunLayout(tmp_path / "all"), progress=False)
+    failed = json.loads((tmp_path / "all" / "data" / "report.json").read_text(encoding="utf-8"))
+    assert {v["check"] for v in failed["guards"]["violations"]} == {"removed", "ratio", "empty"}
 
 
 def test_sampling_caps_are_accounted_as_sampled_out(tmp_path):
@@ -311,4 +318,4 @@ def test_normalise_and_pii_changes_are_counted(tmp_path):
     q = read(tmp_path, "quarantine")
     assert "13912345678" not in json.dumps(q) and "[PHONE]" in json.dumps(q)  # quarantine is redacted too
     out = read(tmp_path, "train")[0]["messages"]
-    assert out[0]["content"] == "WHAT is BP?" and out[1]["content"] == "Call [PHONE] or mail [EMAIL] for an answer."
+    assert out[0]["content"] == "WHAT is BP？" and out[1]["content"] == "Call [PHONE] or mail [EMAIL] for an answer."

@@ -45,7 +45,7 @@ def test_csv_gb18030_detected_and_mapped(tmp_path):
     src = {"path": "zh.csv", "fields": {"instruction": ["title", "ask"], "output": "answer"}, "keep": ["department"]}
     report, rows = run(tmp_path, [src])
     assert report["balanced"] and len(rows) == 2
-    assert rows[0]["messages"][0] == {"role": "user", "content": "高血压能吃党参吗?\n我有高血压。"}  # NFKC: ？→?
+    assert rows[0]["messages"][0] == {"role": "user", "content": "高血压能吃党参吗？\n我有高血压。"}  # ？ kept
     assert rows[0]["messages"][1]["content"] == "可以适量食用。"
     assert rows[0]["department"] == "心血管科" and rows[0]["source"] == "zh"
 
@@ -128,7 +128,7 @@ def test_xml_record_path_attributes_and_ancestors(tmp_path):
     s = report["sources"]["x"]
     assert s["input"] == 3 and s["balanced"]
     assert s["dropped"]["filter: empty:output"] == 1
-    assert s["dropped"]["parse: invalid XML"] == 1
+    assert s["dropped"]["parse: invalid XML in this record"] == 1
 
 
 def test_pdf_and_docx_as_text_records(tmp_path):

@@ -50,6 +50,12 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])
         console.print(f"drop reasons: {reasons}")
+        pairs = report["leakage"]["pairs"]
+        if pairs:
+            shared = ", ".join(f"{p['split']}/{p['against']} {p['exact']}+{p['near']}" for p in pairs)
+            console.print(f"prompts shared between splits (exact+near): {shared}")
+        for v in report["guards"]["violations"]:
+            console.print(f"[yellow]warning[/yellow]: {v['message']}")
         if report["pii"]["counts"]:
             console.print(f"PII redacted: {report['pii']['counts']}")
         if report.get("general"):

@@ -14,7 +14,16 @@ from domaintune.utils.config_types import ConfigPath, StrictModel
 
 class NormaliseConfig(StrictModel):
     enabled: bool = True
-    nfkc: bool = Field(True, description="Unicode NFKC (also full-width ASCII to half-width).")
+    width: bool = Field(
+        True,
+        description="Full-width ASCII letters and digits to half-width (ＡＢＣ１２３ → ABC123), half-width katakana to "
+        "full-width. CJK full-width punctuation (，？：；（）) is kept: the text keeps its script.",
+    )
+    nfkc: bool = Field(
+        False,
+        description="Full Unicode NFKC instead (the old default): also turns CJK punctuation into ASCII (，→,) and "
+        "² into 2. Applied to the system prompt too.",
+    )
     html: bool = Field(True, description="Unescape HTML entities and strip tags.")
     control_chars: bool = Field(True, description="Remove control characters (keeps newline and tab).")
     whitespace: bool = Field(True, description="Collapse runs of spaces; at most one blank line; strip.")
@@ -60,7 +69,20 @@ class PiiConfig(StrictModel):
 
 
 class DecontamConfig(StrictModel):
+    """Train rows that repeat a val/test prompt are dropped (and val rows that repeat a test prompt): the same
+    prompt after normalisation (case, width, punctuation, whitespace), a near-duplicate prompt (MinHash), or a
+    shared long n-gram. Each quarantine row names the val/test row it matched."""
+
     enabled: bool = True
+    near_threshold: float | None = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Two prompts are near duplicates when the Jaccard similarity of their character n-grams "
+        "(data.dedup.char_ngram) and that of their word 2-grams (CJK: characters only) both reach this; also "
+        "groups the split (split.group_by: prompt). At 0.8, one word changed in a ten-word question template "
+        "(`... ataxia type 1 ?`, `... type 2 ?`) already counts. null: exact prompts and n-grams only.",
+    )
     ngram: int = Field(13, ge=4, description="n-gram length (words; characters for CJK) that counts as overlap.")
     scope: Literal["prompt", "all"] = Field(
         "prompt",
@@ -78,6 +100,20 @@ class SplitConfig(StrictModel):
     stratify_field: str | None = Field(None, description="Field stratified on (by: stratified).")
     time_field: str | None = Field(None, description="Date field (by: time); the newest rows go to test.")
     seed: int | None = Field(None, description="Split seed (default: the project seed).")
+    group_by: list[str] = Field(
+        default_factory=lambda: ["prompt"],
+        description="Rows that share a group land in the same split. `prompt`: the same prompt after normalisation "
+        "(case, width, punctuation, whitespace) or a near-duplicate one (decontaminate.near_threshold), so a repeated "
+        "question never sits on both sides; any kept field (e.g. `focus`, a document, patient or customer id); "
+        "several are combined (rows linked by any of them stay together). [] or null: every row on its own.",
+    )
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _group_list(cls, value):
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -88,6 +124,28 @@ class SplitConfig(StrictModel):
         if self.by == "time" and not self.time_field:
             raise ValueError("by: time needs time_field")
         return self
+
+
+class GuardConfig(StrictModel):
+    """Checks on the finished split: the stage fails (or warns) instead of quietly shipping a broken one."""
+
+    max_removed: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Largest share of a split (or, before the split, of the rows) that one step after cleaning may "
+        "remove: outliers, unparseable dates, decontamination. data.sample caps are not counted.",
+    )
+    max_ratio_drift: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Largest difference between a split's share of the rows and its share in split.ratios "
+        "(before data.sample caps), e.g. 0.1: a 0.8 train share may come out between 0.7 and 0.9.",
+    )
+    on_violation: Literal["fail", "warn"] = Field(
+        "fail", description="`fail`: the data stage exits non-zero (outputs and report written); `warn`: it goes on."
+    )
 
 
 class DifficultyConfig(StrictModel):
@@ -169,6 +227,7 @@ class DataConfig(StrictModel):
     pii: PiiConfig = Field(default_factory=PiiConfig)
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    guards: GuardConfig = Field(default_factory=GuardConfig)
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Optional per-split row caps.")
     format: Literal["messages", "alpaca", "sharegpt"] = Field("messages", description="Output row format.")

@@ -1,81 +1,156 @@
-"""`decontaminate`: train rows that share a long n-gram with a val/test prompt are dropped.
+"""`decontaminate`: no prompt is trained on and then tested on.
 
-The val/test n-grams are kept (`HeldOut`) so that synthetic train rows are checked against them too.
+Val rows whose prompt repeats a test prompt are dropped, then train rows whose prompt repeats a val or test
+prompt: the same prompt after normalisation, a near-duplicate one, or a shared long n-gram (`overlap.py`).
+Each quarantine row names the val/test row it matched. The val/test index is kept (`HeldOut`) so that
+synthetic train rows (data.augment) are checked against it too.
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
-
 from domaintune.data.config import DecontamConfig
-from domaintune.data.processing import answer_text, prompt_text
+from domaintune.data.overlap import Match, PromptIndex, row_prompt
+from domaintune.data.processing import answer_text
 from domaintune.data.split import Plan
 from domaintune.data.spool import Spooled
-from domaintune.data.text import is_cjk, words
 
-_WS = re.compile(r"\s+")
+STAGE = "decontaminate"
+_TRAIN, _VAL, _TEST = 1, 2, 3
+_BATCH = 2048
+
+
+_RANK = {"exact": 0, "near": 1, "ngram": 2}  # the strongest kind of match names the reason
 
 
 @dataclass
 class HeldOut:
-    """The n-gram hashes of the val/test rows' text (empty when decontamination is off)."""
+    """The val and test prompts that train rows (real or synthetic) must not repeat, one index per split (the
+    very indexes the report's leakage table builds from the written files), and what was dropped."""
 
     cfg: DecontamConfig
-    grams: set[int] = field(default_factory=set)
-    dropped: int = 0  # train rows dropped
+    char_ngram: int = 5
+    indexes: dict[str, PromptIndex] = field(default_factory=dict)  # split -> its prompts
+    before: Counter[str] = field(default_factory=Counter)  # rows per split before decontamination
+    removed: Counter[str] = field(default_factory=Counter)  # rows dropped, per split
+    by_kind: Counter[str] = field(default_factory=Counter)  # rows dropped, per kind of match
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.removed.values())
+
+    def index(self, split: str, entries: list[Entry]) -> None:
+        """The split's prompts (and n-gram texts), to check other rows against."""
+        hasher = next(iter(self.indexes.values())).hasher if self.indexes else None
+        index = PromptIndex(self.cfg.near_threshold, self.cfg.ngram, self.char_ngram, hasher=hasher)
+        index.add([e[1] for e in entries], [e[2] for e in entries], [e[3] for e in entries])
+        self.indexes[split] = index
 
     def text(self, pub: dict[str, Any]) -> str:
-        """The text compared: the prompt, or (scope all) the prompt and the answer."""
-        internal = _internal(pub)
+        """The text of the n-gram check: the prompt, or (scope all) the prompt and the answer."""
         if self.cfg.scope == "prompt":
-            return prompt_text(internal)
-        return prompt_text(internal) + "\n" + answer_text(internal)
+            return row_prompt(pub)
+        return row_prompt(pub) + "\n" + answer_text(_internal(pub))
 
-    def touches(self, pub: dict[str, Any]) -> bool:
-        """Whether the row shares an n-gram with a val/test row."""
-        return bool(self.grams) and not ngram_hashes(self.text(pub), self.cfg.ngram).isdisjoint(self.grams)
+    def matches(self, prompts: list[str], texts: list[str], splits: tuple[str, ...]) -> list[tuple[str, Match] | None]:
+        """Per prompt, the (split, row) of `splits` it repeats, the strongest match first (test before val)."""
+        best: list[tuple[str, Match] | None] = [None] * len(prompts)
+        for split in splits:
+            if split not in self.indexes or not prompts:
+                continue
+            for i, m in enumerate(self.indexes[split].match(prompts, texts)):
+                old = best[i]
+                if m is not None and (old is None or _RANK[m.kind] < _RANK[old[1].kind]):
+                    best[i] = (split, m)
+        return best
+
+    def match(self, pub: dict[str, Any]) -> tuple[str, Match] | None:
+        """The val/test row this row's prompt repeats, if any (synthetic rows are checked one by one)."""
+        return self.matches([row_prompt(pub)], [self.text(pub)], ("test", "val"))[0]
+
+    def reason(self, found: tuple[str, Match]) -> str:
+        """The quarantine reason for a row that matched (its text up to " (" is what the report counts)."""
+        split, m = found
+        if m.kind == "exact":
+            return f"prompt repeats a {split} prompt (the same after normalising case, width, punctuation, spaces)"
+        if m.kind == "near":
+            return f"prompt near-duplicates a {split} prompt (similarity {m.similarity} >= {self.cfg.near_threshold})"
+        what = "prompt" if self.cfg.scope == "prompt" else "row"
+        return f"shares a {self.cfg.ngram}-gram with a {split} {what}"
+
+    @staticmethod
+    def detail(found: tuple[str, Match]) -> dict[str, Any]:
+        """The quarantine fields naming the matched row."""
+        split, m = found
+        return {
+            "matched_id": m.matched_id,
+            "matched_split": split,
+            "match": m.kind,
+            "similarity": m.similarity if m.kind != "ngram" else None,
+        }
 
     def report(self) -> dict[str, Any]:
         c = self.cfg
-        return {"enabled": c.enabled, "ngram": c.ngram, "scope": c.scope, "dropped": self.dropped}
+        return {
+            "enabled": c.enabled,
+            "near_threshold": c.near_threshold,
+            "ngram": c.ngram,
+            "scope": c.scope,
+            "dropped": self.dropped,
+            "by_split": {s: self.removed[s] for s in ("train", "val")},
+            "by_kind": dict(self.by_kind),
+            "before": dict(self.before),
+        }
 
 
-def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig) -> HeldOut:
-    """Collects the val/test n-grams, then drops the train rows that share one."""
-    held = HeldOut(cfg)
+Entry = tuple[int, str, str, str]  # (spooled row, row id, prompt, text of the n-gram check)
+
+
+def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig, char_ngram: int = 5) -> HeldOut:
+    """Drops val rows that repeat a test prompt, then train rows that repeat a val or test prompt."""
+    held = HeldOut(cfg, char_ngram)
     if not cfg.enabled or not plan.assign.any():
         return held
+    val: list[Entry] = []
+    test: list[Entry] = []
     for i, item in rows.read():
-        if i not in plan.dropped and plan.assign[i] in (2, 3):
-            held.grams |= ngram_hashes(held.text(item["row"]), cfg.ngram)
-    if not held.grams:
-        return held
-    contaminated = [
-        i for i, item in rows.read() if i not in plan.dropped and plan.assign[i] == 1 and held.touches(item["row"])
-    ]
-    for i in contaminated:
-        plan.dropped[i] = ("decontaminate", f"shares a {cfg.ngram}-gram with a val/test prompt")
-    held.dropped = len(contaminated)
+        if plan.assign[i] in (_VAL, _TEST) and i not in plan.dropped:
+            (val if plan.assign[i] == _VAL else test).append(_entry(held, i, item["row"]))
+    held.before.update(val=len(val), test=len(test))
+    held.index("test", test)
+    _drop_matches(plan, held, val, "val", ("test",))
+    held.index("val", [e for e in val if e[0] not in plan.dropped])
+    batch: list[Entry] = []
+    for i, item in rows.read():
+        if plan.assign[i] == _TRAIN and i not in plan.dropped:
+            held.before["train"] += 1
+            batch.append(_entry(held, i, item["row"]))
+            if len(batch) >= _BATCH:
+                _drop_matches(plan, held, batch, "train", ("test", "val"))
+                batch = []
+    _drop_matches(plan, held, batch, "train", ("test", "val"))
     return held
 
 
-def ngram_hashes(text: str, n: int) -> set[int]:
-    """Hashes of the text's character n-grams (CJK, whitespace removed) or word n-grams."""
-    if is_cjk(text):
-        compact = _WS.sub("", text)
-        grams = [compact[i : i + n] for i in range(len(compact) - n + 1)]
-    else:
-        toks = words(text)
-        grams = [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
-    return {xxhash.xxh64_intdigest(g.encode()) for g in grams}
+def _entry(held: HeldOut, i: int, pub: dict[str, Any]) -> Entry:
+    return i, pub["id"], row_prompt(pub), held.text(pub)
+
+
+def _drop_matches(plan: Plan, held: HeldOut, entries: list[Entry], split: str, against: tuple[str, ...]) -> None:
+    found = held.matches([e[2] for e in entries], [e[3] for e in entries], against)
+    for (i, _, _, _), hit in zip(entries, found):
+        if hit is not None:
+            plan.dropped[i] = (STAGE, held.reason(hit))
+            plan.detail[i] = held.detail(hit)
+            held.removed[split] += 1
+            held.by_kind[hit[1].kind] += 1
 
 
 def _internal(pub: dict[str, Any]) -> dict[str, Any]:
-    """Public (spooled) row → the internal shape that prompt_text understands."""
+    """Public (spooled) row → the internal shape that answer_text understands."""
     if "messages" in pub:
         return {"kind": "messages", "messages": pub["messages"]}
     if "text" in pub and "instruction" not in pub:

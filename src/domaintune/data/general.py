@@ -4,8 +4,10 @@ pool (data/general.jsonl) and the retention holdout (data/general_holdout.jsonl)
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from domaintune.data.config import GeneralConfig
@@ -33,6 +35,7 @@ def build_general(gc: GeneralConfig, fmt: str, layout: RunLayout, ledger: Ledger
     """Writes the replay pool and the holdout; returns the report section."""
     if not gc.path.exists():
         raise UserError(f"data.general.path: {gc.path} not found")
+    gc = gc.model_copy(update={"path": Path(os.path.normpath(gc.path))})  # no `proj/../data` in the report
     tasks = _read_tasks(gc, ledger)
     rows = tasks.rows
     keep = set(range(len(rows)))

@@ -78,10 +78,17 @@ class MinHasher:
     """
 
     def __init__(
-        self, num_perm: int = 128, char_ngram: int = 5, word_ngram: int = 3, seed: int = 1, algorithm: str = "oph"
+        self,
+        num_perm: int = 128,
+        char_ngram: int = 5,
+        word_ngram: int = 3,
+        seed: int = 1,
+        algorithm: str = "oph",
+        chars_only: bool = False,
     ):
         if algorithm not in ("oph", "kperm"):
             raise ValueError(f"unknown MinHash algorithm {algorithm!r} (oph or kperm)")
+        self.chars_only = chars_only  # character n-grams for every text, not only CJK
         self.num_perm = num_perm
         self.char_ngram = char_ngram
         self.word_ngram = word_ngram
@@ -154,7 +161,7 @@ class MinHasher:
     def shingle_hashes_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All (mixed, seeded) shingle hashes of a batch and the document index of each."""
         cps, lengths, doc = self._codepoints(texts)
-        flags = self.cjk_flags_from(cps, lengths, doc)
+        flags = np.ones(len(texts), dtype=bool) if self.chars_only else self.cjk_flags_from(cps, lengths, doc)
         hashes, owners = [], []
         if flags.all():
             h, o = self._char_shingles_batch(cps, lengths, doc)

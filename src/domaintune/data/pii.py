@@ -34,7 +34,12 @@ _MOBILE_RE = re.compile(r"(?<![\d+])(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(
 _INTL_PHONE_RE = re.compile(
     r"(?<![\w+])(?:\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
     r"|\+[1-9]\d{0,2}[ .-]\d{2,5}[ .-]\d{5,8}"
-    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}|0\d{1,3}-\d{3,4}-\d{4})(?![\w-])"
+    r"|(?:1[ .-]?)?\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|(?:1[ .-])?\d{3}[.-]\d{3}[.-]\d{4}|0\d{1,3}-\d{3,4}-\d{4})(?![\w-])"
+)
+# North American toll-free numbers spelled with letters (1-800-CDC-INFO, 1-888-FLOWERS): the whole number,
+# not `1-[PHONE]`; the digit forms (1-800-232-4636) are North American numbers above.
+_TOLL_FREE_RE = re.compile(
+    r"(?<![\w+])(?:\+?1[ .-])?\(?8(?:00|33|44|55|66|77|88)\)?[ .-](?=[A-Z0-9-]*[A-Z])[A-Z0-9]{3}-?[A-Z0-9]{4}(?![\w-])"
 )
 _LANDLINE_RE = re.compile(r"(?<![\d-])(?:\(0\d{2,3}\)\s?|0\d{2,3}[- ])[2-9]\d{6,7}(?:-\d{1,5})?(?!\d)")
 _IPV4_RE = re.compile(
@@ -97,13 +102,14 @@ def redact_pii(text: str, types: tuple[str, ...] | list[str] | None = None) -> t
     """Replace PII with typed placeholders; returns the new text and counts per type.
 
     Types: url, email, id_card (18-digit resident ID, check digit validated), bank_card (16-19
-    digits, Luhn validated), phone (Chinese mobile, international +CC and North American 3-3-4),
+    digits, Luhn validated), phone (Chinese mobile, international +CC, North American 3-3-4 with or without
+    the leading 1, toll-free numbers spelled with letters),
     landline, ipv4.
     """
     wanted = ALL_TYPES if types is None else tuple(types)
     counts: Counter = Counter()
     # cheap gates: most texts have no long digit run, no '@' and no URL marker
-    if not _DIGITS_RE.search(text):
+    if not _DIGITS_RE.search(text) and not _TOLL_FREE_RE.search(text):
         wanted = tuple(t for t in wanted if t not in _NUMERIC)
     if "@" not in text:
         wanted = tuple(t for t in wanted if t != "email")
@@ -121,6 +127,7 @@ def redact_pii(text: str, types: tuple[str, ...] | list[str] | None = None) -> t
         text = _sub(_CARD_RE, "bank_card", text, counts, _card_ok)
     if "phone" in wanted:
         text = _sub(_MOBILE_RE, "phone", text, counts)
+        text = _sub(_TOLL_FREE_RE, "phone", text, counts)
         text = _sub(_INTL_PHONE_RE, "phone", text, counts)
     if "landline" in wanted:
         text = _sub(_LANDLINE_RE, "landline", text, counts)

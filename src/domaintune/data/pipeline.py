@@ -1,8 +1,9 @@
 """`run_data`: the data stage, as its steps in order.
 
-sources → read and clean (normalise, PII, filters, exact and near dedup) → length outliers → split →
-difficulty → sample val/test → decontaminate train → sample train → write the splits (+ augment) →
-general set → report.
+sources → read and clean (normalise, PII, filters, exact and near dedup) → length outliers → groups (rows
+that must share a split) → split → difficulty → sample val/test → decontaminate (val against test, train
+against both) → sample train → write the splits (+ augment) → general set → leakage table and guards →
+report; a split that fails its guards (`guards.py`) fails the stage after the report is written.
 
 Memory: records stream from the readers through bounded batches (worker processes when
 `workers > 1`); rows that survive the per-row stages are spooled to disk, and only small
@@ -19,15 +20,18 @@ from domaintune.data.clean import read_and_clean
 from domaintune.data.config import DataConfig
 from domaintune.data.decontaminate import decontaminate
 from domaintune.data.general import build_general
+from domaintune.data.groups import find_groups
+from domaintune.data.guards import check_guards, enforce
 from domaintune.data.ledger import Ledger
+from domaintune.data.overlap import leakage_table
 from domaintune.data.readers import source_name
 from domaintune.data.report import write_html_report
 from domaintune.data.split import Plan, assign_difficulty, drop_outliers, sample, split
 from domaintune.data.spool import spool_file
-from domaintune.data.summary import build_report
+from domaintune.data.summary import SplitChecks, build_report
 from domaintune.data.write import write_splits
 from domaintune.errors import UserError
-from domaintune.layout import RunLayout
+from domaintune.layout import SPLIT_NAMES, RunLayout
 from domaintune.utils.io import write_json
 
 if TYPE_CHECKING:
@@ -48,25 +52,34 @@ def run_data(
 
         plan = Plan(len(rows), seed)
         drop_outliers(plan, rows, dc.filters.outlier_sigma)
-        split(plan, rows, dc.split)
+        near = dc.decontaminate.near_threshold
+        groups = find_groups(plan, rows, dc.split.group_by, near, dc.dedup.char_ngram)
+        split(plan, rows, dc.split, groups.root)
         assign_difficulty(plan, rows, dc.difficulty)
         stratified = dc.split.by == "stratified"
         sample(plan, rows, "val", dc.sample.val, stratified)
         sample(plan, rows, "test", dc.sample.test, stratified)
-        held = decontaminate(plan, rows, dc.decontaminate)  # before the train cap: it drops train rows
+        held = decontaminate(plan, rows, dc.decontaminate, dc.dedup.char_ngram)  # before the train cap
         sample(plan, rows, "train", dc.sample.train, stratified)
 
         heads = set(cleaning.dedup.clusters)
         written = write_splits(cfg, layout, rows, plan, ledger, held, heads, progress)
         general = build_general(dc.general, dc.format, layout, ledger, seed) if dc.general is not None else None
 
-        report = build_report(cfg, layout, workers, ledger, cleaning, plan, held, written, general)
+        files = {s: layout.split_file(s) for s in SPLIT_NAMES}
+        checks = SplitChecks(
+            groups.report([i for i in range(plan.n) if plan.assign[i]]),
+            leakage_table(files, near_threshold=near, char_ngram=dc.dedup.char_ngram),
+            check_guards(dc, plan, held, groups, written.sizes, ledger),
+        )
+        report = build_report(cfg, layout, workers, ledger, cleaning, plan, held, written, general, checks)
         ledger.check(
             general=sum(general["dropped"].values()) if general else 0,
             augment=written.augment["quarantined"] if written.augment else 0,
         )
     write_json(layout.data_report, report)
     write_html_report(report, layout.data_report_html, cleaning.input_lengths, written.lengths, written.answer_lengths)
+    enforce(checks.findings, dc.guards.on_violation, str(layout.data_report_html))
     return report
 
 
@@ -82,6 +95,11 @@ def validate_sources(dc: DataConfig, workers: int) -> None:
     for key, value in (("stratify_field", dc.split.stratify_field), ("time_field", dc.split.time_field)):
         if value and dc.split.by in ("stratified", "time") and value not in keep_names:
             raise UserError(f"data.split.{key}: {value!r} is not kept by any source (add it to sources[*].keep)")
+    for name in dc.split.group_by:
+        if name != "prompt" and name not in keep_names:
+            raise UserError(
+                f"data.split.group_by: {name!r} is neither `prompt` nor kept by any source (add it to sources[*].keep)"
+            )
     if dc.difficulty.enabled and dc.difficulty.by != "length" and dc.difficulty.by not in keep_names:
         raise UserError(f"data.difficulty.by: {dc.difficulty.by!r} is neither `length` nor a kept field")
     if dc.engine == "ray" and workers > 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 import xxhash
 
-from domaintune.data.config import DataConfig
+from domaintune.data.config import DataConfig, NormaliseConfig
 from domaintune.data.formats import qa_to_messages, sharegpt_to_messages, validate_messages
 from domaintune.data.minhash import MinHasher
 from domaintune.data.pii import redact_pii
@@ -141,6 +141,15 @@ def map_record(rec: Record, src: SourceConfig, row_id: str) -> dict[str, Any]:
         if ref in data:
             row["extra"][name] = _json_safe(data[ref])
     return row
+
+
+def normalise(text: str, n: NormaliseConfig) -> str:
+    """`text` normalised as data.normalise says (rows, and the system prompt by the same rule)."""
+    if not n.enabled:
+        return text
+    return normalise_text(
+        text, nfkc=n.nfkc, width=n.width, html_clean=n.html, control_chars=n.control_chars, whitespace=n.whitespace
+    )
 
 
 def text_fields(row: dict[str, Any]) -> list[str]:
@@ -301,14 +310,8 @@ class RowProcessor:
         src = self.sources[rec.source]
         row = map_record(rec, src, row_id)
         info: dict[str, Any] = {"normalised": False, "pii": {}}
-        n = self.cfg.normalise
-        if n.enabled:
-            info["normalised"] = _apply(
-                row,
-                lambda s: normalise_text(
-                    s, nfkc=n.nfkc, html_clean=n.html, control_chars=n.control_chars, whitespace=n.whitespace
-                ),
-            )
+        if self.cfg.normalise.enabled:
+            info["normalised"] = _apply(row, lambda s: normalise(s, self.cfg.normalise))
         if self.cfg.pii.enabled:
             counts: Counter = Counter()
 

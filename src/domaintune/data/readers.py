@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domaintune.data.csv_records import csv_records
 from domaintune.data.source_config import SourceConfig
+from domaintune.data.xml_records import xml_records
 from domaintune.errors import UserError
 
 _EXT_READERS = {
@@ -67,7 +70,7 @@ def reader_for(src: SourceConfig, path: Path | None) -> str:
 
 
 def source_files(src: SourceConfig) -> list[Path]:
-    path = Path(src.path)  # type: ignore[arg-type]
+    path = Path(os.path.normpath(src.path))  # type: ignore[arg-type]  # no `proj/../data` in the report
     if path.is_dir():
         registry = path / "dataset_info.json"
         if src.reader == "dataset_info" or (src.reader == "auto" and src.glob == "**/*" and registry.exists()):
@@ -92,35 +95,44 @@ def source_files(src: SourceConfig) -> list[Path]:
 def detect_encoding(path: Path, sample_size: int = 1 << 20) -> str:
     """UTF-8 (with or without BOM) when the sample decodes as such, else charset-normalizer's guess.
 
-    GB2312/GBK guesses are widened to GB18030, their superset.
+    A sample that stops before the end of the file is cut back to its last line break first, so that a
+    multi-byte character split by the sample boundary cannot spoil the guess (then up to 3 more bytes are
+    tried off its end, for a sample without a line break). GB2312/GBK guesses are widened to GB18030.
     """
     with path.open("rb") as handle:
-        sample = handle.read(sample_size)
+        sample = handle.read(sample_size + 1)
     if sample.startswith(b"\xef\xbb\xbf"):
         return "utf-8-sig"
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "utf-16"
-    trimmed = sample
-    try:
-        trimmed.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError as exc:
-        # a multibyte character cut by the sample boundary is not an error
-        if exc.start >= len(sample) - 4 and len(sample) == sample_size:
-            try:
-                sample[: exc.start].decode("utf-8")
-                return "utf-8"
-            except UnicodeDecodeError:
-                pass
+    candidates = [sample]
+    if len(sample) > sample_size:  # cut by the sample boundary
+        sample = sample[:sample_size]
+        cut = sample.rfind(b"\n")
+        candidates = [sample[: cut + 1]] if cut > 0 else []
+        candidates += [sample[: len(sample) - k] for k in range(4)]
+    encoding = _guess(candidates)
+    if encoding is None:
+        raise UserError(f"{path}: cannot detect the text encoding; set `encoding:` on this source")
+    return encoding
+
+
+def _guess(candidates: list[bytes]) -> str | None:
+    """The first encoding found for one of the samples, in order."""
     from charset_normalizer import from_bytes
 
-    best = from_bytes(sample).best()
-    if best is None:
-        raise UserError(f"{path}: cannot detect the text encoding; set `encoding:` on this source")
-    enc = best.encoding.lower().replace("-", "_")
-    if enc in ("gb2312", "gbk", "cp936", "hz", "gb18030"):
-        return "gb18030"
-    return best.encoding
+    for sample in candidates:
+        try:
+            sample.decode("utf-8")
+            return "utf-8"
+        except UnicodeDecodeError:
+            pass
+    for sample in candidates:
+        best = from_bytes(sample).best()
+        if best is not None:
+            enc = best.encoding.lower().replace("-", "_")
+            return "gb18030" if enc in ("gb2312", "gbk", "cp936", "hz", "gb18030") else best.encoding
+    return None
 
 
 def _snippet(raw: bytes | str, limit: int = 300) -> str:
@@ -148,39 +160,30 @@ def _decoded_lines(path: Path, encoding: str, bad: list, where: dict) -> Iterato
 
 
 def read_csv(path: Path, src: SourceConfig, name: str, delimiter: str) -> Iterator[Record]:
+    """One record per CSV record (`csv_records`: a broken quote costs its own record only), located by the line
+    the record starts on; the first record is the header."""
     encoding = src.encoding or detect_encoding(path)
-    bad: list = []
-    where = {"line": 0}
-    reader = csv.reader(_decoded_lines(path, encoding, bad, where), delimiter=delimiter)
     header: list[str] | None = None
-    try:
-        for row in reader:
-            while bad:
-                line_no, raw, why = bad.pop(0)
-                yield Record(name, str(path), f"line {line_no}", error=why, raw=_snippet(raw))
+    file = str(path)
+    for rec in csv_records(path, encoding, delimiter, src.max_record_lines):
+        loc = f"line {rec.line}"
+        if rec.fields is None:
             if header is None:
-                if not row:
-                    continue
+                raise UserError(f"{path}: {loc}: the header row cannot be read: {rec.error}")
+            yield Record(name, file, loc, error=rec.error, raw=_snippet(rec.raw))
+            continue
+        row = rec.fields
+        if header is None:
+            if row:
                 header = [h.strip() for h in row]
-                continue
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            loc = f"line {where['line']}"
-            if len(row) != len(header):
-                yield Record(
-                    name,
-                    str(path),
-                    loc,
-                    error=f"wrong column count: expected {len(header)}, got {len(row)}",
-                    raw=_snippet(delimiter.join(row)),
-                )
-                continue
-            yield Record(name, str(path), loc, data=dict(zip(header, row)))
-    except csv.Error as exc:
-        yield Record(name, str(path), f"line {where['line']}", error=f"CSV parse error: {exc}", raw="")
-    while bad:
-        line_no, raw, why = bad.pop(0)
-        yield Record(name, str(path), f"line {line_no}", error=why, raw=_snippet(raw))
+            continue
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != len(header):
+            error = f"wrong column count: expected {len(header)}, got {len(row)}"
+            yield Record(name, file, loc, error=error, raw=_snippet(delimiter.join(row)))
+            continue
+        yield Record(name, file, loc, data=dict(zip(header, row)))
     if header is None:
         raise UserError(f"{path}: empty file (no header row)")
 
@@ -258,7 +261,7 @@ def read_json(path: Path, src: SourceConfig, name: str, kind: str = "table") -> 
         records = [records]
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a list of records (set json_records to the key holding it)")
-    for i, obj in enumerate(records):
+    for i, obj in enumerate(records, start=1):
         loc = f"record {i}"
         if not isinstance(obj, dict):
             yield Record(
@@ -352,27 +355,29 @@ def _xpath_text(node, path: str) -> str | None:
 
 
 def read_xml(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:
+    """One record per element `record_path` selects; in a malformed file each record is parsed on its own, so
+    a broken one costs only itself (`xml_records`)."""
     from lxml import etree
 
+    paths = xml_paths(src)
+    file = str(path)
     try:
-        tree = etree.parse(str(path), etree.XMLParser(resolve_entities=False, huge_tree=True))
-    except (etree.XMLSyntaxError, OSError) as exc:
-        yield Record(name, str(path), "file", error=f"invalid XML: {exc}", raw="")
-        return
-    root = tree.getroot()
-    try:
-        nodes = root.xpath(src.record_path)
+        for i, rec in enumerate(xml_records(path, src.record_path or ""), start=1):
+            where = f"line {rec.line}" if rec.line is not None else "the file"
+            if rec.node is None:
+                yield Record(name, file, f"record {i} ({where})" if rec.line else "file", error=rec.error, raw=rec.raw)
+                continue
+            data = {}
+            for p in paths:
+                try:
+                    data[p] = _xpath_text(rec.node, p)
+                except etree.XPathError as exc:
+                    raise UserError(f"{path}: field path {p!r}: invalid XPath ({exc})") from None
+            yield Record(name, file, f"record {i} ({where})", data=data)
     except etree.XPathError as exc:
         raise UserError(f"record_path {src.record_path!r}: invalid XPath ({exc})") from None
-    paths = xml_paths(src)
-    for i, node in enumerate(nodes, start=1):
-        data = {}
-        for p in paths:
-            try:
-                data[p] = _xpath_text(node, p)
-            except etree.XPathError as exc:
-                raise UserError(f"{path}: field path {p!r}: invalid XPath ({exc})") from None
-        yield Record(name, str(path), f"record {i} (line {node.sourceline})", data=data)
+    except OSError as exc:
+        yield Record(name, file, "file", error=f"unreadable XML: {exc}", raw="")
 
 
 def read_pdf(path: Path, src: SourceConfig, name: str) -> Iterator[Record]:

@@ -1,4 +1,5 @@
-"""data/report.html: funnel, drop reasons, PII, duplicate clusters, length histograms, split sizes."""
+"""data/report.html: funnel, drop reasons, PII, duplicate clusters, length histograms, split sizes, groups,
+decontamination, the leakage table and the guards."""
 
 from __future__ import annotations
 
@@ -155,18 +156,31 @@ clusters: {{ r.dedup.clusters }} · largest: {{ r.dedup.largest_cluster }} rows.
 <table><tr><th></th><th>count</th><th>mean</th><th>std</th><th>p5</th><th>median</th><th>p95</th><th>max</th></tr>
 {% for k, v in r.lengths.items() %}<tr><td>{{ k }}</td><td>{{ v.count }}</td><td>{{ v.mean }}</td><td>{{ v.std }}</td><td>{{ v.p5 }}</td><td>{{ v.median }}</td><td>{{ v.p95 }}</td><td>{{ v.max }}</td></tr>{% endfor %}
 </table>
-{% if r.outliers %}<p>Outlier bounds: mean {{ r.outliers.mean }} ± k·σ ({{ r.outliers.std }}) → [{{ r.outliers.low }}, {{ r.outliers.high }}] characters.</p>{% endif %}
+{% if r.outliers %}<p>Outlier bounds: mean {{ r.outliers.mean }} ± k·σ ({{ r.outliers.std }}) → [{{ r.outliers.low }}, {{ r.outliers.high }}] characters{% if not r.outliers.low %} (no lower bound: mean − k·σ is below 0){% endif %}.</p>{% endif %}
 
 <h2>Split</h2>
-<p>By <b>{{ r.split.by }}</b>{% if r.split.field %} on <code>{{ r.split.field }}</code>{% endif %}, ratios {{ r.split.ratios }}, seed {{ r.split.seed }}.
-Sizes: {% for k, v in r.split.sizes.items() %}{{ k }} {{ v }} {% endfor %}(before sampling: {% for k, v in r.split.sizes_before_sampling.items() %}{{ k }} {{ v }} {% endfor %}).
-Decontamination ({{ r.decontaminate.ngram }}-grams): {{ r.decontaminate.dropped }} train rows dropped.</p>
+<p>By <b>{{ r.split.by }}</b>{% if r.split.field %} on <code>{{ r.split.field }}</code>{% endif %}, ratios {{ r.split.ratios|join(" : ") }}, seed {{ r.split.seed }}.
+Sizes: {% for k, v in r.split.sizes.items() %}{{ k }} {{ v }} {% endfor %}{% if sampled %}(before the data.sample caps: {% for k, v in r.split.sizes_before_sampling.items() %}{{ k }} {{ v }} {% endfor %}){% endif %}.</p>
+{% set g = r.split.groups %}{% if g.by %}<p>Rows that share a group stay in one split (group_by {{ g.by|join(", ") }}): {{ g.groups }} groups,
+{{ g.rows_in_shared_groups }} rows share a group with another row, the largest holds {{ g.largest }}{% if g.links %} (links: {% for k, v in g.links.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}){% endif %}.</p>{% else %}<p>No grouping (data.split.group_by is empty): every row is placed on its own.</p>{% endif %}
+{% set d = r.decontaminate %}<p>Decontamination{% if d.enabled %}: {{ d.dropped }} rows dropped (train {{ d.by_split.train }}, val {{ d.by_split.val }}{% for k, v in d.by_kind.items() %}; {{ k }} {{ v }}{% endfor %}):
+prompts equal after normalisation, near duplicates{% if d.near_threshold %} (similarity ≥ {{ d.near_threshold }}){% endif %}, or sharing a {{ d.ngram }}-gram ({{ d.scope }}); each quarantine row names the row it matched.{% else %} off.{% endif %}</p>
+<h3>Leakage: prompts shared between splits, after the stage</h3>
+<table><tr><th>rows of</th><th>repeating a prompt of</th><th>rows</th><th>exact</th><th>near{% if r.leakage.near_threshold %} (≥ {{ r.leakage.near_threshold }}){% endif %}</th></tr>
+{% for p in r.leakage.pairs %}<tr><td>{{ p.split }}</td><td>{{ p.against }}</td><td>{{ p.rows }}</td>
+<td class="{{ 'bad' if p.exact else 'ok' }}">{{ p.exact }}</td><td class="{{ 'bad' if p.near else 'ok' }}">{{ p.near }}</td></tr>{% endfor %}
+</table>
+<h3>Checks</h3>
+{% if r.guards.violations %}<ul>{% for v in r.guards.violations %}<li class="bad">{{ v.message }}</li>{% endfor %}</ul>
+<p class="small">data.guards.on_violation: {{ r.guards.on_violation }}</p>{% else %}<p class="ok">All checks passed: no step after cleaning removed more than {{ '%.0f' % (100 * r.guards.max_removed) }}% of a split, every split is within {{ '%.0f' % (100 * r.guards.max_ratio_drift) }} points of its configured share, none is empty.</p>{% endif %}
 {% if plots.strata %}<img src="data:image/png;base64,{{ plots.strata }}">{% endif %}
 <table><tr><th>#</th><th>stratum</th><th>train</th><th>val</th><th>test</th></tr>
 {% for k in strata %}<tr><td>{{ loop.index }}</td><td>{{ k }}</td><td>{{ r.split.per_stratum.train.get(k, 0) }}</td><td>{{ r.split.per_stratum.val.get(k, 0) }}</td><td>{{ r.split.per_stratum.test.get(k, 0) }}</td></tr>{% endfor %}
 </table>
-{% if r.split.difficulty_tiers %}<p>Difficulty tiers by {{ r.split.difficulty_tiers.by }}: easy ≤ {{ '%.0f' % r.split.difficulty_tiers.easy_max }} < medium ≤ {{ '%.0f' % r.split.difficulty_tiers.medium_max }} < hard.
-{% for s, d in r.split.difficulty.items() %}{{ s }}: {{ d }} {% endfor %}</p>{% endif %}
+{% if r.split.difficulty_tiers %}{% set t = r.split.difficulty_tiers %}<p>Difficulty tiers by {{ t.by }}: easy ≤ {{ '%.0f' % t.easy_max }} &lt; medium ≤ {{ '%.0f' % t.medium_max }} &lt; hard.</p>
+<table><tr><th>split</th><th>easy</th><th>medium</th><th>hard</th></tr>
+{% for s, d in r.split.difficulty.items() %}<tr><td>{{ s }}</td><td>{{ d.get("easy", 0) }}</td><td>{{ d.get("medium", 0) }}</td><td>{{ d.get("hard", 0) }}</td></tr>{% endfor %}
+</table>{% endif %}
 
 {% if r.general %}<h2>General set (replay / forgetting)</h2>
 <p><code>{{ r.general.path }}</code>: {{ r.general.input }} instances → {{ r.general.written }} rows: {{ r.general.replay_rows }} in general.jsonl (replay pool), {{ r.general.holdout_rows }} from {{ r.general.holdout_tasks }} held-out tasks in general_holdout.jsonl (retention check; never replayed); dropped {{ r.general.dropped }}.</p>{% endif %}
@@ -193,6 +207,7 @@ Cache: <code>{{ r.augment.cache }}</code>.</p>
 def write_html_report(report: dict[str, Any], path: Path, input_lengths, kept_lengths, kept_answer_lengths) -> None:
     plots = _plots(report, input_lengths, kept_lengths, kept_answer_lengths)
     strata = sorted({k for s in report["split"]["per_stratum"].values() for k in s})
-    html = _TEMPLATE.render(r=report, plots=plots, strata=strata)
+    sampled = any(v is not None for v in report["sample"].values())
+    html = _TEMPLATE.render(r=report, plots=plots, strata=strata, sampled=sampled)
     with atomic_write(path) as fh:
         fh.write(html)

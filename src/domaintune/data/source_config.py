@@ -56,6 +56,13 @@ class SourceConfig(StrictModel):
     reader: ReaderName = Field("auto", description="Reader; `auto` picks by file extension.")
     encoding: str | None = Field(None, description="Text encoding; default: auto-detected (charset-normalizer).")
     delimiter: str | None = Field(None, description="CSV delimiter (default `,`; `\\t` for tsv).")
+    max_record_lines: int = Field(
+        100,
+        ge=1,
+        description="CSV/TSV: most lines one record may span (quoted fields with line breaks). A longer record, or "
+        "one that reaches the end of the file inside quotes (an unbalanced quote), is quarantined at its first line "
+        "and reading goes on with the next line.",
+    )
     sheet: str | int | None = Field(None, description="Excel sheet name or index (default: the first).")
     record_path: str | None = Field(
         None, description="XML: XPath of one record relative to the root (e.g. `.//QAPair`)."

@@ -34,6 +34,7 @@ class Plan:
     assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test
     difficulty: np.ndarray = field(init=False)  # index into TIERS
     dropped: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (stage, reason)
+    detail: dict[int, dict[str, Any]] = field(default_factory=dict)  # row -> extra quarantine fields of its drop
     outliers: dict[str, Any] | None = None  # the length bounds, when outliers were looked for
     tiers: dict[str, Any] | None = None  # the difficulty quantiles, when tiers were given
     before_sampling: Counter[str] = field(default_factory=Counter)  # rows per split
@@ -53,28 +54,39 @@ def drop_outliers(plan: Plan, rows: Spooled, sigma: float | None) -> None:
     lengths = np.asarray(rows.length, dtype=np.float64)
     mu, sd = float(lengths.mean()), float(lengths.std())
     lo, hi = mu - sigma * sd, mu + sigma * sd
-    plan.outliers = {"mean": round(mu, 1), "std": round(sd, 1), "low": round(lo, 1), "high": round(hi, 1)}
+    # a length is never negative: a bound below 0 means no row is a short outlier
+    plan.outliers = {"mean": round(mu, 1), "std": round(sd, 1), "low": round(max(lo, 0.0), 1), "high": round(hi, 1)}
     if sd > 0:
         for i in np.nonzero((lengths < lo) | (lengths > hi))[0].tolist():
             side = "long" if lengths[i] > hi else "short"
             plan.dropped[i] = ("outlier", f"length {side} outlier (>{sigma}σ from mean {mu:.0f})")
 
 
-def split(plan: Plan, rows: Spooled, sp: SplitConfig) -> None:
-    """train/val/test by the ratios: by time (newest last), or shuffled per stratum (one stratum: random)."""
+def split(plan: Plan, rows: Spooled, sp: SplitConfig, root: np.ndarray | None = None) -> None:
+    """train/val/test by the ratios: by time (newest last), or shuffled per stratum (one stratum: random).
+    Whole groups are placed (`root`: per row the first row of its group, from `groups.find_groups`)."""
     alive = [i for i in range(plan.n) if i not in plan.dropped]
+    root = np.arange(plan.n) if root is None else root
     if sp.by == "time":
-        _place(plan, _by_time(plan, rows, alive, sp), sp.ratios)
+        _place(plan, _grouped(_by_time(plan, rows, alive, sp), root), sp.ratios)
     else:
         names = rows.stratum_names()
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i in alive:
-            groups[names[rows.stratum[i]] if sp.by == "stratified" else ""].append(i)
-        for key in sorted(groups):
-            members = groups[key]
+        strata: dict[str, list[list[int]]] = defaultdict(list)
+        for group in _grouped(alive, root):  # a group counts in the stratum of its first row
+            strata[names[rows.stratum[group[0]]] if sp.by == "stratified" else ""].append(group)
+        for key in sorted(strata):
+            groups = strata[key]
             rng = seeded_rng(plan.seed, key)
-            _place(plan, [members[j] for j in rng.permutation(len(members))], sp.ratios)
+            _place(plan, [groups[j] for j in rng.permutation(len(groups))], sp.ratios)
     plan.before_sampling = Counter({s: int((plan.assign == k + 1).sum()) for k, s in enumerate(SPLIT_NAMES)})
+
+
+def _grouped(ordered: list[int], root: np.ndarray) -> list[list[int]]:
+    """The rows as groups, in the order of each group's first row in `ordered`."""
+    groups: dict[int, list[int]] = {}
+    for i in ordered:
+        groups.setdefault(int(root[i]), []).append(i)
+    return list(groups.values())
 
 
 def _by_time(plan: Plan, rows: Spooled, alive: list[int], sp: SplitConfig) -> list[int]:
@@ -92,10 +104,15 @@ def _by_time(plan: Plan, rows: Spooled, alive: list[int], sp: SplitConfig) -> li
     return [i for _, i in good]
 
 
-def _place(plan: Plan, ordered: list[int], ratios: list[float]) -> None:
-    n_train, n_val, _ = split_counts(len(ordered), ratios)
-    for k, i in enumerate(ordered):
-        plan.assign[i] = 1 if k < n_train else (2 if k < n_train + n_val else 3)
+def _place(plan: Plan, groups: list[list[int]], ratios: list[float]) -> None:
+    """Each group into the split where its middle row falls when the groups are laid end to end (rows on their
+    own: exactly the first n_train rows to train, the next n_val to val)."""
+    n_train, n_val, _ = split_counts(sum(len(g) for g in groups), ratios)
+    pos = 0
+    for group in groups:
+        middle = pos + len(group) / 2
+        plan.assign[group] = 1 if middle < n_train else (2 if middle < n_train + n_val else 3)
+        pos += len(group)
 
 
 def split_counts(n: int, ratios: list[float]) -> tuple[int, int, int]:
@@ -117,7 +134,7 @@ def assign_difficulty(plan: Plan, rows: Spooled, dc: DifficultyConfig) -> None:
     valid = ~np.isnan(scores)
     if valid.any():
         q1, q2 = np.quantile(scores[valid], [1 / 3, 2 / 3])
-        plan.tiers = {"by": dc.by, "easy_max": float(q1), "medium_max": float(q2)}
+        plan.tiers = {"by": dc.by, "easy_max": round(float(q1), 1), "medium_max": round(float(q2), 1)}
         tier = np.where(all_scores <= q1, 1, np.where(all_scores <= q2, 2, 3)).astype(np.int8)
         tier[np.isnan(all_scores) | ~placed] = 0
         plan.difficulty = tier

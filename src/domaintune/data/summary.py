@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from domaintune.data.clean import Cleaning
 from domaintune.data.decontaminate import HeldOut
+from domaintune.data.guards import Finding
 from domaintune.data.ledger import Ledger
 from domaintune.data.split import Plan
 from domaintune.data.write import Written
@@ -26,9 +29,18 @@ FUNNEL_STAGES = (
     ("dedup_near", "near duplicates (MinHash-LSH)"),
     ("outlier", "length outliers (k·σ)"),
     ("split", "rows the split could not place"),
-    ("decontaminate", "train rows sharing a long n-gram with val/test"),
+    ("decontaminate", "train rows repeating a val/test prompt, val rows repeating a test prompt"),
     ("sample", "sampled out by data.sample caps"),
 )
+
+
+@dataclass
+class SplitChecks:
+    """What was checked on the finished split: its groups, the prompt overlaps between splits, the guards."""
+
+    groups: dict[str, Any]
+    leakage: list[dict[str, Any]]
+    findings: list[Finding]
 
 
 def build_report(
@@ -41,12 +53,13 @@ def build_report(
     held: HeldOut,
     written: Written,
     general: dict[str, Any] | None,
+    checks: SplitChecks,
 ) -> dict[str, Any]:
     dc = cfg.data
     sources = ledger.summary()
     return {
         "project": cfg.name,
-        "output_dir": str(layout.data_dir),
+        "output_dir": os.path.abspath(layout.data_dir),
         "workers": workers,
         "engine": dc.engine,
         "format": dc.format,
@@ -67,6 +80,11 @@ def build_report(
         ),
         "outliers": plan.outliers,
         "decontaminate": held.report(),
+        "leakage": {"near_threshold": dc.decontaminate.near_threshold, "pairs": checks.leakage},
+        "guards": {
+            **dc.guards.model_dump(),
+            "violations": [f.as_dict() for f in checks.findings],
+        },
         "split": {
             "by": dc.split.by,
             "ratios": dc.split.ratios,
@@ -77,6 +95,7 @@ def build_report(
             "per_stratum": {s: dict(sorted(written.strata[s].items())) for s in SPLIT_NAMES},
             "difficulty": {s: dict(written.difficulty[s]) for s in SPLIT_NAMES},
             "difficulty_tiers": plan.tiers,
+            "groups": checks.groups,
         },
         "sample": dc.sample.model_dump(),
         "lengths": {
@@ -127,8 +146,8 @@ def hist_summary(values: Sequence[int]) -> dict[str, Any]:
         "mean": round(float(arr.mean()), 1),
         "std": round(float(arr.std()), 1),
         "min": int(arr.min()),
-        "p5": float(q[0]),
-        "median": float(q[1]),
-        "p95": float(q[2]),
+        "p5": round(float(q[0]), 1),
+        "median": round(float(q[1]), 1),
+        "p95": round(float(q[2]), 1),
         "max": int(arr.max()),
     }

@@ -22,17 +22,45 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u20
 _CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
 _LATIN_RE = re.compile(r"[A-Za-z]")
 _WORD_RE = re.compile(r"\w+", re.U)
+_KEY_DROP_RE = re.compile(r"[\W_]+", re.U)  # punctuation, symbols and whitespace
+
+
+def _width_table() -> dict[int, str]:
+    """Full-width ASCII letters and digits → ASCII; half-width katakana, hangul and CJK punctuation
+    (U+FF61-U+FFDC) → their full-width forms. CJK full-width punctuation (，？：；（）) is not touched."""
+    table = {cp: chr(cp - 0xFEE0) for cp in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))}
+    for cp in range(0xFF61, 0xFFDD):
+        folded = unicodedata.normalize("NFKC", chr(cp))
+        if len(folded) == 1 and folded != chr(cp):
+            table[cp] = folded
+    return table
+
+
+_WIDTH_TABLE = _width_table()
+
+
+def fold_width(text: str) -> str:
+    """ＡＢＣ１２３ → ABC123 and ｶﾀｶﾅ → カタカナ; punctuation keeps its width (so Chinese keeps ，？：；)."""
+    return text.translate(_WIDTH_TABLE)
 
 
 def normalise_text(
-    text: str, *, nfkc: bool = True, html_clean: bool = True, control_chars: bool = True, whitespace: bool = True
+    text: str,
+    *,
+    nfkc: bool = False,
+    width: bool = True,
+    html_clean: bool = True,
+    control_chars: bool = True,
+    whitespace: bool = True,
 ) -> str:
-    """NFKC (full-width → half-width), HTML entities/tags, control characters, whitespace runs."""
+    """Width folding of letters and digits (or full NFKC), HTML entities/tags, control characters, whitespace."""
     if html_clean and ("&" in text or "<" in text):
         text = html.unescape(text)
         text = _TAG_RE.sub(" ", text)
     if nfkc:
         text = unicodedata.normalize("NFKC", text)
+    elif width:
+        text = fold_width(text)
     if control_chars:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = _CONTROL_RE.sub("", text)
@@ -67,6 +95,17 @@ def detect_language(text: str) -> str | None:
         return "zh"
     visible = sum(not ch.isspace() for ch in text)
     return "en" if latin >= 0.35 * visible else None  # Latin letters dominate (digits/punctuation aside)
+
+
+def prompt_key(text: str) -> str:
+    """A prompt with case, width, punctuation and whitespace folded away: two prompts that differ only in
+    those have the same key ("What is (are) Acromegaly ?" and "what is are acromegaly")."""
+    return _KEY_DROP_RE.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def loose_text(text: str) -> str:
+    """The prompt as compared for near duplicates: NFKC, case folded, punctuation turned into spaces."""
+    return _KEY_DROP_RE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
 def words(text: str) -> list[str]:

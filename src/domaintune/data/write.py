@@ -1,6 +1,6 @@
 """`write_splits`: the plan carried out. Each spooled row is written to its split's file (with its
 difficulty tier and the system prompt) or dropped in the ledger; synthetic rows made from the train
-rows (data.augment) follow the train rows, unless they touch a val/test n-gram."""
+rows (data.augment) follow the train rows, unless their prompt repeats a val/test prompt."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from domaintune.data.decontaminate import HeldOut
 from domaintune.data.dedup import snippet
 from domaintune.data.formats import convert_row
 from domaintune.data.ledger import Ledger, Where
+from domaintune.data.processing import normalise
 from domaintune.data.split import TIERS, Plan
 from domaintune.data.spool import Spooled
 from domaintune.layout import SPLIT_NAMES, RunLayout
@@ -51,6 +52,7 @@ def write_splits(
     """data/{train,val,test}.jsonl, published together once every row is written."""
     dc = cfg.data
     written = Written()
+    system_prompt = normalise(dc.system_prompt, dc.normalise) if dc.system_prompt else None  # the rows' rule
     augment_on = dc.augment is not None and dc.augment.enabled and bool(dc.augment.ops)
     train_rows: list[dict[str, Any]] = []  # augmentation sees train rows only: synthetic rows never reach val/test
     names = rows.stratum_names()
@@ -66,11 +68,12 @@ def write_splits(
             if i in plan.dropped or split is None:
                 stage, reason = plan.dropped[i]
                 where = Where(item["source"], item["file"], item["loc"])
-                ledger.drop(where, stage, reason, counted_as=reason.split(" (")[0], row=row)
+                detail = plan.detail.get(i, {})
+                ledger.drop(where, stage, reason, counted_as=reason.split(" (")[0], **detail, row=row)
                 continue
             if plan.difficulty[i]:
                 row[dc.difficulty.field] = TIERS[plan.difficulty[i]]
-            _write(files[split], row, dc.system_prompt, dc.format)
+            _write(files[split], row, system_prompt, dc.format)
             if augment_on and split == "train":
                 train_rows.append(row)
             ledger.keep(item["source"], split)
@@ -80,7 +83,7 @@ def write_splits(
             written.lengths.append(rows.length[i])
             written.answer_lengths.append(rows.answer_length[i])
         if augment_on:
-            written.augment = _augment(cfg, layout, train_rows, files["train"], ledger, held, progress)
+            written.augment = _augment(cfg, layout, train_rows, files["train"], ledger, held, system_prompt, progress)
     return written
 
 
@@ -91,24 +94,27 @@ def _augment(
     train_file: IO[str],
     ledger: Ledger,
     held: HeldOut,
+    system_prompt: str | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Synthetic rows from the train rows, appended to the train file; returns the augment report section."""
-    dc = cfg.data
+    """Synthetic rows from the train rows, appended to the train file unless their prompt repeats a val/test
+    prompt; returns the augment report section."""
     synthetic, report = run_augment(cfg, train_rows, layout.data_dir, ledger, progress)
     decontaminated: Counter[str] = Counter()
     for row in synthetic:
-        if held.touches(row):
+        match = held.match(row)  # the same val/test indexes as the leakage table's
+        if match is not None:
             decontaminated[row["origin"]] += 1
             ledger.set_aside(
                 Where(row["source"], "augment", row["id"]),
                 "augment/decontaminate",
-                f"synthetic row shares a {held.cfg.ngram}-gram with a val/test prompt",
+                f"synthetic row: {held.reason(match)}",
                 book="augment",
+                **held.detail(match),
                 row=row,
             )
             continue
-        _write(train_file, row, dc.system_prompt, dc.format)
+        _write(train_file, row, system_prompt, cfg.data.format)
     report["decontaminated"] = dict(decontaminated)
     report["written"] = len(synthetic) - sum(decontaminated.values())
     report["quarantined"] += sum(decontaminated.values())
