@@ -10,7 +10,8 @@ import pytest
 
 from domaintune.errors import UserError
 from domaintune.train.preference.config import VerifierSpec
-from domaintune.train.preference.scoring import paired_bootstrap, score_answers, wilson_interval
+from domaintune.train.preference.scoring import score_answers
+from domaintune.train.preference.stats import paired_bootstrap, wilson_interval
 from domaintune.train.preference.verifiers import build_verifiers, combined_scores, passes, score_components
 
 PROMPT = [{"role": "user", "content": "What is your return policy?"}]

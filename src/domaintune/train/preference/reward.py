@@ -108,7 +108,7 @@ class RewardModelScorer:
 
 def pairwise_accuracy(scorer: RewardModelScorer, pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Share of pairs whose chosen answer scores above the rejected one, with a 95% Wilson interval."""
-    from domaintune.train.preference.scoring import wilson_interval
+    from domaintune.train.preference.stats import wilson_interval
 
     prompts = [p["prompt"] for p in pairs]
     chosen = scorer(prompts, [p["chosen"] for p in pairs])

@@ -8,33 +8,11 @@ interval. Eval can call it with the run's test rows (`rows.read_rows(test_file, 
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Sequence
 from typing import Any
 
+from domaintune.train.preference.stats import paired_bootstrap, wilson_interval
 from domaintune.train.preference.verifiers import Verifier, applies, combined_scores, passes, score_components
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float | None, float | None]:
-    if n == 0:
-        return None, None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
-    """Mean of b - a over paired items with a 95% percentile bootstrap interval."""
-    diffs = [y - x for x, y in zip(a, b, strict=True)]
-    if not diffs:
-        return {"delta": None, "ci95": [None, None]}
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return {"delta": sum(diffs) / n, "ci95": [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]]}
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int, batch_size: int = 8) -> list[str]:
@@ -113,3 +91,23 @@ def compare_models(
         tuned = [float(x) for x in out["models"]["tuned"]["passed"]]
         out["pass_rate_delta"] = paired_bootstrap(base, tuned, seed=seed)
     return out
+
+
+def compare_run(cfg: Any, model_dir: Any, rows_file: Any, max_new_tokens: int = 64, limit: int | None = None) -> dict:
+    """The eval hook: base (`cfg.model`) vs tuned (`model_dir`) answers to `rows_file`'s prompts (data-stage rows or
+    prompt rows), scored by `cfg.train.grpo.rewards`; see `compare_models`."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.model.loader import load_tokenizer, load_trained, resolve_model_dir
+    from domaintune.train.preference.rows import read_rows
+    from domaintune.train.preference.verifiers import build_verifiers
+
+    rows, _ = read_rows(Path(rows_file), "prompt", limit)
+    base_dir = resolve_model_dir(cfg.model)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    models = {"base": (base, load_tokenizer(cfg.model, base_dir)), "tuned": load_trained(model_dir)}
+    result = compare_models(models, rows, build_verifiers(cfg.train.grpo.rewards), max_new_tokens, cfg.seed)
+    result["rows_file"] = str(rows_file)
+    return result

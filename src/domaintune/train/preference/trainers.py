@@ -108,6 +108,7 @@ def _rl_trainer(tcfg: TrainConfig, parts: Any, callbacks: list, make_args: MakeA
         epsilon=g.epsilon,
         num_iterations=g.num_iterations,
         log_completions=False,
+        generation_kwargs={"use_cache": True},  # the training model's config has the KV cache off
         **extra,
     )
     # Rollout methods are judged by their rewards, not a validation loss: no evaluation, the last step is kept.

@@ -1,0 +1,156 @@
+"""Preference, unpaired and prompt-only rows: the layouts read, and the one canonical form each is turned into.
+
+- preference pairs -> {"prompt": messages, "chosen": [assistant msg], "rejected": [assistant msg]} from
+  domaintune/TRL explicit-prompt rows (`prompt`, `chosen`, `rejected`, text or messages), TRL's implicit-prompt
+  rows (`chosen` and `rejected` are whole chats sharing their prefix), LLaMA-Factory's alpaca-style ranking rows
+  (`instruction`, `input`, `chosen`, `rejected`) and its sharegpt-style ones (`conversations` + `chosen` /
+  `rejected` turns with `from`/`value`);
+- unpaired (KTO) rows -> {"prompt": messages, "completion": [assistant msg], "label": bool} from `label`,
+  `desirable`, or a `rating` sign; a preference pair gives two unpaired rows;
+- prompt-only (GRPO/PPO) rows -> {"prompt": messages, "reference": answer or None, ...other fields}, from
+  `prompt` rows or from the data stage's messages / alpaca rows (chat up to the last answer; that answer is the
+  reference the verifiers compare with).
+
+`text_key` gives the text dedup and split decisions are made on (the prompt and every answer), so these rows
+can go through the same exact/near dedup and split as SFT rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROW_KINDS = ("preference", "unpaired", "prompt")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class RowError(ValueError):
+    """A row that is none of the layouts its kind accepts (the message says what was expected)."""
+
+
+def _messages(value: Any, role: str, field: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict) and ("content" in value or "value" in value):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        out = []
+        for m in value:
+            who = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from", "")), role)
+            out.append({"role": str(who), "content": str(m.get("content", m.get("value", "")))})
+        return out
+    raise RowError(f"`{field}` must be text or a list of messages")
+
+
+def _alpaca_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
+    user = "\n\n".join(str(row[k]) for k in ("instruction", "input") if row.get(k))
+    prompt = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+    return prompt + [{"role": "user", "content": user}]
+
+
+def _split_common_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _extras(row: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in used}
+
+
+def to_preference(row: dict[str, Any]) -> dict[str, Any]:
+    """One preference pair in the canonical form (extra fields such as `id` kept)."""
+    if "chosen" not in row or "rejected" not in row:
+        raise RowError("preference rows need `chosen` and `rejected` (and `prompt`, `instruction` or `conversations`)")
+    used: tuple[str, ...] = ("prompt", "chosen", "rejected")
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "user", "prompt")
+    elif "conversations" in row:
+        prompt, used = _messages(row["conversations"], "user", "conversations"), used + ("conversations",)
+    elif "instruction" in row:
+        prompt, used = _alpaca_prompt(row), used + ("instruction", "input", "system")
+    else:  # TRL's implicit prompt: two whole chats sharing their beginning
+        chosen, rejected = (
+            _messages(row["chosen"], "assistant", "chosen"),
+            _messages(row["rejected"], "assistant", "rejected"),
+        )
+        prompt, chosen, rejected = _split_common_prefix(chosen, rejected)
+        if not prompt:
+            raise RowError("`chosen`/`rejected` without a prompt must be whole chats that share the prompt turns")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_extras(row, used)}
+    chosen = _messages(row["chosen"], "assistant", "chosen")
+    rejected = _messages(row["rejected"], "assistant", "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_extras(row, used)}
+
+
+def _label(row: dict[str, Any]) -> bool:
+    for key in ("label", "desirable"):
+        if key in row:
+            value = row[key]
+            if isinstance(value, str):
+                return value.strip().lower() in ("true", "1", "yes", "up", "good")
+            return bool(value)
+    if "rating" in row:
+        return float(row["rating"]) > 0
+    raise RowError("unpaired rows need `label` (true/false), `desirable`, or `rating`")
+
+
+def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Unpaired (KTO) rows: one from a labelled row, two (desirable and not) from a preference pair."""
+    if "chosen" in row and "rejected" in row and "completion" not in row:
+        pair = to_preference(row)
+        extras = _extras(pair, ("prompt", "chosen", "rejected"))
+        return [
+            {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, **extras},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False, **extras},
+        ]
+    if "prompt" not in row or "completion" not in row:
+        raise RowError("unpaired rows need `prompt`, `completion` and `label` (or a chosen/rejected pair)")
+    used = ("prompt", "completion", "label", "desirable")
+    return [
+        {
+            "prompt": _messages(row["prompt"], "user", "prompt"),
+            "completion": _messages(row["completion"], "assistant", "completion"),
+            "label": _label(row),
+            **_extras(row, used),
+        }
+    ]
+
+
+def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """A prompt-only row; a data-stage chat gives its turns up to the last answer and that answer as `reference`."""
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "user", "prompt")
+        return {**_extras(row, ("prompt",)), "prompt": prompt, "reference": row.get("reference")}
+    if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
+        key = "messages" if "messages" in row else "conversations"
+        chat = _messages(row[key], "user", key)
+        last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return {**_extras(row, (key,)), "prompt": chat, "reference": row.get("reference")}
+        return {**_extras(row, (key,)), "prompt": chat[:last], "reference": chat[last]["content"]}
+    if "instruction" in row:
+        return {**_extras(row, ("instruction", "input", "output", "system")), "prompt": _alpaca_prompt(row),
+                "reference": row.get("output")}  # fmt: skip
+    raise RowError("prompt rows need `prompt`, `messages`/`conversations`, or `instruction`")
+
+
+def text_key(row: dict[str, Any]) -> str:
+    """The text a canonical row is deduplicated and split on: its non-system prompt turns and every answer."""
+    parts = [m["content"] for m in row.get("prompt", []) if m.get("role") != "system"]
+    for key in ("chosen", "rejected", "completion"):
+        parts += [m["content"] for m in row.get(key) or []]
+    if row.get("reference"):
+        parts.append(str(row["reference"]))
+    return "\n".join(parts)
+
+
+def convert(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """`row` in the canonical form of `kind` (one of ROW_KINDS); a list because a pair gives two unpaired rows."""
+    if kind == "preference":
+        return [to_preference(row)]
+    if kind == "unpaired":
+        return to_unpaired(row)
+    if kind == "prompt":
+        return [to_prompt(row)]
+    raise ValueError(f"unknown row kind {kind!r}; one of {ROW_KINDS}")
