@@ -37,7 +37,9 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(app, args, env={"COLUMNS": "40"})
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in ("qwen2", "qwen3") else f for f in FAMILIES]
+)
 def test_template_show_marks_trained_tokens_and_names_the_end_of_turn(family, family_model, tmp_path):
     config = _trained_run(tmp_path, family_model(family))
     result = _invoke(["template", "show", str(config)])
