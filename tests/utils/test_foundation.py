@@ -89,6 +89,17 @@ def test_malformed_registry_uris_say_the_expected_form(uri):
         parse_registry_uri(uri)
 
 
+@pytest.mark.parametrize("name", ["../etc", "a b", "é中文", "tiny\n", "x..y"])
+def test_registry_names_follow_the_one_model_name_pattern(name):
+    """The same rule as the serve config and the API (utils/names.py): safe as a folder and a header."""
+    from domaintune.config import ConfigError, config_from_dict
+
+    with pytest.raises(UserError, match="not a valid model name"):
+        parse_registry_uri(f"registry://{name}@production")
+    with pytest.raises(ConfigError, match=r"registry\.name"):
+        config_from_dict({"name": "p", "registry": {"name": name}})
+
+
 def test_library_versions_lists_installed_packages_only():
     versions = library_versions(("domaintune", "no-such-package-xyz"))
     assert set(versions) == {"python", "domaintune"}

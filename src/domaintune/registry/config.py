@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from domaintune.utils.config_types import ConfigPath, StrictModel
+from domaintune.utils.names import check_model_name
 
 
 class RegistryConfig(StrictModel):
@@ -39,3 +40,9 @@ class RegistryConfig(StrictModel):
             "their sha256 is recorded; the next round reads the run folder and refuses files whose checksum differs."
         ),
     )
+
+    @field_validator("name")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        """One name pattern for config, registry and API (`utils/names.py`); a registry name has no '/'."""
+        return None if value is None else check_model_name(value, segments=1)

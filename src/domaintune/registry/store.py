@@ -47,12 +47,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from domaintune.errors import UserError
 from domaintune.registry.uri import parse_registry_uri
 from domaintune.utils.io import sha256_file
+from domaintune.utils.names import model_name_problem
 from domaintune.utils.process import pid_alive
 
 STATUSES = ("registered", "candidate", "rejected", "archived")
 BUMPS = ("major", "minor", "patch")
 _VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)(?:_|$)")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 metadata_obj = MetaData()
@@ -131,8 +131,9 @@ def _iso(when: datetime | None = None) -> str:
 
 
 def _check_register_args(name: str, bump: str, status: str, artifacts: dict[str, str | Path]) -> None:
-    if not _NAME_RE.match(name):
-        raise UserError(f"registry name {name!r}: use letters, digits, '.', '_' and '-'")
+    problem = model_name_problem(name, segments=1)
+    if problem is not None:
+        raise UserError(f"registry name: {problem}")
     if bump not in BUMPS:
         raise UserError(f"--bump {bump!r}: choose one of {', '.join(BUMPS)}")
     if status not in STATUSES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from domaintune.errors import UserError
+from domaintune.utils.names import model_name_problem
 
 REGISTRY_SCHEME = "registry://"
 _FORM = "registry://name@alias or registry://name@v1.2.3"
@@ -33,4 +34,7 @@ def parse_registry_uri(uri: str) -> RegistryRef:
     ref, _, sub = ref.partition("/")
     if not sep or not name or not ref:
         raise UserError(f"{uri}: a registry URI looks like {_FORM}")
+    problem = model_name_problem(name, segments=1)
+    if problem is not None:
+        raise UserError(f"{uri}: {problem}")
     return RegistryRef(name, ref, sub or None)
