@@ -190,7 +190,7 @@ def test_the_stage_balances_on_damaged_files(tmp_path_factory, monkeypatch, csv_
     try:
         report = run_data(cfg, RunLayout(tmp / "run"), progress=False)
     except UserError as exc:  # every row of every file damaged or filtered: nothing to train on
-        assert "the train split is empty" in str(exc)
+        assert "the train split is empty" in str(exc) or "every split is empty" in str(exc)
         return
     expected = {"c": len(csv_items), "j": len(jsonl_items), "x": len(xml_items)}
     assert {name: s["input"] for name, s in report["sources"].items()} == expected

@@ -77,7 +77,7 @@ def test_without_groups_decontamination_catches_short_prompts_and_names_the_matc
         assert prompt.lower().replace("(", "").replace(")", "").split()[-2] in json.dumps(e["row"]).lower()
     assert all(p["exact"] == 0 and p["near"] == 0 for p in report["leakage"]["pairs"])
     # a third of train went: the removal guard names the step and points at the missing grouping
-    assert any("group_by: [prompt]" in v["message"] for v in report["guards"]["violations"])
+    assert any("not grouped by prompt" in v["message"] for v in report["guards"]["violations"])
 
 
 def test_group_by_a_field_with_stratified_and_time_splits(tmp_path):
@@ -191,10 +191,10 @@ def test_empty_outputs_fail_with_a_clear_message(tmp_path):
     (tmp_path / "in.csv").write_text("q,a\n", encoding="utf-8")
     src = {"path": "in.csv", "fields": {"instruction": "q", "output": "a"}}
     cfg = config_from_dict({"name": "t", "data": {"sources": [src]}}, config_path=tmp_path / "p.yaml")
-    with pytest.raises(UserError, match="the train split is empty: the sources hold no rows"):
+    with pytest.raises(UserError, match="every split is empty: the sources hold no rows"):
         run_data(cfg, RunLayout(tmp_path / "header"), progress=False)
     (tmp_path / "in.jsonl").write_text("", encoding="utf-8")
-    with pytest.raises(UserError, match="the train split is empty"):
+    with pytest.raises(UserError, match="every split is empty"):
         run_data(cfg_for(tmp_path), RunLayout(tmp_path / "empty"), progress=False)
     write_jsonl(tmp_path / "in.jsonl", [{"q": f"q{i}", "a": ""} for i in range(5)])
     with pytest.raises(UserError, match=r"5 rows read, 0 kept; most dropped: filter: empty:output 5"):

@@ -37,6 +37,7 @@ class HeldOut:
     before: Counter[str] = field(default_factory=Counter)  # rows per split before decontamination
     removed: Counter[str] = field(default_factory=Counter)  # rows dropped, per split
     by_kind: Counter[str] = field(default_factory=Counter)  # rows dropped, per kind of match
+    split_kinds: dict[str, Counter[str]] = field(default_factory=dict)  # split -> kind of match -> rows dropped
 
     @property
     def dropped(self) -> int:
@@ -147,6 +148,7 @@ def _drop_matches(plan: Plan, held: HeldOut, entries: list[Entry], split: str, a
             plan.detail[i] = held.detail(hit)
             held.removed[split] += 1
             held.by_kind[hit[1].kind] += 1
+            held.split_kinds.setdefault(split, Counter())[hit[1].kind] += 1
 
 
 def _internal(pub: dict[str, Any]) -> dict[str, Any]:

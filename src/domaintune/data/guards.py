@@ -25,7 +25,7 @@ from domaintune.errors import UserError
 from domaintune.layout import SPLIT_NAMES
 
 _CAUSES = {
-    "exact": "copies of the same prompt were split across train and val/test{hint}",
+    "exact": "copies of the same prompt were split across train and val/test (a group larger than a split?)",
     "near": "many prompts are near-identical (a question template?): raise data.decontaminate.near_threshold, "
     "or keep them on one side with data.split.group_by",
     "ngram": "rows share long passages (boilerplate{scope}): use decontaminate.scope: prompt or a longer ngram",
@@ -66,13 +66,11 @@ def _removals(dc: DataConfig, plan: Plan, held: HeldOut) -> list[Finding]:
         ("outlier", "all rows", stages["outlier"], plan.n, _outlier_cause(dc)),
         ("split", "all rows", stages["split"], plan.n - stages["outlier"], _date_cause(dc)),
     ]
-    kind = held.by_kind.most_common(1)[0][0] if held.by_kind else "exact"
-    hint = "" if "prompt" in dc.split.group_by else ": group the split by prompt (data.split.group_by: [prompt])"
-    scope = " in the answers" if dc.decontaminate.scope == "all" else ""
-    cause = _CAUSES[kind].format(hint=hint, scope=scope)
     for split in ("train", "val"):
-        breakdown = ", ".join(f"{k} {v:,}" for k, v in held.by_kind.items())
-        checks.append(("decontaminate", split, held.removed[split], held.before[split], f"{cause} [{breakdown}]"))
+        kinds = held.split_kinds.get(split, Counter())
+        breakdown = ", ".join(f"{k} {v:,}" for k, v in kinds.most_common())
+        why = f"{_decontamination_cause(dc, kinds)} [{breakdown}]"
+        checks.append(("decontaminate", split, held.removed[split], held.before[split], why))
     for step, split, removed, whole, why in checks:
         if whole and removed / whole > limit:
             where = f"of {split}" if split != "all rows" else "of the rows"
@@ -85,6 +83,16 @@ def _removals(dc: DataConfig, plan: Plan, held: HeldOut) -> list[Finding]:
                 )
             )
     return out
+
+
+def _decontamination_cause(dc: DataConfig, kinds: Counter[str]) -> str:
+    kind = kinds.most_common(1)[0][0] if kinds else "exact"
+    if kind in ("exact", "near") and "prompt" not in dc.split.group_by:
+        return (
+            "the split is not grouped by prompt, so copies and near-copies of a prompt landed on both sides: "
+            "set data.split.group_by: [prompt]"
+        )
+    return _CAUSES[kind].format(scope=" in the answers" if dc.decontaminate.scope == "all" else "")
 
 
 def _outlier_cause(dc: DataConfig) -> str:
@@ -129,15 +137,16 @@ def _ratios(dc: DataConfig, plan: Plan, held: HeldOut, groups: Groups) -> list[F
 
 
 def _empties(dc: DataConfig, sizes: Counter[str], ledger: Ledger) -> list[Finding]:
+    if ledger.rows_in == 0:
+        why = "the sources hold no rows (an empty file, or a header without rows?)"
+        return [Finding("empty", "output", "all", f"every split is empty: {why}", fatal=True)]
     caps = {"train": dc.sample.train, "val": dc.sample.val, "test": dc.sample.test}
     out = []
     for k, split in enumerate(SPLIT_NAMES):
         wanted = dc.split.ratios[k] > 0 and caps[split] != 0
         if sizes[split] or not (wanted or split == "train"):
             continue
-        if ledger.rows_in == 0:
-            why = "the sources hold no rows (an empty file, or a header without rows?)"
-        elif sum(sizes.values()):
+        if sum(sizes.values()):
             why = f"none of the {sum(sizes.values()):,} rows kept was placed in it (too few rows or groups)"
         else:
             top = ", ".join(f"{r} {n:,}" for r, n in list(ledger.drop_reasons().items())[:3])
