@@ -175,13 +175,9 @@ def test_other_methods_through_the_loop(method, family_model, tmp_path):
     assert serve_one_chat(config)["choices"][0]["message"]["role"] == "assistant"
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="export/runner.py still merges every adapter: it needs the adapter-only branch (model.adapters.unmergeable_note)",
-)
 def test_prompt_learning_export_is_the_adapter_with_a_note(family_model, tmp_path):
     run = run_loop(project(tmp_path, family_model("llama"), "prefix"), ("data", "train", "export"))
     manifest = json.loads((run / "export" / "manifest.json").read_text(encoding="utf-8"))
     assert "cannot be merged" in json.dumps(manifest)
     assert not (run / "export" / "merged").exists()
+    assert (run / "export" / "adapter" / "adapter_config.json").is_file()

@@ -28,6 +28,7 @@ from domaintune.export import measure
 from domaintune.export.gguf import check_gguf_plan
 from domaintune.hardware.autoselect import apply_threads
 from domaintune.layout import RunLayout
+from domaintune.model.adapters import unmergeable_note
 from domaintune.utils.io import atomic_dir, read_jsonl, remove_stale_staging, sha256_file, write_json
 from domaintune.utils.process import pid_alive
 from domaintune.utils.versions import library_versions
@@ -56,11 +57,27 @@ def run_export(cfg: ProjectConfig, layout: RunLayout) -> dict:
             f"{layout.model_dir} does not exist: run `domaintune train` first (export reads the trained model)"
         )
     _remove_stale_staging(layout)
+    note = unmergeable_note(layout.model_dir)
     with atomic_dir(layout.export_dir) as staging:
-        manifest = _build(cfg, layout, staging)
+        manifest = _adapter_only(cfg, layout, staging, note) if note else _build(cfg, layout, staging)
         manifest["files"] = file_checksums(staging)
         write_json(staging / layout.export_manifest.name, manifest)
     return manifest
+
+
+def _adapter_only(cfg: ProjectConfig, layout: RunLayout, staging: Path, note: str) -> dict:
+    """Prefix/prompt/P-tuning adapters add virtual tokens, not weights: the export is the adapter itself."""
+    console.print(f"[yellow]note:[/] {note}")
+    shutil.copytree(layout.model_dir, staging / "adapter")
+    return {
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "project": cfg.name,
+        "source": _source(cfg, layout.model_dir, True),
+        "artifacts": {"adapter": {"path": "adapter", "kind": "adapter", "note": note}},
+        "skipped": {"merged, int8, bitsandbytes, pruned, gguf": note},
+        "config": cfg.export.model_dump(mode="json"),
+        "libraries": library_versions(EXPORT_LIBRARIES),
+    }
 
 
 def _remove_stale_staging(layout: RunLayout) -> None:
