@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from domaintune.config import config_from_dict
+from domaintune.errors import UserError
 from domaintune.eval.runner import run_eval
 from domaintune.layout import RunLayout
 from domaintune.utils.io import read_jsonl
@@ -415,3 +416,32 @@ def test_retention_uses_the_holdout_and_refuses_the_replay_set(tmp_path):
     _refuse_replayed_retention_set(cfg, RunLayout(tmp_path), data / "general_holdout.jsonl")  # held out: accepted
     (data / "general_holdout.jsonl").unlink()
     assert _default_general_file(RunLayout(tmp_path)) == data / "general.jsonl"
+
+
+def test_eval_refuses_a_test_set_seen_in_training(run_dir, tmp_path):
+    """A test prompt that is also in data/train.jsonl (or near it) is refused before any model loads."""
+    out = tmp_path / "leaky"
+    (out / "data").mkdir(parents=True)
+    test_text = (run_dir / "data" / "test.jsonl").read_text("utf-8")
+    (out / "data" / "test.jsonl").write_text(test_text, encoding="utf-8")
+    leaked = json.loads(test_text.splitlines()[1])
+    leaked["id"] = "train-7"
+    leaked["messages"][0]["content"] = leaked["messages"][0]["content"].replace("？", "?") + " "  # same after folding
+    other = _row(99, "感冒发烧怎么处理比较好呢？", "多喝水，注意休息。")
+    (out / "data" / "train.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (leaked, other)), encoding="utf-8"
+    )
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "output_dir": str(out),
+            "model": {"name_or_path": "tiny-random-llama"},
+            "eval": {"tuned": False, "metrics": ["chrf"], "robustness": {"enabled": False}},
+        }
+    )
+    with pytest.raises(UserError, match=r"1 test prompt\(s\) were seen in training \(test t2 ~ train train-7"):
+        run_eval(cfg, RunLayout(out))
+    allowed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"allow_overlap": True, "max_items": 2})})
+    report = run_eval(allowed, RunLayout(out))
+    assert report["contamination"]["overlaps"] == 1 and report["contamination"]["test_ids"] == ["t2"]
+    assert any(note.startswith("CONTAMINATED") for note in report["notes"])

@@ -106,6 +106,21 @@ class EvalConfig(StrictModel):
             "A file that `train.replay` also trains on is refused: retention must be measured on unseen rows."
         ),
     )
+    allow_overlap: bool = Field(
+        False,
+        description=(
+            "Before scoring, eval checks every test prompt against the data that trained the model (the run's "
+            "`data/train.jsonl`, and the replay pool when `train.replay` is on): a test prompt seen in training, "
+            "exactly or as a near duplicate, fails the stage with the overlapping ids. true: score anyway and "
+            "mark the report as contaminated."
+        ),
+    )
+    overlap_near_threshold: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="MinHash Jaccard from which a test prompt counts as a near duplicate of a training prompt.",
+    )
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N test items (CPU budgets).")
     max_general_items: int | None = Field(None, ge=1, description="Evaluate only the first N general items.")
     base: bool = Field(True, description="Evaluate the base model (`model:` section).")

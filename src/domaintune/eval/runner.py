@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -32,7 +32,7 @@ from domaintune.eval.models import EvalModel, build_models, clean_answer, decodi
 from domaintune.eval.perturb import perturb_prompt
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.layout import RunLayout
-from domaintune.utils.io import write_json, write_jsonl
+from domaintune.utils.io import read_jsonl, write_json, write_jsonl
 
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
@@ -68,6 +68,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     _check_rules(ecfg)
     notes: list[str] = []
     sets = _load_sets(cfg, layout, notes)
+    contamination = _check_contamination(cfg, layout, sets.files["test"], notes)
     glossary = _load_glossary(ecfg, notes)
 
     models = build_models(cfg, layout)
@@ -95,6 +96,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
         "retention": retention,
         "robustness": robustness,
         **_error_analysis(sets, answers, scored, names, ref, stratum_field, ecfg),
+        "contamination": contamination,
         "judge": {k: v for k, v in judge.items() if k != "per_item"},
         "cache": {
             "answers_reused": gens.cache.hits,
@@ -152,6 +154,47 @@ def _load_sets(cfg: ProjectConfig, layout: RunLayout, notes: list[str]) -> _Sets
     else:
         notes.append(f"retention skipped: no general set at {general_file}")
     return sets
+
+
+def _training_files(cfg: ProjectConfig, layout: RunLayout) -> list[Path]:
+    """The data that trained the model: the run's train split, and the replay pool when replay was on."""
+    files = [layout.train_file] if layout.train_file.is_file() else []
+    replay = cfg.train.replay
+    if replay.ratio > 0:
+        pool = Path(replay.path) if replay.path else layout.general_file
+        if pool.is_file():
+            files.append(pool)
+    return files
+
+
+def _check_contamination(cfg: ProjectConfig, layout: RunLayout, test_file: Path, notes: list[str]) -> dict[str, Any]:
+    """Refuse to score a test set whose prompts the model saw in training (unless eval.allow_overlap)."""
+    from domaintune.data.overlap import find_overlaps
+
+    ecfg = cfg.eval
+    files = _training_files(cfg, layout)
+    found = []
+    for path in files:
+        found += find_overlaps(read_jsonl(path), read_jsonl(test_file), near_threshold=ecfg.overlap_near_threshold)
+    kinds = Counter(o.kind for o in found)
+    result = {
+        "checked_against": [str(p) for p in files],
+        "overlaps": len(found),
+        "by_kind": dict(kinds),
+        "test_ids": sorted({o.matched_id for o in found})[:50],
+        "allowed": ecfg.allow_overlap,
+    }
+    if not found:
+        return result
+    pairs = ", ".join(f"test {o.matched_id} ~ train {o.row_id} ({o.kind})" for o in found[:10])
+    message = (
+        f"{test_file}: {len({o.matched_id for o in found})} test prompt(s) were seen in training ({pairs}"
+        f"{', ...' if len(found) > 10 else ''})"
+    )
+    if not ecfg.allow_overlap:
+        raise UserError(message + "; re-run the data stage (it removes such rows) or set eval.allow_overlap: true")
+    notes.append("CONTAMINATED (eval.allow_overlap): " + message)
+    return result
 
 
 def _default_general_file(layout: RunLayout) -> Path:
