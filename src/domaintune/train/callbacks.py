@@ -8,11 +8,13 @@ from transformers import TrainerCallback
 
 
 class RichProgressCallback(TrainerCallback):
-    """One rich progress bar: step, loss, val loss, tokens/s (this session) and ETA."""
+    """One rich progress bar: step, loss, val loss (and the generation_eval metric), tokens/s and ETA."""
 
-    def __init__(self, console=None, disable: bool = False):
+    def __init__(self, console=None, disable: bool = False, metric: str | None = None):
         self.console = console
         self.disable = disable
+        self.metric = metric  # train.generation_eval's metric, shown after the val loss
+        self.metric_value = float("nan")
         self.progress = None
         self.task = None
         self.loss = float("nan")
@@ -35,7 +37,9 @@ class RichProgressCallback(TrainerCallback):
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} val {task.fields[val]:.4f} {task.fields[tps]:.0f} tok/s"),
+            TextColumn(
+                "loss {task.fields[loss]:.4f} val {task.fields[val]:.4f}{task.fields[gen]} {task.fields[tps]:.0f} tok/s"
+            ),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -44,7 +48,13 @@ class RichProgressCallback(TrainerCallback):
         )
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=state.max_steps, completed=state.global_step, loss=self.loss, val=self.val_loss, tps=0.0
+            "train",
+            total=state.max_steps,
+            completed=state.global_step,
+            loss=self.loss,
+            val=self.val_loss,
+            gen=self._metric_text(),
+            tps=0.0,
         )
         self._t0 = time.perf_counter()
         self._tokens0 = state.num_input_tokens_seen
@@ -63,8 +73,10 @@ class RichProgressCallback(TrainerCallback):
             self.loss = float(logs["loss"])
         if "eval_loss" in logs:
             self.val_loss = float(logs["eval_loss"])
+        if self.metric and f"eval_{self.metric}" in logs:
+            self.metric_value = float(logs[f"eval_{self.metric}"])
         if self.progress is not None:
-            self.progress.update(self.task, loss=self.loss, val=self.val_loss)
+            self.progress.update(self.task, loss=self.loss, val=self.val_loss, gen=self._metric_text())
             if not self.progress.console.is_terminal and ("loss" in logs or "eval_loss" in logs):
                 # Logs / CI: no live bar, so print one line per logging step instead.
                 elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -73,10 +85,16 @@ class RichProgressCallback(TrainerCallback):
                 tps = (state.num_input_tokens_seen - self._tokens0) / elapsed
                 loss = f"{self.loss:.4f}" if self.loss == self.loss else "-"  # nan before the first logged step
                 self.progress.console.print(
-                    f"step {state.global_step}/{state.max_steps} loss {loss} val {self.val_loss:.4f} "
+                    f"step {state.global_step}/{state.max_steps} loss {loss} val {self.val_loss:.4f}{self._metric_text()} "
                     f"{tps:.0f} tok/s elapsed {elapsed:.0f}s ETA {eta}",
                     highlight=False,
                 )
+
+    def _metric_text(self) -> str:
+        if not self.metric:
+            return ""
+        value = f"{self.metric_value:.2f}" if self.metric_value == self.metric_value else "-"
+        return f" {self.metric} {value}"
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -112,6 +112,38 @@ class ReplaySettings(StrictModel):
     )
 
 
+TEXT_METRIC_PATTERN = r"rouge[12L]_(char|word)|bleu|chrf|exact_match|token_f1"  # eval.primary_metric's choices
+
+
+class GenerationEvalSettings(StrictModel):
+    """`train.generation_eval`: answer a few val prompts at every evaluation and score them (train/generation_eval.py)."""
+
+    items: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Val prompts answered greedily at every evaluation (the first N rows of val.jsonl), scored and logged as "
+            "`eval_<metric>` beside the val loss. 0: off (evaluation is the val loss only). SFT methods only."
+        ),
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer (stops at end of turn).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left padding).")
+    metric: str | None = Field(
+        None, description="Text metric scored (rougeL_char, bleu, chrf, ...). Default: `eval.primary_metric`."
+    )
+
+    @model_validator(mode="after")
+    def _metric_known(self) -> GenerationEvalSettings:
+        import re
+
+        if self.metric is not None and not re.fullmatch(TEXT_METRIC_PATTERN, self.metric):
+            raise ValueError(
+                f"generation_eval.metric {self.metric!r}: use rouge1/rouge2/rougeL with _char or _word, bleu, chrf, "
+                "exact_match or token_f1"
+            )
+        return self
+
+
 class FSDPSettings(StrictModel):
     sharding: Literal["full_shard", "shard_grad_op"] = Field(
         "full_shard",
@@ -330,6 +362,17 @@ class TrainConfig(StrictModel):
         None, ge=1, description="Stop after this many evaluations without improvement (None: off)."
     )
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    early_stopping_metric: str = Field(
+        "loss",
+        description=(
+            "What early stopping and the best checkpoint watch: `loss` (val loss, lower is better) or the "
+            "generation_eval metric (e.g. rougeL_char, higher is better; needs generation_eval.items > 0)."
+        ),
+    )
+    generation_eval: GenerationEvalSettings = Field(
+        default_factory=GenerationEvalSettings,
+        description="Greedy answers to a few val prompts, scored at every evaluation (off by default).",
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (must be a multiple of eval_steps).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
     logging_steps: int = Field(5, ge=1)
@@ -364,6 +407,7 @@ class TrainConfig(StrictModel):
             raise ValueError("method `ppo` needs a `train.ppo:` section with at least `reward_model:`")
         if self.method == "grpo" and not self.grpo.rewards:
             raise ValueError("method `grpo` needs at least one reward in `train.grpo.rewards`")
+        self._check_generation_eval()
         effective = self.trained_as
         if self.packing and effective in PROMPT_LEARNING_METHODS:
             raise ValueError(f"packing cannot be used with `{effective}` (virtual tokens are prepended per example)")
@@ -380,6 +424,23 @@ class TrainConfig(StrictModel):
             if not torch.cuda.is_available():
                 raise ValueError("precision fp16 needs a CUDA GPU; on a CPU use `bf16` or `fp32`")
         return self
+
+    def _check_generation_eval(self) -> None:
+        import re
+
+        watched = self.early_stopping_metric
+        if watched == "loss":
+            return
+        if not re.fullmatch(TEXT_METRIC_PATTERN, watched):
+            raise ValueError(f"early_stopping_metric {watched!r}: use `loss` or a text metric such as rougeL_char")
+        if self.generation_eval.items == 0:
+            raise ValueError(f"early_stopping_metric {watched!r} needs generation_eval.items > 0 (it is 0: off)")
+        if self.generation_eval.metric not in (None, watched):
+            raise ValueError(
+                f"early_stopping_metric {watched!r} is not what generation_eval scores ({self.generation_eval.metric!r})"
+            )
+        if self.trainer_loss in ("dpo", "preference"):
+            raise ValueError(f"early_stopping_metric {watched!r}: generation_eval runs for SFT methods only")
 
     @property
     def trained_as(self) -> str:

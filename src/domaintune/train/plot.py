@@ -1,4 +1,4 @@
-"""train/loss.png: training and validation loss against optimizer steps."""
+"""train/loss.png: training and validation loss against optimizer steps (and train.generation_eval's metric)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,29 @@ def plot_losses(log_history: list[dict], path: Path, title: str = "loss") -> Pat
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    metric = _generation_metric(log_history)
+    if metric:
+        points = [(h["step"], h[metric]) for h in log_history if metric in h]
+        right = ax.twinx()  # the metric (0-100, higher is better) on a second axis
+        right.plot(*zip(*points), label=f"val {metric[5:]}", color="tab:green", marker="s", linewidth=1.5)
+        right.set_ylabel(f"{metric[5:]} (greedy answers, 0-100)")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _generation_metric(log_history: list[dict]) -> str | None:
+    """The `eval_<metric>` key train.generation_eval logged, if any."""
+    from domaintune.train.report import GENERATION_METRIC_KEYS
+
+    for h in log_history:
+        for key in h:
+            if key.startswith("eval_") and key[5:] in GENERATION_METRIC_KEYS:
+                return key
+    return None

@@ -19,6 +19,10 @@ from domaintune.utils.versions import library_versions
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
 
+# What train.generation_eval can log (as `eval_<name>`).
+GENERATION_METRIC_KEYS = {f"rouge{n}_{level}" for n in "12L" for level in ("char", "word")} | {
+    "bleu", "chrf", "exact_match", "token_f1",
+}  # fmt: skip
 # The libraries train/metrics.json records the versions of.
 TRAIN_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "domaintune")
 
@@ -96,7 +100,25 @@ def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Se
         "wall_seconds": time.time() - out.started,
         "train_curve": losses,
         "val_curve": evals,
+        "generation_eval": generation_metrics(tcfg, history),
         "distributed": session.summary(),
+    }
+
+
+def generation_metrics(tcfg, history: list[dict]) -> dict | None:
+    """`train.generation_eval`'s metric at every evaluation (None when it was off)."""
+    settings = tcfg.generation_eval
+    key = next((k for h in history for k in h if k.startswith("eval_") and k[5:] in GENERATION_METRIC_KEYS), None)
+    if settings.items == 0 or key is None:
+        return None
+    curve = [[h["step"], h[key]] for h in history if key in h]
+    return {
+        "metric": key[5:],
+        "items": settings.items,
+        "max_new_tokens": settings.max_new_tokens,
+        "curve": curve,
+        "final": curve[-1][1],
+        "best": max(value for _, value in curve),
     }
 
 

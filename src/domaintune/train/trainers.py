@@ -61,9 +61,13 @@ def build_trainer(
     """The Trainer for `cfg.train.method`, with rank 0's progress bar and logs; returns it and its step timer."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from domaintune.train.generation_eval import build_generation_eval
+
     tcfg = cfg.train
     timer = StepTimerCallback()
-    callbacks = _callbacks(tcfg, layout, cfg.name, parts.data, session, timer) + list(extra_callbacks)
+    primary = cfg.eval.primary_metric if tcfg.generation_eval.items and not tcfg.generation_eval.metric else ""
+    generation = build_generation_eval(tcfg, primary, parts.tokenizer, layout.val_file)
+    callbacks = _callbacks(tcfg, layout, cfg.name, parts.data, session, timer, generation) + list(extra_callbacks)
     tokens_mode = "all" if (tcfg.packing and tcfg.trainer_loss not in ("dpo", "preference")) else "non_padding"
     arguments = {
         "include_num_input_tokens_seen": tokens_mode,
@@ -135,8 +139,13 @@ def _trainer(tcfg: TrainConfig, checkpoint_dir: Path, parts: TrainerParts, callb
     return SparseLogitsTrainer(fused_head=parts.fused_head, **kwargs)
 
 
-def _callbacks(tcfg: TrainConfig, layout: RunLayout, run_name: str, data: TrainData, session: Session, timer) -> list:
-    callbacks: list = [RichProgressCallback(disable=not session.world.is_main), timer, FinalEvalCallback()]
+def _callbacks(
+    tcfg: TrainConfig, layout: RunLayout, run_name: str, data: TrainData, session: Session, timer, generation=None
+) -> list:
+    # generation_eval first: it adds its metric to the evaluation's log entry before the others read it
+    callbacks: list = [generation] if generation is not None else []
+    progress = RichProgressCallback(disable=not session.world.is_main, metric=generation.metric if generation else None)
+    callbacks += [progress, timer, FinalEvalCallback()]
     if isinstance(data.train, ReplayMixDataset):
         callbacks.append(ReplayEpochCallback(data.train))
     if tcfg.early_stopping_patience:
@@ -193,8 +202,9 @@ def training_arguments(
         save_steps=tcfg.save_steps,
         save_total_limit=tcfg.save_total_limit,
         load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        # every generation_eval metric (rougeL_char, bleu, ...) is higher-is-better; the val loss is not
+        metric_for_best_model=f"eval_{tcfg.early_stopping_metric}",
+        greater_is_better=tcfg.early_stopping_metric != "loss",
         logging_steps=tcfg.logging_steps,
         logging_first_step=True,
         report_to=[],
