@@ -50,7 +50,8 @@ def test_changing_the_eval_metric_reruns_export(tmp_path):
     assert calls == [], "nothing changed, nothing re-runs"
     run_pipeline(_config(tmp_path, eval={"primary_metric": "bleu"}), runners=runners)
     assert "export" in calls and "eval" in calls
-    assert "train" not in calls and "data" not in calls
+    # train reads it too (train.generation_eval's default metric, train/generation_eval.py); data does not
+    assert "train" in calls and "data" not in calls
 
 
 def test_changing_serve_settings_reruns_nothing(tmp_path):
