@@ -119,6 +119,8 @@ def test_grpo_with_verifiers_and_ppo_with_the_reward_model(tmp_path):
     assert metrics["params"]["preference"]["reward"][0]["type"] == "answer_match"
     curves = json.loads((run / "train" / "rewards.json").read_text())
     assert {"reward", "answer_match", "length"} <= set(curves)
+    for (step, total), (_, match), (_, length) in zip(curves["reward"], curves["answer_match"], curves["length"]):
+        assert total == pytest.approx(2.0 * match + length, abs=1e-4), step  # the configured weights
     assert (run / "train" / "rewards.png").is_file()
     assert not (run / "model" / "ref").exists()  # trl's frozen reference copy is not part of the model
     reload_and_generate(run / "model")

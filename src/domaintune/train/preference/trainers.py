@@ -90,6 +90,7 @@ def _rl_trainer(tcfg: TrainConfig, parts: Any, callbacks: list, make_args: MakeA
 
     g = tcfg.grpo if tcfg.method == "grpo" else tcfg.ppo
     assert g is not None
+    rewards = reward_functions(tcfg)
     if tcfg.batch_size % g.num_generations:
         raise UserError(
             f"train.batch_size ({tcfg.batch_size}) counts completions: it must be a multiple of "
@@ -107,6 +108,7 @@ def _rl_trainer(tcfg: TrainConfig, parts: Any, callbacks: list, make_args: MakeA
         beta=g.beta,
         epsilon=g.epsilon,
         num_iterations=g.num_iterations,
+        reward_weights=[r.spec.weight for r in rewards],
         log_completions=False,
         generation_kwargs={"use_cache": True},  # the training model's config has the KV cache off
         **extra,
@@ -119,7 +121,7 @@ def _rl_trainer(tcfg: TrainConfig, parts: Any, callbacks: list, make_args: MakeA
     kept.append(RewardLogCallback(Path(args.output_dir).parent, tcfg.method))
     return GRPOTrainer(
         model=parts.model,
-        reward_funcs=reward_functions(tcfg),
+        reward_funcs=rewards,
         args=args,
         train_dataset=parts.data.train,
         processing_class=parts.tokenizer,
