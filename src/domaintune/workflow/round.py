@@ -270,7 +270,7 @@ def _prepare(r: _Round) -> None:
         test_sets["eval.test_file"] = list(read_jsonl(cfg.eval.test_file))
     source_rows = _new_source_rows(cfg, r)
     r.source_rows = len(source_rows)
-    screen(r.candidates + source_rows, parent_train, test_sets, cfg.data, rules, r.intake)
+    screen(r.candidates + source_rows, parent_train, test_sets, cfg.data, rules, r.intake, _near_threshold(cfg))
     for path, rows in (
         (r.new_rows_file, r.intake.train),
         (r.holdout_file, r.intake.holdout),
@@ -279,6 +279,20 @@ def _prepare(r: _Round) -> None:
         _write_unless_same(path, rows)
     r.child = _child_config(r)
     write_json(r.round_dir / "plan.json", _metadata(r))
+
+
+def _near_threshold(cfg: ProjectConfig) -> float | None:
+    """The stricter of the data stage's and eval's near-duplicate prompt thresholds (eval refuses a test prompt
+    seen in training at its own threshold, so new rows must pass that one too)."""
+    found = [
+        t
+        for t in (
+            getattr(cfg.data.decontaminate, "near_threshold", None),
+            getattr(cfg.eval, "overlap_near_threshold", None),
+        )
+        if t is not None
+    ]
+    return min(found) if found else None
 
 
 def _write_unless_same(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -182,9 +182,13 @@ def screen(
     data: DataConfig,
     rules: ReviewRules,
     intake: Intake,
+    near_threshold: float | None = None,
 ) -> None:
-    """Split candidates into holdout and train rows of `intake`, dropping repeats and contaminated rows."""
-    trained_prompts = _Index(_near(data), None)
+    """Split candidates into holdout and train rows of `intake`, dropping repeats and contaminated rows.
+
+    Prompts are near duplicates at `near_threshold` (default: `data.decontaminate.near_threshold`)."""
+    near = near_threshold if near_threshold is not None else _near(data)
+    trained_prompts = _Index(near, None)
     trained_prompts.add([str(r.get("id")) for r in parent_train], [prompt_of(r) for r in parent_train])
     held: list[dict[str, Any]] = []
     rest: list[dict[str, Any]] = []
@@ -197,7 +201,7 @@ def screen(
         else:
             intake.drop(row, "holdout", f"the parent was trained on this prompt ({hit})")
     rest = _dedup(rest, parent_train, data, intake)
-    tests = _Index(_near(data), data.decontaminate.ngram)
+    tests = _Index(near, data.decontaminate.ngram)
     for name, rows in {**test_sets, "feedback holdout": intake.holdout}.items():
         tests.add([f"{name}:{r.get('id')}" for r in rows], [prompt_of(r) for r in rows])
     for row, hit in zip(rest, tests.match([prompt_of(r) for r in rest])):
