@@ -32,6 +32,11 @@ OutputDirOpt = Annotated[
 ]
 
 
+def result_console() -> Console:
+    """The console for results: piped or captured output keeps a fixed width, so tables neither wrap nor truncate."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def load(config: Path, overrides: list[str] | None, output_dir: Path | None) -> ProjectConfig:
     return load_config(config, overrides or [], output_dir)
 

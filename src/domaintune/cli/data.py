@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 
 
 def register(app: typer.Typer) -> None:
@@ -33,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = load(config, set_, output_dir)
         report = run_data(cfg, cfg.layout, workers=workers, strict=strict)
-        console = Console()
+        console = result_console()
         table = Table(title=f"data: {cfg.name}")
         for col in ("source", "input", "train", "val", "test", "dropped", "balanced"):
             table.add_column(col, justify="right" if col != "source" else "left")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = result_console()
 
 
 def _fmt(value, spec: str) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 
 
 def _duration(seconds: float | None) -> str:
@@ -58,7 +57,7 @@ def register(app: typer.Typer) -> None:
         from domaintune.hardware.doctor import run_checks
 
         hardware, versions, checks = run_checks()
-        out = Console()
+        out = result_console()
         out.print(f"[bold]CPU[/] {hardware.cpu_model}: {hardware.cpu_cores} cores, {hardware.memory_gib:.1f} GiB RAM")
         simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in hardware.cpu_flags]
         out.print(f"[bold]CPU features[/] {', '.join(simd) or 'none of avx2/avx512/amx'}")
@@ -101,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--gpu {name!r}: unknown; choose from {', '.join(NAMED_GPUS)}")
         cfg = load(config, set_, output_dir)
         plan = plan_estimates(cfg, gpus=gpu or [])
-        out = Console()
+        out = result_console()
         out.print(plan.header)
         for target in plan.targets:
             out.print(_estimate_table(plan, target))

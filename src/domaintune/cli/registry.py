@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 from domaintune.errors import UserError
 
 if TYPE_CHECKING:
     from domaintune.registry.store import ModelRegistry
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = result_console()
 
 registry_app = typer.Typer(
     help="Versioned models: register, list, show, diff, promote, roll back, archive.", no_args_is_help=True

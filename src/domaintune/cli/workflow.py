@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load
+from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 
 
 def register(app: typer.Typer) -> None:
@@ -57,9 +57,9 @@ def register(app: typer.Typer) -> None:
 
         stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         result = run_pipeline(cfg, stage_list, from_stage, workers, parent_version=parent, on_stage=on_stage)
-        print_summary(result, Console())
+        print_summary(result, result_console())
         html = write_summary_html(result)
-        Console().print(f"summary: {html}")
+        result_console().print(f"summary: {html}")
         if result.gates_passed is False:
             console.print(
                 "[bold red]eval gates failed:[/] "
@@ -131,7 +131,7 @@ def round_cmd(
     )
     console = Console(stderr=True)
     result = run_round(cfg, from_, options, on_stage=lambda name, what: console.rule(f"[bold]{name}[/]: {what}"))
-    out = Console()
+    out = result_console()
     if as_json:
         out.print_json(json.dumps(result.summary, default=str))
     else:
