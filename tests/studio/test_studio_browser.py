@@ -6,6 +6,7 @@ Screenshots of every screen land in `<tmp_path>/screenshots/` (the path is print
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -32,8 +33,12 @@ WORDS = [
     "血糖",
 ]
 
+# The walk runs on the tiny model in the suite; DOMAINTUNE_STUDIO_TEST_MODEL=smollm2-135m-instruct repeats
+# it on the bundled model (for screenshots of real answers).
+MODEL = os.environ.get("DOMAINTUNE_STUDIO_TEST_MODEL", "tiny-random-llama")
+
 TINY = {
-    "model": {"name_or_path": "tiny-random-llama"},
+    "model": {"name_or_path": MODEL},
     "data": {
         "dedup": {"near": False},
         "filters": {"outlier_sigma": None},
@@ -101,11 +106,11 @@ def _configure(page, base, project_yaml):
     page.click("#apply-form")
     assert "seed: Input should be a valid integer" in page.inner_text("#config-errors")
     page.goto(base + "/p/clinic/config")
-    page.fill("input[name='model.name_or_path']", "tiny-random-llama")
+    page.fill("input[name='model.name_or_path']", MODEL)
     page.click("#apply-form")
     page.wait_for_selector("#saved")
     data = yaml.safe_load(project_yaml.read_text(encoding="utf-8"))
-    assert data["model"]["name_or_path"] == "tiny-random-llama"
+    assert data["model"]["name_or_path"] == MODEL
     for section, values in TINY.items():
         data[section] = {**(data.get(section) or {}), **values}
     page.fill("#yaml", yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
