@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What train.generation_eval can log (as `eval_<name>`).
+GENERATION_METRIC_KEYS = {f"rouge{n}_{level}" for n in "12L" for level in ("char", "word")} | {
+    "bleu", "chrf", "exact_match", "token_f1",
+}  # fmt: skip
+
 
 def plot_losses(log_history: list[dict], path: Path, title: str = "loss") -> Path:
     import matplotlib
@@ -41,8 +46,6 @@ def plot_losses(log_history: list[dict], path: Path, title: str = "loss") -> Pat
 
 def _generation_metric(log_history: list[dict]) -> str | None:
     """The `eval_<metric>` key train.generation_eval logged, if any."""
-    from domaintune.train.report import GENERATION_METRIC_KEYS
-
     for h in log_history:
         for key in h:
             if key.startswith("eval_") and key[5:] in GENERATION_METRIC_KEYS:

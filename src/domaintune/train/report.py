@@ -13,16 +13,13 @@ from domaintune.train.callbacks import StepTimerCallback
 from domaintune.train.data import TrainData
 from domaintune.train.distributed import Session
 from domaintune.train.init_from import Start
+from domaintune.train.plot import GENERATION_METRIC_KEYS
 from domaintune.utils.io import write_json
 from domaintune.utils.versions import library_versions
 
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
 
-# What train.generation_eval can log (as `eval_<name>`).
-GENERATION_METRIC_KEYS = {f"rouge{n}_{level}" for n in "12L" for level in ("char", "word")} | {
-    "bleu", "chrf", "exact_match", "token_f1",
-}  # fmt: skip
 # The libraries train/metrics.json records the versions of.
 TRAIN_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "domaintune")
 
