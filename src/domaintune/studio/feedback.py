@@ -162,7 +162,13 @@ def inbox(project: Project) -> dict[str, Any]:
 
 def approve(project: Project, request_ids: list[str]) -> dict[str, Any]:
     """Export every correction (deduplicated by `export_feedback`), keep the approved requests' rows."""
-    from domaintune.serve.feedback import export_feedback, feedback_export_dir
+    from domaintune.serve.feedback import (
+        PREFERENCE_FILE,
+        SFT_FILE,
+        UNPAIRED_FILE,
+        export_feedback,
+        feedback_export_dir,
+    )
 
     cfg = _cfg(project)
     path = _approved_file(project)
@@ -173,7 +179,7 @@ def approve(project: Project, request_ids: list[str]) -> dict[str, Any]:
     report = export_feedback(cfg, out_dir=staging)
     target = feedback_export_dir(cfg, cfg.layout.root)
     written = {}
-    for name in ("sft.jsonl", "preference.jsonl"):
+    for name in (SFT_FILE, PREFERENCE_FILE, UNPAIRED_FILE):
         rows = [r for r in read_jsonl(staging / name) if r.get("request_id") in approved]
         written[name] = write_jsonl(target / name, rows)
     return {"approved": len(approved), "written": written, "folder": str(target), "dropped": report["dropped"]}
