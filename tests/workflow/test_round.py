@@ -257,7 +257,7 @@ def test_two_unattended_rounds_with_a_live_server_and_the_canary(tmp_path):
     )
     assert third.exit_code == 0, third.output
     said = "".join(third.output.split())  # any terminal width
-    assert "already_done" in said and v3 in said
+    assert "already_done" in said and v3 in said and "canaryrolledback:candidatenegativefeedback" in said
     assert len(registry.list("tiny")) == 3
 
 

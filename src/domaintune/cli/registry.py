@@ -178,12 +178,12 @@ def _event_summary(event: dict[str, Any]) -> str:
         return f"promoted to {d.get('alias')}"
     if kind == "rolled_back":
         return f"rolled back from {d.get('alias')} to {_semver(d.get('to'))}"
-    if kind.startswith("canary_"):
-        return f"{kind.replace('_', ' ')}: {str(d.get('reason', ''))[:80]}"
     if kind == "round":
         return f"round from {_semver(d.get('parent'))}: {d.get('feedback_rows', 0)} feedback rows"
     if kind == "canary_candidate":
-        return f"canary candidate ({d.get('alias')})"
+        return f"canary candidate ({d.get('alias')}) against {d.get('stable')}, {d.get('share', 0):.0%} of users"
+    if kind.startswith("canary_"):
+        return f"{kind.replace('_', ' ')}: {str(d.get('reason', ''))[:80]}"
     return kind
 
 

@@ -173,12 +173,14 @@ def _run(r: _Round, on_stage: Callable[[str, str], None] | None) -> RoundResult:
     done = r.registry.find_by_metadata(r.name, "round.fingerprint", r.fingerprint)
     if done and not r.options.force:
         last = done[-1]
+        since = _since_registered(r, last["version"])
         return _finish(
             r,
             "already_done",
-            f"this round (same parent, feedback and sources) was registered as {last['version']} ({last['status']}); "
-            "nothing to do (--force runs it again)",
+            f"this round (same parent, feedback and sources) was registered as {last['version']} ({last['status']}"
+            f"{since}); nothing to do (--force runs it again)",
             version=last["version"],
+            round_name=f"{r.parent.semver}-{r.fingerprint[:12]}",
         )
     r.folder = cfg.layout.root / "rounds" / f"{r.parent.semver}-{r.fingerprint[:12]}"
     _prepare(r)
@@ -204,6 +206,15 @@ def _run(r: _Round, on_stage: Callable[[str, str], None] | None) -> RoundResult:
         f" ({'; '.join(registered['reasons'])})" if registered["reasons"] else ""
     )
     return _finish(r, status, message, version=version, canary=canary)
+
+
+def _since_registered(r: _Round, version: str) -> str:
+    """`; canary rolled back: <reason>` when serving decided about the version since it was registered."""
+    decided = [e for e in r.registry.events(r.name, version) if e["kind"] in ("canary_rolled_back", "canary_promoted")]
+    if not decided:
+        return ""
+    last = decided[-1]
+    return f"; {last['kind'].replace('_', ' ')}: {last['details'].get('reason', '')}"
 
 
 def _default_store_url(root: Path) -> str:
@@ -565,7 +576,7 @@ def _canary_step(r: _Round, version: str, status: str) -> dict[str, Any]:
 def _finish(r: _Round, status: str, message: str, **extra: Any) -> RoundResult:
     """Write and send the summary; the result the CLI prints."""
     summary: dict[str, Any] = {
-        "round": r.folder.name if r.folder else None,
+        "round": r.folder.name if r.folder else extra.get("round_name"),
         "status": status,
         "message": message,
         "project": r.name,
