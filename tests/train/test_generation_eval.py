@@ -106,3 +106,13 @@ def test_config_rejects_what_cannot_be_watched(train, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         tiny_config(**train)
+
+
+def test_generation_runs_under_the_training_autocast_with_a_bf16_base(tmp_path):
+    """bf16 training holds the frozen base in bf16 and the adapters in fp32: generating outside the Trainer's
+    autocast crashed with a dtype mismatch (the main job, medical-zh, on a bf16 CPU)."""
+    run = make_run_dir(tmp_path, n_train=8, n_val=4)
+    cfg = tiny_config(max_steps=2, eval_steps=2, save_steps=2, precision="bf16",
+                      generation_eval={"items": 2, "max_new_tokens": 3})  # fmt: skip
+    metrics = run_train(cfg, RunLayout(run))
+    assert [step for step, _ in metrics["generation_eval"]["curve"]] == [0, 2]

@@ -68,24 +68,24 @@ class GenerationEvalCallback(TrainerCallback):
         # The evaluation's log entry: `Trainer.log` appended it to the history just before calling this.
         if not logs or "eval_loss" not in logs or "loss" in logs or self.key in logs or model is None:
             return
-        value = self.score(model)
+        value = self.score(model, _half_dtype(args))
         logs[self.key] = value  # the same dict `evaluate` returns: best checkpoint and early stopping read it
         if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
             state.log_history[-1][self.key] = value
         self.history.append((state.global_step, value))
 
-    def score(self, model) -> float:
+    def score(self, model, autocast_dtype: Any = None) -> float:
         """The mean `metric` of greedy answers to the cached prompts."""
         from domaintune.eval.metrics import score_item
 
-        answers = self.generate(model)
+        answers = self.generate(model, autocast_dtype)
         scores = []
         for answer, reference in zip(answers, self.references):
             value = score_item(answer, reference, [self.family]).get(self.metric)
             scores.append(float(value) if value is not None else 0.0)
         return sum(scores) / len(scores)
 
-    def generate(self, model) -> list[str]:
+    def generate(self, model, autocast_dtype: Any = None) -> list[str]:
         import torch
 
         from domaintune.model.loader import end_of_turn_token_ids
@@ -96,7 +96,11 @@ class GenerationEvalCallback(TrainerCallback):
         answers: list[str] = []
         try:
             device = next(model.parameters()).device
-            with torch.inference_mode():
+            # the same autocast as the training step: a bf16 base with fp32 adapters needs it outside the Trainer
+            autocast = torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            )
+            with torch.inference_mode(), autocast:
                 for input_ids, attention_mask in self.batches:
                     out = model.generate(
                         input_ids=input_ids.to(device),
@@ -163,3 +167,14 @@ def build_generation_eval(tcfg, primary_metric: str, tokenizer, val_file: Path) 
         batch_size=settings.batch_size,
         max_prompt_tokens=tcfg.max_length,
     )
+
+
+def _half_dtype(args: Any) -> Any:
+    """The autocast dtype the Trainer trains under (None: full precision)."""
+    import torch
+
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return None
