@@ -76,7 +76,7 @@ def test_off_by_default_keeps_the_val_loss_only(tmp_path):
 
 def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path, monkeypatch):
     scripted = iter([10.0, 30.0, 20.0, 15.0, 50.0, 60.0, 70.0])
-    monkeypatch.setattr(GenerationEvalCallback, "score", lambda self, model: next(scripted))
+    monkeypatch.setattr(GenerationEvalCallback, "score", lambda self, model, autocast_dtype=None: next(scripted))
     run = make_run_dir(tmp_path, n_train=16, n_val=4)
     cfg = tiny_config(
         max_steps=6,
