@@ -58,6 +58,14 @@ class RunLayout:
         """General tasks held out for retention (absent when no holdout was asked for)."""
         return self.data_dir / "general_holdout.jsonl"
 
+    def holdout_file(self, name: str) -> Path:
+        """`data/holdout_<name>.jsonl`: the rows of data.split.holdout_group `name` (an out-of-source test set)."""
+        return self.data_dir / f"holdout_{name}.jsonl"
+
+    def holdout_files(self) -> dict[str, Path]:
+        """Every holdout the data stage wrote, by name."""
+        return {p.stem.removeprefix("holdout_"): p for p in sorted(self.data_dir.glob("holdout_*.jsonl"))}
+
     @property
     def quarantine_file(self) -> Path:
         return self.data_dir / "quarantine.jsonl"

@@ -34,19 +34,26 @@ def register(app: typer.Typer) -> None:
         report = run_data(cfg, cfg.layout, workers=workers, strict=strict)
         console = result_console()
         table = Table(title=f"data: {cfg.name}")
-        for col in ("source", "input", "train", "val", "test", "dropped", "balanced"):
+        holdout = report.get("holdout")
+        places = ["train", "val", "test"] + (["holdout"] if holdout else [])
+        for col in ("source", "input", *places, "dropped", "balanced"):
             table.add_column(col, justify="right" if col != "source" else "left")
         for name, s in report["sources"].items():
             table.add_row(
                 name,
                 str(s["input"]),
-                str(s["kept"]["train"]),
-                str(s["kept"]["val"]),
-                str(s["kept"]["test"]),
+                *(str(s["kept"].get(p, 0)) for p in places),
                 str(s["dropped_total"]),
                 "yes" if s["balanced"] else "NO",
             )
         console.print(table)
+        if holdout:
+            console.print(
+                f"holdout {holdout['name']!r} ({holdout['field']} "
+                + (f"after {holdout['after']}" if holdout["after"] else f"in {holdout['values']}")
+                + f"): {holdout['rows']} rows -> {holdout['file']}",
+                highlight=False,
+            )
         reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])
         console.print(f"drop reasons: {reasons}")
         pairs = report["leakage"]["pairs"]

@@ -91,6 +91,58 @@ class DecontamConfig(StrictModel):
     )
 
 
+_RESERVED_SET_NAMES = ("train", "val", "test", "general")
+
+
+class HoldoutGroupConfig(StrictModel):
+    """Whole groups of rows (a source, a department, a category, the latest dates) kept out of train, val and test
+    and written to data/holdout_<name>.jsonl: an out-of-source test set that eval scores beside the test split."""
+
+    field: str = Field(
+        ...,
+        description="`source` (the source's `name`) or a field kept by the sources (sources[*].keep), e.g. "
+        "department, category, or a date field with `after`.",
+    )
+    values: list[str | int] | None = Field(
+        None, description="Rows whose field equals one of these (compared as text) are held out."
+    )
+    after: str | None = Field(
+        None,
+        description="A date (e.g. 2024-06-01): rows whose date field is later are held out; a row whose date does "
+        "not parse is dropped with stage `split`. Give `values` or `after`, not both.",
+    )
+    name: str = Field(
+        "out_of_source",
+        description="The holdout's name: its file is data/holdout_<name>.jsonl and eval scores it as the set "
+        "of that name (gates `sets.<name>.<metric>_delta_ci_low > 0`).",
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most this many held-out rows (deterministic, seeded); the others are dropped as "
+        "sampled out. Decontamination runs against the rows kept.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> HoldoutGroupConfig:
+        import re
+
+        if (self.values is None) == (self.after is None):
+            raise ValueError("holdout_group: give exactly one of `values` (a list) or `after` (a date)")
+        if self.values is not None and not self.values:
+            raise ValueError("holdout_group.values is empty: list the groups to hold out")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.name) or self.name in _RESERVED_SET_NAMES:
+            raise ValueError(
+                f"holdout_group.name {self.name!r}: use letters, digits and _ (not {', '.join(_RESERVED_SET_NAMES)})"
+            )
+        if self.after is not None:
+            import pandas as pd
+
+            if pd.isna(pd.to_datetime(self.after, errors="coerce")):
+                raise ValueError(f"holdout_group.after {self.after!r} is not a date (e.g. 2024-06-01)")
+        return self
+
+
 _DEFAULT_RATIOS: list[float] = [8, 1, 1]  # ints on purpose: the dumped config (and so the fingerprint) says 8, 1, 1
 
 
@@ -106,6 +158,13 @@ class SplitConfig(StrictModel):
         "(case, width, punctuation, whitespace) or a near-duplicate one (decontaminate.near_threshold), so a repeated "
         "question never sits on both sides; any kept field (e.g. `focus`, a document, patient or customer id); "
         "several are combined (rows linked by any of them stay together). [] or null: every row on its own.",
+    )
+    holdout_group: HoldoutGroupConfig | None = Field(
+        None,
+        description="Hold whole groups out of train/val/test as an out-of-source test set, e.g. "
+        "`{field: source, values: [NIDDK]}`, `{field: department, values: [...]}` or `{field: created_at, after: "
+        "2024-06-01}`; written to data/holdout_<name>.jsonl, decontaminated against train and val like test, "
+        "and accounted in the report like every other row.",
     )
 
     @field_validator("group_by", mode="before")

@@ -1,7 +1,8 @@
 """`decontaminate`: no prompt is trained on and then tested on.
 
-Val rows whose prompt repeats a test prompt are dropped, then train rows whose prompt repeats a val or test
-prompt: the same prompt after normalisation, a near-duplicate one, or a shared long n-gram (`overlap.py`).
+Val rows whose prompt repeats a test (or holdout) prompt are dropped, then train rows whose prompt repeats a val,
+test or holdout prompt (data.split.holdout_group, an out-of-source test set): the same prompt after
+normalisation, a near-duplicate one, or a shared long n-gram (`overlap.py`).
 Each quarantine row names the val/test row it matched. The val/test index is kept (`HeldOut`) so that
 synthetic train rows (data.augment) are checked against it too.
 """
@@ -19,7 +20,8 @@ from domaintune.data.split import Plan
 from domaintune.data.spool import Spooled
 
 STAGE = "decontaminate"
-_TRAIN, _VAL, _TEST = 1, 2, 3
+_TRAIN, _VAL, _TEST, _HOLDOUT = 1, 2, 3, 4
+_TESTED = ("test", "holdout")  # the sets a model is scored on: no val or train row may repeat their prompts
 _BATCH = 2048
 
 
@@ -70,7 +72,7 @@ class HeldOut:
 
     def match(self, pub: dict[str, Any]) -> tuple[str, Match] | None:
         """The val/test row this row's prompt repeats, if any (synthetic rows are checked one by one)."""
-        return self.matches([row_prompt(pub)], [self.text(pub)], ("test", "val"))[0]
+        return self.matches([row_prompt(pub)], [self.text(pub)], (*_TESTED, "val"))[0]
 
     def reason(self, found: tuple[str, Match]) -> str:
         """The quarantine reason for a row that matched (its text up to " (" is what the report counts)."""
@@ -111,18 +113,22 @@ Entry = tuple[int, str, str, str]  # (spooled row, row id, prompt, text of the n
 
 
 def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig, char_ngram: int = 5) -> HeldOut:
-    """Drops val rows that repeat a test prompt, then train rows that repeat a val or test prompt."""
+    """Drops val rows that repeat a test or holdout prompt, then train rows that repeat a val, test or holdout
+    prompt."""
     held = HeldOut(cfg, char_ngram)
     if not cfg.enabled or not plan.assign.any():
         return held
-    val: list[Entry] = []
-    test: list[Entry] = []
+    kept: dict[int, list[Entry]] = {_VAL: [], _TEST: [], _HOLDOUT: []}
     for i, item in rows.read():
-        if plan.assign[i] in (_VAL, _TEST) and i not in plan.dropped:
-            (val if plan.assign[i] == _VAL else test).append(_entry(held, i, item["row"]))
-    held.before.update(val=len(val), test=len(test))
-    held.index("test", test)
-    _drop_matches(plan, held, val, "val", ("test",))
+        if plan.assign[i] in kept and i not in plan.dropped:
+            kept[plan.assign[i]].append(_entry(held, i, item["row"]))
+    val = kept[_VAL]
+    held.before.update(val=len(val), test=len(kept[_TEST]))
+    held.index("test", kept[_TEST])
+    if kept[_HOLDOUT]:
+        held.before["holdout"] = len(kept[_HOLDOUT])
+        held.index("holdout", kept[_HOLDOUT])
+    _drop_matches(plan, held, val, "val", _TESTED)
     held.index("val", [e for e in val if e[0] not in plan.dropped])
     batch: list[Entry] = []
     for i, item in rows.read():
@@ -130,9 +136,9 @@ def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig, char_ngram: in
             held.before["train"] += 1
             batch.append(_entry(held, i, item["row"]))
             if len(batch) >= _BATCH:
-                _drop_matches(plan, held, batch, "train", ("test", "val"))
+                _drop_matches(plan, held, batch, "train", (*_TESTED, "val"))
                 batch = []
-    _drop_matches(plan, held, batch, "train", ("test", "val"))
+    _drop_matches(plan, held, batch, "train", (*_TESTED, "val"))
     return held
 
 

@@ -5,7 +5,7 @@
 * split shares that stray more than `data.guards.max_ratio_drift` from `data.split.ratios` (before the
   data.sample caps) say why (a large group, decontamination, too few rows);
 * an empty train split, or an empty val/test split that the ratios ask for, always fails: there is nothing
-  to train or to test on.
+  to train or to test on; so does an empty data.split.holdout_group.
 
 `data.guards.on_violation: warn` turns the first two into warnings; the report lists them either way.
 """
@@ -20,7 +20,7 @@ from domaintune.data.config import DataConfig
 from domaintune.data.decontaminate import HeldOut
 from domaintune.data.groups import Groups
 from domaintune.data.ledger import Ledger
-from domaintune.data.split import Plan
+from domaintune.data.split import HOLDOUT, Plan
 from domaintune.errors import UserError
 from domaintune.layout import SPLIT_NAMES
 
@@ -50,7 +50,7 @@ def check_guards(
     """Every guard that does not hold, in the order the steps ran; `sizes` are the written splits."""
     findings = _removals(dc, plan, held)
     findings += _ratios(dc, plan, held, groups)
-    findings += _empties(dc, sizes, ledger)
+    findings += _empties(dc, sizes, ledger, plan)
     return findings
 
 
@@ -136,7 +136,7 @@ def _ratios(dc: DataConfig, plan: Plan, held: HeldOut, groups: Groups) -> list[F
     return out
 
 
-def _empties(dc: DataConfig, sizes: Counter[str], ledger: Ledger) -> list[Finding]:
+def _empties(dc: DataConfig, sizes: Counter[str], ledger: Ledger, plan: Plan) -> list[Finding]:
     if ledger.rows_in == 0:
         why = "the sources hold no rows (an empty file, or a header without rows?)"
         return [Finding("empty", "output", "all", f"every split is empty: {why}", fatal=True)]
@@ -152,7 +152,18 @@ def _empties(dc: DataConfig, sizes: Counter[str], ledger: Ledger) -> list[Findin
             top = ", ".join(f"{r} {n:,}" for r, n in list(ledger.drop_reasons().items())[:3])
             why = f"{ledger.rows_in:,} rows read, {sum(sizes.values()):,} kept; most dropped: {top or 'none'}"
         out.append(Finding("empty", "output", split, f"the {split} split is empty: {why}", fatal=True))
-    return out
+    return out + _empty_holdout(dc, sizes, plan)
+
+
+def _empty_holdout(dc: DataConfig, sizes: Counter[str], plan: Plan) -> list[Finding]:
+    """A configured holdout group that matched no row (a misspelt value?) is an error, not an empty test set."""
+    hg = dc.split.holdout_group
+    if hg is None or sizes[HOLDOUT]:
+        return []
+    seen = (plan.holdout or {}).get("rows_per_value") or {}
+    asked = f"after {hg.after}" if hg.after else f"in {[str(v) for v in hg.values or []]}"
+    why = f"no row kept has {hg.field} {asked}" + (f" (values seen, rows: {seen})" if seen else "")
+    return [Finding("empty", "holdout", HOLDOUT, f"the holdout {hg.name!r} is empty: {why}", fatal=True)]
 
 
 def enforce(findings: list[Finding], on_violation: str, report_path: str) -> None:

@@ -76,11 +76,13 @@ class Ledger:
         return self.funnel[stage]
 
     def summary(self) -> dict[str, Any]:
-        """Per source: input, kept by split, dropped by reason (most first), and whether they balance."""
+        """Per source: input, kept by split (and `holdout` when a holdout group was kept), dropped by reason (most
+        first), and whether they balance."""
         out = {}
+        places = [*SPLIT_NAMES, *sorted({s for c in self.kept.values() for s in c} - set(SPLIT_NAMES))]  # + holdout
         for source in self.input:
             dropped = dict(sorted(self.dropped[source].items(), key=lambda kv: -kv[1]))
-            kept = {s: self.kept[source][s] for s in SPLIT_NAMES}
+            kept = {s: self.kept[source][s] for s in places}
             total_dropped = sum(dropped.values())
             total_kept = sum(kept.values())
             out[source] = {

@@ -1,14 +1,15 @@
 """`run_data`: the data stage, as its steps in order.
 
 sources → read and clean (normalise, PII, filters, exact and near dedup) → length outliers → groups (rows
-that must share a split) → split → difficulty → sample val/test → decontaminate (val against test, train
-against both) → sample train → write the splits (+ augment) → general set → leakage table and guards →
-report; a split that fails its guards (`guards.py`) fails the stage after the report is written.
+that must share a split) → holdout group (data.split.holdout_group) → split → difficulty → sample val/test/holdout →
+decontaminate (val against test and holdout, train against all three) → sample train → write the splits and the
+holdout (+ augment) → general set → leakage table and guards → report; a split that fails its guards
+(`guards.py`) fails the stage after the report is written.
 
 Memory: records stream from the readers through bounded batches (worker processes when
 `workers > 1`); rows that survive the per-row stages are spooled to disk, and only small
 per-row numbers (lengths, stratum codes, dedup signatures) stay in memory.
-Accounting: every input record ends in train/val/test or in `quarantine.jsonl` with its
+Accounting: every input record ends in train/val/test/holdout or in `quarantine.jsonl` with its
 source, file, location, stage and reason; the `Ledger` checks `input = kept + Σ dropped`.
 """
 
@@ -22,11 +23,12 @@ from domaintune.data.decontaminate import decontaminate
 from domaintune.data.general import build_general
 from domaintune.data.groups import find_groups
 from domaintune.data.guards import check_guards, enforce
+from domaintune.data.holdout import hold_out_group
 from domaintune.data.ledger import Ledger
 from domaintune.data.overlap import leakage_table
 from domaintune.data.readers import source_name
 from domaintune.data.report import write_html_report
-from domaintune.data.split import Plan, assign_difficulty, drop_outliers, sample, split
+from domaintune.data.split import HOLDOUT, Plan, assign_difficulty, drop_outliers, sample, split
 from domaintune.data.spool import spool_file
 from domaintune.data.summary import SplitChecks, build_report
 from domaintune.data.write import write_splits
@@ -41,9 +43,10 @@ if TYPE_CHECKING:
 def run_data(
     cfg: ProjectConfig, layout: RunLayout, *, workers: int = 1, strict: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """The data stage. Writes data/{train,val,test,general,general_holdout,quarantine}.jsonl and
-    data/report.{json,html}; returns the report."""
+    """The data stage. Writes data/{train,val,test,general,general_holdout,quarantine}.jsonl (and
+    data/holdout_<name>.jsonl with data.split.holdout_group) and data/report.{json,html}; returns the report."""
     dc = cfg.data
+    hg = dc.split.holdout_group
     validate_sources(dc, workers)
     seed = dc.split.seed if dc.split.seed is not None else cfg.seed
     layout.data_dir.mkdir(parents=True, exist_ok=True)
@@ -54,11 +57,13 @@ def run_data(
         drop_outliers(plan, rows, dc.filters.outlier_sigma)
         near = dc.decontaminate.near_threshold
         groups = find_groups(plan, rows, dc.split.group_by, near, dc.dedup.char_ngram)
+        hold_out_group(plan, rows, hg)
         split(plan, rows, dc.split, groups.root)
         assign_difficulty(plan, rows, dc.difficulty)
         stratified = dc.split.by == "stratified"
         sample(plan, rows, "val", dc.sample.val, stratified)
         sample(plan, rows, "test", dc.sample.test, stratified)
+        sample(plan, rows, HOLDOUT, hg.max_rows if hg else None, stratified)
         held = decontaminate(plan, rows, dc.decontaminate, dc.dedup.char_ngram)  # before the train cap
         sample(plan, rows, "train", dc.sample.train, stratified)
 
@@ -66,7 +71,7 @@ def run_data(
         written = write_splits(cfg, layout, rows, plan, ledger, held, heads, progress)
         general = build_general(dc.general, dc.format, layout, ledger, seed) if dc.general is not None else None
 
-        files = {s: layout.split_file(s) for s in SPLIT_NAMES}
+        files = {s: layout.split_file(s) for s in SPLIT_NAMES} | ({HOLDOUT: layout.holdout_file(hg.name)} if hg else {})
         checks = SplitChecks(
             groups.report([i for i in range(plan.n) if plan.assign[i]]),
             leakage_table(files, near_threshold=near, char_ngram=dc.dedup.char_ngram),
@@ -100,6 +105,16 @@ def validate_sources(dc: DataConfig, workers: int) -> None:
             raise UserError(
                 f"data.split.group_by: {name!r} is neither `prompt` nor kept by any source (add it to sources[*].keep)"
             )
+    hg = dc.split.holdout_group
+    if hg is not None and hg.field != "source" and hg.field not in keep_names:
+        raise UserError(
+            f"data.split.holdout_group.field: {hg.field!r} is neither `source` nor kept by any source "
+            "(add it to sources[*].keep)"
+        )
+    if hg is not None and hg.field == "source" and hg.values is not None:
+        unknown = sorted({str(v) for v in hg.values} - set(names))
+        if unknown:
+            raise UserError(f"data.split.holdout_group.values: no source is named {unknown} (sources: {names})")
     if dc.difficulty.enabled and dc.difficulty.by != "length" and dc.difficulty.by not in keep_names:
         raise UserError(f"data.difficulty.by: {dc.difficulty.by!r} is neither `length` nor a kept field")
     if dc.engine == "ray" and workers > 1:

@@ -116,9 +116,9 @@ th{background:#f3f3f3}.ok{color:#1a7f37;font-weight:bold}.bad{color:#c00;font-we
 (quarantine.jsonl holds {{ r.totals.quarantined }} rows{% if r.general %}, incl. {{ r.general.input - r.general.written }} from the general set{% endif %}).</p>
 
 <h2>Per source</h2>
-<table><tr><th>source</th><th>input</th><th>train</th><th>val</th><th>test</th><th>dropped</th><th>check</th><th>drop reasons</th></tr>
+<table><tr><th>source</th><th>input</th><th>train</th><th>val</th><th>test</th>{% if r.holdout %}<th>holdout</th>{% endif %}<th>dropped</th><th>check</th><th>drop reasons</th></tr>
 {% for name, s in r.sources.items() %}<tr><td>{{ name }}</td><td>{{ s.input }}</td><td>{{ s.kept.train }}</td><td>{{ s.kept.val }}</td>
-<td>{{ s.kept.test }}</td><td>{{ s.dropped_total }}</td>
+<td>{{ s.kept.test }}</td>{% if r.holdout %}<td>{{ s.kept.get("holdout", 0) }}</td>{% endif %}<td>{{ s.dropped_total }}</td>
 <td>{% if s.balanced %}<span class="ok">{{ s.input }} = {{ s.kept_total }} + {{ s.dropped_total }}</span>{% else %}<span class="bad">mismatch</span>{% endif %}</td>
 <td class="small">{% for k, v in s.dropped.items() %}{{ k }}: {{ v }}<br>{% endfor %}</td></tr>{% endfor %}
 </table>
@@ -161,6 +161,9 @@ clusters: {{ r.dedup.clusters }} · largest: {{ r.dedup.largest_cluster }} rows.
 <h2>Split</h2>
 <p>By <b>{{ r.split.by }}</b>{% if r.split.field %} on <code>{{ r.split.field }}</code>{% endif %}, ratios {{ r.split.ratios|join(" : ") }}, seed {{ r.split.seed }}.
 Sizes: {% for k, v in r.split.sizes.items() %}{{ k }} {{ v }} {% endfor %}{% if sampled %}(before the data.sample caps: {% for k, v in r.split.sizes_before_sampling.items() %}{{ k }} {{ v }} {% endfor %}){% endif %}.</p>
+{% if r.holdout %}{% set h = r.holdout %}<p>Held out of train/val/test (data.split.holdout_group <b>{{ h.name }}</b>): rows whose <code>{{ h.field }}</code> is {% if h.after %}after {{ h.after }}{% else %}one of {{ h['values']|join(", ") }}{% endif %}:
+{{ h.rows }} rows written to <code>{{ h.file }}</code>{% if h.max_rows %} (of {{ h.before_sampling }}, capped at {{ h.max_rows }}){% endif %}; train and val rows repeating one of their prompts are dropped (decontamination).
+{% if h.rows_per_value %}Rows per {{ h.field }} before the split: {% for k, v in h.rows_per_value.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.{% endif %}</p>{% endif %}
 {% set g = r.split.groups %}{% if g.by %}<p>Rows that share a group stay in one split (group_by {{ g.by|join(", ") }}): {{ g.groups }} groups,
 {{ g.rows_in_shared_groups }} rows share a group with another row, the largest holds {{ g.largest }}{% if g.links %} (links: {% for k, v in g.links.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}){% endif %}.</p>{% else %}<p>No grouping (data.split.group_by is empty): every row is placed on its own.</p>{% endif %}
 {% set d = r.decontaminate %}<p>Decontamination{% if d.enabled %}: {{ d.dropped }} rows dropped (train {{ d.by_split.train }}, val {{ d.by_split.val }}{% for k, v in d.by_kind.items() %}; {{ k }} {{ v }}{% endfor %}):

@@ -18,6 +18,8 @@ from domaintune.data.spool import Spooled
 from domaintune.layout import SPLIT_NAMES
 
 TIERS = ("(none)", "easy", "medium", "hard")  # indexed by Plan.difficulty
+HOLDOUT = "holdout"  # rows of data.split.holdout_group: never train/val/test, written to data/holdout_<name>.jsonl
+PLACES = (*SPLIT_NAMES, HOLDOUT)  # Plan.assign codes 1..4
 
 
 def seeded_rng(seed: int, key: str) -> np.random.Generator:
@@ -31,20 +33,21 @@ class Plan:
 
     n: int
     seed: int
-    assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test
+    assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test, 4 holdout
     difficulty: np.ndarray = field(init=False)  # index into TIERS
     dropped: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (stage, reason)
     detail: dict[int, dict[str, Any]] = field(default_factory=dict)  # row -> extra quarantine fields of its drop
     outliers: dict[str, Any] | None = None  # the length bounds, when outliers were looked for
     tiers: dict[str, Any] | None = None  # the difficulty quantiles, when tiers were given
-    before_sampling: Counter[str] = field(default_factory=Counter)  # rows per split
+    before_sampling: Counter[str] = field(default_factory=Counter)  # rows per split (and holdout)
+    holdout: dict[str, Any] | None = None  # what the holdout step saw: rows per value of its field
 
     def __post_init__(self) -> None:
         self.assign = np.zeros(self.n, dtype=np.int8)
         self.difficulty = np.zeros(self.n, dtype=np.int8)
 
     def split_of(self, i: int) -> str | None:
-        return SPLIT_NAMES[self.assign[i] - 1] if self.assign[i] else None
+        return PLACES[self.assign[i] - 1] if self.assign[i] else None
 
 
 def drop_outliers(plan: Plan, rows: Spooled, sigma: float | None) -> None:
@@ -64,8 +67,9 @@ def drop_outliers(plan: Plan, rows: Spooled, sigma: float | None) -> None:
 
 def split(plan: Plan, rows: Spooled, sp: SplitConfig, root: np.ndarray | None = None) -> None:
     """train/val/test by the ratios: by time (newest last), or shuffled per stratum (one stratum: random).
-    Whole groups are placed (`root`: per row the first row of its group, from `groups.find_groups`)."""
-    alive = [i for i in range(plan.n) if i not in plan.dropped]
+    Whole groups are placed (`root`: per row the first row of its group, from `groups.find_groups`); rows already
+    held out (`holdout.hold_out_group`) are not."""
+    alive = [i for i in range(plan.n) if i not in plan.dropped and not plan.assign[i]]
     root = np.arange(plan.n) if root is None else root
     if sp.by == "time":
         _place(plan, _grouped(_by_time(plan, rows, alive, sp), root), sp.ratios)
@@ -78,7 +82,7 @@ def split(plan: Plan, rows: Spooled, sp: SplitConfig, root: np.ndarray | None = 
             groups = strata[key]
             rng = seeded_rng(plan.seed, key)
             _place(plan, [groups[j] for j in rng.permutation(len(groups))], sp.ratios)
-    plan.before_sampling = Counter({s: int((plan.assign == k + 1).sum()) for k, s in enumerate(SPLIT_NAMES)})
+    plan.before_sampling = Counter({s: int((plan.assign == k + 1).sum()) for k, s in enumerate(PLACES)})
 
 
 def _grouped(ordered: list[int], root: np.ndarray) -> list[list[int]]:
@@ -143,7 +147,7 @@ def assign_difficulty(plan: Plan, rows: Spooled, dc: DifficultyConfig) -> None:
 def sample(plan: Plan, rows: Spooled, which: str, cap: int | None, stratified: bool) -> None:
     """At most `cap` rows of split `which` (stratified: each stratum keeps its share, largest remainders
     first); the others are dropped as sampled out."""
-    code = SPLIT_NAMES.index(which) + 1
+    code = PLACES.index(which) + 1
     members = [i for i in np.nonzero(plan.assign == code)[0].tolist() if i not in plan.dropped]
     if cap is None or len(members) <= cap:
         return

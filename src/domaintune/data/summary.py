@@ -13,7 +13,7 @@ from domaintune.data.clean import Cleaning
 from domaintune.data.decontaminate import HeldOut
 from domaintune.data.guards import Finding
 from domaintune.data.ledger import Ledger
-from domaintune.data.split import Plan
+from domaintune.data.split import HOLDOUT, Plan
 from domaintune.data.write import Written
 from domaintune.layout import SPLIT_NAMES, RunLayout
 
@@ -29,7 +29,7 @@ FUNNEL_STAGES = (
     ("dedup_near", "near duplicates (MinHash-LSH)"),
     ("outlier", "length outliers (k·σ)"),
     ("split", "rows the split could not place"),
-    ("decontaminate", "train rows repeating a val/test prompt, val rows repeating a test prompt"),
+    ("decontaminate", "train rows repeating a val/test/holdout prompt, val rows repeating a test/holdout prompt"),
     ("sample", "sampled out by data.sample caps"),
 )
 
@@ -103,8 +103,28 @@ def build_report(
             "kept_chars": hist_summary(written.lengths),
             "kept_answer_chars": hist_summary(written.answer_lengths),
         },
+        "holdout": _holdout(cfg, layout, plan, held, written, sources),
         "general": general,
         "augment": written.augment,
+    }
+
+
+def _holdout(
+    cfg: ProjectConfig, layout: RunLayout, plan: Plan, held: HeldOut, written: Written, sources: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The held-out group (data.split.holdout_group): what was asked, what it matched, and what was written."""
+    hg = cfg.data.split.holdout_group
+    if hg is None or plan.holdout is None:
+        return None
+    return {
+        **plan.holdout,
+        "file": str(layout.holdout_file(hg.name)),
+        "rows": written.sizes[HOLDOUT],
+        "before_sampling": plan.before_sampling[HOLDOUT],
+        "max_rows": hg.max_rows,
+        "by_source": {name: s["kept"].get(HOLDOUT, 0) for name, s in sources.items()},
+        "per_stratum": dict(sorted(written.strata[HOLDOUT].items())),
+        "decontaminated_against": held.before[HOLDOUT] > 0,
     }
 
 
@@ -122,6 +142,8 @@ def funnel(ledger: Ledger, cleaning: Cleaning, written: Written) -> list[dict[st
         rows.append(_stage(stage, current, dropped, note))
         current -= dropped
     note = ", ".join(f"{s}={written.sizes[s]}" for s in SPLIT_NAMES)
+    if written.sizes[HOLDOUT]:
+        note += f", {HOLDOUT}={written.sizes[HOLDOUT]}"
     rows.append(
         {"stage": "output", "rows_in": current, "dropped": 0, "rows_out": sum(written.sizes.values()), "note": note}
     )

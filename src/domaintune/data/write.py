@@ -1,6 +1,6 @@
-"""`write_splits`: the plan carried out. Each spooled row is written to its split's file (with its
-difficulty tier and the system prompt) or dropped in the ledger; synthetic rows made from the train
-rows (data.augment) follow the train rows, unless their prompt repeats a val/test prompt."""
+"""`write_splits`: the plan carried out. Each spooled row is written to its split's file (or the holdout's, with
+data.split.holdout_group; with its difficulty tier and the system prompt) or dropped in the ledger; synthetic
+rows made from the train rows (data.augment) follow the train rows, unless their prompt repeats a val/test prompt."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from domaintune.data.dedup import snippet
 from domaintune.data.formats import convert_row
 from domaintune.data.ledger import Ledger, Where
 from domaintune.data.processing import normalise
-from domaintune.data.split import TIERS, Plan
+from domaintune.data.split import HOLDOUT, PLACES, TIERS, Plan
 from domaintune.data.spool import Spooled
 from domaintune.layout import SPLIT_NAMES, RunLayout
 from domaintune.utils.io import atomic_write
@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 class Written:
     """What went into the split files, for the report."""
 
-    sizes: Counter[str] = field(default_factory=Counter)  # rows per split
-    strata: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLIT_NAMES})
-    difficulty: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLIT_NAMES})
+    sizes: Counter[str] = field(default_factory=Counter)  # rows per split (and holdout)
+    strata: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in PLACES})
+    difficulty: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in PLACES})
     lengths: array[int] = field(default_factory=lambda: array("l"))  # characters of each written row
     answer_lengths: array[int] = field(default_factory=lambda: array("l"))
     snippets: dict[str, str] = field(default_factory=dict)  # text of the rows that head a duplicate cluster
@@ -49,7 +49,8 @@ def write_splits(
     cluster_heads: set[str],
     progress: bool,
 ) -> Written:
-    """data/{train,val,test}.jsonl, published together once every row is written."""
+    """data/{train,val,test}.jsonl (and data/holdout_<name>.jsonl), published together once every row is written;
+    holdout files of other names (an earlier config's) are removed, so eval never scores a stale holdout."""
     dc = cfg.data
     written = Written()
     system_prompt = normalise(dc.system_prompt, dc.normalise) if dc.system_prompt else None  # the rows' rule
@@ -58,6 +59,12 @@ def write_splits(
     names = rows.stratum_names()
     with ExitStack() as stack:
         files = {s: stack.enter_context(atomic_write(layout.split_file(s))) for s in SPLIT_NAMES}
+        hg = dc.split.holdout_group
+        if hg is not None:
+            files[HOLDOUT] = stack.enter_context(atomic_write(layout.holdout_file(hg.name)))
+        for name, path in layout.holdout_files().items():
+            if hg is None or name != hg.name:
+                path.unlink()
         for i, item in rows.read():
             row = item["row"]
             if row["id"] in cluster_heads:
