@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import threading
 import time
@@ -68,6 +69,7 @@ def _cfg(run: Path, **eval_overrides):
         "worst_n": 3,
         "gates": ["perplexity_delta_ci_high < 1e12", "general.tuned.perplexity > 1"],
         "primary_metric": "chrf",
+        "engine": "transformers",
     }
     eval_section.update(eval_overrides)
     return config_from_dict(
@@ -144,6 +146,35 @@ def test_run_eval_end_to_end_and_cache(run_dir):
     assert changed["cache"]["answers_generated"] == 2 * (6 + 3)
     assert len(list(read_jsonl(ev / "predictions.jsonl"))) == len(first) + 2 * (6 + 3)
     assert all(m["avg_new_tokens"] <= 3 for m in changed["metrics"]["test"].values())
+
+
+def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path):
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+
+    reason = unavailable_reason() or converter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("data", "model"):
+        shutil.copytree(run_dir / name, run / name)
+    cfg = _cfg(run, engine="llamacpp", engine_check_items=3, robustness={"enabled": False}, metrics=["rouge", "chrf"])
+    report = run_eval(cfg, RunLayout(run))
+    engine = report["engine"]
+    assert engine["name"] == "llamacpp" and engine["reason"] == "eval.engine=llamacpp"
+    assert set(engine["check"]) == {"base", "tuned"}
+    check = engine["check"]["tuned"]
+    assert check["items"] == 3 and 0 <= check["identical_answers"] <= 3
+    assert 0.0 <= check["prefix_agreement"] <= 1.0 and check["metric"] == "chrf"
+    # the check's transformers answers are cached beside the llama.cpp ones, under their own identity
+    rows = list(read_jsonl(run / "eval" / "predictions.jsonl"))
+    checked = [r for r in rows if r["set"] == "engine_check"]
+    assert len(checked) == 2 * 3 and not any("llamacpp" in r["model_identity"] for r in checked)
+    assert all("llamacpp" in r["model_identity"] for r in rows if r["set"] == "test")
+    html = (run / "eval" / "report.html").read_text(encoding="utf-8")
+    assert "engine: llamacpp" in html and "engine check (tuned, first 3 test items" in html
+    again = run_eval(cfg, RunLayout(run))
+    assert again["cache"]["answers_generated"] == 0 and again["engine"]["check"] == engine["check"]
 
 
 def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_path):
@@ -338,6 +369,7 @@ def test_interrupted_generation_keeps_finished_batches(run_dir, tmp_path, monkey
             "model": {"name_or_path": "tiny-random-llama"},
             "eval": {
                 "tuned": False,
+                "engine": "transformers",  # batches of 2 (llama.cpp hands over each answer as it finishes)
                 "decoding": {"max_new_tokens": 4, "batch_size": 2},
                 "robustness": {"enabled": False},
                 "metrics": ["chrf"],

@@ -87,6 +87,10 @@ def _print_summary(report: dict[str, Any], layout: RunLayout) -> None:
         console.print(
             f"robustness ({name}): mean drop {_fmt(r['mean_drop'])} points of {report['robustness']['metric']}"
         )
+    from domaintune.eval.engine_check import describe_engine
+
+    for line in describe_engine(report.get("engine")):
+        console.print(line, highlight=False)
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     cache = report["cache"]

@@ -96,6 +96,69 @@ class ReviewConfig(StrictModel):
     show_reference: bool = Field(False, description="Show the reference answer to reviewers too.")
 
 
+class ConcentrationConfig(StrictModel):
+    """The template-learning alarm: a gain over base that comes from a few items or from one stratum."""
+
+    enabled: bool = Field(True, description="Check every set's gain (primary metric, each model - base).")
+    gain_share: float = Field(
+        0.5, gt=0, lt=1, description="Share of the total gain (sum of per-item deltas) that counts as 'most of it'."
+    )
+    max_item_share: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="The alarm sounds when over `gain_share` of the gain comes from under this share of the items "
+        "(the fewest largest-gain items are counted, and listed).",
+    )
+    stratum_gain_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="The alarm also sounds when one stratum (eval.stratum_field) brings over this share of the "
+        "total gain ...",
+    )
+    max_stratum_item_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="... while holding at most this share of the items (a large stratum naturally brings much of "
+        "the gain; at the defaults, a stratum of at most a quarter of the items bringing over half the gain).",
+    )
+
+
+class EvalSetConfig(StrictModel):
+    """One named evaluation set: scored by every model, with its own metrics, deltas, intervals, alarm and gates."""
+
+    name: str = Field(
+        ...,
+        description="The set's name in the report and in gates (`sets.<name>.rougeL_char_delta_ci_low > 0`). "
+        "`test` is the data stage's test split and `general` the retention set unless `file` says otherwise.",
+    )
+    file: ConfigPath | None = Field(
+        None,
+        description="JSONL rows (messages, alpaca instruction/input/output or sharegpt conversations) or a CSV "
+        "file with instruction[,input],output columns. Default: `test` -> eval.test_file or data/test.jsonl; "
+        "`general` -> the retention set (eval.general_file); other names -> data/holdout_<name>.jsonl written by "
+        "data.split.holdout_group.",
+    )
+    kind: Literal["in_distribution", "out_of_source", "retention"] | None = Field(
+        None,
+        description="What the set measures (shown in the report). retention: the tuned/base ratio is reported and "
+        "a file that train.replay trains on is refused. Default: test -> in_distribution, general -> retention, "
+        "else out_of_source.",
+    )
+    max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items of this set.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", value):
+            raise ValueError(f"set name {value!r}: use letters, digits and _ (it is part of gate names)")
+        return value
+
+
 class EvalConfig(StrictModel):
     test_file: ConfigPath | None = Field(None, description="Domain test set. Default: `<output_dir>/data/test.jsonl`.")
     general_file: ConfigPath | None = Field(
@@ -121,6 +184,20 @@ class EvalConfig(StrictModel):
         le=1,
         description="MinHash Jaccard from which a test prompt counts as a near duplicate of a training prompt.",
     )
+    sets: list[EvalSetConfig] | None = Field(
+        None,
+        description=(
+            "The named sets scored side by side, each with its metrics, deltas with bootstrap intervals, "
+            "concentration alarm and gates. Default: `test`, every data/holdout_<name>.jsonl the data stage wrote "
+            "(data.split.holdout_group; kind out_of_source), and `general` (retention) when there is one. "
+            "report.json: `sets.<name>.{file,kind,n_items,metrics.<model>.<metric>,deltas.<model>.<metric>.{delta,"
+            "ci_low,ci_high,base,model,n},concentration.<model>,retention.<model>,contamination}`. Gates: "
+            "`sets.<name>.<metric>_delta[_ci_low|_ci_high]` (tuned - base), `sets.<name>.<model>.<metric>`, "
+            "`sets.<name>.retention`, `sets.<name>.gain_concentrated` (1 when the alarm sounds); un-prefixed names "
+            "(`rougeL_char_delta_ci_low`) keep meaning the `test` set. Robustness and the judge run on `test`. "
+            "Every set is checked against the training data (see allow_overlap)."
+        ),
+    )
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N test items (CPU budgets).")
     max_general_items: int | None = Field(None, ge=1, description="Evaluate only the first N general items.")
     base: bool = Field(True, description="Evaluate the base model (`model:` section).")
@@ -129,21 +206,21 @@ class EvalConfig(StrictModel):
     decoding: DecodingConfig = Field(
         default_factory=DecodingConfig, description="Decoding settings shared by every model (greedy by default)."
     )
-    # default transformers until the report states the engine and its agreement sample (docs/llamacpp.md)
     engine: Literal["auto", "transformers", "llamacpp"] = Field(
-        "transformers",
+        "auto",
         description=(
             "Engine generating the answers of local models (base, tuned, eval.models paths), the same for all "
             "of them. llamacpp: each model as a q8_0 GGUF (the tuned adapter merged first), several sequences "
             "decoded together on the CPU. auto: llama.cpp on a CPU-only machine when llama-cpp-python is "
-            "installed, else transformers. Perplexity is always computed with transformers."
+            "installed, else transformers. Perplexity is always computed with transformers. The report names the engine "
+            "and why it was chosen."
         ),
     )
     engine_check_items: int = Field(
         8,
         ge=0,
-        description="With llamacpp: greedy answers to this many items are also generated with transformers and "
-        "their token agreement is reported. 0: no check.",
+        description="With llamacpp: the first N test items are also answered by transformers (greedy, cached); "
+        "the report gives identical answers, prefix agreement and the primary metric under both engines. 0: no check.",
     )
     metrics: list[Literal[ALL_METRICS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(ALL_METRICS),
@@ -159,7 +236,8 @@ class EvalConfig(StrictModel):
     primary_metric: str = Field("rougeL_char", description="Metric used for worst cases, robustness and retention.")
     gates: list[str] = Field(
         default_factory=list,
-        description="Pass/fail rules such as `rougeL_char_delta >= 2` or `retention >= 0.95`; eval exits 1 on failure.",
+        description="Pass/fail rules such as `rougeL_char_delta >= 2`, `retention >= 0.95` or "
+        "`sets.out_of_source.rougeL_char_delta_ci_low > 0` (names: eval.sets); eval exits 1 on failure.",
     )
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
     num_threads: ThreadCount = Field(
@@ -168,6 +246,11 @@ class EvalConfig(StrictModel):
         "(affinity, SMT siblings and cgroup quota considered).",
     )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the delta CIs.")
+    concentration: ConcentrationConfig = Field(
+        default_factory=ConcentrationConfig,
+        description="Template-learning alarm: flags a gain concentrated in few items or one stratum, lists them "
+        "and reports the gain without them.",
+    )
     worst_n: int = Field(10, ge=0, description="Worst items listed in the error analysis.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional LLM-as-judge (skipped without url).")
     robustness: RobustnessConfig = Field(
@@ -204,6 +287,14 @@ class EvalConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval.models: duplicate names {dupes}")
+        set_names = [s.name for s in self.sets or []]
+        if len(set(set_names)) != len(set_names):
+            raise ValueError(f"eval.sets: duplicate names {sorted({n for n in set_names if set_names.count(n) > 1})}")
+        if self.sets is not None and "test" not in set_names:
+            raise ValueError(
+                "eval.sets must list `test` (the in-distribution split: robustness, the judge, the worst cases and "
+                "the un-prefixed gate names use it)"
+            )
         known = set(names) | {"base", "tuned"}
         unknown = sorted(set(self.robustness.models or []) - known)
         if unknown:

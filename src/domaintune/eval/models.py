@@ -91,6 +91,7 @@ class EvalModel:
     _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
     engine: str = "transformers"  # "llamacpp": answers from a q8_0 GGUF of `hf_source`'s folder
+    engine_reason: str = ""  # why eval.engine chose it (the report says)
     hf_source: Callable[[], tuple[Path, Any]] | None = None  # (plain HF folder, tokenizer with the eval template)
 
     # ------------------------------------------------------------------ lifecycle
@@ -404,7 +405,9 @@ def choose_eval_engine(setting: str) -> tuple[str, str]:
     return "llamacpp", "eval.engine=auto: llama.cpp on the CPU (q8_0 GGUF of each model)"
 
 
-def _hf_source(folder: Path, base_dir: Path | None, chat_template: str | None) -> tuple[Path, Any]:
+def _hf_source(
+    folder: Path, base_dir: Path | None, chat_template: str | None, thinking: str | None = None
+) -> tuple[Path, Any]:
     """The plain HF folder llama.cpp converts (an adapter merged into `base_dir` first) and its tokenizer."""
     from transformers import AutoTokenizer
 
@@ -413,7 +416,7 @@ def _hf_source(folder: Path, base_dir: Path | None, chat_template: str | None) -
 
     source = merged_adapter(folder, base_dir) if base_dir is not None and is_adapter_dir(folder) else folder
     tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").is_file() else source)
-    apply_chat_template_setting(tokenizer, chat_template, source=str(folder))
+    apply_chat_template_setting(tokenizer, chat_template, source=str(folder), thinking=thinking)
     return source, tokenizer
 
 
@@ -430,7 +433,9 @@ def _use_engine(models: list[EvalModel], engine: str, cfg: ProjectConfig) -> Non
         m.engine = "llamacpp"
         m.identity += "|engine:llamacpp-q8_0"
         if m.name == "base":
-            m.hf_source = functools.partial(_hf_source, base_dir, None, cfg.model.chat_template)
+            m.hf_source = functools.partial(
+                _hf_source, base_dir, None, cfg.model.chat_template, thinking=cfg.model.thinking
+            )
         else:
             folder = Path(m.spec.path) if m.spec is not None and m.spec.path is not None else Path(m.description)
             m.hf_source = functools.partial(_hf_source, folder, base_dir, None)
@@ -445,7 +450,7 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
     models: list[EvalModel] = []
     if ecfg.base:
         base_dir = resolve_model_dir(cfg.model)
-        template = cfg.model.chat_template or ""
+        template = (cfg.model.chat_template or "") + (f"|thinking:{cfg.model.thinking}" if cfg.model.thinking else "")
         models.append(
             EvalModel(
                 name="base",
@@ -503,4 +508,6 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
     engine, why = choose_eval_engine(ecfg.engine)
     log.info("%s", why)
     _use_engine(models, engine, cfg)
+    for m in models:
+        m.engine_reason = why if m.kind == "local" else ""
     return models

@@ -9,6 +9,8 @@ from typing import Any
 
 from jinja2 import Environment, select_autoescape
 
+from domaintune.eval.engine_check import describe_engine
+
 SCORE_METRICS = (
     "rouge1_char",
     "rouge2_char",
@@ -257,6 +259,7 @@ img{max-width:100%;border:1px solid #eee;margin:0.3em 0 1em}.note{color:#555}
 {% for name, m in r.models.items() %}<tr><td>{{ name }}</td><td>{{ m.kind }}</td><td>{{ m.description }}</td><td><code>{{ m.identity[:60] }}</code></td></tr>{% endfor %}</table>
 <p class="note">Decoding: {{ r.decoding }} · sets: {% for n, s in r.sets.items() %}{{ n }} = {{ s.n_items }} items ({{ s.language }}) {% endfor %}
 · answers reused from cache: {{ r.cache.answers_reused }}, generated: {{ r.cache.answers_generated }} · wall time {{ fmt(r.timing.wall_s) }} s</p>
+{% for line in engine_lines %}<p class="note">{{ line }}</p>{% endfor %}
 <p class="note">Latency: {{ r.latency_note }}</p>
 {% for note in r.notes %}<p class="note">Note: {{ note }}</p>{% endfor %}
 {% for set_name, per_model in r.metrics.items() %}
@@ -307,5 +310,10 @@ def render_html(report: dict[str, Any]) -> str:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     template = env.from_string(TEMPLATE)
     return template.render(
-        r=report, charts=_charts(report), fmt=_fmt, metric_names=_metric_names, delta_class=_delta_class
+        r=report,
+        charts=_charts(report),
+        fmt=_fmt,
+        metric_names=_metric_names,
+        delta_class=_delta_class,
+        engine_lines=describe_engine(report.get("engine")),
     )

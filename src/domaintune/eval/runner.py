@@ -19,6 +19,7 @@ import numpy as np
 
 from domaintune.errors import UserError
 from domaintune.eval import metrics as M
+from domaintune.eval.engine_check import check_engine_agreement, engine_summary
 from domaintune.eval.gates import evaluate_gates, parse_gate
 from domaintune.eval.items import (
     Item,
@@ -32,6 +33,7 @@ from domaintune.eval.models import EvalModel, build_models, clean_answer, decodi
 from domaintune.eval.perturb import perturb_prompt
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.layout import RunLayout
+from domaintune.model.thinking import answer_text
 from domaintune.utils.io import read_jsonl, write_json, write_jsonl
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     nll_cache = JsonlCache(layout.eval_dir / "perplexity.jsonl")
     answers, nll = _answer_every_set(models, sets, gens, nll_cache, cfg, notes)
     scored = _score_every_set(sets, answers, nll, ecfg, glossary)
+    engine = _check_engine(models, sets, answers, gens, ecfg)
     robustness = _robustness(sets.items["test"], models, gens, scored.per_item["test"], ecfg, _seed(cfg))
     for model in models:
         model.unload()
@@ -91,6 +94,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     stratum_field = detect_stratum_field(sets.items["test"], ecfg.stratum_field)
     report: dict[str, Any] = {
         **_header(cfg, layout, sets, models, gens),
+        "engine": engine,
         "metrics": scored.aggregate,
         "deltas": deltas,
         "retention": retention,
@@ -251,6 +255,22 @@ def _answer_every_set(
     return answers, nll
 
 
+def _check_engine(
+    models: list[EvalModel], sets: _Sets, answers: _Answers, gens: _Generations, ecfg: EvalConfig
+) -> dict[str, Any]:
+    """Which engine answered, and (llama.cpp) how its first test answers compare with transformers' own."""
+    summary = engine_summary(models)
+    summary["check"] = check_engine_agreement(
+        models,
+        sets.items["test"],
+        answers["test"],
+        ecfg.engine_check_items,
+        ecfg.primary_metric,
+        lambda model, ids, prompts: gens.answers(model, "engine_check", ids, prompts),
+    )
+    return summary
+
+
 class _Generations:
     """Answers per (set, model), through the cache."""
 
@@ -378,18 +398,20 @@ def _score_set(
     aggregate: dict[str, dict[str, float | None]] = {}
     gold = [classification_gold(it) for it in items]
     labels = sorted({g for g in gold if g is not None})
+    references = [answer_text(it.reference) for it in items]  # a reasoning model's answer after its <think> block
     for name, rows in answers.items():
         scores = []
-        for it, row, g in zip(items, rows, gold):
-            s = M.score_item(row["prediction"], it.reference, ecfg.metrics, glossary)
+        predictions = [answer_text(row["prediction"]) for row in rows]
+        for reference, prediction, g in zip(references, predictions, gold):
+            s = M.score_item(prediction, reference, ecfg.metrics, glossary)
             if g is not None and "classification" in ecfg.metrics:
-                s["pred_label"] = M.predicted_label(row["prediction"], labels)
+                s["pred_label"] = M.predicted_label(prediction, labels)
                 s["accuracy"] = 100.0 if s["pred_label"] == g else 0.0
             scores.append(s)
         per_item[name] = scores
         agg = _aggregate([{k: v for k, v in s.items() if k != "pred_label"} for s in scores])
         if "bleu" in ecfg.metrics:
-            agg["bleu_corpus"] = M.corpus_bleu([r["prediction"] for r in rows], [it.reference for it in items])
+            agg["bleu_corpus"] = M.corpus_bleu(predictions, references)
         if labels and "classification" in ecfg.metrics:
             labelled = [(g, s["pred_label"]) for g, s in zip(gold, scores) if g is not None]
             agg.update(M.classification_scores([g for g, _ in labelled], [p for _, p in labelled]))
