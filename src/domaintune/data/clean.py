@@ -43,6 +43,7 @@ class Cleaning:
     normalised: int = 0  # rows changed by normalisation
     pii_rows: int = 0  # rows with PII redacted
     pii_counts: Counter[str] = field(default_factory=Counter)  # by PII type
+    tool_rows: int = 0  # kept rows that declare tools or hold tool calls
 
 
 def read_and_clean(
@@ -64,7 +65,27 @@ def read_and_clean(
             settle.batch(result, reader.where)
             bar.advance(task, len(batch))
         bar.update(task, total=ledger.rows_in, completed=ledger.rows_in)
+    if cleaning.tool_rows:
+        check_tool_rows(cfg, cleaning.tool_rows)
     return rows, cleaning
+
+
+def check_tool_rows(cfg: ProjectConfig, n_rows: int) -> None:
+    """Rows with tool calls need an output format that holds them and a chat template that renders them
+    (one without tool branches would silently train on conversations with the calls left out)."""
+    from domaintune.model.loader import load_tokenizer
+    from domaintune.model.tools import template_tool_problem
+
+    if cfg.data.format == "alpaca":
+        raise UserError(
+            f"data.format: alpaca cannot hold tool calls ({n_rows} rows have them); use messages or sharegpt"
+        )
+    problem = template_tool_problem(load_tokenizer(cfg.model))
+    if problem is not None:
+        raise UserError(
+            f"{n_rows} rows have tool calls, but model {cfg.model.name_or_path!r}: {problem}; set "
+            "model.chat_template to a template with tool support (e.g. `chatml-tools`, or the model family's own)"
+        )
 
 
 @dataclass
@@ -228,6 +249,7 @@ class _Settler:
 
     def _spool(self, where: Where, pub: dict[str, Any], o: dict[str, Any]) -> None:
         item = {"source": where.source, "file": where.file, "loc": where.loc, "row": pub}
+        self.cleaning.tool_rows += bool(pub.get("tools"))
         self.spool.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
         sp, rows, extra = self.dc.split, self.rows, o["row"]["extra"]
         rows.length.append(o["length"])

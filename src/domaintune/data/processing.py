@@ -6,6 +6,7 @@ the main process (`clean.py`, `split.py`, `decontaminate.py`); this module only 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -14,7 +15,7 @@ from typing import Any
 import xxhash
 
 from domaintune.data.config import DataConfig, NormaliseConfig
-from domaintune.data.formats import qa_to_messages, sharegpt_to_messages, validate_messages
+from domaintune.data.formats import message_text, qa_to_messages, row_tools, sharegpt_to_messages, validate_messages
 from domaintune.data.minhash import MinHasher
 from domaintune.data.pii import redact_pii
 from domaintune.data.readers import Record, source_name
@@ -103,10 +104,14 @@ def map_record(rec: Record, src: SourceConfig, row_id: str) -> dict[str, Any]:
 
                 value = json.loads(value)
             row["kind"] = "messages"
-            row["messages"] = validate_messages(value)
+            row["tools"] = row_tools(data)
+            row["messages"] = validate_messages(value, row["tools"])
         elif kind == "sharegpt" and not mapped_any:
             row["kind"] = "messages"
-            row["messages"] = sharegpt_to_messages(data.get("conversations"), system=data.get("system") or None)
+            row["tools"] = row_tools(data)
+            row["messages"] = sharegpt_to_messages(
+                data.get("conversations"), system=data.get("system") or None, tools=row["tools"]
+            )
         elif f.text or (kind == "text" and not mapped_any):
             value, missing = _lookup(data, f.text or "text")
             row["kind"] = "text"
@@ -154,7 +159,7 @@ def normalise(text: str, n: NormaliseConfig) -> str:
 
 def text_fields(row: dict[str, Any]) -> list[str]:
     if row["kind"] == "messages":
-        return [m["content"] for m in row["messages"] if m["role"] != "system"]
+        return [message_text(m) for m in row["messages"] if m["role"] != "system"]
     return [v for k, v in row["fields"].items() if k != "system"]
 
 
@@ -163,7 +168,7 @@ def field_text(row: dict[str, Any], name: str) -> str:
         return "\n".join(text_fields(row))
     if row["kind"] == "messages":
         if name in ("output",):
-            return "\n".join(m["content"] for m in row["messages"] if m["role"] == "assistant")
+            return "\n".join(message_text(m) for m in row["messages"] if m["role"] == "assistant")
         if name in ("instruction", "input"):
             return "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
         return ""
@@ -180,7 +185,7 @@ def prompt_text(row: dict[str, Any]) -> str:
 
 def answer_text(row: dict[str, Any]) -> str:
     if row["kind"] == "messages":
-        return "\n".join(m["content"] for m in row["messages"] if m["role"] == "assistant")
+        return "\n".join(message_text(m) for m in row["messages"] if m["role"] == "assistant")
     if row["kind"] == "text":
         return row["fields"]["text"]
     return row["fields"].get("output", "")
@@ -195,6 +200,7 @@ def _apply(row: dict[str, Any], fn) -> bool:
             if new != m["content"]:
                 m["content"] = new
                 changed = True
+            changed = _apply_arguments(m, fn) or changed
     else:
         for k, v in row["fields"].items():
             new = fn(v)
@@ -204,11 +210,35 @@ def _apply(row: dict[str, Any], fn) -> bool:
     return changed
 
 
+def _apply_arguments(message: dict[str, Any], fn) -> bool:
+    """fn on every string value of a message's tool-call arguments (PII in an order note); JSON stays valid."""
+    changed = False
+    for call in message.get("tool_calls") or []:
+        args = json.loads(call["function"]["arguments"])
+        new_args = _map_strings(args, fn)
+        if new_args != args:
+            call["function"]["arguments"] = json.dumps(new_args, ensure_ascii=False)
+            changed = True
+    return changed
+
+
+def _map_strings(value: Any, fn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
 def public_row(row: dict[str, Any], source: str) -> dict[str, Any]:
     """The row as written (before formatting): messages, alpaca-like fields or text, plus extras."""
     out: dict[str, Any] = {"id": row["id"]}
     if row["kind"] == "messages":
         out["messages"] = row["messages"]
+        if row.get("tools"):
+            out["tools"] = row["tools"]
     elif row["kind"] == "text":
         out["text"] = row["fields"]["text"]
     else:
@@ -257,7 +287,7 @@ class RowProcessor:
             if name in row["missing"]:
                 raise Drop("filter", f"missing:{name}")
             if name == "messages":
-                roles = {m["role"] for m in row["messages"] if m["content"].strip()}
+                roles = {m["role"] for m in row["messages"] if message_text(m).strip()}
                 if not {"user", "assistant"} <= roles:
                     raise Drop("filter", "empty:messages (needs a non-empty user and assistant turn)")
             elif not field_text(row, name).strip():

@@ -17,6 +17,7 @@ from pathlib import Path
 from domaintune.errors import UserError
 from domaintune.model.adapters import is_mergeable_adapter, unmergeable_note
 from domaintune.model.config import ModelConfig
+from domaintune.model.tools import CHATML_TOOLS_TEMPLATE
 from domaintune.utils.io import atomic_dir, remove_stale_staging
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ NAMED_CHAT_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
+    "chatml-tools": CHATML_TOOLS_TEMPLATE,  # ChatML plus Qwen2.5/Hermes tool calls (domaintune.model.tools)
 }
 
 

