@@ -156,7 +156,7 @@ def _load_trained(cfg: ProjectConfig, model_dir: Path) -> tuple[Any, Any, bool]:
     adapter = is_adapter_dir(model_dir)
     _say(f"loading {'adapter + base' if adapter else 'full model'} from {model_dir}")
     model, tokenizer = load_trained(model_dir, dtype="float32", merge=False)
-    apply_chat_template_setting(tokenizer, cfg.model.chat_template, source=str(model_dir))
+    apply_chat_template_setting(tokenizer, cfg.model.chat_template, source=str(model_dir), thinking=cfg.model.thinking)
     return model, tokenizer, adapter
 
 

@@ -26,6 +26,18 @@ class ModelConfig(StrictModel):
             "that has none. Never chosen silently: a model without a template and without this fails."
         ),
     )
+    thinking: Literal["on", "off", "keep"] | None = Field(
+        None,
+        description=(
+            "Reasoning models (a chat template with an `enable_thinking` switch, as Qwen3's): `keep` trains "
+            "`<think>` blocks in assistant messages as written; `on` keeps them in the text but masks them from "
+            "the loss (the answer is learned given the reasoning); `off` strips them before templating and "
+            "renders every prompt with `enable_thinking=false`. The setting is stored in the trained model's "
+            "chat template (eval, export, GGUF and serving use it unchanged). Eval scores the answer after the "
+            "block; the server returns the block as `reasoning_content`. Unset: the template's own default. "
+            "Set on a template without the switch: a configuration error. See docs/reasoning-models.md."
+        ),
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype on load (training precision is `train.precision`)."
     )

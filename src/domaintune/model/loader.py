@@ -17,6 +17,7 @@ from pathlib import Path
 from domaintune.errors import UserError
 from domaintune.model.adapters import is_mergeable_adapter, unmergeable_note
 from domaintune.model.config import ModelConfig
+from domaintune.model.thinking import apply_thinking_setting
 from domaintune.model.tools import CHATML_TOOLS_TEMPLATE
 from domaintune.utils.io import atomic_dir, remove_stale_staging
 
@@ -189,14 +190,15 @@ def load_tokenizer(cfg: ModelConfig, model_dir: Path | None = None):
 
     model_dir = model_dir or resolve_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    apply_chat_template_setting(tokenizer, cfg.chat_template, source=str(model_dir))
+    apply_chat_template_setting(tokenizer, cfg.chat_template, source=str(model_dir), thinking=cfg.thinking)
     if tokenizer.pad_token is None:
         # Padding is always masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def apply_chat_template_setting(tokenizer, chat_template: str | None, source: str) -> None:
+def apply_chat_template_setting(tokenizer, chat_template: str | None, source: str, thinking: str | None = None) -> None:
+    """`model.chat_template` (a named or Jinja template) and `model.thinking` (`domaintune.model.thinking`)."""
     if chat_template:
         tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
     if not tokenizer.chat_template:
@@ -204,6 +206,7 @@ def apply_chat_template_setting(tokenizer, chat_template: str | None, source: st
             f"{source}: the tokenizer has no chat template; set model.chat_template to one of "
             f"{sorted(NAMED_CHAT_TEMPLATES)} or to a Jinja template"
         )
+    apply_thinking_setting(tokenizer, thinking, source)
 
 
 def torch_dtype(name: str):

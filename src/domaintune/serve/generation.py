@@ -19,6 +19,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from domaintune.model.thinking import OPEN as THINK_OPEN
+from domaintune.model.thinking import ReasoningSplitter, split_reasoning, supports_reasoning
 from domaintune.serve.canary import refresh_canary
 from domaintune.serve.catalog import ServedModel
 from domaintune.serve.config import ServeConfig
@@ -26,6 +28,7 @@ from domaintune.serve.engines import Backbone, Completion, GenRequest, QueueFull
 from domaintune.serve.limits import LimitExceeded, Quota, Reservation
 from domaintune.serve.protocol import (
     DONE,
+    NO_REASONING,
     UNSUPPORTED,
     ApiError,
     ChatBody,
@@ -43,6 +46,7 @@ from domaintune.serve.protocol import (
 )
 from domaintune.serve.state import Redactor, ServeState
 from domaintune.serve.store import ApiKey
+from domaintune.serve.tools import held_back_chunks, holds_back, template_inputs, with_tool_calls
 from domaintune.utils.names import model_name_problem
 
 log = logging.getLogger("domaintune.serve")
@@ -68,6 +72,7 @@ class Job:
     gen: GenRequest
     reservation: Reservation | None = None
     accounted: bool = False
+    thinking: bool | None = None  # a reasoning model's chat: whether the prompt opened its <think> block; None: not one
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def claim(self) -> bool:
@@ -193,8 +198,9 @@ def _prompt(tokenizer: Any, body: GenerationBody) -> tuple[list[int], Any]:
     """(prompt token ids, what the request log keeps) for a chat or a completion body (CPU work: runs in a pool)."""
     if isinstance(body, ChatBody):
         messages = body.chat_messages()
+        inputs = template_inputs(tokenizer, body, messages)  # the tools too, when the template renders them
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(**inputs, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # templates raise on e.g. roles they do not know
             raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"], messages
@@ -205,6 +211,13 @@ def _prompt(tokenizer: Any, body: GenerationBody) -> tuple[list[int], Any]:
             raise bad_request("the prompt is empty: give at least one token of text", "prompt", "empty_prompt")
         return ids, prompt
     raise TypeError(f"{type(body).__name__} is neither a chat nor a completion body")
+
+
+def _opens_reasoning(tokenizer: Any, prompt_ids: list[int]) -> bool | None:
+    """None for a model without reasoning; else whether its prompt ends inside a `<think>` block."""
+    if not supports_reasoning(getattr(tokenizer, "chat_template", None)):
+        return None
+    return tokenizer.decode(prompt_ids[-4:]).rstrip().endswith(THINK_OPEN)
 
 
 def _refuse_unsupported(body: GenerationBody) -> None:
@@ -290,6 +303,8 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
         rid, response_id, endpoint, body.model, served, arm, key, prompt_record, len(prompt_ids), params, started, gen
     )
     job.reservation = reservation
+    if endpoint == "chat":
+        job.thinking = _opens_reasoning(bb.tokenizer, prompt_ids)
     try:
         state.engine.submit(gen)
     except QueueFullError as exc:
@@ -455,7 +470,15 @@ async def respond(state: ServeState, job: Job, body: GenerationBody) -> Response
         await asyncio.to_thread(finish_job, state, job, 500, None, "error")
         raise generation_failed(exc) from None
     await asyncio.to_thread(finish_job, state, job, 200, completion, _classify(completion))
-    payload = completion_response(job.head(created), completion.text, completion.finish_reason, job.usage(completion))
+    text, reasoning = completion.text, NO_REASONING
+    if job.thinking is not None:  # a reasoning model: its <think> block is reasoning_content, the rest content
+        thought, text = split_reasoning(text, job.thinking)
+        reasoning = (True, thought)
+    payload = completion_response(
+        job.head(created), text, completion.finish_reason, job.usage(completion), reasoning=reasoning
+    )
+    if isinstance(body, ChatBody):
+        payload = with_tool_calls(payload, body)
     return JSONResponse(payload, headers=job.headers())
 
 
@@ -468,14 +491,23 @@ async def _stream(state: ServeState, job: Job, body: GenerationBody, created: in
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head = job.head(created)
     finished = False
+    held: list[str] | None = [] if isinstance(body, ChatBody) and holds_back(body) else None  # serve/tools.py
+    splitter = ReasoningSplitter(job.thinking) if job.thinking is not None else None
     try:
         if head.chat:
             yield sse(stream_chunk(head, "", None, include_usage, role=True), ensure_ascii=False)
         while True:
             kind, payload = await _next_event(state, job)
-            if kind == "delta":
-                yield sse(stream_chunk(head, payload, None, include_usage), ensure_ascii=False)
+            if kind == "delta" and held is not None:  # may be tool calls: sent whole at the end
+                held.append(payload)
                 continue
+            if kind == "delta":
+                for chunk in _deltas(head, splitter, payload, include_usage):
+                    yield chunk
+                continue
+            if kind == "done" and splitter is not None:
+                for chunk in _deltas(head, splitter, None, include_usage):
+                    yield chunk
             finished = True
             if kind == "error":
                 await asyncio.to_thread(finish_job, state, job, 500, None, "error")
@@ -484,7 +516,13 @@ async def _stream(state: ServeState, job: Job, body: GenerationBody, created: in
                 return
             completion: Completion = payload
             await asyncio.to_thread(finish_job, state, job, 200, completion, _classify(completion))
-            yield sse(stream_chunk(head, None, completion.finish_reason, include_usage), ensure_ascii=False)
+            finish = completion.finish_reason
+            if held is not None and isinstance(body, ChatBody):
+                events, called = held_back_chunks(head, "".join(held), body, include_usage)
+                for event in events:
+                    yield event
+                finish = called or finish
+            yield sse(stream_chunk(head, None, finish, include_usage), ensure_ascii=False)
             if include_usage:
                 yield sse(usage_chunk(head, job.usage(completion)))
             yield DONE
@@ -498,6 +536,19 @@ async def _stream(state: ServeState, job: Job, body: GenerationBody, created: in
     finally:
         if not finished:  # the client went away mid-stream: stop generating, still account for it
             abandon(state, job)
+
+
+def _deltas(head: ResponseHead, splitter: ReasoningSplitter | None, text: str | None, include_usage: bool) -> list[str]:
+    """The events of one piece of output (None: the end); a reasoning model's is split into reasoning and content."""
+    if splitter is None:
+        return [sse(stream_chunk(head, text, None, include_usage), ensure_ascii=False)]
+    thought, answer = splitter.feed(text) if text is not None else splitter.finish()
+    events = []
+    if thought:
+        events.append(sse(stream_chunk(head, None, None, include_usage, reasoning=thought), ensure_ascii=False))
+    if answer:
+        events.append(sse(stream_chunk(head, answer, None, include_usage), ensure_ascii=False))
+    return events
 
 
 def abandon(state: ServeState, job: Job) -> None:

@@ -245,6 +245,8 @@ def parse_body(raw: bytes, model_cls: type[Body], max_bytes: int) -> Body:
 
 # ---- responses ----------------------------------------------------------------------------------
 DONE = "data: [DONE]\n\n"
+Reasoning = tuple[bool, str | None]  # (the model reasons, the text of its <think> block or None)
+NO_REASONING: Reasoning = (False, None)
 
 
 @dataclass(frozen=True)
@@ -271,28 +273,38 @@ class ResponseHead:
         }
 
 
-def completion_response(head: ResponseHead, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def completion_response(
+    head: ResponseHead, text: str, finish_reason: str, usage: dict[str, int], reasoning: Reasoning = NO_REASONING
+) -> dict[str, Any]:
+    """`reasoning`: (whether the model reasons, the text of its `<think>` block): such a chat answer carries
+    `reasoning_content` (null without a block) beside `content`, as vLLM's and DeepSeek's servers do."""
     if head.chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning[0]:
+            message["reasoning_content"] = reasoning[1]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {**head.fields(), "choices": [choice], "usage": usage}
 
 
 def stream_chunk(
-    head: ResponseHead, delta: str | None, finish: str | None, include_usage: bool, role: bool = False
+    head: ResponseHead,
+    delta: str | None,
+    finish: str | None,
+    include_usage: bool,
+    role: bool = False,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
-    """One streamed piece; with include_usage every chunk carries `usage: null` until the usage chunk."""
+    """One streamed piece; with include_usage every chunk carries `usage: null` until the usage chunk.
+    `reasoning`: a piece of a reasoning model's `<think>` block, sent as `delta.reasoning_content`."""
     choice: dict[str, Any]
     if head.chat:
         d: dict[str, Any] = {}
         if role:
             d["role"] = "assistant"
+        if reasoning is not None:
+            d["reasoning_content"] = reasoning
         if delta is not None:
             d["content"] = delta
         choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}

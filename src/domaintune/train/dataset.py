@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.model.thinking import CLOSE as THINK_CLOSE
+from domaintune.model.thinking import strip_reasoning, thinking_mode
 from domaintune.model.tools import for_template, has_tools, template_tool_problem
 from domaintune.utils.io import read_jsonl
 
@@ -79,7 +81,14 @@ def check_tool_template(tokenizer, rows: list[dict[str, Any]]) -> None:
 def assistant_char_spans(
     tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant reply (incl. its end-of-turn token)."""
+    """The rendered conversation and the character spans of each assistant reply (incl. its end-of-turn token).
+
+    Under `model.thinking` (stored in the template): `off` renders the messages without their `<think>` blocks,
+    `on` leaves each reply's block out of its span (in the text, not in the loss); see `domaintune.model.thinking`.
+    """
+    mode = thinking_mode(tokenizer.chat_template)
+    if mode == "off":
+        messages = strip_reasoning(messages)
     full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
@@ -93,9 +102,19 @@ def assistant_char_spans(
                 "located; set model.chat_template to a standard template (e.g. chatml)"
             )
         end = len(upto.rstrip())  # the newline after the end-of-turn token is not learned
-        if end > len(before):
-            spans.append((len(before), end))
+        start = _after_reasoning(full, len(before), end) if mode == "on" else len(before)
+        if end > start:
+            spans.append((start, end))
     return full, spans
+
+
+def _after_reasoning(text: str, start: int, end: int) -> int:
+    """Where the answer starts in the reply text[start:end]: after its `</think>` and the blank lines after it."""
+    close = text.find(THINK_CLOSE, start, end)
+    if close < 0:
+        return start
+    cut = close + len(THINK_CLOSE)
+    return cut + len(text[cut:end]) - len(text[cut:end].lstrip())
 
 
 @dataclass
