@@ -29,6 +29,20 @@ def test_forced_bf16_without_native_support_is_kept_but_warned_with_the_measured
     assert choice.warning and "6.2x slower" in choice.warning and "Platinum 8259CL" in choice.warning
 
 
+@pytest.mark.parametrize("isa", ["AVX512_CORE_VNNI", "avx512_core", "AVX2"])
+def test_a_onednn_isa_cap_below_bf16_makes_auto_pick_fp32(monkeypatch, isa):
+    # ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 turns torch's bf16 kernels into emulation even on an AMX CPU
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert not WITH_AMX.cpu_bf16
+    choice = choose_precision("auto", hardware=WITH_AMX)
+    assert choice.value == "fp32" and f"ONEDNN_MAX_CPU_ISA={isa.upper()}" in choice.reason
+
+
+def test_a_onednn_isa_cap_that_keeps_bf16_changes_nothing(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert choose_precision("auto", hardware=WITH_AMX).value == "bf16"
+
+
 def test_forced_precision_on_a_native_cpu_is_kept_quietly():
     assert choose_precision("fp32", "cpu", WITH_BF16).describe() == {"value": "fp32", "reason": "set in the config"}
 

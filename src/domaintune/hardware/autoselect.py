@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from domaintune.hardware.probe import Hardware, detect_hardware
+from domaintune.hardware.probe import Hardware, detect_hardware, onednn_isa_cap
 
 AUTO = "auto"
 # A stage's `num_threads`: a count, or `auto` (null means the same: one per usable physical core).
@@ -119,19 +119,29 @@ def choose_precision(requested: str, device: str = "cpu", hardware: Hardware | N
         return _cuda_precision(requested)
     hardware = hardware or detect_hardware()
     native = hardware.cpu_bf16
+    lacks = _why_no_native_bf16(hardware)
     if requested == AUTO:
         if native:
             return Choice("bf16", f"auto: {hardware.cpu_model} has native bf16 (AVX-512-BF16/AMX)")
-        return Choice("fp32", f"auto: {hardware.cpu_model} has no native bf16 (no AVX-512-BF16 or AMX)")
+        return Choice("fp32", f"auto: {hardware.cpu_model} {lacks}")
     if requested == "bf16" and not native:
         penalty = measure_bf16_penalty()
         return Choice(
             "bf16",
             "set in the config",
-            f"train.precision bf16 on {hardware.cpu_model}, which lacks AVX-512-BF16/AMX: bf16 matmuls are "
+            f"train.precision bf16 on {hardware.cpu_model}, which {lacks}: bf16 matmuls are "
             f"emulated here, measured {penalty:.1f}x slower than fp32; `precision: auto` would pick fp32",
         )
     return Choice(requested, "set in the config")
+
+
+def _why_no_native_bf16(hardware: Hardware) -> str:
+    cap = onednn_isa_cap()
+    if cap and {"avx512_bf16", "amx_bf16"} & hardware.cpu_flags:
+        return (
+            f"has AVX-512-BF16/AMX but ONEDNN_MAX_CPU_ISA={cap} keeps torch's kernels from using them (no native bf16)"
+        )
+    return "has no native bf16 (no AVX-512-BF16 or AMX)"
 
 
 def _cuda_precision(requested: str) -> Choice:

@@ -19,7 +19,18 @@ class Hardware:
 
     @property
     def cpu_bf16(self) -> bool:
-        return bool({"avx512_bf16", "amx_bf16"} & self.cpu_flags)
+        return bool({"avx512_bf16", "amx_bf16"} & self.cpu_flags) and onednn_isa_cap() is None
+
+
+# oneDNN (torch's bf16 CPU kernels) ISAs without bf16 dot products: ONEDNN_MAX_CPU_ISA set to one of these makes
+# bf16 matmuls emulated (5-7x slower than fp32) even on a CPU that has AVX-512-BF16/AMX.
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """`ONEDNN_MAX_CPU_ISA` when it caps oneDNN below bf16 (the CPU then behaves as one without native bf16)."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return value if value in ONEDNN_ISAS_WITHOUT_BF16 else None
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
