@@ -58,6 +58,13 @@ class DedupConfig(StrictModel):
         description="Fields compared (messages rows use all message contents).",
     )
     max_clusters_reported: int = Field(20, description="How many duplicate clusters the report samples.")
+    on: Literal["prompt", "row"] | None = Field(
+        None,
+        description="Preference, unpaired and prompt rows (data.kind): compare the prompt only (`prompt`) or the "
+        "prompt with every answer (`row`). Default: `prompt` for prompt rows; `row` for pairs and unpaired rows, "
+        "where several comparisons or labelled answers per prompt are normal (split.group_by: prompt still keeps "
+        "them in one split).",
+    )
 
 
 class PiiConfig(StrictModel):
@@ -278,8 +285,22 @@ class RayConfig(StrictModel):
     )
 
 
+DataKind = Literal["sft", "preference", "unpaired", "prompt"]
+
+
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(default_factory=list, description="Inputs; rows are read in this order.")
+    kind: DataKind = Field(
+        "sft",
+        description="What the rows are. `sft`: chats / QA pairs / text (written in data.format). `preference`: "
+        "pairs (prompt/chosen/rejected as text or messages; TRL's explicit and implicit-prompt layouts; "
+        "LLaMA-Factory's alpaca `instruction`/`input` and sharegpt `conversations` with `chosen`/`rejected`) for "
+        "dpo/orpo/simpo/reward (kto reads each pair as two rows, grpo/ppo their prompts). `unpaired`: "
+        "prompt/completion/label (or `desirable`, or a `rating` sign) for kto. `prompt`: prompt rows (`prompt`, or "
+        "a chat whose last answer becomes `reference`) for grpo/ppo. Non-sft rows are written as "
+        "{id, prompt: [messages], chosen/rejected | completion/label | reference, source, kept fields} to the same "
+        "data/{train,val,test}.jsonl, which those methods read when train.<method>.path is not set.",
+    )
     normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)

@@ -161,6 +161,8 @@ def _internal(pub: dict[str, Any]) -> dict[str, Any]:
     """Public (spooled) row → the internal shape that answer_text understands."""
     if "messages" in pub:
         return {"kind": "messages", "messages": pub["messages"]}
+    if isinstance(pub.get("prompt"), list):
+        return {"kind": "pref", "pref": pub}
     if "text" in pub and "instruction" not in pub:
         return {"kind": "text", "fields": {"text": pub["text"]}}
     return {"kind": "qa", "fields": {k: pub.get(k, "") for k in ("instruction", "input", "output")}}

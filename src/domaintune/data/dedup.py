@@ -83,6 +83,9 @@ def snippet(pub: dict[str, Any], limit: int = 160) -> str:
     """A row's text on one line, cut at `limit` characters (for the report)."""
     if "messages" in pub:
         text = " | ".join(m["content"] for m in pub["messages"] if m["role"] != "system")
+    elif isinstance(pub.get("prompt"), list):
+        turns = [m for k in ("prompt", "chosen", "rejected", "completion") for m in pub.get(k) or []]
+        text = " | ".join(m["content"] for m in turns if m["role"] != "system")
     elif "text" in pub and "instruction" not in pub:
         text = pub["text"]
     else:

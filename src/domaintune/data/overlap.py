@@ -61,7 +61,8 @@ class Overlap:
 
 def row_prompt(row: Mapping[str, Any]) -> str:
     """The user side of a row in any format the data stage reads or writes: messages (user turns), ShareGPT
-    (human turns), Alpaca (instruction and input) or a raw text row (the text)."""
+    (human turns), Alpaca (instruction and input), a preference / unpaired / prompt row (its prompt's user turns)
+    or a raw text row (the text)."""
     if isinstance(row.get("messages"), list):
         return "\n".join(str(m.get("content") or "") for m in row["messages"] if m.get("role") == "user")
     if isinstance(row.get("conversations"), list):
@@ -69,6 +70,8 @@ def row_prompt(row: Mapping[str, Any]) -> str:
         return "\n".join(str(t.get("value") or "") for t in turns if t.get("from") in ("human", "user"))
     if "instruction" in row or "input" in row:
         return "\n".join(str(row.get(k) or "") for k in ("instruction", "input"))
+    if isinstance(row.get("prompt"), list):  # preference / unpaired / prompt rows (data.kind)
+        return "\n".join(str(m.get("content") or "") for m in row["prompt"] if m.get("role") == "user")
     return str(row.get("text") or "")
 
 

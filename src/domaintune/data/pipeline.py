@@ -78,6 +78,7 @@ def run_data(
             check_guards(dc, plan, held, groups, written.sizes, ledger),
         )
         report = build_report(cfg, layout, workers, ledger, cleaning, plan, held, written, general, checks)
+        report["kind"] = dc.kind  # what the split files hold (train reads non-sft rows as its method's kind)
         ledger.check(
             general=sum(general["dropped"].values()) if general else 0,
             augment=written.augment["quarantined"] if written.augment else 0,
@@ -117,8 +118,28 @@ def validate_sources(dc: DataConfig, workers: int) -> None:
             raise UserError(f"data.split.holdout_group.values: no source is named {unknown} (sources: {names})")
     if dc.difficulty.enabled and dc.difficulty.by != "length" and dc.difficulty.by not in keep_names:
         raise UserError(f"data.difficulty.by: {dc.difficulty.by!r} is neither `length` nor a kept field")
+    if dc.kind != "sft":
+        _check_row_kind(dc)
     if dc.engine == "ray" and workers > 1:
         raise UserError(
             "--workers is for data.engine: local; with engine ray the cluster's CPUs do "
             "the work (data.ray.num_cpus or data.ray.address)"
         )
+
+
+def _check_row_kind(dc: DataConfig) -> None:
+    """What a preference / unpaired / prompt data stage cannot do, named before anything is read."""
+    if dc.format != "messages":
+        raise UserError(
+            f"data.format: {dc.format!r} is for sft rows; data.kind {dc.kind!r} rows are written in their canonical "
+            "form (prompt as messages); remove data.format"
+        )
+    if dc.augment is not None and dc.augment.enabled:
+        raise UserError(f"data.augment makes sft rows; it cannot run with data.kind: {dc.kind}")
+    for i, src in enumerate(dc.sources):
+        mapped = sorted(k for k, v in src.fields.model_dump().items() if v is not None and k != "id")
+        if mapped:
+            raise UserError(
+                f"data.sources[{i}].fields: {', '.join(mapped)} map sft columns; {dc.kind} rows are read by their "
+                "own keys (see data.kind); only fields.id applies"
+            )

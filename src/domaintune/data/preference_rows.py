@@ -20,6 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 ROW_KINDS = ("preference", "unpaired", "prompt")
+# The fields each kind's canonical row is made of (the data stage writes these, plus `id`, `source` and kept fields).
+CORE_FIELDS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt", "reference"),
+}
+ANSWER_FIELDS = ("chosen", "rejected", "completion")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -69,6 +76,11 @@ def to_preference(row: dict[str, Any]) -> dict[str, Any]:
         prompt, used = _messages(row["conversations"], "user", "conversations"), used + ("conversations",)
     elif "instruction" in row:
         prompt, used = _alpaca_prompt(row), used + ("instruction", "input", "system")
+    elif isinstance(row.get("messages"), list):  # a LLaMA-Factory ranking row already read as a chat
+        chat = _messages(row["messages"], "user", "messages")
+        while chat and chat[-1]["role"] == "assistant" and not chat[-1]["content"].strip():
+            chat.pop()
+        prompt, used = chat, used + ("messages",)
     else:  # TRL's implicit prompt: two whole chats sharing their beginning
         chosen, rejected = (
             _messages(row["chosen"], "assistant", "chosen"),
@@ -154,3 +166,54 @@ def convert(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     if kind == "prompt":
         return [to_prompt(row)]
     raise ValueError(f"unknown row kind {kind!r}; one of {ROW_KINDS}")
+
+
+def canonical(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One record in the data stage: exactly one canonical row of `kind`, its core fields only (a chosen/rejected
+    pair is not an unpaired row here: the data stage writes what it read, and kto reads pairs as two rows)."""
+    if kind == "unpaired" and "completion" not in row and "chosen" in row and "rejected" in row:
+        raise RowError("a chosen/rejected pair is not an unpaired row: use data.kind: preference (kto reads each pair as "
+                       "a desirable and an undesirable row)")  # fmt: skip
+    out = convert(row, kind)[0]
+    return {k: out.get(k) for k in CORE_FIELDS[kind]}
+
+
+def prompt_user_text(row: dict[str, Any]) -> str:
+    """The user turns of a canonical row's prompt."""
+    return "\n".join(m["content"] for m in row.get("prompt") or [] if m.get("role") == "user")
+
+
+def answers_text(row: dict[str, Any]) -> str:
+    """Every answer of a canonical row (chosen, rejected, completion, reference), one per line."""
+    parts = [m["content"] for key in ANSWER_FIELDS for m in row.get(key) or []]
+    if row.get("reference") is not None:
+        parts.append(str(row["reference"]))
+    return "\n".join(parts)
+
+
+def map_texts(row: dict[str, Any], fn: Any) -> bool:
+    """`fn` applied to every message content (and a text reference) of a canonical row in place; True if any
+    changed."""
+    changed = False
+    for key in ("prompt", *ANSWER_FIELDS):
+        for m in row.get(key) or []:
+            new = fn(m["content"])
+            changed |= new != m["content"]
+            m["content"] = new
+    if isinstance(row.get("reference"), str):
+        new = fn(row["reference"])
+        changed |= new != row["reference"]
+        row["reference"] = new
+    return changed
+
+
+def problem(row: dict[str, Any], kind: str) -> str | None:
+    """Why a canonical row cannot train (an empty prompt or answer, a pair whose answers are the same), or None."""
+    if not prompt_user_text(row).strip():
+        return "empty:prompt (needs a non-empty user turn)"
+    for key in ANSWER_FIELDS:
+        if key in CORE_FIELDS[kind] and not "".join(m["content"] for m in row.get(key) or []).strip():
+            return f"empty:{key}"
+    if kind == "preference" and answers_text({"chosen": row["chosen"]}) == answers_text({"rejected": row["rejected"]}):
+        return "chosen equals rejected (the pair teaches nothing)"
+    return None

@@ -18,6 +18,7 @@ from domaintune.data.config import DataConfig, NormaliseConfig
 from domaintune.data.formats import message_text, qa_to_messages, row_tools, sharegpt_to_messages, validate_messages
 from domaintune.data.minhash import MinHasher
 from domaintune.data.pii import redact_pii
+from domaintune.data.preference_rows import RowError, answers_text, canonical, map_texts, problem, prompt_user_text
 from domaintune.data.readers import Record, source_name
 from domaintune.data.source_config import SourceConfig
 from domaintune.data.text import detect_language, normalise_text, repetition_ratio
@@ -69,8 +70,27 @@ def _lookup(data: dict[str, Any], ref: str | list[str] | None) -> tuple[str | No
     return "\n".join(p for p in parts if p), False
 
 
-def map_record(rec: Record, src: SourceConfig, row_id: str) -> dict[str, Any]:
+def map_canonical(rec: Record, src: SourceConfig, row_id: str, kind: str) -> dict[str, Any]:
+    """Raw record → internal row {id, kind, pref, extra, missing} of a preference / unpaired / prompt data stage
+    (`preference_rows.canonical`); raises Drop naming the field at fault."""
+    data = rec.data or {}
+    row: dict[str, Any] = {"id": row_id, "kind": kind, "pref": None, "extra": {}, "missing": []}
+    if src.fields.id and src.fields.id in data and _as_text(data[src.fields.id]).strip():
+        row["id"] = _as_text(data[src.fields.id]).strip()
+    try:
+        row["pref"] = canonical(data, kind)
+    except (RowError, ValueError, TypeError) as exc:
+        raise Drop("map", f"not a {kind} row: {exc}") from None
+    for name, ref in src.keep_map().items():
+        if ref in data:
+            row["extra"][name] = _json_safe(data[ref])
+    return row
+
+
+def map_record(rec: Record, src: SourceConfig, row_id: str, kind: str = "sft") -> dict[str, Any]:
     """Raw record → internal row {id, kind, fields|messages, extra, missing}; raises Drop."""
+    if kind != "sft":
+        return map_canonical(rec, src, row_id, kind)
     data = rec.data or {}
     f = src.fields
     mapped_any = any(v is not None for v in f.model_dump().values())
@@ -158,6 +178,8 @@ def normalise(text: str, n: NormaliseConfig) -> str:
 
 
 def text_fields(row: dict[str, Any]) -> list[str]:
+    if "pref" in row:
+        return [t for t in (prompt_user_text(row["pref"]), answers_text(row["pref"])) if t]
     if row["kind"] == "messages":
         return [message_text(m) for m in row["messages"] if m["role"] != "system"]
     return [v for k, v in row["fields"].items() if k != "system"]
@@ -166,6 +188,10 @@ def text_fields(row: dict[str, Any]) -> list[str]:
 def field_text(row: dict[str, Any], name: str) -> str:
     if name == "all":
         return "\n".join(text_fields(row))
+    if "pref" in row:
+        if name == "output":
+            return answers_text(row["pref"])
+        return prompt_user_text(row["pref"]) if name in ("instruction", "input", "prompt") else ""
     if row["kind"] == "messages":
         if name in ("output",):
             return "\n".join(message_text(m) for m in row["messages"] if m["role"] == "assistant")
@@ -176,6 +202,8 @@ def field_text(row: dict[str, Any], name: str) -> str:
 
 
 def prompt_text(row: dict[str, Any]) -> str:
+    if "pref" in row:
+        return prompt_user_text(row["pref"])
     if row["kind"] == "messages":
         return "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
     if row["kind"] == "text":
@@ -184,6 +212,9 @@ def prompt_text(row: dict[str, Any]) -> str:
 
 
 def answer_text(row: dict[str, Any]) -> str:
+    if "pref" in row:
+        pref = row["pref"]  # the answer that is trained towards: chosen, the completion, the reference
+        return answers_text({k: pref[k] for k in ("chosen", "completion", "reference") if k in pref})
     if row["kind"] == "messages":
         return "\n".join(message_text(m) for m in row["messages"] if m["role"] == "assistant")
     if row["kind"] == "text":
@@ -194,6 +225,8 @@ def answer_text(row: dict[str, Any]) -> str:
 def _apply(row: dict[str, Any], fn) -> bool:
     """Apply fn to every string of a row; True when anything changed."""
     changed = False
+    if "pref" in row:
+        return map_texts(row["pref"], fn)
     if row["kind"] == "messages":
         for m in row["messages"]:
             new = fn(m["content"])
@@ -235,7 +268,9 @@ def _map_strings(value: Any, fn) -> Any:
 def public_row(row: dict[str, Any], source: str) -> dict[str, Any]:
     """The row as written (before formatting): messages, alpaca-like fields or text, plus extras."""
     out: dict[str, Any] = {"id": row["id"]}
-    if row["kind"] == "messages":
+    if "pref" in row:
+        out.update(row["pref"])
+    elif row["kind"] == "messages":
         out["messages"] = row["messages"]
         if row.get("tools"):
             out["tools"] = row["tools"]
@@ -283,7 +318,10 @@ class RowProcessor:
 
     def _filter(self, row: dict[str, Any]) -> None:
         fc = self.cfg.filters
-        for name in self._required(row):
+        why = problem(row["pref"], row["kind"]) if "pref" in row else None
+        if why is not None:
+            raise Drop("filter", why)
+        for name in self._required(row) if "pref" not in row else []:
             if name in row["missing"]:
                 raise Drop("filter", f"missing:{name}")
             if name == "messages":
@@ -330,6 +368,10 @@ class RowProcessor:
         return value
 
     def dedup_text(self, row: dict[str, Any]) -> str:
+        if "pref" in row:
+            on = self.cfg.dedup.on or ("prompt" if row["kind"] == "prompt" else "row")
+            label = f"\nlabel={row['pref']['label']}" if row["kind"] == "unpaired" else ""
+            return prompt_user_text(row["pref"]) if on == "prompt" else "\n".join(text_fields(row)) + label
         if row["kind"] == "messages":
             return "\n".join(text_fields(row))
         if row["kind"] == "text":
@@ -338,7 +380,7 @@ class RowProcessor:
 
     def process_one(self, rec: Record, row_id: str) -> dict[str, Any]:
         src = self.sources[rec.source]
-        row = map_record(rec, src, row_id)
+        row = map_record(rec, src, row_id, self.cfg.kind)
         info: dict[str, Any] = {"normalised": False, "pii": {}}
         if self.cfg.normalise.enabled:
             info["normalised"] = _apply(row, lambda s: normalise(s, self.cfg.normalise))

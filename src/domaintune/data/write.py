@@ -130,6 +130,12 @@ def _augment(
 
 def _write(fh: IO[str], row: dict[str, Any], system_prompt: str | None, fmt: str) -> None:
     """One row in the output format, with the system prompt unless the row has its own."""
+    # a preference / unpaired / prompt row (data.kind) is written in its canonical form
+    if "messages" not in row and isinstance(row.get("prompt"), list):
+        if system_prompt and not any(m["role"] == "system" for m in row["prompt"]):
+            row["prompt"].insert(0, {"role": "system", "content": system_prompt})
+        fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        return
     if system_prompt and "messages" in row and not any(m["role"] == "system" for m in row["messages"]):
         row["messages"].insert(0, {"role": "system", "content": system_prompt})
     elif system_prompt and "instruction" in row and not row.get("system"):

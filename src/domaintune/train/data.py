@@ -43,11 +43,19 @@ class TrainData:
 def build_datasets(cfg: ProjectConfig, layout: RunLayout, tokenizer, seed: int) -> TrainData:
     """SFT examples with assistant-only labels, or DPO's preference pairs."""
     if cfg.train.method == "dpo":
+        if cfg.data.kind != "sft" and not cfg.train.dpo.path:  # the data stage's preference splits
+            return dpo_data(cfg.train, seed, layout.train_file, layout.val_file)
         return dpo_data(cfg.train, seed, default_preference_path(cfg, layout))
     if cfg.train.trainer_loss == "preference":  # kto, orpo, simpo, reward, ppo, grpo: train/preference/rows.py
         from domaintune.train.preference.rows import preference_data
 
         return TrainData(*preference_data(cfg, layout, seed))
+    if cfg.data.kind != "sft":
+        raise UserError(
+            f"train.method {cfg.train.method!r} trains on chats, but data.kind is {cfg.data.kind!r}: the data stage "
+            f"wrote {cfg.data.kind} rows to {layout.train_file} (train them with dpo/orpo/simpo/reward/kto/grpo/ppo, "
+            "or set data.kind: sft)"
+        )
     return sft_data(cfg.train, tokenizer, layout, seed)
 
 
@@ -103,7 +111,7 @@ def default_preference_path(cfg: ProjectConfig, layout: RunLayout) -> Path:
     return feedback_export_dir(cfg, layout.root) / PREFERENCE_FILE
 
 
-def dpo_data(tcfg: TrainConfig, seed: int, default_path: Path) -> TrainData:
+def dpo_data(tcfg: TrainConfig, seed: int, default_path: Path, default_val: Path | None = None) -> TrainData:
     import random
 
     from datasets import Dataset
@@ -111,9 +119,10 @@ def dpo_data(tcfg: TrainConfig, seed: int, default_path: Path) -> TrainData:
     path = Path(tcfg.dpo.path) if tcfg.dpo.path else default_path
     rows = load_preference_rows(path, tcfg.max_train_samples)
     files = [path]
-    if tcfg.dpo.val_path:
-        val = load_preference_rows(Path(tcfg.dpo.val_path), tcfg.max_val_samples)
-        files.append(Path(tcfg.dpo.val_path))
+    val_path = Path(tcfg.dpo.val_path) if tcfg.dpo.val_path else default_val
+    if val_path is not None:
+        val = load_preference_rows(val_path, tcfg.max_val_samples)
+        files.append(val_path)
         train = rows
     else:
         if len(rows) < 2:

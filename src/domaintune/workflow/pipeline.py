@@ -33,11 +33,12 @@ _EVERYTHING_BUT_SERVE = ("model", "data", "train", "eval", "export", "registry")
 
 STAGES: dict[str, StageSpec] = {
     "data": StageSpec("data", ("data", "model"), (), ("train_file", "data_report"), hash_input_files=True),
-    # DPO without train.dpo.path reads the feedback export folder; no other serve setting re-trains;
+    # DPO without train.dpo.path reads the feedback export folder (the data stage's splits with data.kind other
+    # than sft); no other serve setting re-trains;
     # train.generation_eval scores eval.primary_metric unless it names its own metric
     "train": StageSpec(
         "train",
-        ("model", "train", "registry", "serve.feedback_dir", "eval.primary_metric"),
+        ("model", "train", "registry", "serve.feedback_dir", "eval.primary_metric", "data.kind"),
         ("data",),
         ("model_dir", "train_metrics"),
     ),

@@ -85,8 +85,9 @@ def split_rows(rows: list[dict[str, Any]], seed: int, path: Path) -> tuple[list[
 
 
 def default_path(cfg: ProjectConfig, layout: RunLayout, kind: str) -> Path:
-    """Where each kind comes from by default: feedback export's pairs / unpaired rows, or the data stage's rows."""
-    if kind == "prompt":
+    """Where each kind comes from by default: the data stage's train split for prompt rows or when the data stage
+    wrote preference / unpaired / prompt rows (data.kind), else feedback export's pairs / unpaired rows."""
+    if kind == "prompt" or cfg.data.kind != "sft":
         return layout.train_file
     from domaintune.serve.feedback import PREFERENCE_FILE, UNPAIRED_FILE, feedback_export_dir
 
@@ -102,7 +103,9 @@ def _paths(cfg: ProjectConfig, layout: RunLayout) -> tuple[Path, Path | None]:
         path = section.prompts_path or default_path(cfg, layout, kind)
         return Path(path), Path(section.val_prompts_path) if section.val_prompts_path else layout.val_file
     path = section.path or default_path(cfg, layout, kind)
-    return Path(path), Path(section.val_path) if section.val_path else None
+    if section.val_path:
+        return Path(path), Path(section.val_path)
+    return Path(path), layout.val_file if not section.path and cfg.data.kind != "sft" else None
 
 
 def preference_data(cfg: ProjectConfig, layout: RunLayout, seed: int) -> tuple[Any, Any, dict[str, Any]]:
