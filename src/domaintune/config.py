@@ -6,6 +6,7 @@ Every stage reads its own section (`cfg.data`, `cfg.train`, ...) and the shared
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from domaintune.registry.config import RegistryConfig
 from domaintune.serve.config import ServeConfig
 from domaintune.train.config import TrainConfig
 from domaintune.utils.config_types import ConfigPath, StrictModel
+from domaintune.workflow.sweep_config import SweepConfig
 
 
 class ConfigError(UserError):
@@ -42,6 +44,9 @@ class ProjectConfig(StrictModel):
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    sweep: SweepConfig = Field(
+        default_factory=SweepConfig, description="`domaintune sweep`: the recipe search (no stage reads it)."
+    )
 
     # Folder of the YAML file (None for configs built in code); not a user setting.
     config_path: Path | None = Field(None, exclude=True, description="Set by the loader; do not write it.")
@@ -145,26 +150,57 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(
-    path: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
-    output_dir: str | Path | None = None,
-) -> ProjectConfig:
-    """Read a project YAML, apply `--set` overrides and validate; errors name the dotted field."""
-    path = Path(path)
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def overlay_assignments(overlay: dict[str, Any], prefix: str = "") -> list[str]:
+    """An overlay mapping as `--set` assignments: nested mappings merge key by key, any other value replaces.
+
+    A key may itself be dotted (`train: {lora.r: 8}` or `data.sources.0.max_rows: 10`), as `--set` takes it.
+    """
+    assignments: list[str] = []
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            assignments += overlay_assignments(value, dotted + ".")
+        else:
+            assignments.append(f"{dotted}={json.dumps(value, ensure_ascii=False, default=str)}")
+    return assignments
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    output_dir: str | Path | None = None,
+    overlays: list[Path] | tuple[Path, ...] = (),
+) -> ProjectConfig:
+    """Read a project YAML, apply overlay files (e.g. a sweep's best.yaml), then `--set` overrides, and validate.
+
+    Errors name the file and the dotted field.
+    """
+    path = Path(path)
+    data = _read_mapping(path, "config")
+    for overlay in overlays:
+        for assignment in overlay_assignments(_read_mapping(Path(overlay), "overlay")):
+            try:
+                apply_override(data, assignment)
+            except ConfigError as exc:
+                raise ConfigError(f"{overlay}: {exc}".replace("--set ", "")) from None
     for assignment in overrides:
         apply_override(data, assignment)
     if output_dir is not None:
         data["output_dir"] = str(Path(output_dir).resolve())
-    return config_from_dict(data, config_path=path.resolve(), source=str(path))
+    source = " + ".join([str(path), *(str(o) for o in overlays)])
+    return config_from_dict(data, config_path=path.resolve(), source=source)
 
 
 def config_from_dict(data: dict[str, Any], config_path: Path | None = None, source: str = "config") -> ProjectConfig:

@@ -51,7 +51,9 @@ def _walk(model: type[BaseModel], prefix: str, rows: list[tuple[str, str, str, s
             if nested in seen:
                 continue
             is_list = get_origin(field.annotation) is list or "list" in _type_name(field.annotation)
-            _walk(nested, f"{dotted}[].{''}" if is_list else f"{dotted}.", rows, seen | {nested})
+            is_map = get_origin(field.annotation) is dict  # a mapping of name -> section: `key.<name>.field`
+            inner = f"{dotted}[]." if is_list else f"{dotted}.<name>." if is_map else f"{dotted}."
+            _walk(nested, inner, rows, seen | {nested})
 
 
 def render_reference() -> str:

@@ -18,6 +18,7 @@ app = typer.Typer(
 # commands live beside nothing else's.
 _COMMAND_MODULES = [
     "workflow",
+    "sweep",
     "data",
     "train",
     "eval",

@@ -37,8 +37,20 @@ def result_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def load(config: Path, overrides: list[str] | None, output_dir: Path | None) -> ProjectConfig:
-    return load_config(config, overrides or [], output_dir)
+OverlayOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--overlay",
+        help="A YAML of settings laid over the config before --set (e.g. a sweep's best.yaml). Repeatable.",
+        show_default=False,
+    ),
+]
+
+
+def load(
+    config: Path, overrides: list[str] | None, output_dir: Path | None, overlays: list[Path] | None = None
+) -> ProjectConfig:
+    return load_config(config, overrides or [], output_dir, overlays or [])
 
 
 # Exit codes every command keeps (README "Exit codes"): a script tells a rejected model from a broken run.

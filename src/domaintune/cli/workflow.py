@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
+from domaintune.cli.common import ConfigArg, OutputDirOpt, OverlayOpt, SetOpt, friendly_errors, load, result_console
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--from", help="Force this stage and every later one to re-run.")
         ] = None,
         workers: Annotated[int, typer.Option("--workers", help="Processes for the data stage.")] = 1,
+        overlay: OverlayOpt = None,
         continue_from: Annotated[
             str | None,
             typer.Option(
@@ -40,11 +41,12 @@ def register(app: typer.Typer) -> None:
         Example: domaintune run examples/medical-zh.yaml
         Example: domaintune run examples/medical-zh.yaml --from train --set train.epochs=2
         Example: domaintune run examples/medical-zh.yaml --continue-from registry://medical-zh@production
+        Example: domaintune run examples/medical-zh.yaml --overlay runs/medical-zh/sweep/best.yaml
         """
         from domaintune.workflow.pipeline import run_pipeline
         from domaintune.workflow.summary import print_summary, write_summary_html
 
-        cfg = load(config, set_, output_dir)
+        cfg = load(config, set_, output_dir, overlay)
         parent = None
         if continue_from:
             from domaintune.workflow.incremental import prepare_continuation

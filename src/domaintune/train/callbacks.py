@@ -1,4 +1,5 @@
-"""Trainer callbacks: rich progress bar, replay epoch, final-step evaluation, training-time accounting."""
+"""Trainer callbacks: rich progress bar, replay epoch, final-step evaluation, training-time accounting, and a
+hook called after every evaluation (the sweep's pruning)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,15 @@ class FinalEvalCallback(TrainerCallback):
             control.should_evaluate = True
             control.should_save = True
         return control
+
+
+class EvaluateHookCallback(TrainerCallback):
+    """Calls `hook(step, metrics)` after every evaluation, with the evaluation's metrics (`eval_loss` and, with
+    train.generation_eval on, `eval_<metric>`). The sweep reports them to its Optuna trial here; an exception the
+    hook raises (the trial's prune signal) stops training and leaves the stage failed."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.hook(state.global_step, dict(metrics or {}))
