@@ -142,7 +142,9 @@ def test_eval_report_reader_reads_both_shapes_and_names_what_is_there():
     flat = {"metrics": {"test": {"tuned": {"chrf": 31.5}}}, "deltas": {"test": {"tuned": {"chrf": {"delta": 2.5}}}}}
     assert eval_report_value(flat, "test", "tuned", "chrf", Path("r.json")) == 31.5
     assert eval_report_value(flat, "test", "tuned", "chrf_delta", Path("r.json")) == 2.5
-    per_set = {"sets": {"ood": {"metrics": {"tuned": {"chrf": 12.0}}, "deltas": {"tuned": {"chrf": {"delta": -1.0}}}}}}
+    deltas = {"tuned": {"chrf": {"delta": -1.0, "ci_low": -3.0, "ci_high": 0.5}}}
+    per_set = {"sets": {"ood": {"metrics": {"tuned": {"chrf": 12.0}}, "deltas": deltas}}}
+    assert eval_report_value(per_set, "ood", "tuned", "chrf_delta_ci_low", Path("r.json")) == -3.0
     assert eval_report_value(per_set, "ood", "tuned", "chrf", Path("r.json")) == 12.0
     assert eval_report_value(per_set, "ood", "tuned", "chrf_delta", Path("r.json")) == -1.0
     with pytest.raises(UserError, match=r"r.json: no chrf of model 'tuned' on set 'other' \(sets in the report: ood\)"):

@@ -384,14 +384,16 @@ def read_objective(layout: RunLayout, objective: Objective) -> float:
 
 
 def eval_report_value(report: dict[str, Any], set_name: str, model: str, metric: str, source: Path) -> float:
-    """`metric` of `model` on `set_name` in an eval report (`<metric>_delta`: the gain over the base model).
+    """`metric` of `model` on `set_name` in an eval report (`<metric>_delta`: the gain over the base model;
+    `<metric>_delta_ci_low` / `_ci_high`: its bootstrap interval's bounds).
 
     Reads `metrics.<set>.<model>.<metric>` / `deltas.<set>.<model>.<metric>.delta`, and the per-set shape
     `sets.<set>.metrics.<model>.<metric>` / `sets.<set>.deltas.<model>.<metric>.delta`.
     """
-    if metric.endswith("_delta"):
-        name = metric[: -len("_delta")]
-        paths = [("deltas", set_name, model, name, "delta"), ("sets", set_name, "deltas", model, name, "delta")]
+    suffix = next((s for s in _DELTA_SUFFIXES if metric.endswith(s)), None)
+    if suffix is not None:
+        name, key = metric[: -len(suffix)], _DELTA_SUFFIXES[suffix]
+        paths = [("deltas", set_name, model, name, key), ("sets", set_name, "deltas", model, name, key)]
     else:
         paths = [("metrics", set_name, model, metric), ("sets", set_name, "metrics", model, metric)]
     for path in paths:
@@ -403,6 +405,10 @@ def eval_report_value(report: dict[str, Any], set_name: str, model: str, metric:
         f"{source}: no {metric} of model {model!r} on set {set_name!r} (sets in the report: {', '.join(known)}); "
         "check sweep.objective"
     )
+
+
+# objective-name suffix -> the field of a report's `deltas` entry it reads
+_DELTA_SUFFIXES = {"_delta_ci_low": "ci_low", "_delta_ci_high": "ci_high", "_delta": "delta"}
 
 
 def _dig(node: Any, path: tuple[str, ...]) -> Any:

@@ -84,7 +84,8 @@ class SweepObjective(StrictModel):
     metric: str | None = Field(
         None,
         description=(
-            "Metric name: rougeL_char, chrf, ... (`<metric>_delta` for the gain over the base model; source eval). "
+            "Metric name: rougeL_char, chrf, ... (source eval: `<metric>_delta` for the gain over the base model, "
+            "`<metric>_delta_ci_low` for the lower bound of its interval). "
             "Default: `eval.primary_metric` (or train.generation_eval.metric)."
         ),
     )
