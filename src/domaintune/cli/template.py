@@ -57,7 +57,9 @@ def show(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = None
 
 
 def check(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = None) -> None:
-    """Fail (exit 2) where eval, export or serving would render a different prompt than training did.
+    """Fail (exit 2) where eval, export (merged folder, GGUF files) or serving would render a different prompt than
+    training did. A GGUF is rendered by llama.cpp with the template stored in it, and its tokens and end-of-turn
+    token are checked too.
 
     Example: domaintune template check examples/medical-zh.yaml
     """
@@ -67,10 +69,13 @@ def check(config: ConfigArg, set_: SetOpt = None, output_dir: OutputDirOpt = Non
     layout = cfg.layout
     if not (layout.model_dir / "tokenizer_config.json").is_file():
         raise UserError(f"{layout.model_dir} has no tokenizer: run `domaintune train` first")
-    result = template_check(cfg.model, layout.model_dir, {"export/merged": layout.export_dir / "merged"})
+    ggufs = {f"export/gguf/{p.name}": p for p in sorted((layout.export_dir / "gguf").glob("*.gguf"))}
+    result = template_check(cfg.model, layout.model_dir, {"export/merged": layout.export_dir / "merged"}, ggufs)
     out = Console(soft_wrap=True, highlight=False)
     for place in result.renders:
         out.print(f"{'DIFFERS' if place in result.differing else 'same   '} {escape(place)}")
+        for problem in result.problems.get(place, []):
+            out.print(f"        {escape(problem)}")
     if not result.ok:
         raise UserError(
             f"chat template differs from the one training used ({result.reference}) in: {', '.join(result.differing)}"

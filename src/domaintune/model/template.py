@@ -2,7 +2,8 @@
 
 The train stage saves the tokenizer (and so the template it trained with: the model's own, or
 `model.chat_template`) into `model/`. Every later consumer loads it from there; `template_check` renders the
-same probe conversation with each template it can find and names every place that would differ.
+same probe conversation with each template it can find (GGUF files through llama.cpp, with the template stored
+in the file) and names every place that would differ.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TemplateCheck:
     reference: str  # where the training template came from
     renders: dict[str, str] = field(default_factory=dict)  # place -> rendered probe prompt
     differing: list[str] = field(default_factory=list)
+    problems: dict[str, list[str]] = field(default_factory=dict)  # place (a GGUF) -> what llama.cpp does differently
 
     @property
     def ok(self) -> bool:
@@ -81,11 +83,34 @@ def _folder_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def template_check(model_cfg: Any, model_dir: Path, others: dict[str, Path]) -> TemplateCheck:
+def _gguf_render(path: Path, tokenizer: Any) -> tuple[str, list[str]]:
+    """The probe as llama.cpp renders it with the chat template stored in the GGUF at `path`, and what
+    `domaintune.llamacpp.template.check_template` finds different from `tokenizer` (the training template): the
+    rendering of several conversations, their llama.cpp token ids, the end-of-turn token."""
+    from domaintune.llamacpp import unavailable_reason
+    from domaintune.llamacpp.runtime import GGUFModel
+    from domaintune.llamacpp.template import check_template, render_jinja
+
+    reason = unavailable_reason()
+    if reason:
+        raise UserError(f"{path}: cannot read the GGUF's chat template to check it: {reason}")
+    model = GGUFModel(path, vocab_only=True)
+    try:
+        text = render_jinja(model, PROBE, add_generation_prompt=True)
+        problems = check_template(model, tokenizer, run_stop=False).problems
+    finally:
+        model.close()
+    return ("(the GGUF holds no chat template)" if text is None else text), problems
+
+
+def template_check(
+    model_cfg: Any, model_dir: Path, others: dict[str, Path], ggufs: dict[str, Path] | None = None
+) -> TemplateCheck:
     """Render the probe with the trained model's stored template and with every other place's; list differences.
 
     `model_cfg` is the `model:` section (what eval of the base and serving of the base apply); `others` maps a
-    place (e.g. "export/merged") to a folder holding a tokenizer."""
+    place (e.g. "export/merged") to a folder holding a tokenizer; `ggufs` maps a place to an exported GGUF file,
+    rendered by llama.cpp with the template stored inside it."""
     from domaintune.model.loader import load_tokenizer
 
     stored = _folder_tokenizer(model_dir)
@@ -98,5 +123,9 @@ def template_check(model_cfg: Any, model_dir: Path, others: dict[str, Path]) -> 
     for place, folder in others.items():
         if (folder / "tokenizer_config.json").is_file():
             check.renders[place] = _render_probe(_folder_tokenizer(folder))
-    check.differing = [place for place, text in check.renders.items() if text != reference]
+    for place, path in (ggufs or {}).items():
+        check.renders[place], problems = _gguf_render(path, stored)
+        if problems:
+            check.problems[place] = problems
+    check.differing = [place for place, text in check.renders.items() if text != reference or check.problems.get(place)]
     return check
