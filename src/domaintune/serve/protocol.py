@@ -75,10 +75,44 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(..., min_length=1, max_length=256)
+    arguments: str = Field(..., max_length=1_000_000)  # JSON object text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolFunction(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -134,10 +168,22 @@ class GenerationBody(BaseModel):
 class ChatBody(GenerationBody):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """The messages as the chat template takes them (`developer` is the system role)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (`developer` is the system role; tool calls and results
+        in OpenAI's shape)."""
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
 
     def explicit_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -181,8 +227,7 @@ class LoadModelBody(BaseModel):
 
 
 UNSUPPORTED = {
-    "tools": "tool calls",
-    "functions": "function calls",
+    "functions": "function calls (the deprecated API; send `tools`)",
     "logprobs": "logprobs",
     "best_of": "best_of",
     "echo": "echo",

@@ -1,0 +1,115 @@
+"""Tool calls on /v1/chat/completions: `tools` and `tool_choice` in, `message.tool_calls` out.
+
+The tools are rendered by the model's own chat template (`apply_chat_template(..., tools=...)`); a template that
+does not render them is refused with a 400 rather than answering as if the tools were not there. The answer is
+read back with `domaintune.model.tools.parse_tool_calls` (Qwen/Hermes `<tool_call>` tags, Llama 3.1 JSON): when
+it holds calls to the request's tools the message carries `tool_calls` and `finish_reason` is `tool_calls`, else
+it is an ordinary answer.
+
+`tool_choice`: `auto` (the default with tools) and `required` render every tool; a named function renders only
+that one; `none` renders none and never parses calls. Decoding is not constrained: under `required` or a named
+function a model that answers in prose still gets its prose back (finish_reason `stop`).
+
+Streaming with tools: the answer is held back until it is complete (a call cannot be told from prose before
+its end), then sent as one content delta or as `tool_calls` deltas, then the finish chunk, as OpenAI's stream does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from domaintune.model.tools import for_template, parse_tool_calls, template_tool_problem
+from domaintune.serve.protocol import ChatBody, ResponseHead, bad_request, sse, stream_chunk
+
+
+def active_tools(body: ChatBody) -> list[dict[str, Any]] | None:
+    """The tool definitions the prompt renders (None: no tools, or tool_choice `none`); 400 for a named
+    function that is not among the tools."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none"):
+            raise bad_request("tool_choice needs `tools`", "tool_choice")
+        return None
+    choice = body.tool_choice
+    if choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    if choice is None or isinstance(choice, str):
+        return tools
+    named = [t for t in tools if t["function"]["name"] == choice.function.name]
+    if not named:
+        names = ", ".join(t["function"]["name"] for t in tools)
+        raise bad_request(
+            f"tool_choice names {choice.function.name!r}, which is not among the tools ({names})", "tool_choice"
+        )
+    return named
+
+
+def template_inputs(tokenizer: Any, body: ChatBody, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Keyword arguments for `apply_chat_template`: the messages as templates take them, and the tools; 400 when
+    the model's template cannot render tool calls or a call's arguments are not JSON."""
+    tools = active_tools(body)
+    uses_tools = tools is not None or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if not uses_tools:
+        return {"conversation": messages}
+    problem = template_tool_problem(tokenizer)
+    if problem is not None:
+        raise bad_request(f"this model cannot take tools: {problem}", "tools", "tools_unsupported")
+    try:
+        templated = for_template(messages)
+    except ValueError as exc:
+        raise bad_request(f"a tool call's arguments must be a JSON object{exc}", "messages") from None
+    return {"conversation": templated, "tools": tools}
+
+
+def _names(body: ChatBody) -> set[str] | None:
+    tools = active_tools(body)
+    return None if tools is None else {t["function"]["name"] for t in tools}
+
+
+def with_tool_calls(payload: dict[str, Any], body: ChatBody) -> dict[str, Any]:
+    """A chat completion whose answer parses as calls to the request's tools, as OpenAI returns one."""
+    names = _names(body)
+    if names is None:
+        return payload
+    choice = payload["choices"][0]
+    content, calls = parse_tool_calls(choice["message"]["content"] or "", names)
+    if calls:
+        choice["message"]["content"] = content
+        choice["message"]["tool_calls"] = calls
+        choice["finish_reason"] = "tool_calls"
+    return payload
+
+
+def holds_back(body: ChatBody) -> bool:
+    """Whether a stream is held back to its end: it may end up as tool calls."""
+    return _names(body) is not None
+
+
+def _split_think(text: str) -> tuple[str | None, str]:
+    if "</think>" not in text:
+        return None, text
+    thought, answer = text.split("</think>", 1)
+    return thought.replace("<think>", "").strip("\n"), answer.lstrip("\n")
+
+
+def held_back_chunks(
+    head: ResponseHead, text: str, body: ChatBody, include_usage: bool
+) -> tuple[list[str], str | None]:
+    """The events of a held-back answer (a reasoning model's `<think>` block first), and `tool_calls` as the
+    finish reason when the answer is calls (None: keep the engine's)."""
+    events = []
+    thought, answer = _split_think(text)
+    if thought:
+        chunk = stream_chunk(head, None, None, include_usage)
+        chunk["choices"][0]["delta"]["reasoning_content"] = thought
+        events.append(sse(chunk, ensure_ascii=False))
+    content, calls = parse_tool_calls(answer, _names(body))
+    if content:
+        events.append(sse(stream_chunk(head, content, None, include_usage), ensure_ascii=False))
+    if not calls:
+        return events, None
+    for index, call in enumerate(calls):
+        chunk = stream_chunk(head, None, None, include_usage)
+        chunk["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
+        events.append(sse(chunk, ensure_ascii=False))
+    return events, "tool_calls"

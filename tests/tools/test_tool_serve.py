@@ -1,0 +1,154 @@
+"""Tool calls through the server: the official openai client against a real server on loopback, the tiny Qwen2 model
+with Qwen2.5's tool template, and its next tokens scripted (the engine's sampler is replaced for seeds the test
+owns) so the model "answers" exactly what each test needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import openai
+import pytest
+from openai import OpenAI
+
+from serve_helpers import serve_config
+from tool_helpers import QWEN25_TOOLS_TEMPLATE, TOOLS
+
+CALL = '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A1001"}}\n</tool_call>'
+TWO_CALLS = (
+    '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A1"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "return_policy", "arguments": {"category": "shoes"}}\n</tool_call>'
+)
+SCRIPTS = {
+    1: CALL,
+    2: "Your order A1001 has shipped.",
+    3: TWO_CALLS,
+    4: '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": \n</tool_call>',  # broken JSON
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, qwen2_dir):
+    from transformers import AutoTokenizer
+
+    import domaintune.serve.engines.transformers as engine_module
+    from domaintune.serve.server import BackgroundServer
+    from domaintune.serve.state import build_state
+
+    root = tmp_path_factory.mktemp("serve_tools")
+    model_dir = root / "qwen-tools"
+    shutil.copytree(qwen2_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(qwen2_dir)
+    tok.chat_template = QWEN25_TOOLS_TEMPLATE
+    tok.save_pretrained(model_dir)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    scripts = {seed: tok(text, add_special_tokens=False)["input_ids"] + [end] for seed, text in SCRIPTS.items()}
+    real_sample = engine_module._sample
+
+    def scripted(logits, row):
+        script = scripts.get(row.request.params.seed)
+        return real_sample(logits, row) if script is None else script[len(row.text.ids)]
+
+    engine_module._sample = scripted
+    serve = {"max_context_tokens": 1024, "max_tokens_cap": 128, "models": [{"name": "plain", "source": str(qwen2_dir)}]}
+    cfg = serve_config(root / "run", serve, model={"name_or_path": str(model_dir)})
+    state = build_state(cfg)
+    try:
+        with BackgroundServer(state) as srv:
+            srv.key = state.store.create_key("alice")[1]
+            yield srv
+    finally:
+        engine_module._sample = real_sample
+
+
+def _client(server) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+
+
+def _model(c: OpenAI) -> str:
+    return next(m.id for m in c.models.list().data if m.id != "plain")
+
+
+ASK = [{"role": "user", "content": "Where is my order A1001?"}]
+
+
+def test_a_call_comes_back_as_tool_calls(server):
+    c = _client(server)
+    r = c.chat.completions.create(model=_model(c), messages=ASK, tools=TOOLS, seed=1, max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id
+    assert call.function.name == "lookup_order"
+    assert json.loads(call.function.arguments) == {"order_id": "A1001"}
+
+
+def test_parallel_calls_and_the_conversation_that_follows(server):
+    c = _client(server)
+    model = _model(c)
+    r = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="auto", seed=3, max_tokens=96)
+    calls = r.choices[0].message.tool_calls
+    assert [(x.function.name, json.loads(x.function.arguments)) for x in calls] == [
+        ("lookup_order", {"order_id": "A1"}),
+        ("return_policy", {"category": "shoes"}),
+    ]
+    # the client sends the calls and their results back; the answer is plain content
+    messages = ASK + [
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"status": "shipped"}'},
+        {"role": "tool", "tool_call_id": calls[1].id, "content": '{"days": 30}'},
+    ]
+    follow = c.chat.completions.create(model=model, messages=messages, tools=TOOLS, seed=2, max_tokens=64)
+    assert follow.choices[0].finish_reason == "stop"
+    assert follow.choices[0].message.content == "Your order A1001 has shipped."
+    assert not follow.choices[0].message.tool_calls
+    # the results were in the prompt: it is longer than the one without them
+    assert follow.usage.prompt_tokens > r.usage.prompt_tokens + 20
+
+
+def test_streaming_sends_tool_call_deltas(server):
+    c = _client(server)
+    chunks = list(
+        c.chat.completions.create(model=_model(c), messages=ASK, tools=TOOLS, seed=3, stream=True, max_tokens=96)
+    )
+    deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "lookup_order"), (1, "return_policy")]
+    assert json.loads(deltas[1].function.arguments) == {"category": "shoes"}
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    # a plain answer streams as content
+    chunks = list(
+        c.chat.completions.create(model=_model(c), messages=ASK, tools=TOOLS, seed=2, stream=True, max_tokens=64)
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == SCRIPTS[2]
+
+
+def test_tool_choice_none_broken_calls_and_unknown_names(server):
+    c = _client(server)
+    model = _model(c)
+    r = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none", seed=1, max_tokens=64)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == CALL
+    assert not r.choices[0].message.tool_calls
+    broken = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, seed=4, max_tokens=64)
+    assert broken.choices[0].finish_reason == "stop" and broken.choices[0].message.content == SCRIPTS[4]
+    # a call to a function the request did not offer is not a tool call
+    only_policy = [TOOLS[1]]
+    r = c.chat.completions.create(model=model, messages=ASK, tools=only_policy, seed=1, max_tokens=64)
+    assert r.choices[0].message.content == CALL and not r.choices[0].message.tool_calls
+    named = {"type": "function", "function": {"name": "lookup_order"}}
+    r = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=named, seed=1, max_tokens=64)
+    assert r.choices[0].message.tool_calls[0].function.name == "lookup_order"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=model, messages=ASK, tools=only_policy, tool_choice=named, seed=1)
+    assert "'lookup_order', which is not among the tools" in e.value.message and e.value.param == "tool_choice"
+
+
+def test_a_template_without_tools_is_a_clear_400(server):
+    c = _client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="plain", messages=ASK, tools=TOOLS, seed=1)
+    assert "cannot take tools" in e.value.message and e.value.code == "tools_unsupported"
+    # without tools the same model answers as before
+    assert c.chat.completions.create(model="plain", messages=ASK, seed=2, max_tokens=64).choices[0].message.content
