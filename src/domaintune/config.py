@@ -162,15 +162,20 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+# Mappings whose keys are dotted config paths themselves: an overlay sets them whole, it does not descend.
+_WHOLE_MAPPINGS = ("sweep.search_space",)
+
+
 def overlay_assignments(overlay: dict[str, Any], prefix: str = "") -> list[str]:
     """An overlay mapping as `--set` assignments: nested mappings merge key by key, any other value replaces.
 
-    A key may itself be dotted (`train: {lora.r: 8}` or `data.sources.0.max_rows: 10`), as `--set` takes it.
+    A key may itself be dotted (`train: {lora.r: 8}` or `data.sources.0.max_rows: 10`), as `--set` takes it;
+    `sweep.search_space` (keyed by dotted paths) is set whole.
     """
     assignments: list[str] = []
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and dotted not in _WHOLE_MAPPINGS:
             assignments += overlay_assignments(value, dotted + ".")
         else:
             assignments.append(f"{dotted}={json.dumps(value, ensure_ascii=False, default=str)}")

@@ -53,6 +53,7 @@ def _project(tmp_path: Path, sweep: dict, **train) -> Path:
         },
         "eval": {
             "max_items": 3,
+            "engine": "transformers",
             "decoding": {"max_new_tokens": 4, "batch_size": 4},
             "robustness": {"enabled": False},
             "bootstrap_samples": 100,
@@ -81,6 +82,7 @@ def test_sweep_runs_prunes_resumes_and_writes_the_best_overlay(tmp_path):
     sweep_dir = tmp_path / "run" / "sweep"
     assert [r.state for r in first.rows] == ["COMPLETE", "PRUNED"]
     assert first.rows[1].pruned_at == 2 and first.rows[1].params == {"train.learning_rate": 1e-8}
+    assert first.rows[1].value is None and first.rows[1].intermediate[2] > first.rows[0].intermediate[2]
     # the pruned trial stopped in training: no model, no eval report
     assert not (sweep_dir / "trial_1" / "eval" / "report.json").exists()
     report = json.loads((sweep_dir / "trial_0" / "eval" / "report.json").read_text())
@@ -196,6 +198,10 @@ def test_overlay_merges_nested_and_dotted_keys(tmp_path):
     cfg = load_config(config, ["train.learning_rate=0.002"], overlays=[overlay])
     assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.learning_rate) == (4, 16, 0.002)  # --set wins
     assert cfg.data.sources[0].reader == "jsonl"
+    # a sweep section in an overlay: search_space keys are dotted paths, kept whole
+    overlay.write_text("sweep:\n  search_space:\n    train.lora.r: {type: categorical, choices: [2, 4]}\n")
+    cfg = load_config(config, overlays=[overlay])
+    assert list(cfg.sweep.search_space) == ["train.lora.r"] and cfg.sweep.search_space["train.lora.r"].choices == [2, 4]
     overlay.write_text("train:\n  lora: {rank: 4}\n")
     with pytest.raises(
         ConfigError, match=r"(?s)project.yaml \+ .*best.yaml: 1 invalid setting.*train.lora.rank: unknown key"

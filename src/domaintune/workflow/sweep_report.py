@@ -87,7 +87,8 @@ def trial_row(trial: optuna.trial.FrozenTrial, space: dict[str, SweepParam]) -> 
     return TrialRow(
         number=trial.number,
         state=trial.state.name,
-        value=trial.value,
+        # Optuna gives a pruned trial its last in-training value: not the objective, so not shown as one
+        value=trial.value if trial.state.name == "COMPLETE" else None,
         params=decode_params(trial.params, space),
         seconds=trial.user_attrs.get("seconds"),
         pruned_at=trial.user_attrs.get("pruned_at"),
