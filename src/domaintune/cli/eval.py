@@ -81,6 +81,7 @@ def _print_summary(report: dict[str, Any], layout: RunLayout) -> None:
                 )
             table.add_row(metric, *cells)
         console.print(table)
+    _print_sets(report)
     for name, r in report.get("retention", {}).items():
         console.print(f"retention ({name}, {r['metric']} on general): [bold]{_fmt(r['ratio'])}[/]")
     for name, r in report.get("robustness", {}).get("models", {}).items():
@@ -99,6 +100,48 @@ def _print_summary(report: dict[str, Any], layout: RunLayout) -> None:
         f"wall time {report['timing']['wall_s']:.1f} s"
     )
     console.print(f"report: {layout.eval_dir / 'report.html'}")
+
+
+def _print_sets(report: dict[str, Any]) -> None:
+    """The sets side by side on the primary metric (each model - base), and the template-learning alarms."""
+    metric, sets = report["primary_metric"], report.get("sets", {})
+    compared = list(report["deltas"].get("test", {}))
+    if not compared:
+        return
+    table = Table(title=f"sets side by side ({metric})")
+    for col in ("set", "kind", "items"):
+        table.add_column(col, justify="left" if col != "items" else "right")
+    for name in compared:
+        table.add_column(f"{name} − base [95% CI]", justify="right")
+        table.add_column("concentrated", justify="center")
+    for set_name, sec in sets.items():
+        cells = [set_name, sec.get("kind", ""), str(sec["n_items"])]
+        for name in compared:
+            d = sec["deltas"].get(name, {}).get(metric)
+            cells.append(
+                ""
+                if not d
+                else f"{d['delta']:+.3g}"
+                + (f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" if d.get("ci_low") is not None else "")
+            )
+            c = sec["concentration"].get(name)
+            cells.append("–" if not c else ("YES" if c["flagged"] else "no"))
+        table.add_row(*cells)
+    console.print(table)
+    for set_name, sec in sets.items():
+        for name, c in sec["concentration"].items():
+            if c["flagged"]:
+                parts = [p for p in (c.get("items"), c.get("stratum")) if p and p["flagged"]]
+                without = "; ".join(
+                    f"without them {p['without']['delta']:+.3g} [{p['without']['ci_low']:+.3g}, {p['without']['ci_high']:+.3g}]"
+                    if p["without"].get("ci_low") is not None
+                    else f"without them {p['without']['delta']}"
+                    for p in parts
+                )
+                console.print(
+                    f"[bold yellow]template-learning alarm[/] ({set_name}, {name}): {'; '.join(c['reasons'])}; {without}",
+                    highlight=False,
+                )
 
 
 @eval_app.command("run")

@@ -31,19 +31,17 @@ class Item:
 
 
 def load_items(path: Path, limit: int | None, what: str, system_prompt: str | None = None) -> list[Item]:
-    """Messages rows -> items: the last assistant message is the reference, earlier messages the prompt."""
+    """Rows -> items: the last assistant message is the reference, earlier messages the prompt. JSONL rows in
+    messages, alpaca (instruction/input/output) or sharegpt (conversations) form, or a CSV file with
+    instruction[,input],output columns (other columns are kept as row fields, e.g. a stratum)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} set {path} does not exist (run `domaintune data` first or set eval.{what}_file)")
     items: list[Item] = []
     seen: set[str] = set()
-    try:
-        numbered = list(read_jsonl_numbered(path))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    for line_no, row in numbered:
+    for line_no, row in _numbered_rows(path):
         where = f"{path}:{line_no}"
-        messages = row.get("messages") if isinstance(row, dict) else None
+        messages = _messages(row, where)
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
         for k, message in enumerate(messages):
@@ -71,6 +69,39 @@ def load_items(path: Path, limit: int | None, what: str, system_prompt: str | No
     if not items:
         raise UserError(f"{path}: no items")
     return items
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, row) of a JSONL file, or of a CSV file (header on line 1)."""
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                if None in row:
+                    raise UserError(f"{path}:{reader.line_num}: more cells than the header has columns")
+                rows.append((reader.line_num, row))
+            return rows
+    try:
+        return list(read_jsonl_numbered(path))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _messages(row: Any, where: str) -> Any:
+    """The row's messages: its own, or those of an alpaca / sharegpt row."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with 'messages' (or instruction/output, conversations)")
+    if "messages" in row or not any(k in row for k in ("instruction", "output", "conversations")):
+        return row.get("messages")
+    from domaintune.data.formats import to_messages
+
+    try:
+        return to_messages(row)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def detect_stratum_field(items: list[Item], configured: str | None) -> str | None:

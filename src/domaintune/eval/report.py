@@ -166,9 +166,9 @@ def _perplexity_chart(report: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _delta_charts(report: dict[str, Any]) -> list[dict[str, str]]:
-    """One chart per model compared with base on the test set, with the bootstrap CIs as error bars."""
+    """One chart per set and model compared with base, with the bootstrap CIs as error bars."""
     charts = []
-    for model, deltas in report["deltas"].get("test", {}).items():
+    for set_name, model, deltas in [(s, m, d) for s, by in report["deltas"].items() for m, d in by.items()]:
         metrics = [m for m in SCORE_METRICS if m in deltas]
         if metrics:
             errs = [
@@ -179,7 +179,7 @@ def _delta_charts(report: dict[str, Any]) -> list[dict[str, str]]:
             ]
             charts.append(
                 {
-                    "title": f"Delta {model} - base on the test set, with 95% bootstrap CI",
+                    "title": f"Delta {model} - base on the {set_name} set, with 95% bootstrap CI",
                     "png": _grouped_bars(
                         metrics,
                         {f"{model} - base": [deltas[m]["delta"] for m in metrics]},
@@ -262,6 +262,23 @@ img{max-width:100%;border:1px solid #eee;margin:0.3em 0 1em}.note{color:#555}
 {% for line in engine_lines %}<p class="note">{{ line }}</p>{% endfor %}
 <p class="note">Latency: {{ r.latency_note }}</p>
 {% for note in r.notes %}<p class="note">Note: {{ note }}</p>{% endfor %}
+{% set compared = r.deltas.get("test", {}).keys()|list %}{% if compared %}
+<h2>Sets side by side ({{ r.primary_metric }})</h2>
+<table><tr><th>set</th><th>kind</th><th>items</th>{% for name in compared %}<th>{{ name }} vs base: base → {{ name }}</th><th>{{ name }} − base [95% CI]</th><th>gain concentrated?</th>{% endfor %}</tr>
+{% for set_name, s in r.sets.items() %}<tr><td>{{ set_name }}</td><td>{{ s.kind }}</td><td>{{ s.n_items }}</td>
+{% for name in compared %}{% set d = s.deltas.get(name, {}).get(r.primary_metric) %}{% set c = s.concentration.get(name) %}<td>{% if d %}{{ fmt(d.base) }} → {{ fmt(d.model) }}{% endif %}</td>
+<td class="{{ delta_class(r.primary_metric, d) }}">{% if d %}{{ fmt(d.delta) }}{% if d.ci_low is not none %} [{{ fmt(d.ci_low) }}, {{ fmt(d.ci_high) }}]{% endif %}{% endif %}</td>
+<td>{% if c and c.flagged %}<span class="fail">YES</span>{% elif c %}no{% else %}–{% endif %}</td>{% endfor %}</tr>{% endfor %}</table>
+<h2>Template-learning alarm (where the gain comes from)</h2>
+<p class="note">An alarm sounds when over {{ pct(r.concentration.gain_share) }} of a model's total gain over base ({{ r.primary_metric }}, summed over items) comes from under {{ pct(r.concentration.max_item_share) }} of the items, or over {{ pct(r.concentration.stratum_gain_share) }} from one stratum holding at most {{ pct(r.concentration.max_stratum_item_share) }} of them (eval.concentration): a gain that may be one learnt answer template rather than domain skill.</p>
+{% for set_name, s in r.sets.items() %}{% for name, c in s.concentration.items() %}{% set it = c["items"] %}{% set st = c["stratum"] %}
+<h3>{{ set_name }} set · {{ name }} − base (mean gain {{ fmt(c.gain) }} over {{ c.n }} items)</h3>
+{% if c.flagged %}<p class="fail">ALARM: {{ c.reasons|join("; ") }}</p>{% else %}<p class="note">No alarm{% if c.reasons %} ({{ c.reasons|join("; ") }}){% endif %}{% if it %}: the {{ it.k }} largest gains bring {{ pct(it.share_of_gain) }} of the total ({{ pct(it.share_of_items) }} of the items){% endif %}.</p>{% endif %}
+{% if it and it.flagged %}<p>Gain without these {{ it.k }} items: <b>{{ fmt(it.without.delta) }}</b>{% if it.without.ci_low is not none %} [{{ fmt(it.without.ci_low) }}, {{ fmt(it.without.ci_high) }}]{% endif %} on {{ it.without.n }} items.</p>
+<table><tr><th>id</th><th>gain</th><th>question</th></tr>{% for i in range(it.ids|length) %}<tr><td>{{ it.ids[i] }}</td><td>{{ fmt(it.deltas[i]) }}</td><td><pre>{{ it.questions[i] }}</pre></td></tr>{% endfor %}</table>{% endif %}
+{% if st %}<p>By {{ c.stratum_field }}: {% for v, e in st.by_stratum.items() %}{{ v }} {{ pct(e.share_of_gain) }} of the gain ({{ e.n }} items){% if not loop.last %}, {% endif %}{% endfor %}.
+{% if st.flagged %}<b>Gain without {{ c.stratum_field }} {{ st.value }}: {{ fmt(st.without.delta) }}{% if st.without.ci_low is not none %} [{{ fmt(st.without.ci_low) }}, {{ fmt(st.without.ci_high) }}]{% endif %} on {{ st.without.n }} items.</b>{% endif %}</p>{% endif %}
+{% endfor %}{% endfor %}{% endif %}
 {% for set_name, per_model in r.metrics.items() %}
 <h2>{{ set_name }} set: metrics per model</h2>
 <table><tr><th>metric</th>{% for name in per_model %}<th>{{ name }}</th>{% endfor %}
@@ -295,6 +312,10 @@ def _metric_names(per_model: dict[str, dict]) -> list[str]:
     return sorted(seen, key=lambda m: (order.get(m, len(order)), m))
 
 
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
 def _delta_class(metric: str, d: dict | None) -> str:
     if not d or d.get("ci_low") is None or (isinstance(d["ci_low"], float) and math.isnan(d["ci_low"])):
         return ""
@@ -315,5 +336,6 @@ def render_html(report: dict[str, Any]) -> str:
         fmt=_fmt,
         metric_names=_metric_names,
         delta_class=_delta_class,
+        pct=_pct,
         engine_lines=describe_engine(report.get("engine")),
     )

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -31,6 +31,14 @@ from domaintune.eval.items import (
 )
 from domaintune.eval.models import EvalModel, build_models, clean_answer, decoding_key, perplexity
 from domaintune.eval.perturb import perturb_prompt
+from domaintune.eval.sets import (
+    RETENTION,
+    default_general_file,
+    resolve_sets,
+    set_concentration,
+    set_gate_values,
+    set_sections,
+)
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.layout import RunLayout
 from domaintune.model.thinking import answer_text
@@ -70,7 +78,11 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     _check_rules(ecfg)
     notes: list[str] = []
     sets = _load_sets(cfg, layout, notes)
-    contamination = _check_contamination(cfg, layout, sets.files["test"], notes)
+    checked = {
+        name: _check_contamination(cfg, layout, name, items, sets.files[name], notes)
+        for name, items in sets.items.items()
+    }
+    contamination = checked["test"]
     glossary = _load_glossary(ecfg, notes)
 
     models = build_models(cfg, layout)
@@ -87,7 +99,12 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
 
     names = [m.name for m in models]
     ref = "base" if "base" in names else None
-    deltas, retention = _compare_with_base(sets, scored, nll, names, ref, ecfg, _seed(cfg), notes)
+    deltas, retained = _compare_with_base(sets, scored, nll, names, ref, ecfg, _seed(cfg), notes)
+    retention = next(iter(retained.values()), {})  # the first retention set's (`general`)
+    concentration = {
+        name: set_concentration(items, scored.per_item[name], ref, ecfg, _seed(cfg))
+        for name, items in sets.items.items()
+    }
     for model in models:
         notes.extend(f"{model.name}: {n}" for n in model.notes)
 
@@ -109,6 +126,8 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
         },
         "notes": notes,
     }
+    report["sets"] = set_sections(report, sets.kinds, checked, retained, concentration)
+    report["concentration"] = ecfg.concentration.model_dump()  # the alarm's thresholds
     report["gate_values"] = dict(sorted(_flat_values(report).items()))
     report["gates"] = evaluate_gates(ecfg.gates, report["gate_values"])
     report["timing"] = {"wall_s": time.perf_counter() - started, "generation_s": dict(gens.generation_s)}
@@ -138,25 +157,26 @@ def _metric_family(metric: str) -> str:
 
 @dataclass
 class _Sets:
-    """The evaluation sets by name (`test`, and `general` when there is one) and the file each came from."""
+    """The evaluation sets by name (eval.sets: `test` first, out-of-source sets, `general` when there is one), the
+    file each came from and what it measures (in_distribution, out_of_source, retention)."""
 
     items: dict[str, list[Item]]
     files: dict[str, Path]
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def _load_sets(cfg: ProjectConfig, layout: RunLayout, notes: list[str]) -> _Sets:
     ecfg = cfg.eval
-    test_file = Path(ecfg.test_file or layout.test_file)
-    sets = _Sets({"test": load_items(test_file, ecfg.max_items, "test", ecfg.system_prompt)}, {"test": test_file})
-    general_file = Path(ecfg.general_file or _default_general_file(layout))
-    _refuse_replayed_retention_set(cfg, layout, general_file)
-    if general_file.is_file():
-        sets.items["general"] = load_items(general_file, ecfg.max_general_items, "general", ecfg.system_prompt)
-        sets.files["general"] = general_file
-    elif ecfg.general_file:
-        raise UserError(f"eval.general_file: {general_file} does not exist")
-    else:
-        notes.append(f"retention skipped: no general set at {general_file}")
+    sets = _Sets({}, {})
+    for spec in resolve_sets(ecfg, layout):
+        if spec.kind == RETENTION:
+            _refuse_replayed_retention_set(cfg, layout, spec.file)
+        if spec.optional and not spec.file.is_file():
+            notes.append(f"retention skipped: no general set at {spec.file}")
+            continue
+        sets.items[spec.name] = load_items(spec.file, spec.max_items, spec.name, ecfg.system_prompt)
+        sets.files[spec.name] = spec.file
+        sets.kinds[spec.name] = spec.kind
     return sets
 
 
@@ -171,15 +191,18 @@ def _training_files(cfg: ProjectConfig, layout: RunLayout) -> list[Path]:
     return files
 
 
-def _check_contamination(cfg: ProjectConfig, layout: RunLayout, test_file: Path, notes: list[str]) -> dict[str, Any]:
-    """Refuse to score a test set whose prompts the model saw in training (unless eval.allow_overlap)."""
+def _check_contamination(
+    cfg: ProjectConfig, layout: RunLayout, name: str, items: list[Item], test_file: Path, notes: list[str]
+) -> dict[str, Any]:
+    """Refuse to score a set (any of eval.sets) whose prompts the model saw in training (unless eval.allow_overlap)."""
     from domaintune.data.overlap import find_overlaps
 
     ecfg = cfg.eval
     files = _training_files(cfg, layout)
+    asked = [{"id": it.id, "messages": it.prompt} for it in items]
     found = []
     for path in files:
-        found += find_overlaps(read_jsonl(path), read_jsonl(test_file), near_threshold=ecfg.overlap_near_threshold)
+        found += find_overlaps(read_jsonl(path), asked, near_threshold=ecfg.overlap_near_threshold)
     kinds = Counter(o.kind for o in found)
     result = {
         "checked_against": [str(p) for p in files],
@@ -190,9 +213,9 @@ def _check_contamination(cfg: ProjectConfig, layout: RunLayout, test_file: Path,
     }
     if not found:
         return result
-    pairs = ", ".join(f"test {o.matched_id} ~ train {o.row_id} ({o.kind})" for o in found[:10])
+    pairs = ", ".join(f"{name} {o.matched_id} ~ train {o.row_id} ({o.kind})" for o in found[:10])
     message = (
-        f"{test_file}: {len({o.matched_id for o in found})} test prompt(s) were seen in training ({pairs}"
+        f"{test_file}: {len({o.matched_id for o in found})} {name} prompt(s) were seen in training ({pairs}"
         f"{', ...' if len(found) > 10 else ''})"
     )
     if not ecfg.allow_overlap:
@@ -202,7 +225,7 @@ def _check_contamination(cfg: ProjectConfig, layout: RunLayout, test_file: Path,
 
 
 def _default_general_file(layout: RunLayout) -> Path:
-    return layout.general_holdout_file if layout.general_holdout_file.is_file() else layout.general_file
+    return default_general_file(layout)
 
 
 def _refuse_replayed_retention_set(cfg: ProjectConfig, layout: RunLayout, general_file: Path) -> None:
@@ -552,10 +575,11 @@ def _compare_with_base(
     ecfg: EvalConfig,
     seed: int,
     notes: list[str],
-) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
-    """Deltas with paired bootstrap CIs of every model against base, and retention on the general set."""
+) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, dict]]]:
+    """Deltas with paired bootstrap CIs of every model against base on every set, and retention (per retention
+    set, per model)."""
     deltas: dict[str, dict[str, dict]] = {s: {} for s in sets.items}
-    retention: dict[str, dict] = {}
+    retention: dict[str, dict[str, dict]] = {}
     if ref is None:
         notes.append("no base model evaluated: deltas and retention need eval.base: true")
         return deltas, retention
@@ -565,11 +589,12 @@ def _compare_with_base(
             deltas[set_name][other] = _deltas(
                 scored.per_item[set_name], scored.aggregate[set_name], nll[set_name], ref, other, ecfg, seed
             )
-    if "general" in sets.items:
+    for set_name in [s for s in sets.items if sets.kinds.get(s) == RETENTION]:
+        retention[set_name] = {}
         for other in others:
-            retention[other] = _retention(scored.aggregate["general"], ref, other, ecfg.primary_metric)
-            if retention[other]["ratio"] is None:
-                notes.append(f"retention of {other}: base scores 0 on the general set, ratio undefined")
+            entry = retention[set_name][other] = _retention(scored.aggregate[set_name], ref, other, ecfg.primary_metric)
+            if entry["ratio"] is None:
+                notes.append(f"retention of {other}: base scores 0 on the {set_name} set, ratio undefined")
     return deltas, retention
 
 
@@ -764,6 +789,7 @@ def _flat_values(report: dict[str, Any]) -> dict[str, Any]:
         values["robustness_drop" if model == main else f"{model}.robustness_drop"] = r["mean_drop"]
     for model, j in report.get("judge", {}).get("models", {}).items():
         values[f"{model}.judge_score"] = j["judge_score"]
+    values.update(set_gate_values(report["sets"], main))  # sets.<name>.<...> for every set, test included
     for alias, target in _ALIASES.items():
         for key in list(values):
             if target in key:

@@ -65,6 +65,12 @@ def collect_figures(output_dir: Path) -> list[tuple[str, str]]:
                             f"95% CI [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}])",
                         )
                     )
+        for set_name, section in report.get("sets", {}).items():
+            for model, c in section.get("concentration", {}).items():
+                if c.get("flagged"):
+                    figures.append(
+                        (f"{set_name}: {model} gain concentrated (template-learning alarm)", "; ".join(c["reasons"]))
+                    )
         for model, retention in report.get("retention", {}).items():
             if retention.get("ratio") is not None:
                 figures.append((f"retention ({model} / base on the general set)", f"{retention['ratio']:.3f}"))
