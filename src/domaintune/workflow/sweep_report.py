@@ -142,6 +142,7 @@ def write_trials_plot(rows: list[TrialRow], path: Path, label: str, direction: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = [(r.number, r.value) for r in rows if r.state == "COMPLETE" and r.value is not None]
     pruned = [r.number for r in rows if r.state == "PRUNED"]
@@ -156,6 +157,10 @@ def write_trials_plot(rows: list[TrialRow], path: Path, label: str, direction: s
     if pruned:
         ax.scatter(pruned, [0.0] * len(pruned), transform=ax.get_xaxis_transform(), marker="x", color="tab:gray",
                    label="pruned", clip_on=False, zorder=3)  # fmt: skip
+    numbers = [r.number for r in rows]
+    if numbers:
+        ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(label)
     ax.set_title(f"sweep: {label} ({direction})")
