@@ -11,6 +11,7 @@ from rich.table import Table
 
 from domaintune.cli.common import ConfigArg, OutputDirOpt, SetOpt, friendly_errors, load, result_console
 from domaintune.errors import UserError
+from domaintune.registry.training_record import describe as describe_training
 
 if TYPE_CHECKING:
     from domaintune.registry.store import ModelRegistry
@@ -351,6 +352,7 @@ def _print_version(info: dict[str, Any]) -> None:
         ("data sha256", {k: v[:12] for k, v in (data.get("files") or {}).items()}),
         ("base model", meta.get("base_model")),
         ("method", meta.get("method")),
+        *describe_training(meta.get("training")),
         ("data fingerprint", data.get("fingerprint")),
         ("data rows", data.get("rows")),
         ("run folder", meta.get("run_dir")),

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from domaintune.hardware.autoselect import ThreadCount
+from domaintune.train.preference.config import VerifierSpec
 from domaintune.utils.config_types import ConfigPath, StrictModel
 
 ALL_METRICS = (
@@ -258,6 +259,22 @@ class EvalConfig(StrictModel):
     )
     review: ReviewConfig = Field(
         default_factory=ReviewConfig, description="Defaults of `domaintune eval export-review`."
+    )
+    verifiers: list[VerifierSpec] | None = Field(
+        None,
+        description="Domain verifiers scored on every model's test answers (the same definitions as "
+        "train.grpo.rewards; see docs/preference-tuning.md): pass rate (every component at its pass_at) with a 95% "
+        "Wilson interval, mean combined reward and per-component means, and each model - base with a paired "
+        "bootstrap interval. Gates: `verifier_pass_rate_delta_ci_low > 0`, `tuned.verifier_pass_rate >= 0.8`, "
+        "`verifier_reward_delta`. Default: train.grpo.rewards when train.method is grpo, else none; [] turns "
+        "them off.",
+    )
+    reward_model: ConfigPath | None = Field(
+        None,
+        description="A `method: reward` run's model/ folder that scores every model's test answers (its logit): "
+        "mean per model and each model - base with a paired bootstrap interval (gates `reward_model_score_delta`, "
+        "`reward_model_score_delta_ci_low`, `tuned.reward_model_score`). Default: train.ppo.reward_model when "
+        "train.method is ppo, else none.",
     )
 
     @field_validator("gates")

@@ -40,6 +40,7 @@ from domaintune.eval.sets import (
     set_sections,
 )
 from domaintune.eval.stats import paired_bootstrap_delta
+from domaintune.eval.verifiers import add_to_report as add_verifier_metrics
 from domaintune.layout import RunLayout
 from domaintune.model.thinking import answer_text
 from domaintune.utils.io import read_jsonl, write_json, write_jsonl
@@ -129,6 +130,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     report["sets"] = set_sections(report, sets.kinds, checked, retained, concentration)
     report["concentration"] = ecfg.concentration.model_dump()  # the alarm's thresholds
     report["gate_values"] = dict(sorted(_flat_values(report).items()))
+    add_verifier_metrics(report, cfg, sets.items["test"], answers["test"], _seed(cfg))  # verifiers, reward model
     report["gates"] = evaluate_gates(ecfg.gates, report["gate_values"])
     report["timing"] = {"wall_s": time.perf_counter() - started, "generation_s": dict(gens.generation_s)}
     _write_outputs(layout, sets, answers, scored, stratum_field, report)

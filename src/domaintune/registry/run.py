@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import UserError
 from domaintune.layout import RunLayout
+from domaintune.registry.training_record import training_record
 from domaintune.registry.uri import is_registry_uri
 from domaintune.utils.io import fingerprint_files, sha256_file
 from domaintune.utils.versions import RECORDED_PACKAGES, library_versions
@@ -162,6 +163,7 @@ def gather_run_metadata(cfg: ProjectConfig, layout: RunLayout) -> tuple[dict, st
         "base_model": (train_metrics or {}).get("base_model") or cfg.model.name_or_path,
         "method": (train_metrics or {}).get("method") or getattr(cfg.train, "method", None),
         "hyperparameters": (train_metrics or {}).get("config") or cfg.train.model_dump(mode="json"),
+        "training": training_record(cfg, train_metrics),  # method, reward definition, reference model
         "config": cfg.model_dump(mode="json", exclude={"config_path"}),
         "data": data,
         "metrics": _metrics(records[layout.eval_report], train_metrics, records[layout.export_manifest]),
