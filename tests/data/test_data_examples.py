@@ -19,12 +19,20 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     report = run_data(cfg, RunLayout(tmp_path), progress=False)
     src = report["sources"]["zh_medical_dialogue"]
     assert src["input"] == 7644 and src["balanced"]
-    assert src["kept"] == {"train": 300, "val": 40, "test": 40}
-    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 3
+    # sample.test is 200, but 10% of the rows left after the holdout are 175
+    assert src["kept"] == {"train": 300, "val": 40, "test": 175, "holdout": 100}
+    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 6  # holdout included
     assert report["normalise"]["rows_changed"] < 100  # Chinese punctuation is kept: few rows change
     assert src["dropped"]["dedup_exact: exact duplicate"] > 0
     assert src["dropped"]["dedup_near: near duplicate"] > 0  # CJK char 5-gram MinHash on the real corpus
-    assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["呼吸科"]
+    assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["内分泌科"]
+    # the out-of-source set: departments never trained on, 100 of their 162 rows, apart from every split
+    held_out = {"呼吸科", "肾内科", "血液科", "感染科", "风湿免疫科", "普通内科"}
+    assert set(report["holdout"]["per_stratum"]) == held_out and report["holdout"]["before_sampling"] == 162
+    for split in ("train", "val", "test"):
+        assert not held_out & set(report["split"]["per_stratum"][split]), split
+    held = (tmp_path / "data" / "holdout_out_of_source.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(held) == 100 and {json.loads(line)["department"] for line in held} <= held_out
     row = json.loads((tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
     assert row["department"] and row["difficulty"] in ("easy", "medium", "hard")
@@ -58,9 +66,14 @@ def test_medical_en_example(shared_datasets, tmp_path):
     assert drugs["input"] > 10000 and drugs["kept_total"] == 0
     assert drugs["dropped"]["filter: empty:output"] == drugs["input"]
     # MedQuAD asks many questions twice (different answers): grouped by prompt, none is in two splits
-    assert report["split"]["sizes"] == {"train": 2844, "val": 355, "test": 355}
+    assert report["split"]["sizes"] == {"train": 2596, "val": 325, "test": 324}
     assert report["split"]["groups"]["rows_in_shared_groups"] > 100
-    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 3
+    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 6  # holdout included
+    # the out-of-source set: the whole NIDDK collection, never in train/val/test, 100 of its rows written
+    niddk = report["sources"]["NIDDK"]
+    assert niddk["kept"] == {"train": 0, "val": 0, "test": 0, "holdout": 100} and niddk["balanced"]
+    assert report["holdout"]["by_source"]["NIDDK"] == 100 and report["holdout"]["before_sampling"] > 100
+    assert sum(s["kept"]["holdout"] for s in report["sources"].values()) == 100
     assert not report["guards"]["violations"]
     rows = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     assert all(r["qtype"] and r["focus"] for r in rows)

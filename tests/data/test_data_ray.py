@@ -80,7 +80,8 @@ def _compare(tmp_path: Path, cfg_for) -> dict:
     for engine in ("local", "ray"):
         cfg = cfg_for(engine)
         reports[engine] = run_data(cfg, RunLayout(tmp_path / engine), progress=False)
-    for name in OUTPUTS:
+    holdouts = [p.stem for p in sorted((tmp_path / "local" / "data").glob("holdout_*.jsonl"))]
+    for name in (*OUTPUTS, *holdouts):
         a = (tmp_path / "local" / "data" / f"{name}.jsonl").read_bytes()
         b = (tmp_path / "ray" / "data" / f"{name}.jsonl").read_bytes()
         assert a == b, f"{name}.jsonl differs between the local and the ray engine"
@@ -110,6 +111,7 @@ def test_zh_csv_ray_engine_is_byte_identical(ray_session, zh_slice, tmp_path):
     assert src["dropped"]["parse: wrong column count"] == 2  # replayed at the local engine's quarantine position
     assert report["dedup"]["exact_dropped"] >= 20 and report["dedup"]["near_dropped"] >= 40
     assert sum(report["split"]["sizes"].values()) > 300
+    assert report["holdout"]["rows"] > 10  # the example's held-out departments, written alike by both engines
 
 
 def test_medquad_ray_engine_is_byte_identical(ray_session, shared_datasets, tmp_path):
@@ -127,7 +129,8 @@ def test_medquad_ray_engine_is_byte_identical(ray_session, shared_datasets, tmp_
 
     report = _compare(tmp_path, cfg_for)
     assert set(report["sources"]) == set(folders) and report["balanced"]
-    assert report["totals"]["input"] > 1000 and sum(report["split"]["sizes"].values()) > 300
+    assert report["totals"]["input"] > 1000 and sum(report["split"]["sizes"].values()) > 100
+    assert report["holdout"]["by_source"] == {"CancerGov": 0, "NIDDK": 100}  # the example holds out NIDDK
 
 
 def test_banding_step_finds_the_local_index_clusters(ray_session, zh_slice):

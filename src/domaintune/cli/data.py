@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"holdout {holdout['name']!r} ({holdout['field']} "
                 + (f"after {holdout['after']}" if holdout["after"] else f"in {holdout['values']}")
-                + f"): {holdout['rows']} rows -> {holdout['file']}",
+                + f"): {holdout['rows']} rows -> {cfg.layout.holdout_file(holdout['name'])}",
                 highlight=False,
             )
         reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])

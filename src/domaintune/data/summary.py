@@ -118,7 +118,7 @@ def _holdout(
         return None
     return {
         **plan.holdout,
-        "file": str(layout.holdout_file(hg.name)),
+        "file": layout.relative(layout.holdout_file(hg.name)),  # relative: the report is the same wherever it runs
         "rows": written.sizes[HOLDOUT],
         "before_sampling": plan.before_sampling[HOLDOUT],
         "max_rows": hg.max_rows,

@@ -148,7 +148,13 @@ class EvalSetConfig(StrictModel):
         "a file that train.replay trains on is refused. Default: test -> in_distribution, general -> retention, "
         "else out_of_source.",
     )
-    max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items of this set.")
+    max_items: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate only the first N items of this set. Default: eval.max_items for `test`, "
+        "eval.max_general_items for `general`, every row otherwise (a data-stage holdout is sized by "
+        "data.split.holdout_group.max_rows).",
+    )
 
     @field_validator("name")
     @classmethod
