@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
+from domaintune.model.tools import parse_tool_calls
+
 _CJK = (
     "\u2e80-\u2eff\u2f00-\u2fdf\u3040-\u309f\u30a0-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff"
     "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff"
@@ -296,6 +298,30 @@ def _term_pattern(term: str) -> re.Pattern:
 
 def contains_term(normalized_text: str, term: str) -> bool:
     return _term_pattern(term).search(normalized_text) is not None
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+def _call_key(call: dict[str, Any]) -> tuple[str, str]:
+    args = call["function"]["arguments"]
+    if isinstance(args, str):
+        args = json.loads(args)
+    return call["function"]["name"], json.dumps(args, sort_keys=True, ensure_ascii=False)
+
+
+def tool_call_scores(prediction: str, expected: list[dict[str, Any]]) -> dict[str, float]:
+    """Tool-call correctness of one answer against the expected calls (order does not matter), x100:
+    `tool_json_valid` the answer is calls whose arguments parse as JSON objects, `tool_name_acc` it calls the
+    expected functions, `tool_args_exact` with exactly the expected arguments (JSON-equal)."""
+    _, calls = parse_tool_calls(prediction)
+    want = sorted(_call_key(c) for c in expected)
+    got = sorted(_call_key(c) for c in calls)
+    return {
+        "tool_json_valid": 100.0 if calls else 0.0,
+        "tool_name_acc": 100.0 if [n for n, _ in got] == [n for n, _ in want] else 0.0,
+        "tool_args_exact": 100.0 if got == want else 0.0,
+    }
 
 
 # ---------------------------------------------------------------- one item

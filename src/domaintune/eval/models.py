@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from domaintune.errors import UserError
 from domaintune.eval.config import DecodingConfig, ModelSpec
+from domaintune.model.tools import calls_text, render_prompt, split_tools_header
 from domaintune.utils.io import fingerprint_files
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class EvalModel:
             raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
         folder, tokenizer = self.hf_source()
         eot = end_of_turn_token_ids(tokenizer)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [render_prompt(tokenizer, p) for p in prompts]  # a prompt's tools header: the template's tools
         ids = [tokenizer(t, add_special_tokens=False).input_ids[-decoding.max_prompt_tokens :] for t in texts]
         sample = decoding.temperature > 0
         params = [
@@ -185,7 +186,7 @@ class EvalModel:
         eot = end_of_turn_token_ids(tokenizer)
         tokenizer.padding_side = "left"
         tokenizer.truncation_side = "left"
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [render_prompt(tokenizer, p) for p in prompts]  # a prompt's tools header: the template's tools
         lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Longest first: similar lengths share a batch (less padding), and the ETA is pessimistic early.
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -260,7 +261,8 @@ class EvalModel:
         answers = []
         bar = tqdm(total=len(prompts), desc=desc or self.name, unit="answer", dynamic_ncols=True)
         try:
-            for messages in prompts:
+            for prompt in prompts:
+                tools, messages = split_tools_header(prompt)
                 kwargs: dict[str, Any] = {
                     "model": model_id,
                     "messages": messages,
@@ -270,6 +272,8 @@ class EvalModel:
                 }
                 if decoding.temperature > 0:
                     kwargs["top_p"] = decoding.top_p
+                if tools:
+                    kwargs["tools"] = tools
                 t0 = time.perf_counter()
                 try:
                     resp = client.chat.completions.create(**kwargs)
@@ -277,6 +281,9 @@ class EvalModel:
                     raise UserError(f"eval.models[{self.name}]: endpoint {spec.url} failed: {exc}") from None
                 elapsed = time.perf_counter() - t0
                 text = (resp.choices[0].message.content or "").strip() if resp.choices else ""
+                if resp.choices and resp.choices[0].message.tool_calls:  # scored as a local model's calls are
+                    calls = [c.model_dump() for c in resp.choices[0].message.tool_calls]
+                    text = "\n".join(t for t in (text, calls_text(calls)) if t)
                 n_tokens = resp.usage.completion_tokens if resp.usage else None
                 answers.append(Answer(text=text, n_tokens=n_tokens, latency_s=elapsed, batch_size=1))
                 bar.update(1)
@@ -301,10 +308,8 @@ class EvalModel:
         eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)[0])
         rows: list[tuple[list[int], list[int]]] = []
         for prompt, reference in zip(prompts, references):
-            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            full_text = tokenizer.apply_chat_template(
-                [*prompt, {"role": "assistant", "content": reference}], tokenize=False
-            )
+            prompt_text = render_prompt(tokenizer, prompt)
+            full_text = render_prompt(tokenizer, [*prompt, {"role": "assistant", "content": reference}], False)
             if full_text.startswith(prompt_text):
                 answer_text = full_text[len(prompt_text) :]
                 cut = answer_text.find(eot_text)

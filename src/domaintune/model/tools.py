@@ -305,3 +305,43 @@ CHATML_TOOLS_TEMPLATE = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n"
 )
+
+
+# ---- prompts that carry tools (eval): a leading {"role": "tools"} entry holds the definitions --------------
+TOOLS_ROLE = "tools"
+
+
+def with_tools_header(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """`messages` headed by the tool definitions (unchanged without tools), so that one list carries both."""
+    return [{"role": TOOLS_ROLE, "content": "", "tools": tools}, *messages] if tools else messages
+
+
+def split_tools_header(prompt: list[dict[str, Any]]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """(tools or None, the messages) of a prompt that may start with a tools header."""
+    if prompt and prompt[0].get("role") == TOOLS_ROLE:
+        return prompt[0]["tools"], prompt[1:]
+    return None, prompt
+
+
+def render_prompt(tokenizer: Any, prompt: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The chat template's text of a prompt (with its tools header rendered as the template's tools)."""
+    tools, messages = split_tools_header(prompt)
+    if tools is None and not any(m.get("tool_calls") for m in messages):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    return str(
+        tokenizer.apply_chat_template(
+            for_template(messages), tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    )
+
+
+def calls_text(calls: list[dict[str, Any]]) -> str:
+    """Calls written as Qwen/Hermes templates render them (what `parse_tool_calls` reads back)."""
+    blocks = []
+    for call in calls:
+        fn = call["function"]
+        args = fn["arguments"] if isinstance(fn["arguments"], str) else arguments_text(fn["arguments"])
+        blocks.append(
+            f'<tool_call>\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": {args}}}\n</tool_call>'
+        )
+    return "\n".join(blocks)
