@@ -128,3 +128,35 @@ def test_set_configuration_errors_are_named(run_dir):
         _cfg(run_dir, sets=[{"name": "test"}, {"name": "a-b"}])
     with pytest.raises(UserError, match=r"set 'elsewhere': .*holdout_elsewhere.jsonl does not exist .*holdout_group"):
         run_eval(_cfg(run_dir, sets=[{"name": "test"}, {"name": "elsewhere"}]), RunLayout(run_dir))
+
+
+def test_a_concentrated_gain_is_flagged_in_gate_values_html_and_terminal(run_dir, capsys):
+    """The alarm as each output shows it, on hand-made per-item scores (the tiny model gains nothing)."""
+    from domaintune.cli.eval import _print_sets
+    from domaintune.eval.items import Item
+    from domaintune.eval.report import render_html
+    from domaintune.eval.sets import set_concentration, set_gate_values
+
+    items = [
+        Item(f"q{k}", [{"role": "user", "content": f"Question {k}?"}], "ref", {"qtype": "t" if k < 2 else "o"})
+        for k in range(12)
+    ]
+    base = [{"chrf": 10.0} for _ in items]
+    tuned = [{"chrf": 50.0 if k < 2 else 11.0} for k in range(12)]  # 80 of 90 points from 2 of 12 items
+    cfg = _cfg(run_dir).eval
+    alarm = set_concentration(items, {"base": base, "tuned": tuned}, "base", cfg, seed=0)["tuned"]
+    assert alarm["flagged"] and alarm["items"]["ids"] == ["q0", "q1"] and alarm["stratum_field"] == "qtype"
+    assert alarm["items"]["questions"] == ["Question 0?", "Question 1?"]
+    assert alarm["items"]["without"]["delta"] == pytest.approx(1.0)
+
+    report = run_eval(_cfg(run_dir), RunLayout(run_dir))  # answers cached by the first test when it ran
+    report["sets"]["out_of_source"]["concentration"]["tuned"] = alarm
+    values = set_gate_values(report["sets"], "tuned")
+    assert values["sets.out_of_source.gain_concentrated"] == 1.0
+    assert values["sets.out_of_source.chrf_delta_without_top_items"] == pytest.approx(1.0)
+    assert values["sets.out_of_source.chrf_delta_without_top_stratum"] == pytest.approx(1.0)
+    html = render_html(report)
+    assert "ALARM: " in html and "<td>q1</td>" in html and "Gain without these 2 items" in html
+    _print_sets(report)
+    out = capsys.readouterr().err  # the CLI's console writes to stderr
+    assert "template-learning alarm (out_of_source, tuned)" in out and "YES" in out
