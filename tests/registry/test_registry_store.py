@@ -274,3 +274,18 @@ def test_register_run_refuses_an_export_that_differs_from_its_manifest(tmp_path,
     with pytest.raises(UserError, match=r"note\.txt: sha256 mismatch"):
         register_run(cfg, RunLayout(run))
     assert registry_from_config(cfg).list() == []
+
+
+def test_register_run_records_the_out_of_source_holdout(tmp_path, artefact):
+    """data/holdout_<name>.jsonl (data.split.holdout_group) is recorded by sha256 like the splits, so the version
+    says which out-of-source rows its eval report scored (fingerprint of the training data unchanged)."""
+    run = _run_folder(tmp_path, artefact, {"passed": True, "failures": []})
+    cfg = config_from_dict({"name": "med", "output_dir": str(run)})
+    before = register_run(cfg, RunLayout(run))
+    row = {"id": "h0", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (run / "data" / "holdout_out_of_source.jsonl").write_text(json.dumps(row) + "\n")
+    after = register_run(cfg, RunLayout(run), bump="minor")
+    registry = registry_from_config(cfg)
+    data = registry.show("med", after)["metadata"]["data"]
+    assert data["rows"]["holdout_out_of_source"] == 1 and "holdout_out_of_source.jsonl" in data["files"]
+    assert data["fingerprint"] == registry.show("med", before)["metadata"]["data"]["fingerprint"]

@@ -179,8 +179,9 @@ def _data_files(layout: RunLayout) -> list[Path]:
 
 
 def data_files(layout: RunLayout) -> list[Path]:
-    """Every data file a version records by sha256 (and stores, with `training_data: store`)."""
-    return [*_data_files(layout), layout.general_holdout_file]
+    """Every data file a version records by sha256 (and stores, with `training_data: store`), the out-of-source
+    holdouts (data/holdout_<name>.jsonl) included: the sets its eval report scored."""
+    return [*_data_files(layout), layout.general_holdout_file, *layout.holdout_files().values()]
 
 
 def source_inputs(cfg: ProjectConfig) -> list[dict[str, Any]]:
