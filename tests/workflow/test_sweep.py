@@ -28,12 +28,17 @@ def _project(tmp_path: Path, sweep: dict, **train) -> Path:
         rows.append({"instruction": f"Patient {i} asks about {a}: what about {b}?", "input": "",
                      "output": f"For {a}, watch the {b}; rest and fluids."})  # fmt: skip
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    other = [{"instruction": f"Clinic {i}: is {t} treatable at home?", "input": "", "output": f"Mild {t} often is."}
+             for i, t in enumerate(TOPICS)]  # fmt: skip
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other), encoding="utf-8")
     project = {
         "name": "tiny",
         "output_dir": "run",
         "model": {"name_or_path": "tiny-random-llama"},
         "data": {
-            "sources": [{"path": "qa.jsonl", "reader": "alpaca"}],
+            # other.jsonl: a source training never sees, held out whole as the `out_of_source` eval set
+            "sources": [{"path": "qa.jsonl", "reader": "alpaca"}, {"path": "other.jsonl", "reader": "alpaca"}],
+            "split": {"holdout_group": {"field": "source", "values": ["other"]}},
             "dedup": {"near": False},
             "filters": {"outlier_sigma": None},
             "decontaminate": {"enabled": False},
@@ -70,12 +75,13 @@ def _project(tmp_path: Path, sweep: dict, **train) -> Path:
 # rate that cannot move the loss) has a higher val loss than the median at step 2 and is pruned there.
 LOSS_SWEEP = {
     "search_space": {"train.learning_rate": {"type": "float", "low": 1e-8, "high": 5e-2, "log": True}},
-    "objective": {"source": "eval", "set": "test", "metric": "perplexity", "direction": "minimize"},
+    "objective": {"source": "eval", "set": "out_of_source", "metric": "perplexity", "direction": "minimize"},
     "pruning": {"metric": "loss", "n_startup_trials": 1},
     "enqueue": [{"train.learning_rate": 5e-2}, {"train.learning_rate": 1e-8}],
 }
 
 
+@pytest.mark.slow  # three trials with an eval stage each: about 40 s on 2 idle cores, minutes on a busy machine
 def test_sweep_runs_prunes_resumes_and_writes_the_best_overlay(tmp_path):
     config = _project(tmp_path, LOSS_SWEEP)
     first = run_sweep(config, trials=2)
@@ -86,7 +92,10 @@ def test_sweep_runs_prunes_resumes_and_writes_the_best_overlay(tmp_path):
     # the pruned trial stopped in training: no model, no eval report
     assert not (sweep_dir / "trial_1" / "eval" / "report.json").exists()
     report = json.loads((sweep_dir / "trial_0" / "eval" / "report.json").read_text())
-    assert first.rows[0].value == report["metrics"]["test"]["tuned"]["perplexity"]
+    # chosen by the held-out source, not by the test split of the training sources
+    assert report["sets"]["out_of_source"]["kind"] == "out_of_source"
+    assert first.rows[0].value == report["sets"]["out_of_source"]["metrics"]["tuned"]["perplexity"]
+    assert first.rows[0].value != report["sets"]["test"]["metrics"]["tuned"]["perplexity"]
     assert first.best is not None and first.best.number == 0
     # the data stage ran once, in the sweep's cache, and the trials link to it
     assert len(list((sweep_dir / "data").iterdir())) == 1
@@ -187,7 +196,9 @@ def test_a_changed_objective_needs_a_new_study(tmp_path):
             )
         }
     )
-    with pytest.raises(UserError, match=r"optimises minimize test\.tuned\.perplexity, not maximize test\.tuned\.chrf"):
+    with pytest.raises(
+        UserError, match=r"optimises minimize out_of_source\.tuned\.perplexity, not maximize out_of_source\.tuned\.chrf"
+    ):
         open_study(other, paths, resolve_objective(other))
 
 
@@ -248,8 +259,13 @@ def test_cli_sweep_on_the_in_training_metric_with_list_choices(tmp_path):
         "pruning": {"enabled": False},
     }
     config = _project(tmp_path, sweep, generation_eval={"items": 2, "max_new_tokens": 3})
-    result = CliRunner().invoke(app, ["sweep", str(config), "--trials", "2", "--set", "train.max_steps=2"])
+    args = ["sweep", str(config), "--trials", "1", "--set", "train.max_steps=2"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "1 trial(s) this run, 1 in the study" in first.output
+    result = CliRunner().invoke(app, args)  # the same study continues
     assert result.exit_code == 0, result.output
+    assert "1 trial(s) this run, 2 in the study" in result.output
     assert "sweep: train rougeL_char" in result.output and "best: trial" in result.output
     assert "--overlay" in result.output and "best.yaml" in result.output
     sweep_dir = tmp_path / "run" / "sweep"
