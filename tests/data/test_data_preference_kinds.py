@@ -211,3 +211,27 @@ def test_config_errors_name_the_field(tmp_path):
         cfg = config_from_dict({"name": "t", "data": body}, config_path=tmp_path / "p.yaml")
         with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             run_data(cfg, RunLayout(tmp_path / "run"), progress=False)
+
+
+def test_eval_reads_the_test_split_of_every_kind(tmp_path):
+    """Eval scores a dpo/grpo run on the data stage's test split: the chosen answer / the reference is the reference
+    answer; an undesirable kto completion is refused by file and line."""
+    from domaintune.eval.items import load_items
+
+    (tmp_path / "p").mkdir()
+    _, splits, _ = run(tmp_path / "p", "preference", pairs(40))
+    items = load_items(RunLayout(tmp_path / "p" / "run").test_file, None, "test")
+    assert len(items) == len(splits["test"]) > 0
+    assert items[0].reference == splits["test"][0]["chosen"][-1]["content"]
+    assert items[0].prompt == splits["test"][0]["prompt"]
+
+    rows = [{"prompt": question(i), "reference": f"{i} days"} for i in range(30)]
+    (tmp_path / "g").mkdir()
+    _, splits, _ = run(tmp_path / "g", "prompt", rows)
+    items = load_items(RunLayout(tmp_path / "g" / "run").test_file, None, "test")
+    assert [it.reference for it in items] == [r["reference"] for r in splits["test"]]
+
+    bad = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": [{"role": "user", "content": "q"}], "completion": "x",
+                                                 "label": False}])  # fmt: skip
+    with pytest.raises(UserError, match=r"kto\.jsonl:1: an undesirable completion"):
+        load_items(bad, None, "test")

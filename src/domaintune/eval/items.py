@@ -94,6 +94,8 @@ def _messages(row: Any, where: str) -> Any:
     """The row's messages: its own, or those of an alpaca / sharegpt row."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object with 'messages' (or instruction/output, conversations)")
+    if "messages" not in row and isinstance(row.get("prompt"), list):
+        return _canonical_messages(row, where)
     if "messages" in row or not any(k in row for k in ("instruction", "output", "conversations")):
         return row.get("messages")
     from domaintune.data.formats import to_messages
@@ -102,6 +104,25 @@ def _messages(row: Any, where: str) -> Any:
         return to_messages(row)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
+
+
+def _canonical_messages(row: dict[str, Any], where: str) -> list[Any]:
+    """A preference / unpaired / prompt row of the data stage (data.kind): its prompt, then the answer it holds up
+    as good (chosen, a desirable completion, the reference) as the reference answer."""
+    if "chosen" in row:
+        answer = row["chosen"]
+    elif "completion" in row:
+        if not row.get("label"):
+            raise UserError(
+                f"{where}: an undesirable completion (label false) is no reference answer; evaluate this kto run on "
+                "pairs or chats (eval.test_file)"
+            )
+        answer = row["completion"]
+    else:
+        answer = [] if row.get("reference") is None else str(row["reference"])
+    if isinstance(answer, str):
+        answer = [{"role": "assistant", "content": answer}]
+    return [*row["prompt"], *answer]
 
 
 def detect_stratum_field(items: list[Item], configured: str | None) -> str | None:
