@@ -61,6 +61,22 @@ def test_stop_token_and_length_end_each_sequence_on_its_own(tiny_f16):
     assert a.tokens == b.tokens  # same seed, same sample
 
 
+def test_prompts_longer_than_a_batch_are_fed_over_several_steps(tiny_f16):
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate
+    from domaintune.llamacpp.runtime import GGUFModel
+
+    model = GGUFModel(tiny_f16)
+    prompts = [[1, *range(100 + i, 100 + i + 60 + 7 * i)] for i in range(5)]  # 60-88 tokens each
+    alone = [
+        generate(Decoder(model, stop_ids=[2], n_seq=1, seq_ctx=128), [p], Sampling(max_tokens=6))[0] for p in prompts
+    ]
+    # a 64-token batch: every prompt is split across steps, next to other sequences' prompts and decoding tokens
+    decoder = Decoder(model, stop_ids=[2], n_seq=3, seq_ctx=128, n_batch=64)
+    together = generate(decoder, prompts, Sampling(max_tokens=6))
+    assert [s.tokens for s in together] == [s.tokens for s in alone]
+    assert decoder.decodes > len(prompts)
+
+
 @pytest.mark.slow  # two verifications with transformers generation: about a minute on a busy 2-core CPU
 def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, tiny_f16, gguf_dir):
     from domaintune.llamacpp.quantize import quantize

@@ -127,10 +127,14 @@ class Decoder:
             self.free_slots.append(seq.slot)
             seq.slot = -1
 
-    def _plan(self) -> tuple[list[Entry], list[Seq]]:
-        """This step's batch: each decoding sequence's last token first, then prompt chunks that fit."""
+    def _plan(self) -> tuple[list[Entry], list[Seq], list[tuple[Seq, int]]]:
+        """This step's batch: each decoding sequence's last token first, then prompt chunks that fit.
+
+        Also returns the sequences whose prompt is only partly in this batch, with the length of their chunk.
+        """
         entries: list[Entry] = []
         ready: list[Seq] = []
+        partial: list[tuple[Seq, int]] = []
         decoding = [s for s in self.running if s.fed >= len(s.prompt)]
         prefilling = [s for s in self.running if s.fed < len(s.prompt)]
         for s in decoding:
@@ -146,15 +150,19 @@ class Decoder:
             room -= len(chunk)
             if last:
                 ready.append(s)
-        return entries, ready
+            else:
+                partial.append((s, len(chunk)))
+        return entries, ready, partial
 
     def step(self) -> list[tuple[Seq, int]]:
         """One llama_decode; returns the (sequence, new token) pairs sampled, finished ones included."""
-        entries, ready = self._plan()
+        entries, ready, partial = self._plan()
         if not entries:
             return []
         rows = self.ctx.decode(entries)
         self.decodes += 1
+        for s, fed in partial:  # the rest of a long prompt follows in the next step, at the next position
+            s.fed += fed
         by_slot = {entries[r].seq: r for r in rows}
         out: list[tuple[Seq, int]] = []
         for s in ready:

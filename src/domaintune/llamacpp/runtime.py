@@ -264,7 +264,9 @@ class Context:
         b.n_tokens = len(entries)
         rc = _lib().llama_decode(self.ptr, b)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}): the KV cache is full or the batch is invalid")
+            # llama.cpp: 1 = no KV cache room for the batch, -1 = invalid batch (token ids, positions, sequences)
+            why = "no room left in the KV cache" if rc == 1 else "the batch is invalid (llama.cpp's log says why)"
+            raise RuntimeError(f"llama_decode failed ({rc}): {why}")
         return rows
 
     def logits(self, row: int) -> np.ndarray:
