@@ -53,3 +53,28 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
         scores.append(agreement(ref, tokenizer(b.text, add_special_tokens=False).input_ids))
         assert b.token_ids is not None and b.n_tokens is not None and b.n_tokens <= 8
     assert sum(scores) / len(scores) >= 0.8  # q8_0 tolerance of verify.TOLERANCE
+
+
+def test_llamacpp_reference_perplexity_matches_transformers(tiny_model_dir):
+    from domaintune.eval.models import EvalModel, _hf_source, perplexity
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import load_model_and_tokenizer
+
+    reason = unavailable_reason() or converter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    references = [f"多休息，多喝水。Rest and drink water, case {i}." for i in range(len(PROMPTS))]
+    hf = EvalModel(
+        "base",
+        "local",
+        "x",
+        "tiny",
+        loader=lambda: load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random-llama")),
+    )
+    cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
+    cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
+    theirs = hf.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="hf")
+    ours = cpp.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="cpp")
+    assert [n for _, n in ours] == [n for _, n in theirs]  # the same answer tokens scored
+    assert perplexity(ours) == pytest.approx(perplexity(theirs), rel=0.05)  # q8_0 weights

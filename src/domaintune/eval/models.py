@@ -298,30 +298,47 @@ class EvalModel:
         self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
     ) -> list[tuple[float, int]]:
         """(sum of negative log-likelihood, number of tokens) of each reference's assistant tokens
-        (answer text plus the end-of-turn token) given its prompt."""
+        (answer text plus the end-of-turn token) given its prompt, by the model's engine."""
+        if self.engine == "llamacpp":
+            return self._reference_nll_llamacpp(prompts, references, max_length, desc)
+        return self._reference_nll_local(prompts, references, max_length, batch_size, desc)
+
+    def _reference_nll_llamacpp(
+        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, desc: str
+    ) -> list[tuple[float, int]]:
+        """The same token rows scored by llama.cpp on the model's q8_0 GGUF (packed over 8 sequences)."""
+        from domaintune.llamacpp.cache import gguf_for
+        from domaintune.llamacpp.generate import score
+        from domaintune.llamacpp.runtime import Context, GGUFModel
+
+        if self.hf_source is None:
+            raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
+        folder, tokenizer = self.hf_source()
+        rows = reference_token_rows(tokenizer, prompts, references, max_length)
+        model = GGUFModel(gguf_for(folder, "q8_0"))
+        ctx = Context(model, n_seq=8, seq_ctx=max_length + 8, n_batch=max(2048, max_length + 8))
+        results: list[tuple[float, int]] = []
+        bar = tqdm(total=len(rows), desc=desc, unit="ref", dynamic_ncols=True)
+        try:
+            for start in range(0, len(rows), 32):
+                results.extend(score(ctx, rows[start : start + 32]))
+                bar.update(len(rows[start : start + 32]))
+        finally:
+            bar.close()
+            ctx.close()
+            model.close()
+        return results
+
+    def _reference_nll_local(
+        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
+    ) -> list[tuple[float, int]]:
+        import inspect
+
         import torch
         import torch.nn.functional as F
 
-        from domaintune.model.loader import end_of_turn_token_ids
-
         model, tokenizer = self._ensure_loaded()
-        eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)[0])
-        rows: list[tuple[list[int], list[int]]] = []
-        for prompt, reference in zip(prompts, references):
-            prompt_text = render_prompt(tokenizer, prompt)
-            full_text = render_prompt(tokenizer, [*prompt, {"role": "assistant", "content": reference}], False)
-            if full_text.startswith(prompt_text):
-                answer_text = full_text[len(prompt_text) :]
-                cut = answer_text.find(eot_text)
-                if cut >= 0:
-                    answer_text = answer_text[: cut + len(eot_text)]
-            else:  # a template that rewrites earlier turns; score the answer and its end-of-turn token
-                answer_text = reference + eot_text
-            p_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-            a_ids = tokenizer(answer_text, add_special_tokens=False).input_ids[: max_length - 1]
-            p_ids = p_ids[-(max_length - len(a_ids)) :]
-            rows.append((p_ids, a_ids))
-        import inspect
+        rows = reference_token_rows(tokenizer, prompts, references, max_length)
 
         pad = tokenizer.pad_token_id
         # Left padding: every answer ends at the right edge, so only the last (longest answer + 1) positions
@@ -365,6 +382,32 @@ class EvalModel:
         finally:
             bar.close()
         return results
+
+
+def reference_token_rows(
+    tokenizer: Any, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per reference: the answer text as the template renders it, up to and including
+    the end-of-turn token, the prompt cut from the left so both fit in `max_length`."""
+    from domaintune.model.loader import end_of_turn_token_ids
+
+    eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer)[0])
+    rows: list[tuple[list[int], list[int]]] = []
+    for prompt, reference in zip(prompts, references):
+        prompt_text = render_prompt(tokenizer, prompt)
+        full_text = render_prompt(tokenizer, [*prompt, {"role": "assistant", "content": reference}], False)
+        if full_text.startswith(prompt_text):
+            answer_text = full_text[len(prompt_text) :]
+            cut = answer_text.find(eot_text)
+            if cut >= 0:
+                answer_text = answer_text[: cut + len(eot_text)]
+        else:  # a template that rewrites earlier turns; score the answer and its end-of-turn token
+            answer_text = reference + eot_text
+        p_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        a_ids = tokenizer(answer_text, add_special_tokens=False).input_ids[: max_length - 1]
+        p_ids = p_ids[-(max_length - len(a_ids)) :]
+        rows.append((p_ids, a_ids))
+    return rows
 
 
 def perplexity(rows: Sequence[tuple[float, int]]) -> float | None:
