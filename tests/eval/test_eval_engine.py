@@ -78,3 +78,22 @@ def test_llamacpp_reference_perplexity_matches_transformers(tiny_model_dir):
     ours = cpp.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="cpp")
     assert [n for _, n in ours] == [n for _, n in theirs]  # the same answer tokens scored
     assert perplexity(ours) == pytest.approx(perplexity(theirs), rel=0.05)  # q8_0 weights
+
+
+def test_auto_keeps_transformers_when_the_gguf_tokenizes_differently(monkeypatch):
+    from domaintune.config import config_from_dict
+    from domaintune.eval.models import _check_gguf_tokenizer
+    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
+    from domaintune.llamacpp.runtime import GGUFModel
+
+    reason = unavailable_reason() or converter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cfg = config_from_dict({"name": "t", "model": {"name_or_path": "tiny-random-llama"}})
+    assert _check_gguf_tokenizer(cfg, "auto", "why") == ("llamacpp", "why")  # a faithful GGUF vocabulary
+    real = GGUFModel.tokenize
+    monkeypatch.setattr(GGUFModel, "tokenize", lambda self, text, **kw: real(self, text, **kw)[:-1])
+    engine, why = _check_gguf_tokenizer(cfg, "auto", "why")
+    assert engine == "transformers" and "tokenizes differently" in why
+    with pytest.raises(UserError, match=r"eval\.engine: transformers"):
+        _check_gguf_tokenizer(cfg, "llamacpp", "why")

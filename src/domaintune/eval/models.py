@@ -468,6 +468,33 @@ def _hf_source(
     return source, tokenizer
 
 
+# Chinese, English, digits, punctuation and an emoji: text a GGUF vocabulary converted by a guess gets wrong.
+TOKENIZER_PROBE = "高血压患者每天应该监测血压吗？Blood pressure 140/90 mmHg — check twice daily. 🙂"
+
+
+def _check_gguf_tokenizer(cfg: ProjectConfig, setting: str, why: str) -> tuple[str, str]:
+    """llama.cpp only where its GGUF tokenizes like the model: a converter that had to guess the vocabulary
+    (no tokenizer.model, e.g. Gemma 3 from GGUF) would feed and decode other tokens than the model learned."""
+    from domaintune.llamacpp.cache import gguf_for
+    from domaintune.llamacpp.runtime import GGUFModel
+    from domaintune.model.loader import resolve_model_dir
+
+    folder, tokenizer = _hf_source(resolve_model_dir(cfg.model), None, cfg.model.chat_template)
+    gguf = GGUFModel(gguf_for(folder, "q8_0"), vocab_only=True)
+    try:
+        ours = gguf.tokenize(TOKENIZER_PROBE, add_special=False, parse_special=False)
+        text = gguf.detokenize(ours)
+    finally:
+        gguf.close()
+    theirs = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    if ours == theirs and text == TOKENIZER_PROBE:
+        return "llamacpp", why
+    problem = f"the GGUF of {cfg.model.name_or_path} tokenizes differently from its tokenizer ({len(ours)} vs {len(theirs)} tokens for a probe text)"
+    if setting == "llamacpp":
+        raise UserError(f"eval.engine is 'llamacpp' but {problem}; set eval.engine: transformers")
+    return "transformers", f"eval.engine=auto: transformers because {problem}"
+
+
 def _use_engine(models: list[EvalModel], engine: str, cfg: ProjectConfig) -> None:
     """Every local model answers through the same engine (and its identity says which, for the answer cache)."""
     from domaintune.model.loader import resolve_model_dir
@@ -554,6 +581,8 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
     if not models:
         raise UserError("eval: nothing to evaluate (eval.base and eval.tuned are false and eval.models is empty)")
     engine, why = choose_eval_engine(ecfg.engine)
+    if engine == "llamacpp":
+        engine, why = _check_gguf_tokenizer(cfg, ecfg.engine, why)
     log.info("%s", why)
     _use_engine(models, engine, cfg)
     for m in models:
