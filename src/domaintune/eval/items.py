@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.model.tools import calls_text, normalise_tools, with_tools_header
 from domaintune.utils.io import read_jsonl, read_jsonl_numbered, write_jsonl
 
 STRATUM_FIELDS = ("department", "qtype", "category", "stratum", "task_type", "domain")
@@ -20,6 +21,7 @@ class Item:
     prompt: list[dict[str, str]]  # every message before the last assistant message
     reference: str
     row: dict[str, Any] = field(repr=False, default_factory=dict)
+    tool_calls: list[dict[str, Any]] | None = None  # the reference answer's expected calls (scored by eval.metrics)
 
     @property
     def question(self) -> str:
@@ -47,28 +49,52 @@ def load_items(path: Path, limit: int | None, what: str, system_prompt: str | No
         for k, message in enumerate(messages):
             if (
                 not isinstance(message, dict)
-                or message.get("role") not in ("system", "user", "assistant")
-                or not isinstance(message.get("content"), str)
+                or message.get("role") not in ("system", "user", "assistant", "tool")
+                or not (isinstance(message.get("content"), str) or message.get("tool_calls"))
             ):
-                raise UserError(f"{where}: messages[{k}] needs role system/user/assistant and a string content")
+                raise UserError(f"{where}: messages[{k}] needs role system/user/assistant/tool and a string content")
         last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last_assistant is None:
             raise UserError(f"{where}: no assistant message to use as the reference")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last_assistant]]
+        prompt = [_prompt_message(m) for m in messages[:last_assistant]]
         if not any(m["role"] == "user" for m in prompt):
             raise UserError(f"{where}: no user message before the reference answer")
         if system_prompt and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": system_prompt})
+        prompt = with_tools_header(prompt, _row_tools(row, where))  # the model sees the row's tools
+        answer = messages[last_assistant]
         item_id = str(row.get("id") or f"{path.stem}-{line_no}")
         if item_id in seen:
             raise UserError(f"{where}: duplicate id {item_id!r}")
         seen.add(item_id)
-        items.append(Item(id=item_id, prompt=prompt, reference=messages[last_assistant]["content"], row=row))
+        items.append(Item(item_id, prompt, _reference(answer), row, answer.get("tool_calls") or None))
         if limit is not None and len(items) >= limit:
             break
     if not items:
         raise UserError(f"{path}: no items")
     return items
+
+
+def _prompt_message(m: dict[str, Any]) -> dict[str, Any]:
+    out = {"role": m["role"], "content": m.get("content") or ""}
+    out.update({k: m[k] for k in ("tool_calls", "tool_call_id") if m.get(k)})
+    return out
+
+
+def _reference(answer: dict[str, Any]) -> str:
+    """The reference text; an answer that calls tools is written as Qwen/Hermes templates render calls."""
+    if not answer.get("tool_calls"):
+        return answer["content"]
+    return "\n".join(t for t in (answer.get("content") or "", calls_text(answer["tool_calls"])) if t)
+
+
+def _row_tools(row: Any, where: str) -> list[dict[str, Any]] | None:
+    if not isinstance(row, dict) or not row.get("tools"):
+        return None
+    try:
+        return normalise_tools(row["tools"])
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _numbered_rows(path: Path) -> list[tuple[int, Any]]:

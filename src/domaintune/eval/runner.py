@@ -427,8 +427,10 @@ def _score_set(
     for name, rows in answers.items():
         scores = []
         predictions = [answer_text(row["prediction"]) for row in rows]
-        for reference, prediction, g in zip(references, predictions, gold):
+        for it, reference, prediction, g in zip(items, references, predictions, gold):
             s = M.score_item(prediction, reference, ecfg.metrics, glossary)
+            if it.tool_calls:  # tool_json_valid, tool_name_acc, tool_args_exact: items that expect calls
+                s.update(M.tool_call_scores(prediction, it.tool_calls))
             if g is not None and "classification" in ecfg.metrics:
                 s["pred_label"] = M.predicted_label(prediction, labels)
                 s["accuracy"] = 100.0 if s["pred_label"] == g else 0.0

@@ -23,8 +23,10 @@ class ModelConfig(StrictModel):
     chat_template: str | None = Field(
         None,
         description=(
-            "Jinja chat template, or a named one (`chatml`, `llama3`, `gemma`, `alpaca`), for a tokenizer "
-            "that has none. Never chosen silently: a model without a template and without this fails."
+            "Jinja chat template, or a named one (`chatml`, `chatml-tools`, `llama3`, `gemma`, `alpaca`), for a "
+            "tokenizer that has none (or whose template cannot render tool calls: `chatml-tools` is ChatML with "
+            "Qwen2.5's tool format, docs/tool-calls.md). Never chosen silently: a model without a template and "
+            "without this fails."
         ),
     )
     thinking: Literal["on", "off", "keep"] | None = Field(
