@@ -19,8 +19,8 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     report = run_data(cfg, RunLayout(tmp_path), progress=False)
     src = report["sources"]["zh_medical_dialogue"]
     assert src["input"] == 7644 and src["balanced"]
-    # sample.test is 200, but 10% of the rows left after the holdout are 175
-    assert src["kept"] == {"train": 300, "val": 40, "test": 175, "holdout": 100}
+    # split 7:1:2 so that 200 test rows remain after the holdout departments are taken out
+    assert src["kept"] == {"train": 300, "val": 38, "test": 200, "holdout": 100}  # 2 val rows repeat a test prompt
     assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 6  # holdout included
     assert report["normalise"]["rows_changed"] < 100  # Chinese punctuation is kept: few rows change
     assert src["dropped"]["dedup_exact: exact duplicate"] > 0
