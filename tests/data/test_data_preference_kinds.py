@@ -235,3 +235,44 @@ def test_eval_reads_the_test_split_of_every_kind(tmp_path):
                                                  "label": False}])  # fmt: skip
     with pytest.raises(UserError, match=r"kto\.jsonl:1: an undesirable completion"):
         load_items(bad, None, "test")
+
+
+def test_llamafactory_kto_rows_chats_with_a_label(tmp_path):
+    rows = []
+    for i in range(24):
+        q, a = question(i), f"Within 30 days, order {i}." if i % 2 else f"No clue about order {i}."
+        rows.append(
+            [
+                {
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                    "label": i % 2 == 1,
+                },
+                {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "kto_tag": i % 2 == 1},
+                {"instruction": q, "input": "", "output": a, "label": "true" if i % 2 else "false"},
+            ][i % 3]
+        )
+    rows.append({"messages": [{"role": "user", "content": "Where is parcel 9?"}], "label": True})  # no answer
+    report, splits, quarantine = run(tmp_path, "unpaired", rows)
+    written = kept(splits)
+    assert len(written) == 24 and report["totals"]["quarantined"] == 1
+    assert "final assistant answer" in quarantine[0]["reason"] and quarantine[0]["loc"] == "line 25"
+    for row in written:
+        assert row["label"] is ("Within 30 days" in row["completion"][0]["content"])
+        assert row["prompt"][-1]["role"] == "user" and "messages" not in row and "kto_tag" not in row
+
+
+def test_a_pair_whose_answers_differ_in_one_word_is_not_repetition(tmp_path):
+    """The repetition filter looks at each answer alone: minimal pairs are what DPO learns from."""
+    rows = [
+        {
+            "prompt": question(i),
+            "chosen": f"The return window for order {i} is thirty days from delivery, with the receipt.",
+            "rejected": f"The return window for order {i} is fourteen days from delivery, with the receipt.",
+        }
+        for i in range(20)
+    ]
+    rows.append({"prompt": "Say it again?", "chosen": "again " * 30, "rejected": "No."})  # a repetitive answer
+    # joined, the two answers of a pair repeat ~35% of their 3-grams; each alone repeats none
+    _, splits, quarantine = run(tmp_path, "preference", rows, filters={"outlier_sigma": None, "max_repetition": 0.3})
+    assert len(kept(splits)) == 20
+    assert [q["reason"] for q in quarantine] == ["repetition>0.3"]

@@ -96,7 +96,7 @@ def to_preference(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _label(row: dict[str, Any]) -> bool:
-    for key in ("label", "desirable"):
+    for key in ("label", "desirable", "kto_tag"):
         if key in row:
             value = row[key]
             if isinstance(value, str):
@@ -104,7 +104,7 @@ def _label(row: dict[str, Any]) -> bool:
             return bool(value)
     if "rating" in row:
         return float(row["rating"]) > 0
-    raise RowError("unpaired rows need `label` (true/false), `desirable`, or `rating`")
+    raise RowError("unpaired rows need `label` (true/false), `desirable`, `kto_tag`, or `rating`")
 
 
 def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,6 +116,8 @@ def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
             {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, **extras},
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False, **extras},
         ]
+    if "prompt" not in row and any(k in row for k in ("messages", "conversations", "instruction")):
+        return [_unpaired_chat(row)]
     if "prompt" not in row or "completion" not in row:
         raise RowError("unpaired rows need `prompt`, `completion` and `label` (or a chosen/rejected pair)")
     used = ("prompt", "completion", "label", "desirable")
@@ -127,6 +129,17 @@ def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
             **_extras(row, used),
         }
     ]
+
+
+def _unpaired_chat(row: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's KTO layout: a chat (`messages` / sharegpt `conversations` / alpaca) whose last answer is the
+    completion, with `label` (or `kto_tag`)."""
+    label = _label(row)
+    chat = to_prompt({k: v for k, v in row.items() if k not in ("label", "desirable", "kto_tag", "rating")})
+    if chat["reference"] is None:
+        raise RowError("an unpaired chat row needs a final assistant answer (the completion that `label` rates)")
+    completion = [{"role": "assistant", "content": str(chat.pop("reference"))}]
+    return {**chat, "completion": completion, "label": label}
 
 
 def to_prompt(row: dict[str, Any]) -> dict[str, Any]:

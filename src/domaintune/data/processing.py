@@ -178,8 +178,9 @@ def normalise(text: str, n: NormaliseConfig) -> str:
 
 
 def text_fields(row: dict[str, Any]) -> list[str]:
-    if "pref" in row:
-        return [t for t in (prompt_user_text(row["pref"]), answers_text(row["pref"])) if t]
+    if "pref" in row:  # each answer on its own: a pair's two answers often share most words (not repetition)
+        answers = [answers_text({k: v}) for k, v in row["pref"].items() if k != "prompt"]
+        return [t for t in (prompt_user_text(row["pref"]), *answers) if t]
     if row["kind"] == "messages":
         return [message_text(m) for m in row["messages"] if m["role"] != "system"]
     return [v for k, v in row["fields"].items() if k != "system"]
