@@ -75,7 +75,7 @@ def test_llamacpp_reference_perplexity_matches_transformers(tiny_model_dir):
     cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
     cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
     theirs = hf.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="hf")
-    ours = cpp.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="cpp")
+    ours = cpp._reference_nll_llamacpp(PROMPTS, references, max_length=256, desc="cpp")
     assert [n for _, n in ours] == [n for _, n in theirs]  # the same answer tokens scored
     assert perplexity(ours) == pytest.approx(perplexity(theirs), rel=0.05)  # q8_0 weights
 
