@@ -142,9 +142,10 @@ def test_split_reasoning_and_streamed_pieces_agree(text, inside, expected):
 
 
 def test_eval_scores_the_answer_after_the_block():
+    from domaintune.eval.items import Item
     from domaintune.eval.runner import _score_set
 
-    item = SimpleNamespace(reference="<think>\nwhy\n</think>\n\nRest and fluids.", row={}, id="1", prompt=[])
+    item = Item(id="1", prompt=[USER], reference="<think>\nwhy\n</think>\n\nRest and fluids.")
     answers = {"tuned": [{"prediction": "<think>\nlong reasoning that differs\n</think>\n\nRest and fluids."}]}
     ecfg = SimpleNamespace(metrics=["exact_match", "bleu"])
     per_item, aggregate = _score_set([item], answers, ecfg, None)  # type: ignore[arg-type]
