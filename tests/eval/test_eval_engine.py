@@ -23,18 +23,16 @@ def test_engine_choice_names_the_key(monkeypatch):
     assert (name == "transformers" and "not installed" in why) or "CUDA" in why
 
 
-def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
-    from domaintune.eval.config import DecodingConfig
+def _tiny_pair(tiny_model_dir):
+    """The tiny model answering through transformers and through llama.cpp (skipped where llama.cpp is absent)."""
     from domaintune.eval.models import EvalModel, _hf_source
     from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
-    from domaintune.llamacpp.verify import agreement
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import load_model_and_tokenizer
 
     reason = unavailable_reason() or converter_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    decoding = DecodingConfig(max_new_tokens=8, batch_size=3)
     hf = EvalModel(
         "base",
         "local",
@@ -44,6 +42,15 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
     )
     cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
     cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
+    return hf, cpp
+
+
+def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
+    from domaintune.eval.config import DecodingConfig
+    from domaintune.llamacpp.verify import agreement
+
+    decoding = DecodingConfig(max_new_tokens=8, batch_size=3)
+    hf, cpp = _tiny_pair(tiny_model_dir)
     theirs = hf.generate(PROMPTS, decoding, seed=0)
     ours = cpp.generate(PROMPTS, decoding, seed=0)
     _, tokenizer = hf._ensure_loaded()
@@ -56,24 +63,10 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
 
 
 def test_llamacpp_reference_perplexity_matches_transformers(tiny_model_dir):
-    from domaintune.eval.models import EvalModel, _hf_source, perplexity
-    from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
-    from domaintune.model.config import ModelConfig
-    from domaintune.model.loader import load_model_and_tokenizer
+    from domaintune.eval.models import perplexity
 
-    reason = unavailable_reason() or converter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     references = [f"多休息，多喝水。Rest and drink water, case {i}." for i in range(len(PROMPTS))]
-    hf = EvalModel(
-        "base",
-        "local",
-        "x",
-        "tiny",
-        loader=lambda: load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random-llama")),
-    )
-    cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
-    cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
+    hf, cpp = _tiny_pair(tiny_model_dir)
     theirs = hf.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="hf")
     ours = cpp._reference_nll_llamacpp(PROMPTS, references, max_length=256, desc="cpp")
     assert [n for _, n in ours] == [n for _, n in theirs]  # the same answer tokens scored
