@@ -101,9 +101,14 @@ def test_reward_model_scores_each_model(tmp_path, tiny_model_dir):
     values = gate_values(report, "tuned")
     assert values["reward_model_score_delta"] == pytest.approx(delta["delta"])
     assert "verifier_pass_rate_delta" not in values
+    from domaintune.eval.report import verifier_rows
+
+    (row,) = verifier_rows(report)  # what the HTML report and the CLI show: the score alone, with its delta
+    assert row["label"] == "reward model score" and row["deltas"]["tuned"] == delta
+    assert row["values"]["base"] == pytest.approx(sum(base) / 6)
 
 
-def test_run_eval_reports_verifiers_and_gates_on_them(tmp_path, tiny_model_dir):
+def test_run_eval_reports_verifiers_and_gates_on_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,3 +166,43 @@ def test_run_eval_reports_verifiers_and_gates_on_them(tmp_path, tiny_model_dir):
     assert "verifier_pass_rate_delta_ci_low" in report["gate_values"]
     assert report["gates"]["passed"], report["gates"]
     assert json.loads((run / "eval" / "report.json").read_text())["verifiers"]["n"] == 5
+
+    # the HTML report and the CLI show the section with its numbers; hand-made answers give known ones
+    from domaintune.cli.eval import _print_summary
+    from domaintune.eval.report import render_html
+
+    window = {**WINDOW, "applies_if": r"order (1?[0-9])\?"}  # applies to orders 0-19 of 40
+    hand = verifier_report(_cfg({"verifiers": [window, SHORT]}), _items(40), _answers(8, 32, 40), seed=0)
+    assert hand is not None
+    report["verifiers"] = hand
+    base_ci, tuned_ci = hand["models"]["base"]["pass_rate_ci95"], hand["models"]["tuned"]["pass_rate_ci95"]
+    delta = hand["deltas"]["tuned"]["verifier_pass_rate"]
+    assert delta["delta"] == pytest.approx(0.3) and delta["ci_low"] > 0  # base: 8 of 20 where it applies
+    html = " ".join(render_html(report).split())
+    section = html.split("<h2>Domain verifiers (test set, 40 items)</h2>")[1].split("<h2>")[0]
+    assert "verifiers: window (regex), short (length)" in section
+    pass_row = (
+        f"<td>pass rate (all verifiers)</td><td>0.7 [{base_ci[0]:.4g}, {base_ci[1]:.4g}]</td>"
+        f"<td>1 [{tuned_ci[0]:.4g}, {tuned_ci[1]:.4g}]</td>"
+        f'<td class="good">0.3 [{delta["ci_low"]:.4g}, {delta["ci_high"]:.4g}]</td>'
+    )
+    assert pass_row in section
+    assert "<td>window pass rate where it applies (20 items)</td><td>0.4</td><td>1</td>" in section
+    assert "<td>short pass rate</td><td>1</td><td>1</td>" in section
+    reward = hand["deltas"]["tuned"]["verifier_reward"]
+    assert f"<td>mean reward</td><td>{hand['models']['base']['reward_mean']:.4g}</td>" in section
+    assert f"{reward['delta']:.4g} [{reward['ci_low']:.4g}, {reward['ci_high']:.4g}]</td>" in section
+    monkeypatch.setenv("COLUMNS", "200")  # the table's cells unwrapped
+    _print_summary(report, RunLayout(run))
+    out = " ".join(capsys.readouterr().err.split())
+    assert "domain verifiers (test set, 40 items)" in out
+    cells = (
+        f"pass rate (all verifiers) │ 0.7 [{base_ci[0]:.4g}, {base_ci[1]:.4g}] │ 1 [{tuned_ci[0]:.4g}, {tuned_ci[1]:.4g}]"
+        f" │ +0.3 [{delta['ci_low']:+.3g}, {delta['ci_high']:+.3g}] │"
+    )
+    assert cells in out and "window pass rate where it applies (20 items) │ 0.4 │ 1 │" in out
+
+    del report["verifiers"]  # no verifiers ran: no section, no table
+    assert "Domain verifiers" not in render_html(report)
+    _print_summary(report, RunLayout(run))
+    assert "domain verifiers" not in capsys.readouterr().err

@@ -82,6 +82,7 @@ def _print_summary(report: dict[str, Any], layout: RunLayout) -> None:
             table.add_row(metric, *cells)
         console.print(table)
     _print_sets(report)
+    _print_verifiers(report)
     for name, r in report.get("retention", {}).items():
         console.print(f"retention ({name}, {r['metric']} on general): [bold]{_fmt(r['ratio'])}[/]")
     for name, r in report.get("robustness", {}).get("models", {}).items():
@@ -142,6 +143,36 @@ def _print_sets(report: dict[str, Any]) -> None:
                     f"[bold yellow]template-learning alarm[/] ({set_name}, {name}): {'; '.join(c['reasons'])}; {without}",
                     highlight=False,
                 )
+
+
+def _print_verifiers(report: dict[str, Any]) -> None:
+    """The domain verifiers' pass rates / rewards per model and each model - base (nothing when none ran)."""
+    section = report.get("verifiers")
+    if not section:
+        return
+    from domaintune.eval.report import verifier_rows
+
+    table = Table(title=f"domain verifiers ({section['set']} set, {section['n']} items)")
+    table.add_column("measure")
+    for name in section["models"]:
+        table.add_column(name, justify="right")
+    for name in section["deltas"]:
+        table.add_column(f"{name} − base [95% CI]", justify="right")
+    for row in verifier_rows(section):
+        cells = [row["label"]]
+        for name in section["models"]:
+            ci = row["ci"].get(name)
+            cells.append(_fmt(row["values"].get(name)) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""))
+        for name in section["deltas"]:
+            d = row["deltas"].get(name)
+            cells.append(
+                ""
+                if not d
+                else f"{d['delta']:+.3g}"
+                + (f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" if d.get("ci_low") is not None else "")
+            )
+        table.add_row(*cells)
+    console.print(table)
 
 
 @eval_app.command("run")

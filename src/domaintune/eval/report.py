@@ -232,6 +232,45 @@ def _robustness_chart(report: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
+def verifier_rows(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's `verifiers` section as rows for the HTML report and the CLI: label, value per model (with its
+    95% interval where there is one) and each model's delta over base (with its paired bootstrap interval)."""
+    models: dict[str, dict[str, Any]] = section["models"]
+    deltas: dict[str, dict[str, Any]] = section.get("deltas", {})
+
+    def row(label: str, values: dict[str, Any], delta_key: str | None = None, ci: str | None = None) -> dict:
+        return {
+            "label": label,
+            "values": values,
+            "ci": {m: s.get(ci) for m, s in models.items()} if ci else {},
+            "deltas": {m: d.get(delta_key) for m, d in deltas.items()} if delta_key else {},
+        }
+
+    rows = []
+    if any("pass_rate" in s for s in models.values()):
+        rows.append(
+            row("pass rate (all verifiers)", _per_model(models, "pass_rate"), "verifier_pass_rate", "pass_rate_ci95")
+        )
+        rows.append(row("mean reward", _per_model(models, "reward_mean"), "verifier_reward"))
+        names = list(dict.fromkeys(n for s in models.values() for n in s.get("component_pass_rate", {})))
+        for name in names:
+            rows.append(
+                row(f"{name} pass rate", {m: s.get("component_pass_rate", {}).get(name) for m, s in models.items()})
+            )
+            applicable = {m: s.get("component_applicable", {}).get(name) for m, s in models.items()}
+            if any(a is not None and a < section["n"] for a in applicable.values()):
+                where = {m: s.get("component_pass_rate_where_applicable", {}).get(name) for m, s in models.items()}
+                n_applicable = next(a for a in applicable.values() if a is not None)
+                rows.append(row(f"{name} pass rate where it applies ({n_applicable} items)", where))
+    if any("reward_model_score" in s for s in models.values()):
+        rows.append(row("reward model score", _per_model(models, "reward_model_score"), "reward_model_score"))
+    return rows
+
+
+def _per_model(models: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    return {m: s.get(key) for m, s in models.items()}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -288,6 +327,10 @@ img{max-width:100%;border:1px solid #eee;margin:0.3em 0 1em}.note{color:#555}
 </table>{% endfor %}
 {% if r.retention %}<h2>Retention (general set)</h2><table><tr><th>model</th><th>metric</th><th>base</th><th>model</th><th>retention</th><th>general perplexity ratio</th></tr>
 {% for name, x in r.retention.items() %}<tr><td>{{ name }}</td><td>{{ x.metric }}</td><td>{{ fmt(x.base) }}</td><td>{{ fmt(x.model) }}</td><td><b>{{ fmt(x.ratio) }}</b></td><td>{{ fmt(x.get('perplexity_ratio')) }}</td></tr>{% endfor %}</table>{% endif %}
+{% if r.verifiers %}{% set v = r.verifiers %}<h2>Domain verifiers ({{ v.set }} set, {{ v.n }} items)</h2>
+<p class="note">Scored on the answers above{% if v.verifiers %}; verifiers: {% for s in v.verifiers %}{{ s.name or s.type }} ({{ s.type }}){% if not loop.last %}, {% endif %}{% endfor %}{% endif %}{% if v.reward_model %}; reward model: {{ v.reward_model }}{% endif %}. Pass rate with its 95% Wilson interval; each model − base with its 95% paired bootstrap interval.</p>
+<table><tr><th>measure</th>{% for name in v.models %}<th>{{ name }}</th>{% endfor %}{% for name in v.deltas %}<th>{{ name }} − base [95% CI]</th>{% endfor %}</tr>
+{% for row in verifier_rows(v) %}<tr><td>{{ row.label }}</td>{% for name in v.models %}{% set ci = row.ci.get(name) %}<td>{{ fmt(row["values"].get(name)) }}{% if ci %} [{{ fmt(ci[0]) }}, {{ fmt(ci[1]) }}]{% endif %}</td>{% endfor %}{% for name in v.deltas %}{% set x = row.deltas.get(name) %}<td class="{{ delta_class('verifier', x) }}">{% if x %}{{ fmt(x.delta) }}{% if x.ci_low is not none %} [{{ fmt(x.ci_low) }}, {{ fmt(x.ci_high) }}]{% endif %}{% endif %}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 <h2>Charts</h2>{% for c in charts %}<h3>{{ c.title }}</h3><img alt="{{ c.title }}" src="data:image/png;base64,{{ c.png }}">{% endfor %}
 {% if r.strata.groups %}<h2>Per {{ r.strata.field }} ({{ r.strata.metric }})</h2><table><tr><th>chart</th><th>{{ r.strata.field }}</th><th>n</th>{% for name in r.models %}<th>{{ name }}</th>{% endfor %}</tr>
 {% for g, e in r.strata.groups.items() %}<tr><td>S{{ loop.index }}</td><td>{{ g }}</td><td>{{ e.n }}</td>{% for name in r.models %}<td>{{ fmt(e.get(name, {}).get(r.strata.metric)) }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
@@ -337,5 +380,6 @@ def render_html(report: dict[str, Any]) -> str:
         metric_names=_metric_names,
         delta_class=_delta_class,
         pct=_pct,
+        verifier_rows=verifier_rows,
         engine_lines=describe_engine(report.get("engine")),
     )
