@@ -149,3 +149,39 @@ def test_keys_cli_create_list_revoke(tmp_path):
     bad = runner.invoke(app, ["keys", "create", str(project), "--name", "x", "--rpm", "0"])
     assert bad.exit_code == 2 and "--rpm must be a positive integer" in _unwrapped(bad.output)
     assert runner.invoke(app, ["keys", "list"]).exit_code == 2  # neither a project file nor --store
+
+
+def test_a_store_made_before_tools_were_logged_opens_and_exports(tmp_path):
+    """The request log's tool columns came later: an older store gets them on open, its rows read None."""
+    import sqlite3
+
+    from domaintune.config import config_from_dict
+    from domaintune.serve.feedback import export_feedback
+    from domaintune.serve.store import Store
+
+    db = tmp_path / "old.sqlite"
+    url = f"sqlite:///{db}"
+    store = Store(url, key_hash_iterations=1000)
+    fields = {"endpoint": "chat", "model": "m", "served": "m", "version": "base", "status": 200, "outcome": "ok"}
+    store.log_request(id="chatcmpl-old", prompt=[{"role": "user", "content": "Hi?"}], response="Hello.", **fields)
+    store.add_feedback("chatcmpl-old", None, -1, "Hello, how can I help?", None)
+    store.engine.dispose()
+    with sqlite3.connect(db) as con:  # the requests table as it was before
+        con.execute("ALTER TABLE requests DROP COLUMN tools")
+        con.execute("ALTER TABLE requests DROP COLUMN tool_calls")
+    con.close()
+
+    row = Store(url, key_hash_iterations=1000).get_request("chatcmpl-old")
+    assert row is not None and row.tools is None and row.tool_calls is None and row.response == "Hello."
+    with sqlite3.connect(db) as con:
+        assert {"tools", "tool_calls"} <= {r[1] for r in con.execute("PRAGMA table_info(requests)")}
+    con.close()
+    cfg = config_from_dict(
+        {"name": "t", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"}, "serve": {"store_url": url}}
+    )
+    export_feedback(cfg, out_dir=tmp_path / "fb")
+    [sft] = read_jsonl(tmp_path / "fb" / "sft.jsonl")
+    assert "tools" not in sft and sft["messages"] == [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+    ]

@@ -56,6 +56,7 @@ def server(tmp_path_factory, qwen2_dir):
     try:
         with BackgroundServer(state) as srv:
             srv.key = state.store.create_key("alice")[1]
+            srv.cfg = cfg  # the feedback export reads the same store
             yield srv
     finally:
         engine_module._sample = real_sample
@@ -152,3 +153,102 @@ def test_a_template_without_tools_is_a_clear_400(server):
     assert "cannot take tools" in e.value.message and e.value.code == "tools_unsupported"
     # without tools the same model answers as before
     assert c.chat.completions.create(model="plain", messages=ASK, seed=2, max_tokens=64).choices[0].message.content
+
+
+def test_feedback_export_keeps_tools_and_calls_and_the_data_stage_reads_it(server, tmp_path):
+    """Requests with tools and their feedback over HTTP, then `feedback export`: the rows carry the tools, the
+    conversation's calls and results, the served calls; the data stage reads the SFT file as tool-call rows."""
+    import httpx
+
+    from domaintune.config import config_from_dict
+    from domaintune.data.pipeline import run_data
+    from domaintune.layout import RunLayout
+    from domaintune.serve.feedback import export_feedback
+    from domaintune.utils.io import read_jsonl
+    from tool_helpers import QWEN25_TOOLS_TEMPLATE
+
+    c = _client(server)
+    model = _model(c)
+    asked = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, seed=1, max_tokens=64)
+    [call] = asked.choices[0].message.tool_calls
+    conversation = ASK + [
+        asked.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"status": "shipped"}'},
+    ]
+    answered = c.chat.completions.create(model=model, messages=conversation, tools=TOOLS, seed=2, max_tokens=64)
+    two = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, seed=3, max_tokens=96)
+    phone_call = {"id": "call_9", "type": "function"}
+    phone_call["function"] = {"name": "lookup_order", "arguments": '{"order_id": "A7", "phone": "13812345678"}'}
+    with_phone = [
+        {"role": "user", "content": "Where is A7? Call 13812345678."},
+        {"role": "assistant", "content": "", "tool_calls": [phone_call]},
+        {"role": "tool", "tool_call_id": "call_9", "content": '{"status": "packed"}'},
+    ]
+    phoned = c.chat.completions.create(model=model, messages=with_phone, tools=TOOLS, seed=2, max_tokens=64)
+    auth = {"Authorization": f"Bearer {server.key}"}
+    for rid, rating, correction in (
+        (asked.id, 1, None),  # a good call: a desirable KTO completion
+        (answered.id, -1, "Your order A1001 has shipped with DHL."),
+        (two.id, -1, CALL),  # the right call is one lookup, written as the model writes calls
+        (phoned.id, -1, "Packed; we will text 13812345678."),
+    ):
+        body = {"request_id": rid, "rating": rating, **({"correction": correction} if correction else {})}
+        assert httpx.post(server.url + "/v1/feedback", headers=auth, json=body).status_code == 200
+
+    out = tmp_path / "feedback"
+    report = export_feedback(server.cfg, out_dir=out)
+    assert report["sft_rows"] == 3 and report["preference_rows"] == 3
+    sft = {r["request_id"]: r for r in read_jsonl(out / "sft.jsonl")}
+    pref = {r["request_id"]: r for r in read_jsonl(out / "preference.jsonl")}
+    kto = {(r["request_id"], r["origin"]): r for r in read_jsonl(out / "unpaired.jsonl")}
+    assert all(r["tools"] == TOOLS for r in [*sft.values(), *pref.values(), *kto.values()])
+    served_call = {"id": "call_0", "type": "function"}
+    served_call["function"] = {"name": "lookup_order", "arguments": '{"order_id": "A1001"}'}
+    good = kto[(asked.id, "served")]
+    assert good["label"] is True and good["completion"] == [
+        {"role": "assistant", "content": "", "tool_calls": [served_call]}
+    ]
+    # the conversation's call and tool result are kept; the correction is the answer after them
+    assert sft[answered.id]["messages"] == [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [{**served_call, "id": call.id}]},
+        {"role": "tool", "content": '{"status": "shipped"}', "tool_call_id": call.id},
+        {"role": "assistant", "content": "Your order A1001 has shipped with DHL."},
+    ]
+    assert pref[answered.id]["rejected"] == [{"role": "assistant", "content": SCRIPTS[2]}]
+    # a correction written as a call is a call; the served answer it corrects is its two calls
+    assert sft[two.id]["messages"][-1] == {"role": "assistant", "content": "", "tool_calls": [served_call]}
+    rejected = pref[two.id]["rejected"][0]
+    assert [(x["function"]["name"], json.loads(x["function"]["arguments"])) for x in rejected["tool_calls"]] == [
+        ("lookup_order", {"order_id": "A1"}),
+        ("return_policy", {"category": "shoes"}),
+    ]
+    # the preference and KTO readers (data stage, train stage) take calls as the text the tool template renders
+    from domaintune.data.preference_rows import convert
+
+    assert convert(pref[two.id], "preference")[0]["rejected"] == [{"role": "assistant", "content": SCRIPTS[3]}]
+    assert convert(pref[two.id], "preference")[0]["chosen"] == [{"role": "assistant", "content": CALL}]
+    assert convert(good, "unpaired")[0]["completion"] == [{"role": "assistant", "content": CALL}]
+    # PII is redacted in the calls' arguments as in the text
+    exported = "".join(p.read_text() for p in out.glob("*.jsonl"))
+    assert "13812345678" not in exported
+    args = json.loads(sft[phoned.id]["messages"][1]["tool_calls"][0]["function"]["arguments"])
+    assert args["order_id"] == "A7" and "[PHONE]" in args["phone"]
+
+    data = {
+        "sources": [{"path": str(out / "sft.jsonl"), "name": "feedback"}],
+        "split": {"ratios": [1, 0, 0]},
+        "filters": {"outlier_sigma": None},
+        "dedup": {"near": False},
+    }
+    model_cfg = {"name_or_path": str(server.cfg.model.name_or_path), "chat_template": QWEN25_TOOLS_TEMPLATE}
+    cfg = config_from_dict({"name": "t", "model": model_cfg, "data": data}, config_path=tmp_path / "p.yaml")
+    result = run_data(cfg, RunLayout(tmp_path / "next"), progress=False)
+    assert result["totals"]["input"] == 3 and result["totals"]["kept"] == 3, result["totals"]
+    rows = list(read_jsonl(tmp_path / "next" / "data" / "train.jsonl"))  # the data stage gives its own ids
+
+    def chats(found: list) -> list:
+        return sorted(json.dumps(r["messages"], sort_keys=True) for r in found)
+
+    assert chats(rows) == chats(list(sft.values()))
+    assert all(r["tools"] == TOOLS for r in rows)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from domaintune.model.tools import calls_text
+
 ROW_KINDS = ("preference", "unpaired", "prompt")
 # The fields each kind's canonical row is made of (the data stage writes these, plus `id`, `source` and kept fields).
 CORE_FIELDS = {
@@ -43,7 +45,10 @@ def _messages(value: Any, role: str, field: str) -> list[dict[str, str]]:
         out = []
         for m in value:
             who = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from", "")), role)
-            out.append({"role": str(who), "content": str(m.get("content", m.get("value", "")))})
+            text = str(m.get("content", m.get("value", "")))
+            if m.get("tool_calls"):  # OpenAI-shape calls (feedback export): the text Qwen/Hermes templates render
+                text = "\n".join(t for t in (text, calls_text(m["tool_calls"])) if t)
+            out.append({"role": str(who), "content": text})
         return out
     raise RowError(f"`{field}` must be text or a list of messages")
 

@@ -10,6 +10,12 @@ Everything in the store is already PII-redacted. Rows are deduplicated against e
 against `<output_dir>/data/train.jsonl` (exact, on normalised text; and near-duplicates with the
 data stage's MinHash-LSH at `data.dedup.threshold`). For a request with several feedback rows,
 the latest correction wins.
+
+Tool calls (docs/tool-calls.md): a logged chat that rendered `tools` gives rows with that `tools` list, its
+conversation keeps assistant `tool_calls` and `tool` messages, and a served answer that was read back as calls is
+an assistant message with those `tool_calls` (OpenAI's shape, the data stage's). A correction to such a request
+that is written as calls (`<tool_call>{"name", "arguments"}</tool_call>`, as the model writes them) becomes
+`tool_calls` too.
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ if TYPE_CHECKING:
 
 
 def _row_text(messages: list[dict[str, Any]]) -> str:
-    return "\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
+    """Dedup text: each non-system message's content and its calls (the data stage's `message_text`)."""
+    from domaintune.data.formats import message_text
+
+    return "\n".join(
+        message_text({**m, "content": str(m.get("content") or "")}) for m in messages if m.get("role") != "system"
+    )
 
 
 def _norm(text: str) -> str:
@@ -38,10 +49,50 @@ def _norm(text: str) -> str:
     return normalise_text(text).lower()
 
 
-def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+def _prompt_messages(prompt: Any) -> list[dict[str, Any]]:
+    """The logged prompt as messages: role and content, and an assistant's `tool_calls` / a tool result's
+    `tool_call_id` where the conversation has them."""
     if isinstance(prompt, str):  # /v1/completions: the raw prompt becomes one user turn
         return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    out = []
+    for m in prompt:
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            message["tool_calls"] = m["tool_calls"]
+        if m.get("tool_call_id") is not None:
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
+    return out
+
+
+def _tools(req: Any) -> dict[str, Any]:
+    """The row's `tools` field: the definitions the logged prompt rendered (nothing without them)."""
+    return {"tools": req.tools} if req.tools else {}
+
+
+def _served_answer(req: Any) -> dict[str, Any]:
+    """The served answer as an assistant message: with the `tool_calls` it was read back as, if any (the logged
+    text around them is its content)."""
+    text = (req.response or "").strip()
+    if not req.tool_calls:
+        return {"role": "assistant", "content": text}
+    from domaintune.model.tools import parse_tool_calls
+
+    content, parsed = parse_tool_calls(text, {t["function"]["name"] for t in req.tools or []})
+    # the calls are the logged ones (what the client got); the text around them is read from the logged answer
+    return {"role": "assistant", "content": (content or "") if parsed else "", "tool_calls": req.tool_calls}
+
+
+def _correction_answer(correction: str, req: Any) -> dict[str, Any]:
+    """A correction as an assistant message: calls to the request's tools written as the model writes them
+    become `tool_calls`."""
+    if req.tools:
+        from domaintune.model.tools import parse_tool_calls
+
+        content, calls = parse_tool_calls(correction, {t["function"]["name"] for t in req.tools})
+        if calls:
+            return {"role": "assistant", "content": content or "", "tool_calls": calls}
+    return {"role": "assistant", "content": correction}
 
 
 def _train_messages(row: dict[str, Any], path: Path, line: int) -> list[dict[str, Any]]:
@@ -168,7 +219,8 @@ def _feedback_rows(
         if _norm(correction) == _norm(original):
             dropped["same_as_original"] += 1
             continue
-        messages = prompt + [{"role": "assistant", "content": correction}]
+        chosen = _correction_answer(correction, req)
+        messages = prompt + [chosen]
         duplicate = dedup.duplicate_kind(_row_text(messages))
         if duplicate is not None:
             dropped[duplicate] += 1
@@ -180,14 +232,15 @@ def _feedback_rows(
             "version": req.version,
             "rating": fb.rating,
         }
-        sft.append({"id": f"fb-{request_id}", "messages": messages, "source": "feedback", **meta})
+        sft.append({"id": f"fb-{request_id}", "messages": messages, **_tools(req), "source": "feedback", **meta})
         if original:
             pref.append(
                 {
                     "id": f"fbpref-{request_id}",
                     "prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": correction}],
-                    "rejected": [{"role": "assistant", "content": original}],
+                    "chosen": [chosen],
+                    "rejected": [_served_answer(req)],
+                    **_tools(req),
                     "source": "feedback",
                     **meta,
                 }
@@ -210,13 +263,13 @@ def _unpaired_rows(pairs: list[tuple[Any, Any]]) -> tuple[list[dict[str, Any]], 
         if fb.rating == 0:
             dropped["no_rating"] += 1
         elif (req.response or "").strip():
-            candidates.append(("served", req.response.strip(), fb.rating > 0))
+            candidates.append(("served", _served_answer(req), fb.rating > 0))
         else:
             dropped["no_answer"] += 1
         if fb.correction and fb.correction.strip():
-            candidates.append(("correction", fb.correction.strip(), True))
+            candidates.append(("correction", _correction_answer(fb.correction.strip(), req), True))
         for origin, answer, label in candidates:
-            key = hashlib.sha256(_norm(_row_text(prompt) + "\n" + answer).encode()).hexdigest()
+            key = hashlib.sha256(_norm(_row_text([*prompt, answer])).encode()).hexdigest()
             if key in seen:
                 dropped["exact"] += 1
                 continue
@@ -225,7 +278,8 @@ def _unpaired_rows(pairs: list[tuple[Any, Any]]) -> tuple[list[dict[str, Any]], 
                 {
                     "id": f"fbkto-{origin}-{request_id}",
                     "prompt": prompt,
-                    "completion": [{"role": "assistant", "content": answer}],
+                    "completion": [answer],
+                    **_tools(req),
                     "label": label,
                     "origin": origin,
                     "source": "feedback",

@@ -46,7 +46,15 @@ from domaintune.serve.protocol import (
 )
 from domaintune.serve.state import Redactor, ServeState
 from domaintune.serve.store import ApiKey
-from domaintune.serve.tools import held_back_chunks, holds_back, template_inputs, with_tool_calls
+from domaintune.serve.tools import (
+    active_tools,
+    answer_calls,
+    held_back_chunks,
+    holds_back,
+    map_call_arguments,
+    template_inputs,
+    with_tool_calls,
+)
 from domaintune.utils.names import model_name_problem
 
 log = logging.getLogger("domaintune.serve")
@@ -73,6 +81,7 @@ class Job:
     reservation: Reservation | None = None
     accounted: bool = False
     thinking: bool | None = None  # a reasoning model's chat: whether the prompt opened its <think> block; None: not one
+    tools: list[dict[str, Any]] | None = None  # a chat's active tool definitions (rendered in its prompt)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def claim(self) -> bool:
@@ -305,6 +314,7 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
     job.reservation = reservation
     if endpoint == "chat":
         job.thinking = _opens_reasoning(bb.tokenizer, prompt_ids)
+        job.tools = active_tools(body) if isinstance(body, ChatBody) else None
     try:
         state.engine.submit(gen)
     except QueueFullError as exc:
@@ -382,15 +392,20 @@ def _count(
 def _log_request(
     state: ServeState, job: Job, status: int, completion: Completion | None, outcome: str, latency: float
 ) -> None:
-    """The request and its answer in the store (PII-redacted first), for the feedback loop."""
+    """The request and its answer in the store (PII-redacted first), for the feedback loop; a chat with tools
+    also keeps them and the calls its answer was read back as."""
     prompt, response = job.prompt_record, completion.text if completion else None
+    calls = None
+    if response is not None and job.tools:
+        calls = answer_calls(
+            split_reasoning(response, job.thinking)[1] if job.thinking is not None else response, job.tools
+        )
     counts: dict[str, int] = {}
     if state.redactor is not None:
-        prompt, counts = _redact_prompt(state.redactor, prompt)
-        if response is not None:
-            response, more = state.redactor(response)
-            for k, v in more.items():
-                counts[k] = counts.get(k, 0) + v
+        red = _counting(state.redactor, counts)
+        prompt = _redact_prompt(red, prompt)
+        response = red(response) if response is not None else None
+        calls = map_call_arguments(calls, red) if calls else calls
     state.store.log_request(
         id=job.response_id,
         key_id=job.key.id if job.key else None,
@@ -408,11 +423,13 @@ def _log_request(
         completion_tokens=completion.completion_tokens if completion else 0,
         latency_s=round(latency, 4),
         pii_counts=counts or None,
+        tools=job.tools,
+        tool_calls=calls,
     )
 
 
-def _redact_prompt(redactor: Redactor, prompt: Any) -> tuple[Any, dict[str, int]]:
-    counts: dict[str, int] = {}
+def _counting(redactor: Redactor, counts: dict[str, int]) -> Callable[[str], str]:
+    """The redactor as text -> text, adding what it found to `counts`."""
 
     def red(text: str) -> str:
         out, found = redactor(text)
@@ -420,9 +437,20 @@ def _redact_prompt(redactor: Redactor, prompt: Any) -> tuple[Any, dict[str, int]
             counts[k] = counts.get(k, 0) + v
         return out
 
+    return red
+
+
+def _redact_prompt(red: Callable[[str], str], prompt: Any) -> Any:
+    """The prompt text, or every message's content and its tool calls' argument values, redacted."""
     if isinstance(prompt, str):
-        return red(prompt), counts
-    return [{**m, "content": red(m["content"])} for m in prompt], counts
+        return red(prompt)
+    out = []
+    for m in prompt:
+        message = {**m, "content": red(m["content"])}
+        if m.get("tool_calls"):
+            message["tool_calls"] = map_call_arguments(m["tool_calls"], red)
+        out.append(message)
+    return out
 
 
 # ---- answering ----------------------------------------------------------------------------------

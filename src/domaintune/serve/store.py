@@ -35,7 +35,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -102,6 +104,10 @@ class RequestRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_s: Mapped[float] = mapped_column(Float, default=0.0)
     pii_counts: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    # added later (stores made before get the columns on open, old rows hold NULL): the tool definitions the
+    # prompt rendered (chat with active `tools`) and the calls the answer was read back as (OpenAI's shape, redacted)
+    tools: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
 
 class FeedbackRow(Base):
@@ -214,11 +220,30 @@ class Store:
         for attempt in range(5):
             try:
                 Base.metadata.create_all(self.engine)
+                self._add_missing_columns()
                 return
             except Exception as exc:
                 if attempt == 4:
                     raise UserError(f"serve.store_url {_safe_url(self.url)}: cannot create tables ({exc})") from None
                 time.sleep(0.2 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        """A store made by an older version lacks the nullable columns added since: add them (its rows read NULL).
+        A replica that adds one first makes this one's ALTER fail; the retry in _create_tables then finds it."""
+        existing = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable:
+                    raise UserError(
+                        f"serve.store_url {_safe_url(self.url)}: table {table.name} lacks column {column.name}, "
+                        "which cannot be added to existing rows; use a new store"
+                    )
+                kind = column.type.compile(dialect=self.engine.dialect)
+                with self.engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
     def session(self) -> Session:
         return self._sessions()

@@ -16,6 +16,8 @@ its end), then sent as one content delta or as `tool_calls` deltas, then the fin
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from domaintune.model.tools import for_template, parse_tool_calls, template_tool_problem
@@ -113,3 +115,40 @@ def held_back_chunks(
         chunk["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
         events.append(sse(chunk, ensure_ascii=False))
     return events, "tool_calls"
+
+
+def answer_calls(answer: str, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The calls an answer (its reasoning block split off) was read back as, as `with_tool_calls` and the stream
+    give them to the client; None without active tools or for an ordinary answer. For the request log."""
+    if not tools:
+        return None
+    _, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools})
+    return calls or None
+
+
+def map_call_arguments(calls: list[dict[str, Any]], fn: Callable[[str], str]) -> list[dict[str, Any]]:
+    """The calls with `fn` applied to every string value of their arguments (PII redaction); the JSON stays valid.
+    Arguments that are not JSON are mapped as one string."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return fn(value)
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    out = []
+    for call in calls:
+        fn_part = dict(call.get("function") or {})
+        raw = fn_part.get("arguments")
+        if isinstance(raw, str):
+            try:
+                fn_part["arguments"] = json.dumps(walk(json.loads(raw)), ensure_ascii=False)
+            except ValueError:
+                fn_part["arguments"] = fn(raw)
+        elif raw is not None:
+            fn_part["arguments"] = walk(raw)
+        out.append({**call, "function": fn_part})
+    return out
