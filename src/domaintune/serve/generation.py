@@ -405,7 +405,9 @@ def _log_request(
         red = _counting(state.redactor, counts)
         prompt = _redact_prompt(red, prompt)
         response = red(response) if response is not None else None
-        calls = map_call_arguments(calls, red) if calls else calls
+        if calls:  # the same PII as in the response's text: counted there once
+            redactor = state.redactor
+            calls = map_call_arguments(calls, lambda text: redactor(text)[0])
     state.store.log_request(
         id=job.response_id,
         key_id=job.key.id if job.key else None,
