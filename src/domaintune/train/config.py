@@ -127,6 +127,9 @@ class GenerationEvalSettings(StrictModel):
         ),
     )
     max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer (stops at end of turn).")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="1.0 = none; set it as eval.decoding.repetition_penalty so both score alike."
+    )
     batch_size: int = Field(8, ge=1, description="Prompts generated together (left padding).")
     metric: str | None = Field(
         None, description="Text metric scored (rougeL_char, bleu, chrf, ...). Default: `eval.primary_metric`."

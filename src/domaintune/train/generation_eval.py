@@ -54,12 +54,13 @@ class GenerationEvalCallback(TrainerCallback):
     """Scores greedy answers to fixed val prompts at every evaluation and logs `eval_<metric>`."""
 
     def __init__(self, tokenizer, prompts: list[tuple[list[dict], str]], metric: str, *, max_new_tokens: int,
-                 batch_size: int, max_prompt_tokens: int):  # fmt: skip
+                 batch_size: int, max_prompt_tokens: int, repetition_penalty: float = 1.0):  # fmt: skip
         self.tokenizer = tokenizer
         self.metric = metric
         self.key = f"eval_{metric}"
         self.family = metric_family(metric)
         self.max_new_tokens = max_new_tokens
+        self.repetition_penalty = repetition_penalty
         self.references = [reference for _, reference in prompts]
         self.batches = _batches(tokenizer, [messages for messages, _ in prompts], batch_size, max_prompt_tokens)
         self.history: list[tuple[int, float]] = []
@@ -107,6 +108,7 @@ class GenerationEvalCallback(TrainerCallback):
                         attention_mask=attention_mask.to(device),
                         max_new_tokens=self.max_new_tokens,
                         do_sample=False,
+                        repetition_penalty=self.repetition_penalty,
                         eos_token_id=stop,
                         pad_token_id=_pad_id(self.tokenizer),
                         use_cache=True,
@@ -164,6 +166,7 @@ def build_generation_eval(tcfg, primary_metric: str, tokenizer, val_file: Path) 
         prompts,
         metric,
         max_new_tokens=settings.max_new_tokens,
+        repetition_penalty=settings.repetition_penalty,
         batch_size=settings.batch_size,
         max_prompt_tokens=tcfg.max_length,
     )
