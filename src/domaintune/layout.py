@@ -62,6 +62,11 @@ class RunLayout:
         """`data/holdout_<name>.jsonl`: the rows of data.split.holdout_group `name` (an out-of-source test set)."""
         return self.data_dir / f"holdout_{name}.jsonl"
 
+    def holdout_dev_file(self, name: str) -> Path:
+        """`data/holdout_<name>_dev.jsonl`: the selection rows of holdout `name` (data.split.holdout_group.dev_rows),
+        scored by eval as the set `<name>_dev`."""
+        return self.holdout_file(f"{name}_dev")
+
     def holdout_files(self) -> dict[str, Path]:
         """Every holdout the data stage wrote, by name."""
         return {p.stem.removeprefix("holdout_"): p for p in sorted(self.data_dir.glob("holdout_*.jsonl"))}

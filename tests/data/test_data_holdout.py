@@ -119,3 +119,108 @@ def test_a_holdout_that_matches_nothing_or_names_an_unknown_field_fails_clearly(
         _cfg(tmp_path, {"holdout_group": {"field": "dept"}})
     with pytest.raises(Exception, match=r"holdout_group\.name 'test'"):
         _cfg(tmp_path, {"holdout_group": {"field": "dept", "values": ["d1"], "name": "test"}})
+
+
+def _ids(path: Path) -> set[str]:
+    return {r["id"] for r in _read(path)}
+
+
+def test_dev_rows_are_set_aside_from_the_holdout_disjoint_seeded_and_accounted(tmp_path):
+    _inputs(tmp_path)
+    layout = RunLayout(tmp_path / "run")
+    split = {"holdout_group": {"field": "source", "values": ["b"], "max_rows": 5, "dev_rows": 4}}
+    report = run_data(_cfg(tmp_path, split), layout, progress=False)
+
+    dev, gated = _read(layout.holdout_dev_file("out_of_source")), _read(layout.holdout_file("out_of_source"))
+    assert layout.holdout_dev_file("out_of_source").name == "holdout_out_of_source_dev.jsonl"
+    assert set(layout.holdout_files()) == {"out_of_source", "out_of_source_dev"}
+    assert len(dev) == 4 and len(gated) == 5 and {r["source"] for r in dev + gated} == {"b"}
+    assert not {r["id"] for r in dev} & {r["id"] for r in gated}
+    assert not {r["messages"][-2]["content"] for r in dev} & {r["messages"][-2]["content"] for r in gated}
+    # b's 12 rows: 4 dev (drawn first, from all 12) + 5 gated (max_rows caps the other 8) + 3 sampled out
+    b = report["sources"]["b"]
+    assert b["kept"] == {"train": 0, "val": 0, "test": 0, "holdout": 5, "holdout_dev": 4} and b["balanced"]
+    assert b["dropped"] == {"sample: sampled out": 3}
+    assert report["balanced"]
+    h = report["holdout"]
+    assert (h["rows"], h["before_sampling"], h["dev_rows"], h["dev_drawn"]) == (5, 8, 4, 4)
+    assert h["dev"] == {
+        "set": "out_of_source_dev",
+        "file": "data/holdout_out_of_source_dev.jsonl",
+        "dev_rows": 4,
+        "drawn": 4,
+        "rows": 4,
+        "by_source": {"a": 0, "b": 4},
+        "per_stratum": h["dev"]["per_stratum"],
+    }
+    assert report["funnel"][-1]["note"].endswith("holdout=5, holdout_dev=4")
+    assert "holdout_dev" in report["decontaminate"]["by_split"]
+    # no train/val/test row repeats a dev prompt: a's copy of b's question 4 is gone wherever that question went
+    splits = [r for s in ("train", "val", "test") for r in _read(layout.split_file(s))]
+    assert not {r["messages"][-2]["content"] for r in splits} & {r["messages"][-2]["content"] for r in dev + gated}
+    html = layout.data_report_html.read_text(encoding="utf-8")
+    assert "holdout_out_of_source_dev.jsonl" in html and "<th>holdout dev</th>" in html
+
+    # the same seed draws the same dev rows; without dev_rows the dev file is removed (never a stale dev set)
+    again = RunLayout(tmp_path / "again")
+    run_data(_cfg(tmp_path, split), again, progress=False)
+    assert _ids(again.holdout_dev_file("out_of_source")) == {r["id"] for r in dev}
+    assert _ids(again.holdout_file("out_of_source")) == {r["id"] for r in gated}
+    split["holdout_group"].pop("dev_rows")
+    run_data(_cfg(tmp_path, split), layout, progress=False)
+    assert set(layout.holdout_files()) == {"out_of_source"}
+
+
+def test_dev_rows_take_whole_groups_and_must_leave_gated_rows(tmp_path):
+    rows = [{"q": f"Case {i} of ward W?", "a": f"Answer {i}.", "pair": i // 2} for i in range(20)]
+    rows += [{"q": f"Question {i} of ward X?", "a": f"Reply {i}.", "pair": 100 + i} for i in range(40)]
+    _write(tmp_path / "w.jsonl", rows[:20])
+    _write(tmp_path / "x.jsonl", rows[20:])
+    fields = {"instruction": "q", "output": "a"}
+
+    def cfg(dev_rows: int, group_by: list[str]):
+        data = {
+            "sources": [{"path": f"{s}.jsonl", "name": s, "fields": fields, "keep": ["pair"]} for s in ("w", "x")],
+            "split": {
+                "group_by": group_by,
+                "holdout_group": {"field": "source", "values": ["w"], "dev_rows": dev_rows, "name": "ward"},
+            },
+            "filters": {"outlier_sigma": None},
+            "dedup": {"near": False},
+            "guards": {"on_violation": "warn"},
+        }
+        return config_from_dict({"name": "t", "data": data}, config_path=tmp_path / "p.yaml")
+
+    layout = RunLayout(tmp_path / "run")
+    report = run_data(cfg(6, ["pair"]), layout, progress=False)
+    dev, gated = _read(layout.holdout_dev_file("ward")), _read(layout.holdout_file("ward"))
+    assert len(dev) == 6 and len(gated) == 14 and report["holdout"]["dev"]["rows"] == 6
+    assert not {r["pair"] for r in dev} & {r["pair"] for r in gated}  # a pair is never split
+    with pytest.raises(UserError, match=r"dev_rows: 20 asked for, the held-out groups have 20 rows"):
+        run_data(cfg(20, []), RunLayout(tmp_path / "r2"), progress=False)
+    _write(tmp_path / "w.jsonl", [dict(r, pair=i // 10) for i, r in enumerate(rows[:20])])  # two groups of 10
+    for dev_rows in (4, 19):  # no group fits in 4 rows; 19 takes both, leaving nothing for the gates
+        with pytest.raises(
+            UserError, match=r"cannot be set aside by whole prompt groups .*2 groups, the largest of 10"
+        ):
+            run_data(cfg(dev_rows, ["pair"]), RunLayout(tmp_path / "r3"), progress=False)
+
+
+def test_the_cli_table_shows_the_dev_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from domaintune.cli import app
+
+    _inputs(tmp_path)
+    project = tmp_path / "p.yaml"
+    project.write_text(
+        "name: t\ndata:\n  sources:\n"
+        + "".join(f"    - {{path: {s}.jsonl, name: {s}, fields: {{instruction: q, output: a}}}}\n" for s in "ab")
+        + "  split: {group_by: [], holdout_group: {field: source, values: [b], dev_rows: 4}}\n"
+        + "  filters: {outlier_sigma: null}\n  guards: {on_violation: warn}\n",
+        encoding="utf-8",
+    )
+    res = CliRunner().invoke(app, ["data", str(project), "--output-dir", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "holdout_dev" in res.output
+    assert "choose recipes on set 'out_of_source_dev'; the gates read 'out_of_source'): 4 rows" in res.output

@@ -160,3 +160,27 @@ def test_a_concentrated_gain_is_flagged_in_gate_values_html_and_terminal(run_dir
     _print_sets(report)
     out = " ".join(capsys.readouterr().err.split())  # the CLI's console writes to stderr; wrapping undone
     assert "template-learning alarm (out_of_source, tuned)" in out and "YES" in out
+
+
+def test_a_dev_set_resolves_to_the_holdouts_dev_file(tmp_path):
+    from domaintune.eval.sets import OUT_OF_SOURCE, resolve_sets
+
+    layout = RunLayout(tmp_path / "run")
+    layout.data_dir.mkdir(parents=True)
+    for path in (layout.test_file, layout.holdout_file("out_of_source"), layout.holdout_dev_file("out_of_source")):
+        _write(path, [_row("x", "Q?", "A.")])
+    cfg = _cfg(tmp_path / "run", sets=[{"name": "test"}, {"name": "out_of_source_dev", "max_items": 3}])
+    specs = {s.name: s for s in resolve_sets(cfg.eval, layout)}
+    dev = specs["out_of_source_dev"]
+    assert (dev.kind, dev.file, dev.max_items) == (OUT_OF_SOURCE, layout.holdout_dev_file("out_of_source"), 3)
+    assert dev.file.name == "holdout_out_of_source_dev.jsonl"
+    # default sets: the gated holdout and its dev rows, both out-of-source
+    default = {s.name: s for s in resolve_sets(_cfg(tmp_path / "run").eval, layout)}
+    assert default["out_of_source"].file == layout.holdout_file("out_of_source")
+    assert default["out_of_source_dev"].kind == OUT_OF_SOURCE
+    layout.holdout_dev_file("out_of_source").unlink()
+    with pytest.raises(
+        UserError,
+        match=r"holdout_out_of_source_dev.jsonl does not exist .*holdout_group.dev_rows \(name: out_of_source\)",
+    ):
+        resolve_sets(cfg.eval, layout)

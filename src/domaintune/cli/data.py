@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         console = result_console()
         table = Table(title=f"data: {cfg.name}")
         holdout = report.get("holdout")
-        places = ["train", "val", "test"] + (["holdout"] if holdout else [])
+        dev = (holdout or {}).get("dev")
+        places = ["train", "val", "test"] + (["holdout"] if holdout else []) + (["holdout_dev"] if dev else [])
         for col in ("source", "input", *places, "dropped", "balanced"):
             table.add_column(col, justify="right" if col != "source" else "left")
         for name, s in report["sources"].items():
@@ -52,6 +53,12 @@ def register(app: typer.Typer) -> None:
                 f"holdout {holdout['name']!r} ({holdout['field']} "
                 + (f"after {holdout['after']}" if holdout["after"] else f"in {holdout['values']}")
                 + f"): {holdout['rows']} rows -> {cfg.layout.holdout_file(holdout['name'])}",
+                highlight=False,
+            )
+        if holdout and dev:
+            console.print(
+                f"holdout dev (choose recipes on set {dev['set']!r}; the gates read {holdout['name']!r}): "
+                f"{dev['rows']} rows -> {cfg.layout.holdout_dev_file(holdout['name'])}",
                 highlight=False,
             )
         reasons = ", ".join(f"{k}={v}" for k, v in list(report["drop_reasons"].items())[:8])

@@ -129,6 +129,18 @@ class HoldoutGroupConfig(StrictModel):
         description="Keep at most this many held-out rows (deterministic, seeded); the others are dropped as "
         "sampled out. Decontamination runs against the rows kept.",
     )
+    dev_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Rows of the held-out groups set aside as a selection (dev) set, written to "
+        "data/holdout_<name>_dev.jsonl and scored by eval as the set `<name>_dev`: choose recipes (`domaintune "
+        "sweep`'s objective) on it and keep data/holdout_<name>.jsonl for the gates, which are then not biased "
+        "by the choice. Drawn first, by whole prompt groups (data.split.group_by), seeded with the split seed, "
+        "from every row of the held-out groups; max_rows then caps the rest. Never shares a row or a prompt group "
+        "with the gated file; train and val rows repeating a dev prompt are dropped like those repeating a "
+        "holdout prompt. Set it in the project config, not only in a sweep overlay: the gated file differs "
+        "with and without it.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HoldoutGroupConfig:

@@ -1,7 +1,8 @@
 """`decontaminate`: no prompt is trained on and then tested on.
 
-Val rows whose prompt repeats a test (or holdout) prompt are dropped, then train rows whose prompt repeats a val,
-test or holdout prompt (data.split.holdout_group, an out-of-source test set): the same prompt after
+Dev rows of the holdout (holdout_group.dev_rows, the selection set) whose prompt repeats a gated holdout prompt are
+dropped, then val rows whose prompt repeats a test (or holdout, or dev) prompt, then train rows whose prompt repeats
+a val, test, holdout or dev prompt (data.split.holdout_group, an out-of-source test set): the same prompt after
 normalisation, a near-duplicate one, or a shared long n-gram (`overlap.py`).
 Each quarantine row names the val/test row it matched. The val/test index is kept (`HeldOut`) so that
 synthetic train rows (data.augment) are checked against it too.
@@ -20,8 +21,8 @@ from domaintune.data.split import Plan
 from domaintune.data.spool import Spooled
 
 STAGE = "decontaminate"
-_TRAIN, _VAL, _TEST, _HOLDOUT = 1, 2, 3, 4
-_TESTED = ("test", "holdout")  # the sets a model is scored on: no val or train row may repeat their prompts
+_TRAIN, _VAL, _TEST, _HOLDOUT, _DEV = 1, 2, 3, 4, 5
+_TESTED = ("test", "holdout", "holdout_dev")  # the sets a model is scored on: no val or train row may repeat them
 _BATCH = 2048
 
 
@@ -103,7 +104,9 @@ class HeldOut:
             "ngram": c.ngram,
             "scope": c.scope,
             "dropped": self.dropped,
-            "by_split": {s: self.removed[s] for s in ("train", "val")},
+            "by_split": {
+                s: self.removed[s] for s in ("train", "val", "holdout_dev") if s != "holdout_dev" or s in self.before
+            },
             "by_kind": dict(self.by_kind),
             "before": dict(self.before),
         }
@@ -113,12 +116,12 @@ Entry = tuple[int, str, str, str]  # (spooled row, row id, prompt, text of the n
 
 
 def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig, char_ngram: int = 5) -> HeldOut:
-    """Drops val rows that repeat a test or holdout prompt, then train rows that repeat a val, test or holdout
-    prompt."""
+    """Drops dev rows that repeat a gated holdout prompt, val rows that repeat a test, holdout or dev prompt, then
+    train rows that repeat a val, test, holdout or dev prompt."""
     held = HeldOut(cfg, char_ngram)
     if not cfg.enabled or not plan.assign.any():
         return held
-    kept: dict[int, list[Entry]] = {_VAL: [], _TEST: [], _HOLDOUT: []}
+    kept: dict[int, list[Entry]] = {_VAL: [], _TEST: [], _HOLDOUT: [], _DEV: []}
     for i, item in rows.read():
         if plan.assign[i] in kept and i not in plan.dropped:
             kept[plan.assign[i]].append(_entry(held, i, item["row"]))
@@ -128,6 +131,10 @@ def decontaminate(plan: Plan, rows: Spooled, cfg: DecontamConfig, char_ngram: in
     if kept[_HOLDOUT]:
         held.before["holdout"] = len(kept[_HOLDOUT])
         held.index("holdout", kept[_HOLDOUT])
+    if kept[_DEV]:  # the selection rows never repeat a gated prompt (the groups are apart; n-grams may not be)
+        held.before["holdout_dev"] = len(kept[_DEV])
+        _drop_matches(plan, held, kept[_DEV], "holdout_dev", ("holdout",))
+        held.index("holdout_dev", [e for e in kept[_DEV] if e[0] not in plan.dropped])
     _drop_matches(plan, held, val, "val", _TESTED)
     held.index("val", [e for e in val if e[0] not in plan.dropped])
     batch: list[Entry] = []

@@ -28,7 +28,7 @@ from domaintune.data.ledger import Ledger
 from domaintune.data.overlap import leakage_table
 from domaintune.data.readers import source_name
 from domaintune.data.report import write_html_report
-from domaintune.data.split import HOLDOUT, Plan, assign_difficulty, drop_outliers, sample, split
+from domaintune.data.split import HOLDOUT, HOLDOUT_DEV, Plan, assign_difficulty, drop_outliers, sample, split
 from domaintune.data.spool import spool_file
 from domaintune.data.summary import SplitChecks, build_report
 from domaintune.data.write import write_splits
@@ -44,7 +44,7 @@ def run_data(
     cfg: ProjectConfig, layout: RunLayout, *, workers: int = 1, strict: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """The data stage. Writes data/{train,val,test,general,general_holdout,quarantine}.jsonl (and
-    data/holdout_<name>.jsonl with data.split.holdout_group) and data/report.{json,html}; returns the report."""
+    data/holdout_<name>.jsonl with data.split.holdout_group, data/holdout_<name>_dev.jsonl with its dev_rows) and data/report.{json,html}; returns the report."""
     dc = cfg.data
     hg = dc.split.holdout_group
     validate_sources(dc, workers)
@@ -57,7 +57,7 @@ def run_data(
         drop_outliers(plan, rows, dc.filters.outlier_sigma)
         near = dc.decontaminate.near_threshold
         groups = find_groups(plan, rows, dc.split.group_by, near, dc.dedup.char_ngram)
-        hold_out_group(plan, rows, hg)
+        hold_out_group(plan, rows, hg, groups.root)
         split(plan, rows, dc.split, groups.root)
         assign_difficulty(plan, rows, dc.difficulty)
         stratified = dc.split.by == "stratified"
@@ -72,6 +72,7 @@ def run_data(
         general = build_general(dc.general, dc.format, layout, ledger, seed) if dc.general is not None else None
 
         files = {s: layout.split_file(s) for s in SPLIT_NAMES} | ({HOLDOUT: layout.holdout_file(hg.name)} if hg else {})
+        files |= {HOLDOUT_DEV: layout.holdout_dev_file(hg.name)} if hg and hg.dev_rows else {}
         checks = SplitChecks(
             groups.report([i for i in range(plan.n) if plan.assign[i]]),
             leakage_table(files, near_threshold=near, char_ngram=dc.dedup.char_ngram),

@@ -116,9 +116,9 @@ th{background:#f3f3f3}.ok{color:#1a7f37;font-weight:bold}.bad{color:#c00;font-we
 (quarantine.jsonl holds {{ r.totals.quarantined }} rows{% if r.general %}, incl. {{ r.general.input - r.general.written }} from the general set{% endif %}).</p>
 
 <h2>Per source</h2>
-<table><tr><th>source</th><th>input</th><th>train</th><th>val</th><th>test</th>{% if r.holdout %}<th>holdout</th>{% endif %}<th>dropped</th><th>check</th><th>drop reasons</th></tr>
+<table><tr><th>source</th><th>input</th><th>train</th><th>val</th><th>test</th>{% if r.holdout %}<th>holdout</th>{% endif %}{% if r.holdout and r.holdout.dev %}<th>holdout dev</th>{% endif %}<th>dropped</th><th>check</th><th>drop reasons</th></tr>
 {% for name, s in r.sources.items() %}<tr><td>{{ name }}</td><td>{{ s.input }}</td><td>{{ s.kept.train }}</td><td>{{ s.kept.val }}</td>
-<td>{{ s.kept.test }}</td>{% if r.holdout %}<td>{{ s.kept.get("holdout", 0) }}</td>{% endif %}<td>{{ s.dropped_total }}</td>
+<td>{{ s.kept.test }}</td>{% if r.holdout %}<td>{{ s.kept.get("holdout", 0) }}</td>{% endif %}{% if r.holdout and r.holdout.dev %}<td>{{ s.kept.get("holdout_dev", 0) }}</td>{% endif %}<td>{{ s.dropped_total }}</td>
 <td>{% if s.balanced %}<span class="ok">{{ s.input }} = {{ s.kept_total }} + {{ s.dropped_total }}</span>{% else %}<span class="bad">mismatch</span>{% endif %}</td>
 <td class="small">{% for k, v in s.dropped.items() %}{{ k }}: {{ v }}<br>{% endfor %}</td></tr>{% endfor %}
 </table>
@@ -163,10 +163,11 @@ clusters: {{ r.dedup.clusters }} · largest: {{ r.dedup.largest_cluster }} rows.
 Sizes: {% for k, v in r.split.sizes.items() %}{{ k }} {{ v }} {% endfor %}{% if sampled %}(before the data.sample caps: {% for k, v in r.split.sizes_before_sampling.items() %}{{ k }} {{ v }} {% endfor %}){% endif %}.</p>
 {% if r.holdout %}{% set h = r.holdout %}<p>Held out of train/val/test (data.split.holdout_group <b>{{ h.name }}</b>): rows whose <code>{{ h.field }}</code> is {% if h.after %}after {{ h.after }}{% else %}one of {{ h['values']|join(", ") }}{% endif %}:
 {{ h.rows }} rows written to <code>{{ h.file }}</code>{% if h.max_rows %} (of {{ h.before_sampling }}, capped at {{ h.max_rows }}){% endif %}; train and val rows repeating one of their prompts are dropped (decontamination).
+{% if h.dev %}Set aside first for choosing recipes (holdout_group.dev_rows {{ h.dev.dev_rows }}, whole prompt groups, before max_rows): {{ h.dev.drawn }} rows, {{ h.dev.rows }} written to <code>{{ h.dev.file }}</code> (eval set <code>{{ h.dev.set }}</code>){% if h.dev.drawn - h.dev.rows %}, {{ h.dev.drawn - h.dev.rows }} dropped repeating a gated holdout prompt{% endif %}; a sweep chooses on them, the gates read the file above.{% endif %}
 {% if h.rows_per_value %}Rows per {{ h.field }} before the split: {% for k, v in h.rows_per_value.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.{% endif %}</p>{% endif %}
 {% set g = r.split.groups %}{% if g.by %}<p>Rows that share a group stay in one split (group_by {{ g.by|join(", ") }}): {{ g.groups }} groups,
 {{ g.rows_in_shared_groups }} rows share a group with another row, the largest holds {{ g.largest }}{% if g.links %} (links: {% for k, v in g.links.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}){% endif %}.</p>{% else %}<p>No grouping (data.split.group_by is empty): every row is placed on its own.</p>{% endif %}
-{% set d = r.decontaminate %}<p>Decontamination{% if d.enabled %}: {{ d.dropped }} rows dropped (train {{ d.by_split.train }}, val {{ d.by_split.val }}{% for k, v in d.by_kind.items() %}; {{ k }} {{ v }}{% endfor %}):
+{% set d = r.decontaminate %}<p>Decontamination{% if d.enabled %}: {{ d.dropped }} rows dropped (train {{ d.by_split.train }}, val {{ d.by_split.val }}{% if d.by_split.holdout_dev is defined %}, holdout dev {{ d.by_split.holdout_dev }}{% endif %}{% for k, v in d.by_kind.items() %}; {{ k }} {{ v }}{% endfor %}):
 prompts equal after normalisation, near duplicates{% if d.near_threshold %} (similarity ≥ {{ d.near_threshold }}){% endif %}, or sharing a {{ d.ngram }}-gram ({{ d.scope }}); each quarantine row names the row it matched.{% else %} off.{% endif %}</p>
 <h3>Leakage: prompts shared between splits, after the stage</h3>
 <table><tr><th>rows of</th><th>repeating a prompt of</th><th>rows</th><th>exact</th><th>near{% if r.leakage.near_threshold %} (≥ {{ r.leakage.near_threshold }}){% endif %}</th></tr>

@@ -19,7 +19,8 @@ from domaintune.layout import SPLIT_NAMES
 
 TIERS = ("(none)", "easy", "medium", "hard")  # indexed by Plan.difficulty
 HOLDOUT = "holdout"  # rows of data.split.holdout_group: never train/val/test, written to data/holdout_<name>.jsonl
-PLACES = (*SPLIT_NAMES, HOLDOUT)  # Plan.assign codes 1..4
+HOLDOUT_DEV = "holdout_dev"  # holdout_group.dev_rows: the selection part, written to data/holdout_<name>_dev.jsonl
+PLACES = (*SPLIT_NAMES, HOLDOUT, HOLDOUT_DEV)  # Plan.assign codes 1..5
 
 
 def seeded_rng(seed: int, key: str) -> np.random.Generator:
@@ -33,7 +34,7 @@ class Plan:
 
     n: int
     seed: int
-    assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test, 4 holdout
+    assign: np.ndarray = field(init=False)  # 0 unplaced, 1 train, 2 val, 3 test, 4 holdout, 5 holdout_dev
     difficulty: np.ndarray = field(init=False)  # index into TIERS
     dropped: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (stage, reason)
     detail: dict[int, dict[str, Any]] = field(default_factory=dict)  # row -> extra quarantine fields of its drop
@@ -72,11 +73,11 @@ def split(plan: Plan, rows: Spooled, sp: SplitConfig, root: np.ndarray | None = 
     alive = [i for i in range(plan.n) if i not in plan.dropped and not plan.assign[i]]
     root = np.arange(plan.n) if root is None else root
     if sp.by == "time":
-        _place(plan, _grouped(_by_time(plan, rows, alive, sp), root), sp.ratios)
+        _place(plan, grouped(_by_time(plan, rows, alive, sp), root), sp.ratios)
     else:
         names = rows.stratum_names()
         strata: dict[str, list[list[int]]] = defaultdict(list)
-        for group in _grouped(alive, root):  # a group counts in the stratum of its first row
+        for group in grouped(alive, root):  # a group counts in the stratum of its first row
             strata[names[rows.stratum[group[0]]] if sp.by == "stratified" else ""].append(group)
         for key in sorted(strata):
             groups = strata[key]
@@ -85,7 +86,7 @@ def split(plan: Plan, rows: Spooled, sp: SplitConfig, root: np.ndarray | None = 
     plan.before_sampling = Counter({s: int((plan.assign == k + 1).sum()) for k, s in enumerate(PLACES)})
 
 
-def _grouped(ordered: list[int], root: np.ndarray) -> list[list[int]]:
+def grouped(ordered: list[int], root: np.ndarray) -> list[list[int]]:
     """The rows as groups, in the order of each group's first row in `ordered`."""
     groups: dict[int, list[int]] = {}
     for i in ordered:

@@ -13,7 +13,7 @@ from domaintune.data.clean import Cleaning
 from domaintune.data.decontaminate import HeldOut
 from domaintune.data.guards import Finding
 from domaintune.data.ledger import Ledger
-from domaintune.data.split import HOLDOUT, Plan
+from domaintune.data.split import HOLDOUT, HOLDOUT_DEV, Plan
 from domaintune.data.write import Written
 from domaintune.layout import SPLIT_NAMES, RunLayout
 
@@ -125,6 +125,21 @@ def _holdout(
         "by_source": {name: s["kept"].get(HOLDOUT, 0) for name, s in sources.items()},
         "per_stratum": dict(sorted(written.strata[HOLDOUT].items())),
         "decontaminated_against": held.before[HOLDOUT] > 0,
+        "dev": _holdout_dev(hg.name, layout, plan, written, sources) if hg.dev_rows else None,
+    }
+
+
+def _holdout_dev(name: str, layout: RunLayout, plan: Plan, written: Written, sources: dict[str, Any]) -> dict[str, Any]:
+    """The selection part of the holdout (holdout_group.dev_rows): drawn before max_rows, written apart."""
+    assert plan.holdout is not None
+    return {
+        "set": f"{name}_dev",  # the eval set that reads it
+        "file": layout.relative(layout.holdout_dev_file(name)),
+        "dev_rows": plan.holdout["dev_rows"],
+        "drawn": plan.holdout["dev_drawn"],
+        "rows": written.sizes[HOLDOUT_DEV],
+        "by_source": {src: s["kept"].get(HOLDOUT_DEV, 0) for src, s in sources.items()},
+        "per_stratum": dict(sorted(written.strata[HOLDOUT_DEV].items())),
     }
 
 
@@ -142,8 +157,9 @@ def funnel(ledger: Ledger, cleaning: Cleaning, written: Written) -> list[dict[st
         rows.append(_stage(stage, current, dropped, note))
         current -= dropped
     note = ", ".join(f"{s}={written.sizes[s]}" for s in SPLIT_NAMES)
-    if written.sizes[HOLDOUT]:
-        note += f", {HOLDOUT}={written.sizes[HOLDOUT]}"
+    for place in (HOLDOUT, HOLDOUT_DEV):
+        if written.sizes[place]:
+            note += f", {place}={written.sizes[place]}"
     rows.append(
         {"stage": "output", "rows_in": current, "dropped": 0, "rows_out": sum(written.sizes.values()), "note": note}
     )

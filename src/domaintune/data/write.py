@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from domaintune.data.augment import run_augment
+from domaintune.data.config import HoldoutGroupConfig
 from domaintune.data.decontaminate import HeldOut
 from domaintune.data.dedup import snippet
 from domaintune.data.formats import convert_row
 from domaintune.data.ledger import Ledger, Where
 from domaintune.data.processing import normalise
-from domaintune.data.split import HOLDOUT, PLACES, TIERS, Plan
+from domaintune.data.split import HOLDOUT, HOLDOUT_DEV, PLACES, TIERS, Plan
 from domaintune.data.spool import Spooled
 from domaintune.layout import SPLIT_NAMES, RunLayout
 from domaintune.utils.io import atomic_write
@@ -49,8 +50,9 @@ def write_splits(
     cluster_heads: set[str],
     progress: bool,
 ) -> Written:
-    """data/{train,val,test}.jsonl (and data/holdout_<name>.jsonl), published together once every row is written;
-    holdout files of other names (an earlier config's) are removed, so eval never scores a stale holdout."""
+    """data/{train,val,test}.jsonl (and data/holdout_<name>.jsonl, data/holdout_<name>_dev.jsonl), published
+    together once every row is written; holdout files of other names (an earlier config's) are removed, so eval
+    never scores a stale holdout."""
     dc = cfg.data
     written = Written()
     system_prompt = normalise(dc.system_prompt, dc.normalise) if dc.system_prompt else None  # the rows' rule
@@ -62,8 +64,10 @@ def write_splits(
         hg = dc.split.holdout_group
         if hg is not None:
             files[HOLDOUT] = stack.enter_context(atomic_write(layout.holdout_file(hg.name)))
-        for name, path in layout.holdout_files().items():
-            if hg is None or name != hg.name:
+        if hg is not None and hg.dev_rows:
+            files[HOLDOUT_DEV] = stack.enter_context(atomic_write(layout.holdout_dev_file(hg.name)))
+        for path in layout.holdout_files().values():
+            if path.name not in {layout.holdout_file(n).name for n in _holdout_names(hg)}:
                 path.unlink()
         for i, item in rows.read():
             row = item["row"]
@@ -92,6 +96,13 @@ def write_splits(
         if augment_on:
             written.augment = _augment(cfg, layout, train_rows, files["train"], ledger, held, system_prompt, progress)
     return written
+
+
+def _holdout_names(hg: HoldoutGroupConfig | None) -> list[str]:
+    """The holdout files this config writes (holdout_<name>.jsonl and, with dev_rows, holdout_<name>_dev.jsonl)."""
+    if hg is None:
+        return []
+    return [hg.name, f"{hg.name}_dev"] if hg.dev_rows else [hg.name]
 
 
 def _augment(

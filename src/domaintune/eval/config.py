@@ -140,7 +140,8 @@ class EvalSetConfig(StrictModel):
         description="JSONL rows (messages, alpaca instruction/input/output or sharegpt conversations) or a CSV "
         "file with instruction[,input],output columns. Default: `test` -> eval.test_file or data/test.jsonl; "
         "`general` -> the retention set (eval.general_file); other names -> data/holdout_<name>.jsonl written by "
-        "data.split.holdout_group.",
+        "data.split.holdout_group (`<name>_dev` -> data/holdout_<name>_dev.jsonl, its dev_rows: the set to "
+        "choose recipes on, kind out_of_source).",
     )
     kind: Literal["in_distribution", "out_of_source", "retention"] | None = Field(
         None,
@@ -196,7 +197,7 @@ class EvalConfig(StrictModel):
         description=(
             "The named sets scored side by side, each with its metrics, deltas with bootstrap intervals, "
             "concentration alarm and gates. Default: `test`, every data/holdout_<name>.jsonl the data stage wrote "
-            "(data.split.holdout_group; kind out_of_source), and `general` (retention) when there is one. "
+            "(data.split.holdout_group, and its dev_rows as `<name>_dev`; kind out_of_source), and `general` (retention) when there is one. "
             "report.json: `sets.<name>.{file,kind,n_items,metrics.<model>.<metric>,deltas.<model>.<metric>.{delta,"
             "ci_low,ci_high,base,model,n},concentration.<model>,retention.<model>,contamination}`. Gates: "
             "`sets.<name>.<metric>_delta[_ci_low|_ci_high]` (tuned - base), `sets.<name>.<model>.<metric>`, "

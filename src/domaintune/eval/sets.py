@@ -1,7 +1,8 @@
 """The named evaluation sets (eval.sets): which file each is read from, what it measures, how many items.
 
 Default (eval.sets unset): `test` (the data stage's test split, in-distribution), every
-data/holdout_<name>.jsonl the data stage wrote (data.split.holdout_group, out-of-source), and `general`
+data/holdout_<name>.jsonl the data stage wrote (data.split.holdout_group, out-of-source; with its dev_rows also
+data/holdout_<name>_dev.jsonl, the set `<name>_dev` that recipes are chosen on), and `general`
 (retention) when there is one. Every set gets the same metrics, deltas with bootstrap intervals, concentration
 alarm and gates (`sets.<name>.<...>`), and every set is checked against the training data.
 """
@@ -68,13 +69,16 @@ def _from_config(entry: EvalSetConfig, ecfg: EvalConfig, layout: RunLayout) -> S
         return _test(ecfg, layout, entry)
     if entry.name == "general":
         return _general(ecfg, layout, entry)
+    # `<name>`: data/holdout_<name>.jsonl; `<name>_dev`: data/holdout_<name>_dev.jsonl, the holdout's selection rows
     file = Path(entry.file) if entry.file else layout.holdout_file(entry.name)
     if not file.is_file():
+        writer = f"data.split.holdout_group (name: {entry.name})"
+        if entry.name.endswith("_dev"):
+            writer += f" or data.split.holdout_group.dev_rows (name: {entry.name.removesuffix('_dev')})"
         how = (
             "give the set a `file:`"
             if entry.file
-            else f"the data stage writes it with data.split.holdout_group (name: {entry.name}), or give the set a "
-            "`file:`"
+            else f"the data stage writes it with {writer}, or give the set a `file:`"
         )
         raise UserError(f"eval.sets: set {entry.name!r}: {file} does not exist ({how})")
     return SetSpec(entry.name, entry.kind or OUT_OF_SOURCE, file, entry.max_items)
