@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import optuna
@@ -308,3 +309,69 @@ def test_a_trial_left_running_by_a_killed_sweep_is_queued_again_in_its_folder(tm
     assert retry.system_attrs["fixed_params"] == first.params
     assert retry.user_attrs == {"folder": str(paths.trial_dir(0)), "retry_of": 0}
     assert notes == [f"trial 0 was interrupted: queued again in {paths.trial_dir(0)}"]
+
+
+def _with(config: Path, data_split: dict | None = None, gates: list[str] | None = None) -> Path:
+    """The project with data.split.holdout_group keys added and eval.gates replaced."""
+    project = yaml.safe_load(config.read_text(encoding="utf-8"))
+    project["data"]["split"]["holdout_group"].update(data_split or {})
+    project["eval"]["gates"] = gates or []
+    config.write_text(yaml.safe_dump(project, allow_unicode=True), encoding="utf-8")
+    return config
+
+
+def test_an_objective_set_that_a_gate_reads_is_refused_before_any_trial(tmp_path):
+    from domaintune.workflow.sweep import check_objective_set
+
+    gated = _with(_project(tmp_path, LOSS_SWEEP), gates=["sets.out_of_source.perplexity_delta < 0"])
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)sweep.objective.set 'out_of_source' is read by the gate 'sets.out_of_source.perplexity_delta < 0' "
+        r"\(eval.gates\).*winner's curse.*use out_of_source_dev \(data.split.holdout_group.dev_rows\) or val rows "
+        r"via eval.sets file:.*allow_gated_set: true",
+    ):
+        run_sweep(gated, trials=1)
+    assert not (tmp_path / "run" / "sweep").exists()  # nothing ran, no study was made
+
+    def check(sweep: dict, gates: list[str], **split) -> None:
+        cfg = load_config(_with(_project(tmp_path, sweep), split, gates))
+        check_objective_set(cfg, resolve_objective(cfg), "p.yaml")
+
+    on_test = {**LOSS_SWEEP, "objective": {"source": "eval", "set": "test", "metric": "chrf"}}
+    for gate, objective in [
+        ("perplexity_delta < 0", on_test),  # un-prefixed names read `test`
+        ("tuned.chrf > 0", on_test),
+        ("out_of_source.tuned.chrf > 0", LOSS_SWEEP),  # the older per-set prefix
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"is read by the gate '{gate}'")):
+            check(objective, [gate])
+    # gates on other sets, or the retention ratio (the general set), leave the objective's set alone
+    check(LOSS_SWEEP, ["perplexity_delta < 0", "retention >= 0.9", "sets.test.chrf_delta > 0"])
+    check(
+        {**LOSS_SWEEP, "objective": {**LOSS_SWEEP["objective"], "allow_gated_set": True}},
+        ["sets.out_of_source.perplexity_delta < 0"],
+    )
+    # the dev rows of the holdout: chosen on, while the gate reads the rest
+    dev = {**LOSS_SWEEP, "objective": {**LOSS_SWEEP["objective"], "set": "out_of_source_dev"}}
+    check(dev, ["sets.out_of_source.perplexity_delta < 0"], dev_rows=4)
+    with pytest.raises(
+        ConfigError, match=r"'out_of_source_dev': no data.split.holdout_group writes it: set .*dev_rows"
+    ):
+        check(dev, [])
+    with pytest.raises(ConfigError, match=re.escape("is read by the gate 'sets.out_of_source_dev.chrf_delta > 0'")):
+        check(dev, ["sets.out_of_source_dev.chrf_delta > 0"], dev_rows=4)
+
+
+@pytest.mark.slow  # one trial with an eval stage: about 15 s on 2 idle cores
+def test_a_sweep_chooses_on_the_dev_rows_while_the_gate_reads_the_rest(tmp_path):
+    sweep = {**LOSS_SWEEP, "objective": {**LOSS_SWEEP["objective"], "set": "out_of_source_dev"}, "enqueue": []}
+    config = _with(_project(tmp_path, sweep), {"dev_rows": 4}, ["sets.out_of_source.perplexity_delta < 100"])
+    result = run_sweep(config, trials=1)
+    [row] = result.rows
+    trial = tmp_path / "run" / "sweep" / "trial_0"
+    report = json.loads((trial / "eval" / "report.json").read_text())
+    assert row.value == report["sets"]["out_of_source_dev"]["metrics"]["tuned"]["perplexity"]
+    assert report["sets"]["out_of_source_dev"]["n_items"] == 4 and report["sets"]["out_of_source"]["n_items"] == 6
+    dev = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source_dev.jsonl").open()}
+    gated = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source.jsonl").open()}
+    assert len(dev) == 4 and not dev & gated

@@ -72,3 +72,16 @@ def evaluate_gates(gates: list[str], values: dict[str, Any]) -> dict[str, Any]:
         if not ok:
             failures.append(reason)
     return {"passed": not failures, "failures": failures, "results": results}
+
+
+def gate_set(name: str, set_names: set[str]) -> str:
+    """The eval set a gate name reads: `sets.<set>.<...>`, `<set>.<model>.<metric>` (a set of `set_names`),
+    `retention` / `<model>.retention` (the retention set, `general`), every other un-prefixed name `test`."""
+    parts = name.split(".")
+    if parts[0] == "sets" and len(parts) > 2:
+        return parts[1]
+    if len(parts) > 2 and parts[0] in set_names:
+        return parts[0]
+    if parts[-1] == "retention" and len(parts) <= 2:
+        return "general"
+    return "test"

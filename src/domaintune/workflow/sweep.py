@@ -1,6 +1,7 @@
 """`domaintune sweep`: an Optuna study over the project's settings, each trial a pipeline run.
 
-Read top to bottom: `run_sweep` loads the project, settles the objective and the pruning metric, checks that
+Read top to bottom: `run_sweep` loads the project, settles the objective and the pruning metric, refuses an
+objective set that an eval gate reads (the winner's curse: choose on `<name>_dev`, gate on `<name>`), checks that
 every bound and choice of `sweep.search_space` loads as a config, opens (or continues) the study stored in
 `<output_dir>/sweep/study.db`, and runs `--trials` more trials. A trial sets its sampled values as `--set`
 overrides would, then runs the stages in `<output_dir>/sweep/trial_<n>/` with `run_pipeline`: train, and
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from domaintune.config import ConfigError, ProjectConfig, load_config
 from domaintune.errors import UserError
+from domaintune.eval.gates import gate_set, parse_gate
 from domaintune.layout import RunLayout
 from domaintune.workflow.pipeline import STAGES, RunState, default_stage_runners, run_pipeline, stage_fingerprint
 from domaintune.workflow.sweep_config import SweepParam
@@ -100,6 +102,7 @@ def run_sweep(
     if trials < 1:
         raise UserError(f"--trials {trials}: run at least one trial")
     objective = resolve_objective(base)
+    check_objective_set(base, objective, str(config))
     check_search_space(config, list(overrides), list(overlays), output_dir, base.sweep.search_space)
     paths = SweepPaths(base.layout.root / "sweep")
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +160,35 @@ def resolve_objective(cfg: ProjectConfig) -> Objective:
         prune_sign=1.0 if higher_is_better == maximize else -1.0,
         prune=sweep.pruning.enabled,
     )
+
+
+def check_objective_set(cfg: ProjectConfig, objective: Objective, where: str) -> None:
+    """The objective's set is one that no eval.gates entry reads (unless sweep.objective.allow_gated_set): a
+    recipe chosen for its score on a set carries that set's luck, so a gate on the same set would pass it by luck
+    (the winner's curse). A `<name>_dev` set must be one the data stage writes (holdout_group.dev_rows)."""
+    if objective.source != "eval":
+        return
+    hg = cfg.data.split.holdout_group
+    dev = f"{hg.name}_dev" if hg else "<name>_dev"
+    entries = {e.name: e for e in cfg.eval.sets or []}
+    given = objective.set in entries and entries[objective.set].file
+    if objective.set.endswith("_dev") and not given and (hg is None or not hg.dev_rows or objective.set != dev):
+        raise ConfigError(
+            f"{where}: sweep.objective.set {objective.set!r}: no data.split.holdout_group writes it: set "
+            f"data.split.holdout_group.dev_rows (holdout name {objective.set.removesuffix('_dev')!r}) in the project "
+            "config, or give the set a `file:` in eval.sets"
+        )
+    if cfg.sweep.objective.allow_gated_set:
+        return
+    names = set(entries) | {"test", "general", objective.set} | ({hg.name, f"{hg.name}_dev"} if hg else set())
+    gates = [g for g in cfg.eval.gates if gate_set(parse_gate(g).name, names) == objective.set]
+    if gates:
+        raise ConfigError(
+            f"{where}: sweep.objective.set {objective.set!r} is read by the gate {gates[0]!r} (eval.gates): a "
+            "recipe chosen for its score on a set passes a gate on that set partly by luck (the winner's curse); "
+            f"use {dev} (data.split.holdout_group.dev_rows) or val rows via eval.sets file: as the objective set, "
+            "or set sweep.objective.allow_gated_set: true to accept the bias"
+        )
 
 
 def check_search_space(
@@ -277,6 +309,7 @@ class TrialRunner:
         cfg = load_config(
             self.config, self.overrides + [assignment(k, v) for k, v in params.items()], folder, self.overlays
         )
+        check_objective_set(cfg, self.objective, f"trial {trial.number}")  # a searched eval.gates included
         self._reuse_data(cfg)
         stages = ["train", "eval"] if self.objective.source == "eval" else ["train"]
         runners = default_stage_runners()

@@ -77,8 +77,17 @@ class SweepObjective(StrictModel):
     set: str = Field(
         "test",
         description=(
-            "source eval: the eval set scored (`test`, `general`, or a named `eval.sets` entry such as an "
-            "out-of-source set). Choose by a set the training sources never saw."
+            "source eval: the eval set scored (`test`, `general`, or a named `eval.sets` entry). Choose by a set "
+            "the training sources never saw and no gate reads: `<name>_dev` (data.split.holdout_group.dev_rows) "
+            "or val rows given as an eval.sets `file:`; a set that an eval.gates entry reads is refused."
+        ),
+    )
+    allow_gated_set: bool = Field(
+        False,
+        description=(
+            "Let the objective be a set that an eval.gates entry reads. Dangerous: the recipe chosen for its score "
+            "on a set has that set's luck in its score too (the winner's curse), so the gate on the same set "
+            "passes more often than the recipe deserves. For a study that is not followed by a gated run."
         ),
     )
     metric: str | None = Field(
