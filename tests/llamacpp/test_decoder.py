@@ -91,3 +91,24 @@ def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, 
     )
     assert q8.as_dict()["tolerance"] == {"min_agreement": 0.8, "max_perplexity_change": 0.03}
     assert q8.ppl_change is not None and q8.ppl_change < 0.03
+
+
+def test_repetition_penalty_is_transformers_rule_over_prompt_and_answer():
+    """sample_token's penalty gives the logits transformers' RepetitionPenaltyLogitsProcessor gives over the
+    prompt and the answer so far (each seen token once, positive logits divided, negative ones multiplied)."""
+    import numpy as np
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from domaintune.llamacpp.generate import Sampling, Seq, sample_token
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=64).astype(np.float32)
+    prompt, answer = [3, 5, 5, 9, 40], [9, 11, 63]
+    expected = RepetitionPenaltyLogitsProcessor(1.05)(torch.tensor([prompt + answer]), torch.tensor(logits[None]))[0]
+    ours = logits.copy()
+    token = sample_token(ours, Seq(prompt, Sampling(max_tokens=4, repetition_penalty=1.05), tokens=answer))
+    assert np.array_equal(ours, expected.numpy())  # sample_token penalises the array it is given
+    assert token == int(expected.argmax())
+    changed = sorted(np.flatnonzero(ours != logits).tolist())
+    assert changed == sorted(set(prompt + answer)) and (logits[changed] < 0).any() and (logits[changed] > 0).any()

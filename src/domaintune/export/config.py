@@ -64,7 +64,11 @@ class ExportConfig(StrictModel):
         description="Go template for the Modelfile's TEMPLATE. Default: translated from a ChatML or Llama-3 chat template.",
     )
     ollama_parameters: dict[str, float | int | str] = Field(
-        default_factory=dict, description="Extra `PARAMETER name value` lines for the Modelfile (e.g. temperature)."
+        default_factory=dict,
+        description=(
+            "Extra `PARAMETER name value` lines for the Modelfile (e.g. temperature; `repeat_penalty` set to "
+            "eval.decoding.repetition_penalty: Ollama's default is 1.1, over the last `repeat_last_n` (64) tokens only)."
+        ),
     )
     prune_sparsity: float | None = Field(
         None,

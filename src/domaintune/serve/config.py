@@ -102,6 +102,14 @@ class ServeConfig(StrictModel):
     default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request gives none.")
     default_temperature: float = Field(0.7, ge=0.0, le=2.0)
     default_top_p: float = Field(1.0, gt=0.0, le=1.0)
+    default_repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        description=(
+            "`repetition_penalty` when a request gives none (1.0 = none; transformers' rule over prompt and answer, "
+            "as vLLM's). Set it to eval.decoding.repetition_penalty so the server decodes as the eval measured."
+        ),
+    )
     max_context_tokens: int | None = Field(
         None, ge=16, description="Context length to enforce (default: the model's max_position_embeddings)."
     )

@@ -279,6 +279,9 @@ def sampling(scfg: ServeConfig, body: GenerationBody, prompt_tokens: int, ctx: i
         top_p=scfg.default_top_p if body.top_p is None else body.top_p,
         stop=body.stops(),
         seed=body.seed,
+        repetition_penalty=(
+            scfg.default_repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
+        ),
     )
 
 

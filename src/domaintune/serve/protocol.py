@@ -144,6 +144,8 @@ class GenerationBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = Field(None, max_length=256)
+    # Not OpenAI's: vLLM's extension (the openai client sends it with extra_body), transformers' rule.
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod

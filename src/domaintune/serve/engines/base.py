@@ -31,6 +31,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # transformers' rule: every token already in the prompt or the answer has its logit divided by it (multiplied
+    # when negative), before temperature and top_p; 1.0 = none
+    repetition_penalty: float = 1.0
 
 
 @dataclass

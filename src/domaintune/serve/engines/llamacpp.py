@@ -4,9 +4,10 @@ Each backbone is converted once to a GGUF (llama.cpp's converter, then its quant
 default) and each adapter is merged into its backbone and converted likewise, so a tuned model decodes
 as fast as its base. One thread drives a `Decoder` per loaded model: requests join a running batch at
 any step (no waiting for the batch to drain), every step is one `llama_decode` over the next token of
-every running request plus waiting prompts, and each request samples with its own temperature, top_p
-and seed and stops on its own at the end-of-turn tokens, its stop strings or its `max_tokens`, exactly
-as in the transformers engine (the same `IncrementalText` holds back text a stop string may claim).
+every running request plus waiting prompts, and each request samples with its own temperature, top_p,
+seed and repetition penalty (transformers' rule over its prompt and answer) and stops on its own at the
+end-of-turn tokens, its stop strings or its `max_tokens`, exactly as in the transformers engine (the
+same `IncrementalText` holds back text a stop string may claim).
 
 A request's failure stays its own: one that cannot start or whose text fails gets the error alone; when
 a decoding step fails as a whole, the requests that had not produced a token yet run again one at a
@@ -266,7 +267,10 @@ class LlamaCppEngine(Engine):
                 continue
             p = request.params
             try:
-                seq = Seq(list(request.prompt_ids), Sampling(p.max_tokens, p.temperature, p.top_p, seed=p.seed))
+                sampling = Sampling(
+                    p.max_tokens, p.temperature, p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed
+                )
+                seq = Seq(list(request.prompt_ids), sampling)  # the penalty covers these prompt ids too
                 decoder.add(seq)
             except Exception as exc:  # this request cannot start: its error alone
                 request.emit("error", exc)

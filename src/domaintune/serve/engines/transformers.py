@@ -2,8 +2,8 @@
 
 One background thread takes queued requests, batches the ones on the same backbone (left-padded,
 one `generate` call, adapters mixed per row through peft's `adapter_names`), samples each row with
-its own temperature/top_p/seed, and stops each row on its own at the end-of-turn tokens, its stop
-strings or its `max_tokens`.
+its own temperature/top_p/seed and repetition penalty (transformers' rule over its own prompt and
+answer), and stops each row on its own at the end-of-turn tokens, its stop strings or its `max_tokens`.
 
 A request's failure stays its own: a row whose sampling or decoding fails gets the error and stops
 while the other rows go on; when the batch fails as a whole, the rows that had not produced a
@@ -170,11 +170,26 @@ def _make_hooks(rows: list[_Row]):
     return PerRowSampler(), PerRowStop()
 
 
+def _penalised(logits: Any, row: _Row) -> Any:
+    """The row's logits after transformers' repetition penalty over its own prompt and the tokens it generated
+    (not the batch's left padding): `generate(repetition_penalty=...)` on that prompt alone, step for step."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = row.request.params.repetition_penalty
+    if penalty == 1.0:
+        return logits
+    seen = torch.tensor([row.request.prompt_ids + row.text.ids], dtype=torch.long, device=logits.device)
+    return RepetitionPenaltyLogitsProcessor(penalty)(seen, logits[None])[0]
+
+
 def _sample(logits: Any, row: _Row) -> int:
-    """One token for one row: greedy at temperature 0, else from its own generator within top_p."""
+    """One token for one row: its repetition penalty, then greedy at temperature 0, else from its own generator
+    within top_p."""
     import torch
 
     params = row.request.params
+    logits = _penalised(logits, row)
     if params.temperature <= 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)

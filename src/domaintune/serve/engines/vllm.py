@@ -146,6 +146,7 @@ class VLLMEngine(Engine):
             top_p=p.top_p,
             stop=p.stop or None,
             seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
             stop_token_ids=list(self._backbones[request.backbone].eot_ids),
         )
 
