@@ -192,7 +192,10 @@ def test_run_eval_reports_verifiers_and_gates_on_them(tmp_path, tiny_model_dir, 
     reward = hand["deltas"]["tuned"]["verifier_reward"]
     assert f"<td>mean reward</td><td>{hand['models']['base']['reward_mean']:.4g}</td>" in section
     assert f"{reward['delta']:.4g} [{reward['ci_low']:.4g}, {reward['ci_high']:.4g}]</td>" in section
-    monkeypatch.setenv("COLUMNS", "200")  # the table's cells unwrapped
+    from domaintune.cli.common import console
+
+    # The table's cells unwrapped: the shared console took its width from COLUMNS at import (CI runs at 40).
+    monkeypatch.setattr(console, "_width", 200)
     _print_summary(report, RunLayout(run))
     out = " ".join(capsys.readouterr().err.split())
     assert "domain verifiers (test set, 40 items)" in out
