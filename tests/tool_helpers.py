@@ -131,3 +131,76 @@ def sharegpt_row(i: int) -> dict:
         ],
         "tools": json.dumps([t["function"] for t in TOOLS]),
     }
+
+
+# Mistral's v3 tool format (Mistral-7B-Instruct-v0.3's chat template, which mistral-common's v3 tokenizer matches):
+# the tools as `[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]` before the last user turn, an assistant's calls as
+# `[TOOL_CALLS] [{"name", "arguments", "id"}]</s>` (ids must be 9 letters/digits), results as
+# `[TOOL_RESULTS] {"content": ..., "call_id": ...}[/TOOL_RESULTS]`, no generation prompt.
+MISTRAL_V3_TOOLS_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools is defined %}\n"
+    "    {%- set tools = none %}\n"
+    "{%- endif %}\n"
+    "{%- set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if tools is not none and (message == user_messages[-1]) %}\n"
+    "            {{- '[AVAILABLE_TOOLS] [' }}\n"
+    "            {%- for tool in tools %}\n"
+    "                {{- tool | tojson }}\n"
+    "                {%- if not loop.last %}{{- ', ' }}{%- endif %}\n"
+    "            {%- endfor %}\n"
+    "            {{- '][/AVAILABLE_TOOLS]' }}\n"
+    "        {%- endif %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- '[INST] ' + message['content'] + '[/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message.tool_calls is defined and message.tool_calls %}\n"
+    "        {{- '[TOOL_CALLS] [' }}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- set out = tool_call.function | tojson %}\n"
+    "            {{- out[:-1] }}\n"
+    "            {%- if not tool_call.id is defined or tool_call.id | length != 9 %}\n"
+    "                {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}\n"
+    "            {%- endif %}\n"
+    "            {{- ', \"id\": \"' + tool_call.id + '\"}' }}\n"
+    "            {%- if not loop.last %}{{- ', ' }}{%- else %}{{- ']' + eos_token }}{%- endif %}\n"
+    "        {%- endfor %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- ' ' + message['content'] | trim + eos_token }}\n"
+    "    {%- elif message['role'] == 'tool' %}\n"
+    "        {%- if not message.tool_call_id is defined or message.tool_call_id | length != 9 %}\n"
+    "            {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}\n"
+    "        {%- endif %}\n"
+    '        {{- \'[TOOL_RESULTS] {"content": \' + message.content | string + \', "call_id": "\' + message.tool_call_id'
+    " + '\"}[/TOOL_RESULTS]' }}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user, assistant and tool roles are supported after the system message') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+MISTRAL_MARKERS = ["[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+
+
+def mistral_tools_model(family_dir, out_dir):
+    """The tiny Mistral model of the family matrix with Mistral's v3 tool template and its tool tokens as special
+    tokens (as in Mistral-7B-Instruct-v0.3's vocabulary; the embeddings grow to hold them), saved to `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family_dir)
+    tok.add_tokens(MISTRAL_MARKERS, special_tokens=True)
+    tok.chat_template = MISTRAL_V3_TOOLS_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(family_dir)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir

@@ -29,3 +29,15 @@ def qwen_tools_tokenizer(qwen2_dir):
     tokenizer = AutoTokenizer.from_pretrained(qwen2_dir)
     tokenizer.chat_template = QWEN25_TOOLS_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def mistral_tools_dir(tmp_path_factory) -> Path:
+    """The tiny Mistral model of the family matrix with Mistral's v3 tool template and tool tokens."""
+    from domaintune.model.config import ModelConfig
+    from domaintune.model.loader import resolve_model_dir
+    from tool_helpers import mistral_tools_model
+
+    llama = resolve_model_dir(ModelConfig(name_or_path="tiny-random-llama"))
+    family_dir = build_family("mistral", family_cache() / "mistral", llama_dir=llama)
+    return mistral_tools_model(family_dir, tmp_path_factory.mktemp("mistral-tools"))

@@ -9,20 +9,28 @@ A row that uses tools is an ordinary messages row plus a `tools` list:
                   {"role": "tool", "tool_call_id": "call_1", "content": "result"},
                   {"role": "assistant", "content": "answer"}]}
 
-`arguments` is JSON object text, as in OpenAI's API. Chat templates (Qwen2.5's, Hermes', Llama 3.1's) render
-`arguments | tojson` and expect a mapping: `for_template` gives them one. `template_tool_problem` says whether a
-template renders tools at all (a template without tool branches would silently drop them), and
-`parse_tool_calls` reads calls back out of generated text (Qwen/Hermes `<tool_call>` tags, Llama 3.1's bare JSON).
+`arguments` is JSON object text, as in OpenAI's API. Chat templates (Qwen2.5's, Hermes', Llama 3.1's, Mistral's)
+render `arguments | tojson` and expect a mapping, and Mistral's refuse call ids that are not 9 letters or digits:
+`for_template` gives them both. `template_tool_problem` says whether a template renders tools at all (a template
+without tool branches would silently drop them), and `parse_tool_calls` reads calls back out of generated text
+(Qwen/Hermes `<tool_call>` tags, Llama 3.1's bare JSON, Mistral's `[TOOL_CALLS]`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
 
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _PYTHON_TAG = "<|python_tag|>"
+# Mistral's call markers: `[TOOL_CALLS]` opens each call (v11+: `[TOOL_CALLS]name[ARGS]{...}`, optionally with
+# `[CALL_ID]id` before `[ARGS]`) or one JSON list of calls (v3: `[TOOL_CALLS] [{"name": ..., "arguments": ...}]`).
+# They are special tokens in Mistral's tokenizers; the serving engines keep them in the answer text for the parser.
+MISTRAL_CALLS = "[TOOL_CALLS]"
+TOOL_CALL_MARKERS = (MISTRAL_CALLS, "[ARGS]", "[CALL_ID]")
+_MISTRAL_NAMED = re.compile(r"\s*([^\s\[\]{}]+)\s*(?:\[CALL_ID\]\s*([A-Za-z0-9_-]+)\s*)?(?:\[ARGS\])?\s*(?=\{)", re.S)
 
 
 def _arguments_object(value: Any, where: str) -> dict[str, Any]:
@@ -119,16 +127,32 @@ def check_tool_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
             pending = []
 
 
+def template_call_id(call_id: Any) -> Any:
+    """A call id as Mistral's templates require it (9 ASCII letters or digits; they raise on any other, and vLLM
+    rewrites ids for them too): kept when it is one, else the first 9 hex digits of its SHA-256, so a call and the
+    result that answers it still carry the same id. Other templates do not render ids. A missing id stays missing."""
+    if not isinstance(call_id, str) or (len(call_id) == 9 and call_id.isascii() and call_id.isalnum()):
+        return call_id
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+
 def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as chat templates take them: each call's `arguments` a mapping (templates apply `tojson`)."""
+    """Messages as chat templates take them: each call's `arguments` a mapping (templates apply `tojson`), call ids
+    (and the results' `tool_call_id`) as `template_call_id` gives them."""
     out = []
     for m in messages:
         if m.get("tool_calls"):
             calls = [
-                {**c, "function": {**c["function"], "arguments": _arguments_object(c["function"]["arguments"], "")}}
+                {
+                    **c,
+                    **({"id": template_call_id(c["id"])} if "id" in c else {}),
+                    "function": {**c["function"], "arguments": _arguments_object(c["function"]["arguments"], "")},
+                }
                 for c in m["tool_calls"]
             ]
             m = {**m, "tool_calls": calls, "content": m.get("content") or ""}
+        elif m.get("role") == "tool" and "tool_call_id" in m:
+            m = {**m, "tool_call_id": template_call_id(m["tool_call_id"])}
         out.append(m)
     return out
 
@@ -155,13 +179,13 @@ _PROBE_MESSAGES = [
         "content": "",
         "tool_calls": [
             {
-                "id": "call_0",
+                "id": "probezq01",  # 9 letters and digits: Mistral's templates raise on other ids
                 "type": "function",
                 "function": {"name": "probe_lookup_zq", "arguments": {"key": "zq-arg"}},
             }
         ],
     },
-    {"role": "tool", "tool_call_id": "call_0", "content": "zq-result"},
+    {"role": "tool", "tool_call_id": "probezq01", "content": "zq-result"},
     {"role": "assistant", "content": "probe answer"},
 ]
 
@@ -188,7 +212,7 @@ def template_tool_problem(tokenizer: Any) -> str | None:
 
 
 def _call_from_json(value: Any, n: int) -> dict[str, Any] | None:
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
         return None
     args = value.get("arguments", value.get("parameters", {}))
     if isinstance(args, str):
@@ -198,8 +222,9 @@ def _call_from_json(value: Any, n: int) -> dict[str, Any] | None:
             return None
     if not isinstance(args, dict):
         return None
+    call_id = value.get("id") if isinstance(value.get("id"), str) and value.get("id") else f"call_{n}"
     return {
-        "id": f"call_{n}",
+        "id": call_id,
         "type": "function",
         "function": {"name": value["name"], "arguments": arguments_text(args)},
     }
@@ -210,16 +235,49 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> tuple[str | No
 
     Qwen/Hermes style: each `<tool_call>{"name", "arguments"}</tool_call>` is a call and the text around them is
     the content (None when empty). Llama 3.1 style: the whole answer (after an optional `<|python_tag|>`) is
-    `{"name", "parameters"}` JSON, or a list of such objects. A `<tool_call>` whose JSON does not parse makes the
-    whole answer plain content, so a client sees what the model wrote; so does a call to a function outside
-    `names` (the request's tools) when they are given."""
+    `{"name", "parameters"}` JSON, or a list of such objects. Mistral style: the text before the first
+    `[TOOL_CALLS]` is the content, and each `[TOOL_CALLS]` is followed by a JSON list of `{"name", "arguments"}`
+    (v3 templates) or by `name[ARGS]{arguments}` (v11+, `[CALL_ID]id` optional). A call whose JSON does not parse
+    makes the whole answer plain content, so a client sees what the model wrote; so does a call to a function
+    outside `names` (the request's tools) when they are given."""
     content, calls = _parse_calls(text)
     if calls and names is not None and any(c["function"]["name"] not in names for c in calls):
         return text, []
     return content, calls
 
 
+def _mistral_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Mistral's `[TOOL_CALLS]` forms (see `parse_tool_calls`); (text, []) when any call does not parse."""
+    head, *segments = text.split(MISTRAL_CALLS)
+    decoder = json.JSONDecoder()
+    calls: list[dict[str, Any]] = []
+    rest = []
+    for segment in segments:
+        named = _MISTRAL_NAMED.match(segment)
+        body = segment.strip() if named is None else segment[named.end() :]
+        try:
+            value, end = decoder.raw_decode(body)
+        except ValueError:
+            return text, []
+        if named is not None:
+            if not isinstance(value, dict):
+                return text, []
+            value = {"name": named.group(1), "arguments": value, **({"id": named.group(2)} if named.group(2) else {})}
+        for item in value if isinstance(value, list) else [value]:
+            call = _call_from_json(item, len(calls))
+            if call is None:
+                return text, []
+            calls.append(call)
+        rest.append(body[end:].strip())
+    if not calls:
+        return text, []
+    content = "\n".join(t for t in (head.strip(), *rest) if t)
+    return content or None, calls
+
+
 def _parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    if MISTRAL_CALLS in text:
+        return _mistral_calls(text)
     blocks = TOOL_CALL_RE.findall(text)
     if blocks:
         calls = []
@@ -345,3 +403,4 @@ def calls_text(calls: list[dict[str, Any]]) -> str:
             f'<tool_call>\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": {args}}}\n</tool_call>'
         )
     return "\n".join(blocks)
+

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.model.tools import TOOL_CALL_MARKERS
 from domaintune.serve.engines.base import (
     Backbone,
     Completion,
@@ -37,6 +38,14 @@ log = logging.getLogger("domaintune.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
+def kept_markers(tokenizer) -> dict[int, str]:
+    """The tool-call markers (Mistral's `[TOOL_CALLS]`, `[ARGS]`, `[CALL_ID]`) this tokenizer has as tokens, by id:
+    the answer text keeps them although it skips special tokens, since the tool-call parser reads them (as vLLM
+    decodes with special tokens for its Mistral parser)."""
+    ids = {tokenizer.convert_tokens_to_ids(m): m for m in TOOL_CALL_MARKERS}
+    return {i: m for i, m in ids.items() if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == m}
+
+
 class IncrementalText:
     """Turns a growing list of token ids into text pieces, holding back what a stop string may still claim."""
 
@@ -47,11 +56,26 @@ class IncrementalText:
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
+        self.markers = kept_markers(tokenizer)
+
+    def _decode(self) -> str:
+        if not self.markers or not any(i in self.markers for i in self.ids):
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in self.ids:
+            if token_id in self.markers:
+                parts += [self.tokenizer.decode(run, skip_special_tokens=True), self.markers[token_id]]
+                run = []
+            else:
+                run.append(token_id)
+        parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(parts)
 
     def add(self, token_id: int) -> bool:
         """Add a token; True when a stop string now appears (the text is cut before it)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self._decode()
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
