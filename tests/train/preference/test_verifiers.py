@@ -75,6 +75,31 @@ def test_glossary_coverage_of_the_terms_the_reference_uses(tmp_path):
     assert score(spec, ["restocking fee applies"], reference=["nothing relevant"]) == [pytest.approx(1 / 3)]
 
 
+def test_reference_facts_are_the_figures_the_reference_states_in_any_spelling():
+    spec = {"type": "reference_facts"}
+    ref = "Returns are free within 30 days; the refund follows in 3-5 business days. Orders over $75 ship free."
+    answers = [
+        "You have 30 days to return it; refunds take 3–5 business days and shipping is free over 75 dollars.",
+        "There is a 30-day window; the refund takes 3 to 5 days.",  # one of three facts
+        "Please contact us.",
+    ]
+    assert score(spec, answers, reference=[ref] * 3) == [1.0, pytest.approx(1 / 3), 0.0]
+    # A reference without figures is not this verifier's business; Chinese units count as facts too.
+    assert score(spec, ["Sure."], reference=["Please log in first."]) == [1.0]
+    assert score(
+        spec, ["退货期为30天，3到5个工作日退款。", "请联系客服。"], reference=["30天内可退货，3-5个工作日退款。"] * 2
+    ) == [
+        1.0,
+        0.0,
+    ]
+    # Its pass rate where it applies counts only rows whose reference states a figure.
+    (verifier,) = build_verifiers([VerifierSpec(**spec)])
+    rows = [{"prompt": PROMPT, "reference": ref}, {"prompt": PROMPT, "reference": "Log in first."}]
+    result = score_answers([verifier], rows, ["Within 30 days.", "Log in."])
+    assert result["component_applicable"] == {"reference_facts": 1}
+    assert result["component_pass_rate_where_applicable"] == {"reference_facts": 0.0}
+
+
 def test_length_window():
     spec = {"type": "length", "min_words": 4, "max_words": 8}
     assert score(spec, ["one two", "one two three four five", " ".join(["w"] * 12), " ".join(["w"] * 20)]) == [

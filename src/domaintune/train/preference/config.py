@@ -80,8 +80,8 @@ class RewardSettings(StrictModel):
 
 
 VerifierType = Literal[
-    "answer_match", "regex", "phrases", "json_schema", "glossary", "length", "no_pii", "llm_judge", "reward_model",
-    "python",
+    "answer_match", "regex", "phrases", "json_schema", "glossary", "reference_facts", "length", "no_pii", "llm_judge",
+    "reward_model", "python",
 ]  # fmt: skip
 
 
@@ -111,7 +111,13 @@ class VerifierSpec(StrictModel):
         description="answer_match: normalised equality, the last number within `tolerance`, or reference contained.",
     )
     tolerance: float = Field(1e-6, ge=0.0, description="answer_match numeric: absolute tolerance.")
-    pattern: str | None = Field(None, description="regex: a Python regular expression searched in the completion.")
+    pattern: str | None = Field(
+        None,
+        description=(
+            "regex: a Python regular expression searched in the completion. reference_facts: the expression that "
+            "finds a fact (default: a figure with its unit, e.g. `30 days`, `3-5 business days`, `$75`, `2小时`)."
+        ),
+    )
     phrases: list[str] = Field(default_factory=list, description="phrases: phrases the completion must contain.")
     case_sensitive: bool = Field(False, description="regex / phrases / glossary: match case.")
     require_all: bool = Field(

@@ -57,10 +57,8 @@ def score_answers(verifiers: Sequence[Verifier], rows: Sequence[dict[str, Any]],
             v.__name__: sum(s >= v.spec.pass_at for s in components[v.__name__]) / max(1, len(passed))
             for v in verifiers
         },
-        "component_applicable": {v.__name__: sum(applies(v.spec, p) for p in prompts) for v in verifiers},
-        "component_pass_rate_where_applicable": {
-            v.__name__: _applicable_rate(v, prompts, components) for v in verifiers
-        },
+        "component_applicable": {v.__name__: sum(applies(v.spec, r["prompt"], r) for r in rows) for v in verifiers},
+        "component_pass_rate_where_applicable": {v.__name__: _applicable_rate(v, rows, components) for v in verifiers},
         "reward_mean": sum(total) / len(total) if total else None,
         "pass_rate": sum(passed) / len(passed) if passed else None,
         "pass_rate_ci95": [low, high],
@@ -68,8 +66,9 @@ def score_answers(verifiers: Sequence[Verifier], rows: Sequence[dict[str, Any]],
     }
 
 
-def _applicable_rate(v: Verifier, prompts: Sequence[Any], components: dict[str, list[float]]) -> float | None:
-    hits = [s >= v.spec.pass_at for p, s in zip(prompts, components[v.__name__], strict=True) if applies(v.spec, p)]
+def _applicable_rate(v: Verifier, rows: Sequence[dict[str, Any]], components: dict[str, list[float]]) -> float | None:
+    scores = components[v.__name__]
+    hits = [s >= v.spec.pass_at for r, s in zip(rows, scores, strict=True) if applies(v.spec, r["prompt"], r)]
     return sum(hits) / len(hits) if hits else None
 
 

@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 
 _NUMBER_RE = re.compile(r"-?\d+(?:[.,]\d+)*(?:\.\d+)?")
 _JSON_BLOCK_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+# A figure with its unit: the facts of a policy answer that any paraphrase must keep (English and Chinese units).
+_UNITS = (
+    r"business days?|working days?|days?|hours?|minutes?|weeks?|months?|years?|dollars?|euros?|percent|%|points?"
+    r"|个?工作日|天|小时|分钟|周|个月|年|元|块"
+)
+FACT_RE = re.compile(
+    rf"[$€£¥]\s?\d+(?:[.,]\d+)?|\d+(?:[.,]\d+)?(?:\s?[-–~到至]\s?\d+(?:[.,]\d+)?)?[\s-]?(?:{_UNITS})(?![a-z])", re.I
+)
+_CURRENCY = {"$": "dollar", "€": "euro", "£": "pound", "¥": "yuan"}
 # PII types the no_pii verifier looks for (a URL in an answer is usually the shop's own page, not PII).
 NO_PII_TYPES = ("email", "id_card", "bank_card", "phone", "landline", "ipv4")
 
@@ -107,6 +116,28 @@ def glossary_score(text: str, reference: str | None, terms: Sequence[str], case_
     return sum(fold(t) in fold(text) for t in relevant) / len(relevant)
 
 
+def _fact_key(fact: str) -> str:
+    """One spelling per fact: `30-day` = `30 days`, `$75` = `75 dollars`, `3–5` = `3-5` = `3到5`."""
+    fact = fact.lower().strip()
+    if fact[0] in _CURRENCY:
+        return f"{fact[1:].strip()}{_CURRENCY[fact[0]]}"
+    fact = re.sub(r"\s*[-–~到至]\s*(?=\d)", "~", fact)  # a range: 3-5, 3–5, 3到5
+    fact = re.sub(r"[\s-]+", "", fact)  # 30-day = 30 days; business days = businessdays
+    return fact[:-1] if fact.endswith("s") else fact
+
+
+def facts_in(text: str, pattern: re.Pattern[str] = FACT_RE) -> set[str]:
+    return {_fact_key(m.group(0)) for m in pattern.finditer(text or "")}
+
+
+def reference_facts_score(text: str, reference: str | None, pattern: re.Pattern[str] = FACT_RE) -> float:
+    """Share of the reference's facts (figures with units) the completion states; 1 when the reference has none."""
+    wanted = facts_in(reference or "", pattern)
+    if not wanted:
+        return 1.0
+    return len(wanted & facts_in(text, pattern)) / len(wanted)
+
+
 def length_score(text: str, min_words: int, max_words: int) -> float:
     """1 inside [min_words, max_words]; rises linearly below, decays linearly to 0 at twice the maximum."""
     n = len(text.split())
@@ -186,6 +217,9 @@ def _text_scorer(spec: VerifierSpec) -> Callable[[str, str, dict[str, Any]], flo
     if spec.type == "glossary":
         terms = _terms(spec)
         return lambda p, c, row: glossary_score(c, row.get(spec.field), terms, spec.case_sensitive)
+    if spec.type == "reference_facts":
+        found = re.compile(spec.pattern, re.I) if spec.pattern else FACT_RE
+        return lambda p, c, row: reference_facts_score(c, row.get(spec.field), found)
     if spec.type == "length":
         return lambda p, c, row: length_score(c, spec.min_words, spec.max_words)
     if spec.type == "no_pii":
@@ -202,9 +236,15 @@ def _only_where_it_applies(spec: VerifierSpec, score: Callable[[str, str, dict[s
     return lambda p, c, row: score(p, c, row) if condition.search(p) else 1.0
 
 
-def applies(spec: VerifierSpec, prompt: Any) -> bool:
-    """Whether a component applies to a prompt (`applies_if`)."""
-    return spec.applies_if is None or re.search(spec.applies_if, prompt_text(prompt), re.I) is not None
+def applies(spec: VerifierSpec, prompt: Any, row: dict[str, Any] | None = None) -> bool:
+    """Whether a component applies to a prompt (`applies_if`) and, for reference_facts, to its row (the reference
+    states a fact)."""
+    if spec.applies_if is not None and re.search(spec.applies_if, prompt_text(prompt), re.I) is None:
+        return False
+    if spec.type == "reference_facts" and row is not None:
+        found = re.compile(spec.pattern, re.I) if spec.pattern else FACT_RE
+        return bool(facts_in(str(row.get(spec.field) or ""), found))
+    return True
 
 
 def build_verifier(spec: VerifierSpec, name: str) -> Verifier:
