@@ -3,10 +3,11 @@
 `Decoder` keeps up to `n_seq` sequences in flight (continuous batching): every `step()` is one
 `llama_decode` holding the next token of each running sequence plus as much of waiting prompts as the
 batch has room for; a sequence whose prompt is complete gets its next token sampled from its own
-logits (greedy, or temperature / top-p with its own seed, and transformers' repetition penalty), and
-finishes at an end-of-turn token or at `max_tokens`. A finished sequence's slot and KV cache are free
-for the next one at once. `generate()` runs a list of prompts to completion (eval); the serving engine
-drives `Decoder` itself. `score()` gives each reference's negative log-likelihood (perplexity).
+logits (greedy, or temperature / top-p with its own seed, and transformers' repetition penalty; only among
+the tokens its `guide`'s grammar allows, when it has one), and finishes at an end-of-turn token or at
+`max_tokens`. A finished sequence's slot and KV cache are free for the next one at once. `generate()`
+runs a list of prompts to completion (eval); the serving engine drives `Decoder` itself. `score()` gives
+each reference's negative log-likelihood (perplexity).
 """
 
 from __future__ import annotations
@@ -14,10 +15,23 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from domaintune.llamacpp.runtime import Context, Entry, GGUFModel
+
+
+class Guide(Protocol):
+    """A grammar followed token by token (the serving engine's `serve.engines.guided.Guide`)."""
+
+    def allowed(self, vocab_size: int) -> np.ndarray:
+        """Which of `vocab_size` tokens may come next (booleans)."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """Take the token sampled."""
+        ...
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Seq:
     slot: int = -1
     fed: int = 0  # tokens of prompt + generated already in the KV cache
     rng: np.random.Generator | None = None
+    guide: Guide | None = None  # a grammar the tokens must follow (constrained decoding); None: free
 
     @property
     def done(self) -> bool:
@@ -167,7 +182,12 @@ class Decoder:
         out: list[tuple[Seq, int]] = []
         for s in ready:
             s.fed = len(s.prompt) + len(s.tokens)
-            token = sample_token(self.ctx.logits(by_slot[s.slot]), s)
+            logits = self.ctx.logits(by_slot[s.slot])
+            if s.guide is not None:  # only the tokens its grammar allows next
+                logits = np.where(s.guide.allowed(logits.shape[0]), logits, -np.inf).astype(logits.dtype)
+            token = sample_token(logits, s)
+            if s.guide is not None:
+                s.guide.advance(token)
             out.append((s, token))
             if token in self.stop_ids:
                 self.finish(s, "stop")

@@ -404,3 +404,46 @@ def calls_text(calls: list[dict[str, Any]]) -> str:
         )
     return "\n".join(blocks)
 
+
+# ---- how a template writes one call (constrained decoding writes exactly that) -----------------------------
+_FORMAT_NAME = "probe_lookup_zq"
+_FORMAT_ARGS = {"key": "zq-arg"}
+
+
+def call_format(tokenizer: Any, end_texts: list[str]) -> tuple[str, str, str]:
+    """(prefix, suffix, arguments key) of one call as the chat template writes an assistant's call: e.g.
+    (`<tool_call>\\n`, `\\n</tool_call>`, `arguments`) for Qwen/Hermes, (``, ``, `parameters`) for Llama 3.1's bare
+    JSON. Read by rendering a conversation with one call and taking the assistant's turn apart: the text before the
+    call's JSON object, the text after it up to the end of the turn (the first of `end_texts`), and the key the
+    arguments are under. ValueError when the template writes calls otherwise, or in a form `parse_tool_calls`
+    would not read back."""
+    ask = [{"role": "user", "content": "probe question"}]
+    call = {"id": "probezq01", "type": "function", "function": {"name": _FORMAT_NAME, "arguments": _FORMAT_ARGS}}
+    prompt = tokenizer.apply_chat_template(ask, tools=[_PROBE_TOOL], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*ask, {"role": "assistant", "content": "", "tool_calls": [call]}], tools=[_PROBE_TOOL], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the template's generation prompt is not the start of an assistant turn with a call")
+    turn = full[len(prompt) :]
+    start = turn.find("{")
+    while start >= 0:
+        try:
+            value, end = json.JSONDecoder().raw_decode(turn, start)
+        except ValueError:
+            value, end = None, start + 1
+        if isinstance(value, dict) and value.get("name") == _FORMAT_NAME:
+            break
+        start = turn.find("{", end)
+    else:
+        raise ValueError(f"the template writes a call as {turn!r}, without a JSON object holding its name")
+    key = next((k for k in ("arguments", "parameters") if value.get(k) == _FORMAT_ARGS), None)
+    if key is None:
+        raise ValueError(f"the template writes a call's arguments under none of `arguments`, `parameters`: {turn!r}")
+    suffix = turn[end:]
+    cut = min((i for i in (suffix.find(t) for t in end_texts if t) if i >= 0), default=len(suffix))
+    prefix, suffix = turn[:start], suffix[:cut]
+    _, calls = parse_tool_calls(prefix + json.dumps(value) + suffix, {_FORMAT_NAME})
+    if len(calls) != 1:
+        raise ValueError(f"the template writes a call as {turn!r}, which the call parser does not read back")
+    return prefix, suffix, key

@@ -49,6 +49,7 @@ from domaintune.serve.store import ApiKey
 from domaintune.serve.tools import (
     active_tools,
     answer_calls,
+    forced_call_grammar,
     held_back_chunks,
     holds_back,
     map_call_arguments,
@@ -297,6 +298,9 @@ async def start_job(state: ServeState, request: Request, key: ApiKey | None, bod
     _refuse_surely_too_long(bb, body, ctx)
     prompt_ids, prompt_record = await state.cpu(_prompt, bb.tokenizer, body)
     params = sampling(scfg, body, len(prompt_ids), ctx)
+    if isinstance(body, ChatBody):  # tool_choice required / a named function: constrained to one call
+        thinking = bool(_opens_reasoning(bb.tokenizer, prompt_ids))
+        params.grammar = await state.cpu(forced_call_grammar, bb.tokenizer, bb.eot_ids, body, thinking)
     reservation = await reserve(state, key, len(prompt_ids) + params.max_tokens)
     endpoint = "chat" if isinstance(body, ChatBody) else "completion"
     rid = request.state.rid

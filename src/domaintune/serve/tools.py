@@ -7,8 +7,18 @@ it holds calls to the request's tools the message carries `tool_calls` and `fini
 it is an ordinary answer.
 
 `tool_choice`: `auto` (the default with tools) and `required` render every tool; a named function renders only
-that one; `none` renders none and never parses calls. Decoding is not constrained: under `required` or a named
-function a model that answers in prose still gets its prose back (finish_reason `stop`).
+that one; `none` renders none and never parses calls. Under `auto` decoding is free: the model answers in prose
+or calls. Under `required` and a named function decoding is constrained, as vLLM does it: the answer is exactly one
+call, written as the template writes calls (Qwen/Hermes `<tool_call>\n...\n</tool_call>`, Llama 3.1's bare JSON:
+`model.tools.call_format`), whose JSON is `{"name": <one of the tools>, "arguments": <valid against that tool's
+`parameters`>}` (under a named function, that function), then the end of the turn; objects take no properties
+their schema does not name (`call_schema`). So the reply carries `tool_calls` and finish_reason `tool_calls`
+unless `max_tokens` cuts the call short (finish_reason `length`, the partial text as content, as OpenAI does).
+The grammar is llguidance's (`serve/engines/guided.py`), enforced by the transformers and llama.cpp engines
+token by token and passed to vLLM as its structured-output grammar. `parallel_tool_calls` is not honoured under
+constraint (one call); a reasoning model whose prompt opens a `<think>` block closes it at once (no reasoning
+under constraint); a template whose calls the parser cannot read back, or parameters llguidance cannot compile,
+is a 400.
 
 Streaming with tools: the answer is held back until it is complete (a call cannot be told from prose before
 its end), then sent as one content delta or as `tool_calls` deltas, then the finish chunk, as OpenAI's stream does.
@@ -20,7 +30,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from domaintune.model.tools import for_template, parse_tool_calls, template_tool_problem
+from domaintune.model.thinking import CLOSE as THINK_CLOSE
+from domaintune.model.tools import call_format, for_template, parse_tool_calls, template_tool_problem
+from domaintune.serve.engines.guided import CallGrammar, call_grammar, grammar_problem, special_tokens
 from domaintune.serve.protocol import ChatBody, ResponseHead, bad_request, sse, stream_chunk
 
 
@@ -61,6 +73,67 @@ def template_inputs(tokenizer: Any, body: ChatBody, messages: list[dict[str, Any
     except ValueError as exc:
         raise bad_request(f"a tool call's arguments must be a JSON object{exc}", "messages") from None
     return {"conversation": templated, "tools": tools}
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that does not say (OpenAI's strict
+    mode, vLLM's `disable_additional_properties`): a constrained model fills the properties the schema names and
+    cannot invent keys until it runs out of tokens. What it writes is still valid against the original schema."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def call_schema(tools: list[dict[str, Any]], arguments_key: str) -> dict[str, Any]:
+    """JSON schema of one call to one of `tools`: `{"name": <its name>, <arguments_key>: <its parameters>}`."""
+    options = []
+    for tool in tools:
+        fn = tool["function"]
+        parameters = fn.get("parameters") or {"type": "object", "properties": {}}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, arguments_key: _closed(parameters)},
+                "required": ["name", arguments_key],
+                "additionalProperties": False,
+            }
+        )
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def forced_call_grammar(
+    tokenizer: Any, eot_ids: list[int], body: ChatBody, thinking: bool = False
+) -> CallGrammar | None:
+    """The grammar an answer must follow: under `tool_choice` `required` one call to one of the tools, under a
+    named function one call to it, written as the template writes calls; None otherwise (free text). `thinking`:
+    the prompt opened a reasoning block, which the answer closes at once (`</think>`, then the call). 400 when the
+    template's call format cannot be read or a tool's parameters cannot be compiled (CPU work: runs in a pool)."""
+    choice = body.tool_choice
+    tools = active_tools(body)
+    if tools is None or choice is None or choice == "auto":
+        return None
+    end_texts = [tokenizer.convert_ids_to_tokens(i) for i in eot_ids]
+    try:
+        prefix, suffix, key = call_format(tokenizer, [t for t in end_texts if isinstance(t, str)])
+    except ValueError as exc:
+        raise bad_request(
+            f"tool_choice {choice if isinstance(choice, str) else 'function'} needs the model's call format, "
+            f"which this template does not give: {exc}",
+            "tool_choice",
+        ) from None
+    if thinking:
+        prefix = f"{THINK_CLOSE}\n\n{prefix}"
+    special = special_tokens(tokenizer, eot_ids)
+    grammar = call_grammar(prefix, suffix, call_schema(tools, key), special)
+    problem = grammar_problem(grammar, tokenizer, eot_ids)
+    if problem is not None:
+        raise bad_request(f"the tools' parameters cannot constrain decoding: {problem}", "tools")
+    return grammar
 
 
 def _names(body: ChatBody) -> set[str] | None:

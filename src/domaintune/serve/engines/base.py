@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import UserError
+from domaintune.serve.engines.guided import CallGrammar
 
 DEFAULT_CONTEXT_LENGTH = 2048
 
@@ -34,6 +35,8 @@ class SamplingParams:
     # transformers' rule: every token already in the prompt or the answer has its logit divided by it (multiplied
     # when negative), before temperature and top_p; 1.0 = none
     repetition_penalty: float = 1.0
+    # the answer must follow this grammar (tool_choice `required` or a named function: one tool call); None: free
+    grammar: CallGrammar | None = None
 
 
 @dataclass

@@ -5,7 +5,8 @@ default) and each adapter is merged into its backbone and converted likewise, so
 as fast as its base. One thread drives a `Decoder` per loaded model: requests join a running batch at
 any step (no waiting for the batch to drain), every step is one `llama_decode` over the next token of
 every running request plus waiting prompts, and each request samples with its own temperature, top_p,
-seed and repetition penalty (transformers' rule over its prompt and answer) and stops on its own at the
+seed and repetition penalty (transformers' rule over its prompt and answer), within its grammar when it
+has one (`guided.Guide`: tool_choice required / a named function), and stops on its own at the
 end-of-turn tokens, its stop strings or its `max_tokens`, exactly as in the transformers engine (the
 same `IncrementalText` holds back text a stop string may claim).
 
@@ -34,6 +35,7 @@ from domaintune.serve.engines.base import (
     max_token_chars,
     read_context_length,
 )
+from domaintune.serve.engines.guided import Guide
 from domaintune.serve.engines.transformers import IncrementalText
 
 log = logging.getLogger("domaintune.serve")
@@ -271,6 +273,9 @@ class LlamaCppEngine(Engine):
                     p.max_tokens, p.temperature, p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed
                 )
                 seq = Seq(list(request.prompt_ids), sampling)  # the penalty covers these prompt ids too
+                if p.grammar is not None:  # tool_choice required / a named function: one call
+                    bb = self._backbones[request.backbone]
+                    seq.guide = Guide(p.grammar, bb.tokenizer, sorted(bb.eot_ids))
                 decoder.add(seq)
             except Exception as exc:  # this request cannot start: its error alone
                 request.emit("error", exc)

@@ -3,7 +3,8 @@
 One background thread takes queued requests, batches the ones on the same backbone (left-padded,
 one `generate` call, adapters mixed per row through peft's `adapter_names`), samples each row with
 its own temperature/top_p/seed and repetition penalty (transformers' rule over its own prompt and
-answer), and stops each row on its own at the end-of-turn tokens, its stop strings or its `max_tokens`.
+answer) within its grammar when it has one (`guided.Guide`: tool_choice required / a named function),
+and stops each row on its own at the end-of-turn tokens, its stop strings or its `max_tokens`.
 
 A request's failure stays its own: a row whose sampling or decoding fails gets the error and stops
 while the other rows go on; when the batch fails as a whole, the rows that had not produced a
@@ -32,6 +33,7 @@ from domaintune.serve.engines.base import (
     max_token_chars,
     read_context_length,
 )
+from domaintune.serve.engines.guided import Guide
 
 log = logging.getLogger("domaintune.serve")
 
@@ -105,6 +107,9 @@ class _Row:
         self.done = False
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
+        self.guide: Guide | None = None
+        if request.params.grammar is not None:  # tool_choice required / a named function: one call
+            self.guide = Guide(request.params.grammar, tokenizer, sorted(eot_ids))
         seed = request.params.seed
         self.generator = torch.Generator()
         if seed is None:
@@ -175,7 +180,9 @@ def _make_hooks(rows: list[_Row]):
                 choice = 0
                 if not row.done:
                     try:
-                        choice = _sample(scores[i], row)
+                        choice = _sample(_guided(scores[i], row), row)
+                        if row.guide is not None:
+                            row.guide.advance(choice)
                     except Exception as exc:  # this row's failure, not the batch's
                         row.fail(exc)
                 out[i, choice] = 0.0
@@ -192,6 +199,16 @@ def _make_hooks(rows: list[_Row]):
             return torch.tensor([row.done for row in rows], dtype=torch.bool, device=input_ids.device)
 
     return PerRowSampler(), PerRowStop()
+
+
+def _guided(logits: Any, row: _Row) -> Any:
+    """The row's logits with every token its grammar does not allow next at -inf (unchanged without a grammar)."""
+    import torch
+
+    if row.guide is None:
+        return logits
+    allowed = torch.from_numpy(row.guide.allowed(logits.shape[-1])).to(logits.device)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _penalised(logits: Any, row: _Row) -> Any:
@@ -447,7 +464,10 @@ class TransformersEngine(Engine):
             bb, batch = self._still_loaded(batch)
             if bb is None or not batch:
                 return
-            rows = [_Row(r, bb.tokenizer, set(bb.eot_ids)) for r in batch]
+            rows = _rows(batch, bb)
+            if not rows:
+                return
+            batch = [row.request for row in rows]
             pad_id = bb.tokenizer.pad_token_id
             ids, mask = _left_padded([r.prompt_ids for r in batch], pad_id)
             sampler, stopper = _make_hooks(rows)
@@ -502,6 +522,17 @@ class TransformersEngine(Engine):
                 else:
                     row.fail(exc)
             self._cond.notify()
+
+
+def _rows(batch: list[GenRequest], bb: Backbone) -> list[_Row]:
+    """A row per request; a request whose row cannot be set up (its grammar) gets the error alone."""
+    rows = []
+    for request in batch:
+        try:
+            rows.append(_Row(request, bb.tokenizer, set(bb.eot_ids)))
+        except Exception as exc:
+            request.emit("error", exc)
+    return rows
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:

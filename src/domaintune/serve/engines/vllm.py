@@ -1,4 +1,6 @@
-"""The vLLM engine (CUDA GPU): continuous batching, LoRA adapters through LoRARequest."""
+"""The vLLM engine (CUDA GPU): continuous batching, LoRA adapters through LoRARequest; a request's grammar
+(tool_choice required / a named function) goes to vLLM's structured outputs on its `guidance` (llguidance)
+backend, so it is the same grammar the transformers and llama.cpp engines enforce."""
 
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class VLLMEngine(Engine):
 
     def add_backbone(self, key: str, path: Path) -> Backbone:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.config import StructuredOutputsConfig
 
         from domaintune.model.loader import end_of_turn_token_ids
 
@@ -82,6 +85,8 @@ class VLLMEngine(Engine):
             max_lora_rank=self.max_lora_rank,
             gpu_memory_utilization=self.gpu_memory_utilization / max(1, len(self._engines) + 1),
             max_model_len=self.max_model_len,
+            # tool_choice required / a named function send llguidance's Lark grammar (`guided.CallGrammar`)
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
         )
         self._engines[key] = AsyncLLMEngine.from_engine_args(args)
         backbone = Backbone(
@@ -140,7 +145,13 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VSamplingParams
 
         p = request.params
+        guided: dict[str, Any] = {}
+        if p.grammar is not None:  # one tool call: the same llguidance grammar the other engines enforce
+            from vllm.sampling_params import StructuredOutputsParams
+
+            guided["structured_outputs"] = StructuredOutputsParams(grammar=p.grammar.lark)
         return VSamplingParams(
+            **guided,
             max_tokens=p.max_tokens,
             temperature=p.temperature,
             top_p=p.top_p,
