@@ -484,7 +484,8 @@ TOKENIZER_PROBE = "高血压患者每天应该监测血压吗？Blood pressure 1
 
 def _check_gguf_tokenizer(cfg: ProjectConfig, setting: str, why: str) -> tuple[str, str]:
     """llama.cpp only where its GGUF tokenizes like the model: a converter that had to guess the vocabulary
-    (no tokenizer.model, e.g. Gemma 3 from GGUF) would feed and decode other tokens than the model learned."""
+    (a SentencePiece model whose folder lacks tokenizer.model, `domaintune.model.spm_vocab`) would feed and decode
+    other tokens than the model learned."""
     from domaintune.llamacpp.cache import gguf_for
     from domaintune.llamacpp.runtime import GGUFModel
     from domaintune.model.loader import resolve_model_dir

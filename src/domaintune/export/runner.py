@@ -107,7 +107,7 @@ def _build(cfg: ProjectConfig, layout: RunLayout, staging: Path) -> dict:
     bench = _bench(cfg, layout, tokenizer, rows)
 
     model, merge_check = _merge(model, adapter, bench, layout.model_dir)
-    merged_dir = _save_merged(model, tokenizer, staging / "merged", ecfg.merged_dtype)
+    merged_dir = _save_merged(model, tokenizer, staging / "merged", ecfg.merged_dtype, layout.model_dir)
     del model
     gc.collect()
     reference, artifacts = _measure_merged(merged_dir, bench)
@@ -256,14 +256,18 @@ def _merge(model: Any, adapter: bool, bench: _Bench, model_dir: Path) -> tuple[A
     return model, merge_check
 
 
-def _save_merged(model: Any, tokenizer: Any, merged_dir: Path, dtype: str) -> Path:
-    from domaintune.model.loader import end_of_turn_token_ids, torch_dtype
+def _save_merged(model: Any, tokenizer: Any, merged_dir: Path, dtype: str, trained_dir: Path) -> Path:
+    """The merged weights and tokenizer, with the SentencePiece `tokenizer.model` of the trained folder or its
+    base, which llama.cpp's converter needs to give the GGUF the model's own vocabulary."""
+    from domaintune.model.loader import end_of_turn_token_ids, tokenizer_model_sources, torch_dtype
+    from domaintune.model.spm_vocab import carry_tokenizer_model
 
     model = model.to(torch_dtype(dtype))
     model.generation_config.eos_token_id = end_of_turn_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
+    carry_tokenizer_model(merged_dir, tokenizer, tokenizer_model_sources(trained_dir))
     return merged_dir
 
 

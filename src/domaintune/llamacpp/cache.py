@@ -39,6 +39,8 @@ def merged_adapter(adapter_dir: Path, base_dir: Path, root: Path | None = None) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from domaintune.model.spm_vocab import carry_tokenizer_model
+
     target = (root or gguf_cache_root()) / f"merged-{folder_key(adapter_dir, base_dir)}"
     if (target / "config.json").is_file():
         return target
@@ -47,7 +49,9 @@ def merged_adapter(adapter_dir: Path, base_dir: Path, root: Path | None = None) 
     tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_dir
     with atomic_dir(target, if_exists="keep") as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer.save_pretrained(staging)
+        carry_tokenizer_model(staging, tokenizer, [Path(adapter_dir), Path(base_dir)])
     return target
 
 

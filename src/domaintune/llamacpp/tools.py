@@ -22,6 +22,7 @@ from pathlib import Path
 
 from domaintune.errors import UserError
 from domaintune.llamacpp import LLAMA_CPP_PYTHON_VERSION, installed_version
+from domaintune.llamacpp.vocab import restore_token_types
 
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"
@@ -212,6 +213,7 @@ def convert_hf(model_dir: Path, out_path: Path, outtype: str = "f16", timeout_s:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     run_tool(CONVERTER, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], timeout_s)
+    restore_token_types(Path(model_dir), tmp)  # what the converter cannot read from a transformers 5 folder
     tmp.replace(out_path)
     return out_path
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from domaintune.errors import UserError
 from domaintune.model.adapters import is_mergeable_adapter, unmergeable_note
 from domaintune.model.config import ModelConfig
+from domaintune.model.spm_vocab import TOKENIZER_MODEL, write_tokenizer_model
 from domaintune.model.thinking import apply_thinking_setting
 from domaintune.model.tools import CHATML_TOOLS_TEMPLATE
 from domaintune.utils.io import atomic_dir, remove_stale_staging
@@ -159,14 +160,20 @@ def _gemma3_package():
 
 def _convert_gemma3_once(target: Path) -> Path:
     """Gemma 3 270M as a safetensors folder: the package's chunks joined into a GGUF beside the cache folder,
-    dequantised once, the GGUF removed. The GGUF carries no chat template: Gemma 3's own is stored (`gemma`)."""
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    dequantised once, the GGUF removed. The GGUF carries no chat template: Gemma 3's own is stored (`gemma`).
+    A folder converted before `tokenizer.model` was written gets it added from the same GGUF (no download)."""
+    converted = (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    if converted and (target / TOKENIZER_MODEL).is_file():
         return target
     package = _gemma3_package()
     target.parent.mkdir(parents=True, exist_ok=True)
     joined = target.parent / f".{target.name}.{os.getpid()}.gguf"
     try:
         package.assemble(output_path=joined, overwrite=True)  # checks the file's sha256
+        if converted:
+            log.info("adding the SentencePiece tokenizer.model to %s (from %s)", target, joined)
+            write_tokenizer_model(joined, target)
+            return target
         return _convert_gguf_once(joined, target, chat_template=NAMED_CHAT_TEMPLATES["gemma"])
     finally:
         joined.unlink(missing_ok=True)
@@ -200,6 +207,7 @@ def _convert_gguf_once(gguf_path: Path, target: Path, chat_template: str | None 
     with _cache_folder(target) as staging:
         rebuilt.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        write_tokenizer_model(gguf_path, staging)  # SentencePiece GGUFs: the vocabulary llama.cpp converts back
         (staging / "SOURCE").write_text(f"converted from {gguf_path}\n", encoding="utf-8")
     return target
 
@@ -310,6 +318,16 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def tokenizer_model_sources(path: str | Path) -> list[Path]:
+    """Where a trained folder's SentencePiece `tokenizer.model` may be: the folder itself, then (for an adapter)
+    its base, for folders saved before the train stage carried the file (`domaintune.model.spm_vocab`)."""
+    path = Path(path)
+    if not is_adapter_dir(path):
+        return [path]
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return [path, Path(base) if Path(base).is_dir() else resolve_model_dir(ModelConfig(name_or_path=base))]
 
 
 def load_trained(path: str | Path, dtype: str = "float32", merge: bool = False):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from domaintune.layout import RunLayout
 from domaintune.model.loader import BUNDLED_GEMMA3, BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA
+from domaintune.model.spm_vocab import carry_tokenizer_model
 from domaintune.train.config import TrainConfig
 from domaintune.train.init_from import Start
 from domaintune.utils.io import STAGING_MARK, atomic_dir, publish_dir, remove_stale_staging
@@ -78,6 +79,7 @@ def _complete_model_folder(folder: Path, kind: str, tokenizer, start: Start, tcf
         data["base_model_name_or_path"] = adapter_base_reference(start)
         cfg_path.write_text(json.dumps(data, indent=2))
     tokenizer.save_pretrained(folder)
+    carry_tokenizer_model(folder, tokenizer, [start.model_dir])  # transformers saves no SentencePiece model
     info = {"method": tcfg.method, "trained_as": tcfg.trained_as, "kind": kind, "base": str(start.model_dir)}
     (folder / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
 
