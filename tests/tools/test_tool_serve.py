@@ -223,12 +223,16 @@ def test_feedback_export_keeps_tools_and_calls_and_the_data_stage_reads_it(serve
         ("lookup_order", {"order_id": "A1"}),
         ("return_policy", {"category": "shoes"}),
     ]
-    # the preference and KTO readers (data stage, train stage) take calls as the text the tool template renders
+    # the preference and KTO readers (data stage, train stage) keep calls as calls, for the chat template to render
     from domaintune.data.preference_rows import convert
 
-    assert convert(pref[two.id], "preference")[0]["rejected"] == [{"role": "assistant", "content": SCRIPTS[3]}]
-    assert convert(pref[two.id], "preference")[0]["chosen"] == [{"role": "assistant", "content": CALL}]
-    assert convert(good, "unpaired")[0]["completion"] == [{"role": "assistant", "content": CALL}]
+    [read] = convert(pref[two.id], "preference")
+    assert read["tools"] == TOOLS and read["rejected"][0]["content"] == ""
+    assert [x["function"]["name"] for x in read["rejected"][0]["tool_calls"]] == ["lookup_order", "return_policy"]
+    assert read["chosen"] == [{"role": "assistant", "content": "", "tool_calls": [served_call]}]
+    assert convert(good, "unpaired")[0]["completion"] == [
+        {"role": "assistant", "content": "", "tool_calls": [served_call]}
+    ]
     # PII is redacted in the calls' arguments as in the text
     exported = "".join(p.read_text() for p in out.glob("*.jsonl"))
     assert "13812345678" not in exported
@@ -252,3 +256,10 @@ def test_feedback_export_keeps_tools_and_calls_and_the_data_stage_reads_it(serve
 
     assert chats(rows) == chats(list(sft.values()))
     assert all(r["tools"] == TOOLS for r in rows)
+    # the preference pairs through the data stage (data.kind: preference) keep their tools and calls
+    pref_data = {**data, "kind": "preference", "sources": [{"path": str(out / "preference.jsonl"), "name": "fb"}]}
+    cfg = config_from_dict({"name": "t", "model": model_cfg, "data": pref_data}, config_path=tmp_path / "q.yaml")
+    run_data(cfg, RunLayout(tmp_path / "pref"), progress=False)
+    pairs = list(read_jsonl(tmp_path / "pref" / "data" / "train.jsonl"))
+    assert len(pairs) == 3 and all(r["tools"] == TOOLS for r in pairs)
+    assert any(r["chosen"] == [{"role": "assistant", "content": "", "tool_calls": [served_call]}] for r in pairs)

@@ -13,13 +13,18 @@
 
 `text_key` gives the text dedup and split decisions are made on (the prompt and every answer), so these rows
 can go through the same exact/near dedup and split as SFT rows.
+
+Tool calls (`domaintune feedback export` writes them, OpenAI's layout): a pair or unpaired row keeps its `tools`,
+assistant messages keep their `tool_calls` (OpenAI's shape, `arguments` as JSON text) and tool results their
+`tool_call_id`, so training renders them through the model's chat template (train/preference/tool_rows.py); a
+call counts as its Qwen/Hermes text (`calls_text`) wherever text is compared (dedup, checks, filters).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from domaintune.model.tools import calls_text
+from domaintune.model.tools import calls_text, normalise_call
 
 ROW_KINDS = ("preference", "unpaired", "prompt")
 # The fields each kind's canonical row is made of (the data stage writes these, plus `id`, `source` and kept fields).
@@ -36,21 +41,46 @@ class RowError(ValueError):
     """A row that is none of the layouts its kind accepts (the message says what was expected)."""
 
 
-def _messages(value: Any, role: str, field: str) -> list[dict[str, str]]:
+def _messages(value: Any, role: str, field: str, keep_calls: bool = True) -> list[dict[str, Any]]:
+    """Messages of `{role, content}`; an assistant's `tool_calls` are kept in OpenAI's shape and a tool result's
+    `tool_call_id` with it (`keep_calls=False`: calls written into the content as their Qwen/Hermes text)."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, dict) and ("content" in value or "value" in value):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         out = []
-        for m in value:
+        for i, m in enumerate(value):
             who = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from", "")), role)
-            text = str(m.get("content", m.get("value", "")))
-            if m.get("tool_calls"):  # OpenAI-shape calls (feedback export): the text Qwen/Hermes templates render
-                text = "\n".join(t for t in (text, calls_text(m["tool_calls"])) if t)
-            out.append({"role": str(who), "content": text})
+            content = m.get("content", m.get("value", ""))
+            message: dict[str, Any] = {"role": str(who), "content": "" if content is None else str(content)}
+            if m.get("tool_calls"):
+                calls = _calls(m["tool_calls"], f"{field}[{i}].tool_calls")
+                if keep_calls:
+                    message["tool_calls"] = calls
+                else:
+                    message["content"] = "\n".join(t for t in (message["content"], calls_text(calls)) if t)
+            if keep_calls and who == "tool" and isinstance(m.get("tool_call_id"), str):
+                message["tool_call_id"] = m["tool_call_id"]
+            out.append(message)
         return out
     raise RowError(f"`{field}` must be text or a list of messages")
+
+
+def _calls(value: Any, field: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise RowError(f"`{field}` must be a list of calls")
+    try:
+        return [normalise_call(c, f"`{field}[{k}]`", f"call_{k}") for k, c in enumerate(value)]
+    except ValueError as exc:
+        raise RowError(str(exc)) from None
+
+
+def message_text(m: dict[str, Any]) -> str:
+    """A message's text as compared (dedup, checks, filters): its content, then its calls as Qwen/Hermes text."""
+    if not m.get("tool_calls"):
+        return m["content"]
+    return "\n".join(t for t in (m["content"], calls_text(m["tool_calls"])) if t)
 
 
 def _alpaca_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -83,7 +113,7 @@ def to_preference(row: dict[str, Any]) -> dict[str, Any]:
         prompt, used = _alpaca_prompt(row), used + ("instruction", "input", "system")
     elif isinstance(row.get("messages"), list):  # a LLaMA-Factory ranking row already read as a chat
         chat = _messages(row["messages"], "user", "messages")
-        while chat and chat[-1]["role"] == "assistant" and not chat[-1]["content"].strip():
+        while chat and chat[-1]["role"] == "assistant" and not message_text(chat[-1]).strip():
             chat.pop()
         prompt, used = chat, used + ("messages",)
     else:  # TRL's implicit prompt: two whole chats sharing their beginning
@@ -138,8 +168,16 @@ def to_unpaired(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _unpaired_chat(row: dict[str, Any]) -> dict[str, Any]:
     """LLaMA-Factory's KTO layout: a chat (`messages` / sharegpt `conversations` / alpaca) whose last answer is the
-    completion, with `label` (or `kto_tag`)."""
+    completion, with `label` (or `kto_tag`); a last answer that calls tools keeps its calls."""
     label = _label(row)
+    key = "messages" if isinstance(row.get("messages"), list) else "conversations"
+    if isinstance(row.get(key), list):
+        turns = _messages(row[key], "user", key)
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise RowError("an unpaired chat row needs a final assistant answer (the completion that `label` rates)")
+        extras = _extras(row, (key, "label", "desirable", "kto_tag", "rating"))
+        return {**extras, "prompt": turns[:last], "completion": [turns[last]], "label": label}
     chat = to_prompt({k: v for k, v in row.items() if k not in ("label", "desirable", "kto_tag", "rating")})
     if chat["reference"] is None:
         raise RowError("an unpaired chat row needs a final assistant answer (the completion that `label` rates)")
@@ -150,11 +188,11 @@ def _unpaired_chat(row: dict[str, Any]) -> dict[str, Any]:
 def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
     """A prompt-only row; a data-stage chat gives its turns up to the last answer and that answer as `reference`."""
     if "prompt" in row:
-        prompt = _messages(row["prompt"], "user", "prompt")
+        prompt = _messages(row["prompt"], "user", "prompt", keep_calls=False)
         return {**_extras(row, ("prompt",)), "prompt": prompt, "reference": row.get("reference")}
     if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
         key = "messages" if "messages" in row else "conversations"
-        chat = _messages(row[key], "user", key)
+        chat = _messages(row[key], "user", key, keep_calls=False)
         last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
         if last is None:
             return {**_extras(row, (key,)), "prompt": chat, "reference": row.get("reference")}
@@ -167,9 +205,9 @@ def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
 
 def text_key(row: dict[str, Any]) -> str:
     """The text a canonical row is deduplicated and split on: its non-system prompt turns and every answer."""
-    parts = [m["content"] for m in row.get("prompt", []) if m.get("role") != "system"]
+    parts = [message_text(m) for m in row.get("prompt", []) if m.get("role") != "system"]
     for key in ("chosen", "rejected", "completion"):
-        parts += [m["content"] for m in row.get(key) or []]
+        parts += [message_text(m) for m in row.get(key) or []]
     if row.get("reference"):
         parts.append(str(row["reference"]))
     return "\n".join(parts)
@@ -193,7 +231,8 @@ def canonical(row: dict[str, Any], kind: str) -> dict[str, Any]:
         raise RowError("a chosen/rejected pair is not an unpaired row: use data.kind: preference (kto reads each pair as "
                        "a desirable and an undesirable row)")  # fmt: skip
     out = convert(row, kind)[0]
-    return {k: out.get(k) for k in CORE_FIELDS[kind]}
+    core = {k: out.get(k) for k in CORE_FIELDS[kind]}
+    return {**core, "tools": out["tools"]} if out.get("tools") and kind != "prompt" else core
 
 
 def prompt_user_text(row: dict[str, Any]) -> str:
@@ -203,7 +242,7 @@ def prompt_user_text(row: dict[str, Any]) -> str:
 
 def answers_text(row: dict[str, Any]) -> str:
     """Every answer of a canonical row (chosen, rejected, completion, reference), one per line."""
-    parts = [m["content"] for key in ANSWER_FIELDS for m in row.get(key) or []]
+    parts = [message_text(m) for key in ANSWER_FIELDS for m in row.get(key) or []]
     if row.get("reference") is not None:
         parts.append(str(row["reference"]))
     return "\n".join(parts)
@@ -230,7 +269,7 @@ def problem(row: dict[str, Any], kind: str) -> str | None:
     if not prompt_user_text(row).strip():
         return "empty:prompt (needs a non-empty user turn)"
     for key in ANSWER_FIELDS:
-        if key in CORE_FIELDS[kind] and not "".join(m["content"] for m in row.get(key) or []).strip():
+        if key in CORE_FIELDS[kind] and not "".join(message_text(m) for m in row.get(key) or []).strip():
             return f"empty:{key}"
     if kind == "preference" and answers_text({"chosen": row["chosen"]}) == answers_text({"rejected": row["rejected"]}):
         return "chosen equals rejected (the pair teaches nothing)"

@@ -44,12 +44,12 @@ def build_datasets(cfg: ProjectConfig, layout: RunLayout, tokenizer, seed: int) 
     """SFT examples with assistant-only labels, or DPO's preference pairs."""
     if cfg.train.method == "dpo":
         if cfg.data.kind != "sft" and not cfg.train.dpo.path:  # the data stage's preference splits
-            return dpo_data(cfg.train, seed, layout.train_file, layout.val_file)
-        return dpo_data(cfg.train, seed, default_preference_path(cfg, layout))
+            return dpo_data(cfg.train, seed, tokenizer, layout.train_file, layout.val_file)
+        return dpo_data(cfg.train, seed, tokenizer, default_preference_path(cfg, layout))
     if cfg.train.trainer_loss == "preference":  # kto, orpo, simpo, reward, ppo, grpo: train/preference/rows.py
         from domaintune.train.preference.rows import preference_data
 
-        return TrainData(*preference_data(cfg, layout, seed))
+        return TrainData(*preference_data(cfg, layout, seed, tokenizer))
     if cfg.data.kind != "sft":
         raise UserError(
             f"train.method {cfg.train.method!r} trains on chats, but data.kind is {cfg.data.kind!r}: the data stage "
@@ -111,17 +111,21 @@ def default_preference_path(cfg: ProjectConfig, layout: RunLayout) -> Path:
     return feedback_export_dir(cfg, layout.root) / PREFERENCE_FILE
 
 
-def dpo_data(tcfg: TrainConfig, seed: int, default_path: Path, default_val: Path | None = None) -> TrainData:
+def dpo_data(
+    tcfg: TrainConfig, seed: int, tokenizer: Any, default_path: Path, default_val: Path | None = None
+) -> TrainData:
+    """DPO's pairs; pairs that use tools are rendered with them through the chat template (tool_rows.py)."""
     import random
 
-    from datasets import Dataset
+    from domaintune.train.preference.tool_rows import ToolRows, to_dataset
 
     path = Path(tcfg.dpo.path) if tcfg.dpo.path else default_path
-    rows = load_preference_rows(path, tcfg.max_train_samples)
+    tool_rows = ToolRows(tokenizer)
+    rows = load_preference_rows(path, tcfg.max_train_samples, tool_rows)
     files = [path]
     val_path = Path(tcfg.dpo.val_path) if tcfg.dpo.val_path else default_val
     if val_path is not None:
-        val = load_preference_rows(val_path, tcfg.max_val_samples)
+        val = load_preference_rows(val_path, tcfg.max_val_samples, tool_rows)
         files.append(val_path)
         train = rows
     else:
@@ -138,4 +142,4 @@ def dpo_data(tcfg: TrainConfig, seed: int, default_path: Path, default_val: Path
         "fingerprint": fingerprint_files(files),
         "truncated": None,
     }
-    return TrainData(Dataset.from_list(train), Dataset.from_list(val), info)
+    return TrainData(to_dataset(train, "dpo", tokenizer), to_dataset(val, "dpo", tokenizer), info)

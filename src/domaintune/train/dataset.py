@@ -236,8 +236,9 @@ def make_collator(tokenizer, packing: bool):
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
-def load_preference_rows(path: Path, limit: int | None = None) -> list[dict]:
-    """prompt/chosen/rejected rows in trl's conversational form."""
+def load_preference_rows(path: Path, limit: int | None = None, tool_rows: Any = None) -> list[dict]:
+    """prompt/chosen/rejected rows in trl's conversational form (with `tools` when the row has them: `tool_rows`, a
+    train/preference/tool_rows.ToolRows, makes rows that use tools ready for the chat template)."""
     if not Path(path).is_file():
         raise UserError(
             f"{path}: preference file not found (write it with `domaintune feedback export CONFIG`, "
@@ -255,7 +256,7 @@ def load_preference_rows(path: Path, limit: int | None = None) -> list[dict]:
                 prompt = [{"role": "user", "content": prompt}]
             elif not (isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)):
                 raise UserError(f"{where}: `prompt` must be text or a list of messages")
-            pair = {"prompt": prompt}
+            pair: dict[str, Any] = {"prompt": prompt, **({"tools": row["tools"]} if row.get("tools") else {})}
             for key in ("chosen", "rejected"):
                 value = row[key]
                 if isinstance(value, str):
@@ -263,7 +264,7 @@ def load_preference_rows(path: Path, limit: int | None = None) -> list[dict]:
                 elif not (isinstance(value, list) and value and isinstance(value[0], dict)):
                     raise UserError(f"{where}: `{key}` must be text or a list of assistant messages")
                 pair[key] = value
-            rows.append(pair)
+            rows.append(tool_rows(pair, where) if tool_rows is not None else pair)
             if limit is not None and len(rows) >= limit:
                 break
     except ValueError as exc:

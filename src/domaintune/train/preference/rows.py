@@ -3,7 +3,8 @@
 Pairs (orpo, simpo, reward, and dpo's file layouts), unpaired rows (kto) and prompt rows (grpo, ppo) are read
 with `data/preference_rows.py`'s conversions; exact duplicates (on the prompt and answers, normalised) are
 dropped and counted; without a `val_path`, 10% (at least one row) is held out with the run's seed. What was used
-goes into train/metrics.json's `data` like the SFT sets' accounting.
+goes into train/metrics.json's `data` like the SFT sets' accounting. Pairs and unpaired rows that use tools are
+rendered with their tools through the chat template (train/preference/tool_rows.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from domaintune.data.preference_rows import RowError, convert, text_key
 from domaintune.errors import UserError
 from domaintune.layout import RunLayout
+from domaintune.train.preference.tool_rows import ToolRows, to_dataset, uses_tools
 from domaintune.utils.io import fingerprint_files, read_jsonl_numbered
 
 if TYPE_CHECKING:
@@ -32,8 +34,11 @@ def _norm_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(" ".join(text_key(row).lower().split()).encode()).hexdigest()
 
 
-def read_rows(path: Path, kind: str, limit: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Rows of `kind` from a JSONL file, exact duplicates dropped; returns (rows, counts)."""
+def read_rows(
+    path: Path, kind: str, limit: int | None = None, tool_rows: ToolRows | None = None
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rows of `kind` from a JSONL file, exact duplicates dropped; returns (rows, counts). With `tool_rows`, rows
+    that use tools are made ready for the chat template (counted as `tool_rows`)."""
     if not path.is_file():
         hint = (
             UNPAIRED_HELP if kind == "unpaired" else "write it with `domaintune feedback export` or `domaintune data`"
@@ -55,7 +60,11 @@ def read_rows(path: Path, kind: str, limit: int | None = None) -> tuple[list[dic
                     counts["duplicates"] += 1
                     continue
                 seen.add(key)
-                rows.append(_columns(row, kind))
+                row = _columns(row, kind)
+                if tool_rows is not None and uses_tools(row):
+                    row = tool_rows(row, f"{path}:{line_no}")
+                    counts["tool_rows"] = counts.get("tool_rows", 0) + 1
+                rows.append(row)
             if limit is not None and len(rows) >= limit:
                 rows = rows[:limit]
                 break
@@ -69,7 +78,7 @@ def read_rows(path: Path, kind: str, limit: int | None = None) -> tuple[list[dic
 
 def _columns(row: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind in COLUMNS:
-        return {k: row[k] for k in COLUMNS[kind]}
+        return {k: row[k] for k in (*COLUMNS[kind], "tools") if k in row}
     scalar = (str, int, float, bool, type(None))
     return {k: v for k, v in row.items() if k == "prompt" or isinstance(v, scalar)}
 
@@ -108,17 +117,21 @@ def _paths(cfg: ProjectConfig, layout: RunLayout) -> tuple[Path, Path | None]:
     return Path(path), layout.val_file if not section.path and cfg.data.kind != "sft" else None
 
 
-def preference_data(cfg: ProjectConfig, layout: RunLayout, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(train, val, info): the datasets.Dataset pair for a preference or reinforcement method and its accounting."""
+def preference_data(
+    cfg: ProjectConfig, layout: RunLayout, seed: int, tokenizer: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, val, info): the datasets.Dataset pair for a preference or reinforcement method and its accounting.
+    Pairs and unpaired rows that use tools are rendered with `tokenizer`'s chat template."""
     from datasets import Dataset
 
     tcfg = cfg.train
     kind = KIND_OF[tcfg.method]
     path, val_path = _paths(cfg, layout)
-    rows, counts = read_rows(path, kind, tcfg.max_train_samples)
+    tool_rows = ToolRows(tokenizer) if kind in COLUMNS else None
+    rows, counts = read_rows(path, kind, tcfg.max_train_samples, tool_rows)
     files = [path]
     if val_path is not None and val_path.is_file():
-        val, val_counts = read_rows(val_path, kind, tcfg.max_val_samples)
+        val, val_counts = read_rows(val_path, kind, tcfg.max_val_samples, tool_rows)
         files.append(val_path)
         train = rows
     else:
@@ -137,4 +150,6 @@ def preference_data(cfg: ProjectConfig, layout: RunLayout, seed: int) -> tuple[A
         "fingerprint": fingerprint_files(files),
         "truncated": None,
     }
+    if kind in COLUMNS:
+        return to_dataset(train, tcfg.method, tokenizer), to_dataset(val, tcfg.method, tokenizer), info
     return Dataset.from_list(train), Dataset.from_list(val), info
