@@ -102,3 +102,30 @@ def test_mistral_calls_through_the_server(server):
     broken = c.chat.completions.create(model=model, messages=ASK, tools=TOOLS, seed=3, max_tokens=96)
     assert broken.choices[0].finish_reason == "stop" and not broken.choices[0].message.tool_calls
     assert broken.choices[0].message.content == SCRIPTS[3]
+
+
+def test_a_preference_pair_with_a_call_renders_in_mistrals_format(mistral_tools_dir):
+    """What dpo/kto/reward hand trl (train/preference/tool_rows.py): Mistral's template renders the tools before
+    the user turn and the chosen call as `[TOOL_CALLS] [...]`, its OpenAI-style id mapped to 9 letters/digits."""
+    from transformers import AutoTokenizer
+
+    from domaintune.model.tools import parse_tool_calls
+    from domaintune.train.preference.tool_rows import ToolRows
+
+    tok = AutoTokenizer.from_pretrained(mistral_tools_dir)
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "A1"}'}}
+    pair = {
+        "prompt": ASK,
+        "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+        "rejected": [{"role": "assistant", "content": "No idea."}],
+        "tools": TOOLS,
+    }
+    row = ToolRows(tok)(pair, "pairs.jsonl:1")
+    tools = json.loads(row["tools"])
+    prompt = tok.apply_chat_template(row["prompt"], tools=tools, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(row["prompt"] + row["chosen"], tools=tools, tokenize=False)
+    assert prompt.startswith("<s>[AVAILABLE_TOOLS] [") and prompt.endswith("[INST] Where is my order A1001?[/INST]")
+    chosen = full[len(prompt) :]
+    assert chosen.startswith('[TOOL_CALLS] [{"name": "lookup_order", "arguments": {"order_id": "A1"}, "id": "')
+    _, calls = parse_tool_calls(chosen.removesuffix("</s>"))  # and the parser reads it back
+    assert [c["function"]["name"] for c in calls] == ["lookup_order"] and len(calls[0]["id"]) == 9
