@@ -3,9 +3,8 @@
 The tools are rendered by the model's own chat template (`apply_chat_template(..., tools=...)`); a template that
 does not render them is refused with a 400 rather than answering as if the tools were not there. The answer is
 read back with `domaintune.model.tools.parse_tool_calls` (Qwen/Hermes `<tool_call>` tags, Llama 3.1 JSON, Mistral's
-`[TOOL_CALLS]`): when
-it holds calls to the request's tools the message carries `tool_calls` and `finish_reason` is `tool_calls`, else
-it is an ordinary answer.
+`[TOOL_CALLS]`): when it holds calls to the request's tools the message carries `tool_calls` and `finish_reason` is
+`tool_calls`, else it is an ordinary answer.
 
 `tool_choice`: `auto` (the default with tools) and `required` render every tool; a named function renders only
 that one; `none` renders none and never parses calls. Under `auto` decoding is free: the model answers in prose
