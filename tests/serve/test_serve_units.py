@@ -73,6 +73,12 @@ class _CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def convert_tokens_to_ids(self, token):  # no tool-call marker tokens in this vocabulary
+        return None
+
+    def convert_ids_to_tokens(self, token_id):
+        return chr(token_id)
+
 
 def test_streamed_text_holds_back_partial_characters_and_stop_prefixes():
     text = IncrementalText(_CharTokenizer(), stop=["END"])
