@@ -178,6 +178,12 @@ def plot_rewards(curves: dict[str, list[list[float]]], path: Path, title: str) -
         if name not in ("loss", "kl", "reward_std"):
             width = 2.0 if name == "reward" else 1.0
             ax_reward.plot(*zip(*points, strict=True), label=name, linewidth=width, marker="o", markersize=3)
+    if len(curves.get("reward", [])) >= 6:  # each step sees other prompts: the trend is in the running mean
+        steps, values = zip(*curves["reward"], strict=True)
+        window = max(3, len(values) // 8)
+        running = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                   for i in range(len(values))]  # fmt: skip
+        ax_reward.plot(steps, running, label=f"reward, running mean of {window}", color="black", linestyle="--")
     for ax, label in ((ax_loss, "loss / KL"), (ax_reward, "mean reward")):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
