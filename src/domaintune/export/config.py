@@ -61,7 +61,10 @@ class ExportConfig(StrictModel):
     modelfile_gguf: GgufType = Field("q8_0", description="Which GGUF file the Modelfile's FROM points at.")
     ollama_template: str | None = Field(
         None,
-        description="Go template for the Modelfile's TEMPLATE. Default: translated from a ChatML or Llama-3 chat template.",
+        description=(
+            "Go template for the Modelfile's TEMPLATE. Default: translated from a ChatML, Llama-3 or Gemma chat "
+            "template; any other chat template needs this (or `export.modelfile: false`), checked before export builds."
+        ),
     )
     ollama_parameters: dict[str, float | int | str] = Field(
         default_factory=dict,

@@ -52,6 +52,40 @@ def check_gguf_plan(cfg: ProjectConfig, model_dir: Path) -> None:
         check_convertible(source)
     except ConversionError as exc:
         raise UserError(f"export.gguf {ecfg.gguf}: {exc}\n{SKIP_HINT}") from exc
+    if ecfg.modelfile and not ecfg.ollama_template:
+        check_modelfile_template(cfg.model.chat_template, source)
+
+
+def check_modelfile_template(chat_template: str | None, source: Path) -> None:
+    """Fail before building anything when the Modelfile's TEMPLATE cannot be translated from the chat template."""
+    from domaintune.export.modelfile import TEMPLATE_KEYS, ollama_family
+    from domaintune.model.loader import NAMED_CHAT_TEMPLATES
+
+    if chat_template:
+        template, where = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template), "model.chat_template"
+    else:
+        template, where = _stored_chat_template(source), f"{source}'s chat template"
+    if ollama_family(template) is None:
+        raise UserError(
+            f"export.ollama_template: {where} is not ChatML, Llama-3 or Gemma, so the Ollama Modelfile's "
+            f"TEMPLATE cannot be translated from it; {TEMPLATE_KEYS}"
+        )
+
+
+def _stored_chat_template(folder: Path) -> str:
+    """The chat template a tokenizer folder stores (chat_template.jinja/.json, else tokenizer_config.json)."""
+    import json
+
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            stored = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(stored, list):  # named templates: [{"name": ..., "template": ...}]
+                stored = next((t["template"] for t in stored if t.get("name") == "default"), None)
+            if stored:
+                return str(stored)
+    return ""
 
 
 def _architecture_source(cfg: ProjectConfig, model_dir: Path) -> Path:

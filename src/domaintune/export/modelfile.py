@@ -1,8 +1,16 @@
 """The Ollama `Modelfile` beside the GGUF files: TEMPLATE and stop tokens taken from the GGUF itself.
 
-The Go template is the GGUF's chat template translated (ChatML and Llama-3 are recognised; anything
-else needs `export.ollama_template`). SYSTEM is the training data's system prompt, else the default
-system prompt the chat template inserts by itself (SmolLM2 does), rendered by llama.cpp's formatter.
+The Go template is the GGUF's chat template translated: ChatML, Llama-3 and Gemma are recognised
+(`ollama_family`); anything else needs `export.ollama_template` (or `export.modelfile: false`), and
+export checks that before building anything. SYSTEM is the training data's system prompt, else the
+default system prompt the chat template inserts by itself (SmolLM2 does), rendered by llama.cpp's formatter.
+
+The templates follow Ollama's semantics (ollama/template/template.go, `collate` and `Execute`): system
+messages stay in `.Messages` and are also joined into `.System`, so a template renders either the system
+messages of `.Messages` (ChatML, Llama-3) or `.System` (Gemma, which merges it into the first user turn),
+never both. Ollama prepends the Modelfile's SYSTEM as a system message when a conversation has none. The
+generation prompt follows the last message unless that is the assistant's, which is then left open for
+the model to continue (Ollama's prefill). tests/export/ollama_render renders them with Go's text/template.
 """
 
 from __future__ import annotations
@@ -11,16 +19,51 @@ from collections.abc import Callable
 
 from domaintune.errors import UserError
 
-_OLLAMA_CHATML = (
-    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n"
+_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+
+
+def _turns(head: str, end: str, generation: str, role: str = "{{ .Role }}") -> str:
+    """Every message as `head(role) content end`; the last assistant turn open; else the generation prompt."""
+    return (
+        "{{- range $i, $_ := .Messages }}" + _LAST + head.replace("ROLE", role) + "{{ .Content }}"
+        '{{ if or (not $last) (ne .Role "assistant") }}' + end + "{{ end }}"
+        '{{ if and $last (ne .Role "assistant") }}' + generation + "{{ end }}"
+        "{{- end }}"
+    )
+
+
+_OLLAMA_CHATML = _turns("<|im_start|>ROLE\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+_OLLAMA_LLAMA3 = _turns(
+    "<|start_header_id|>ROLE<|end_header_id|>\n\n", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
-_OLLAMA_LLAMA3 = (
-    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+# Gemma: no system turn; `.System` (every system message, joined) opens the first user turn.
+_OLLAMA_GEMMA = (
+    "{{- $first := true }}{{- range $i, $_ := .Messages }}" + _LAST + '{{- if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}{{ $first = false }}{{ .Content }}<end_of_turn>\n"
+    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}{{ if not $last }}<end_of_turn>\n{{ end }}'
+    "{{ end }}"
+    '{{ if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}'
+    "{{- end }}"
 )
+
+# family -> (marker in the chat template, Go template, turn start, turn end, stop tokens always added)
+OLLAMA_FAMILIES: dict[str, tuple[str, str, str, str, list[str]]] = {
+    "chatml": ("<|im_start|>", _OLLAMA_CHATML, "<|im_start|>", "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
+    "llama3": ("<|start_header_id|>", _OLLAMA_LLAMA3, "<|start_header_id|>", "<|eot_id|>", ["<|eot_id|>"]),
+    "gemma": ("<start_of_turn>", _OLLAMA_GEMMA, "<start_of_turn>", "<end_of_turn>", ["<end_of_turn>"]),
+}
+TEMPLATE_KEYS = (
+    "set export.ollama_template to the Go template for the Modelfile, or export.modelfile: false to export without one"
+)
+
+
+def ollama_family(chat_template: str) -> str | None:
+    """The family (`OLLAMA_FAMILIES`) whose Go template renders `chat_template`, or None."""
+    for family, (marker, *_rest) in OLLAMA_FAMILIES.items():
+        if marker in chat_template:
+            return family
+    return None
+
 
 Render = Callable[[list[dict[str, str]]], str | None]
 
@@ -51,18 +94,15 @@ def ollama_modelfile(
     default_system = None
     stops = list(dict.fromkeys(stop_tokens))
     if template is None:
-        if "<|im_start|>" in chat_template:
-            template = _OLLAMA_CHATML
-            default_system = default_system_prompt(render, "<|im_start|>", "<|im_end|>")
-            stops += [] if "<|im_start|>" in stops else ["<|im_start|>"]  # a model that starts a new turn
-        elif "<|start_header_id|>" in chat_template:
-            template = _OLLAMA_LLAMA3
-            default_system = default_system_prompt(render, "<|start_header_id|>", "<|eot_id|>")
-        else:
+        family = ollama_family(chat_template)
+        if family is None:
             raise UserError(
-                "export.ollama_template: the GGUF's chat template is neither ChatML nor Llama-3; "
-                "give the Go template for the Modelfile in export.ollama_template"
+                "export.ollama_template: the GGUF's chat template is not ChatML, Llama-3 or Gemma; " + TEMPLATE_KEYS
             )
+        _marker, template, start, end, family_stops = OLLAMA_FAMILIES[family]
+        if family != "gemma":  # Gemma's template has no system turn of its own
+            default_system = default_system_prompt(render, start, end)
+        stops += [token for token in family_stops if token not in stops]
     system = system or default_system
     lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{template}"""', ""]
     if system:
