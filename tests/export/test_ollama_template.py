@@ -143,3 +143,19 @@ def test_stop_tokens_include_each_familys_end_of_turn():
 def test_an_unknown_chat_template_names_both_keys():
     with pytest.raises(UserError, match=r"export\.ollama_template.*export\.modelfile: false"):
         ollama_modelfile("m.gguf", NAMED_CHAT_TEMPLATES["alpaca"], ["</s>"])
+
+
+def test_gemma3s_own_tokenizer_renders_the_same(ollama_render):
+    """The real Gemma 3 tokenizer (BOS `<bos>`), where the optional gemma3-270m model has been prepared."""
+    from transformers import AutoTokenizer
+
+    folder = Path.home() / ".cache" / "domaintune" / "models" / "gemma3-270m"
+    if not (folder / "chat_template.jinja").is_file():
+        pytest.skip(f"{folder} not prepared (model.name_or_path: gemma3-270m, optional package)")
+    gemma = AutoTokenizer.from_pretrained(folder)
+    template, system = modelfile_parts(gemma, None, system=SYSTEM)
+    for messages in CONVERSATIONS.values():
+        with_system = (
+            messages if messages[0]["role"] == "system" else [{"role": "system", "content": SYSTEM}, *messages]
+        )
+        assert go_render(ollama_render, template, system, messages) == hf_render(gemma, None, with_system)
