@@ -321,3 +321,24 @@ def test_a_tiny_qwen2_exports_to_a_verified_gguf(tmp_path, tiny_model_dir):
     assert entry["verified"]["ok"], entry["verified"]["problems"]
     assert (run / "export" / "gguf" / "tiny-q8_0.gguf").is_file()
     assert 'PARAMETER stop "<|im_end|>"' in (run / "export" / "gguf" / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_a_gguf_that_fails_verification_keeps_its_figures_in_the_manifest(tmp_path, monkeypatch):
+    # the reader of a rejected q8_0 needs its agreement and perplexity change, not only the sentence
+    import domaintune.export.gguf as gguf
+    import domaintune.llamacpp.quantize as quantize
+    import domaintune.llamacpp.tools as tools
+
+    def fake_file(src, dst, qtype, threads=None):
+        Path(dst).write_bytes(b"GGUF")
+
+    monkeypatch.setattr(tools, "convert_hf", lambda merged, dst, qtype: Path(dst).write_bytes(b"GGUF"))
+    monkeypatch.setattr(quantize, "quantize", fake_file)
+    failing = {"ok": False, "greedy_agreement": 0.54, "perplexity_change": 0.004, "problems": ["greedy agreement"]}
+    monkeypatch.setattr(gguf, "_verify", lambda cfg, qtype, *a: {"ok": True} if qtype == "f16" else failing)
+    monkeypatch.setattr(gguf, "_speed", lambda *a: {})
+    cfg = tiny_cfg(tmp_path, gguf=["f16", "q8_0"], modelfile=False)
+    arts = gguf.build_ggufs(cfg, tmp_path, tmp_path / "gguf", [], None, [])
+    assert arts["gguf-q8_0"]["kept"] is False and "does not pass verification" in arts["gguf-q8_0"]["failed"]
+    assert arts["gguf-q8_0"]["verified"] == failing
+    assert arts["gguf-f16"]["verified"] == {"ok": True} and (tmp_path / "gguf" / "tiny-f16.gguf").is_file()

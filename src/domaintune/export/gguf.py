@@ -141,11 +141,21 @@ def build_ggufs(
             if qtype != "f16":
                 (gguf_dir / f"{cfg.name}-{qtype}.gguf").unlink(missing_ok=True)
             artifacts[f"gguf-{qtype}"] = _failed(qtype, str(exc))
+            if isinstance(exc, GGUFVerificationError):  # the figures that failed it, for the manifest's reader
+                artifacts[f"gguf-{qtype}"]["verified"] = exc.verification
     if "f16" not in ecfg.gguf or "failed" in artifacts.get("gguf-f16", {}):
         f16.unlink(missing_ok=True)
     if ecfg.modelfile:
         _modelfile(cfg, gguf_dir, artifacts)
     return artifacts
+
+
+class GGUFVerificationError(UserError):
+    """A GGUF that llama.cpp loads but that falls outside its type's tolerance; carries the verification."""
+
+    def __init__(self, message: str, verification: dict[str, Any]):
+        super().__init__(message)
+        self.verification = verification
 
 
 def _failed(qtype: str, reason: str) -> dict[str, Any]:
@@ -180,9 +190,10 @@ def _build_one(
         verification = _verify(cfg, qtype, path, merged_dir, rows, reference)
         entry["verified"] = verification
         if not verification["ok"]:
-            raise UserError(
+            raise GGUFVerificationError(
                 f"{path.name} does not pass verification in llama.cpp: {'; '.join(verification['problems'])} "
-                f"(export.gguf_tolerance.{qtype} sets the perplexity tolerance)"
+                f"(export.gguf_tolerance.{qtype} sets the perplexity tolerance)",
+                verification,
             )
         entry["speed"] = _speed(path, speed_prompts, ecfg.speed_new_tokens)
     return entry
