@@ -365,6 +365,7 @@ class EvalModel:
                 kwargs = {"logits_to_keep": keep} if keep_ok and keep < width else {}
                 with torch.inference_mode():
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
+                logits = logits[:, -width:]  # prompt/p-tuning adapters put their virtual tokens' positions first
                 kept = logits.shape[1]
                 # logits at position t predict token t + 1
                 shift_logits = logits[:, :-1].float()

@@ -273,11 +273,12 @@ def select_batch(
     return batch
 
 
-def _has_prompt_learning(model: Any) -> bool:
-    """A PeftModel holding a prefix / prompt / p-tuning adapter: those are never merged nor mixed per row
-    (peft's `adapter_names` is LoRA-only), so its batches run one adapter (or the base) at a time."""
+def _one_adapter_per_batch(model: Any) -> bool:
+    """A PeftModel whose adapters cannot be mixed per row (peft's `adapter_names` takes plain LoRA only): a
+    prefix / prompt / p-tuning adapter (never merged) or a DoRA one, so its batches run one adapter (or the
+    base) at a time."""
     configs = getattr(model, "peft_config", None) or {}
-    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+    return any(getattr(c, "is_prompt_learning", False) or getattr(c, "use_dora", False) for c in configs.values())
 
 
 class TransformersEngine(Engine):
@@ -417,7 +418,7 @@ class TransformersEngine(Engine):
                     break
                 self._cond.wait(timeout=left)
             head = self._pending[0]
-            unmixed = head.backbone in self._backbones and _has_prompt_learning(self._backbones[head.backbone].model)
+            unmixed = head.backbone in self._backbones and _one_adapter_per_batch(self._backbones[head.backbone].model)
             picked = select_batch(list(self._pending), self.max_batch_size, self.max_batch_tokens, unmixed)
             chosen = {id(r) for r in picked}
             self._pending = collections.deque(r for r in self._pending if id(r) not in chosen)
@@ -480,7 +481,7 @@ class TransformersEngine(Engine):
             )
             kwargs: dict[str, Any] = {}
             adapters_off: Any = contextlib.nullcontext()
-            if _has_prompt_learning(bb.model):  # batches hold one adapter's rows (select_batch same_adapter)
+            if _one_adapter_per_batch(bb.model):  # batches hold one adapter's rows (select_batch same_adapter)
                 if batch[0].adapter is None:
                     adapters_off = bb.model.disable_adapter()
                 else:
