@@ -5,7 +5,7 @@ serves the same requests one by one (all of them arriving at once, so a request'
 time until the loop reaches and finishes it). Both sides decode greedily with the same max_tokens
 and stop at the end-of-turn token, so they do the same work.
 
-    nice -n 10 python bench/bench_serve.py --clients 32 --requests-per-client 2 --max-tokens 32
+    nice -n 10 python bench/bench_serve.py --clients 32 --requests-per-client 2 --max-tokens 32 [--engine llamacpp]
 
 Mixed workload (--mixed): a `domaintune serve` process on loopback, 64 concurrent clients for a
 bounded time, 10% of them hostile (degenerate sampling, lone surrogates, deeply nested JSON, empty
@@ -190,6 +190,12 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument(
+        "--engine",
+        choices=["transformers", "llamacpp"],
+        default="transformers",
+        help="The server's engine (llamacpp: the q8_0 GGUF of the model, what `auto` picks on a CPU).",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -223,14 +229,14 @@ def main() -> None:
                 "default_max_tokens": args.max_tokens,
                 "key_hash_iterations": 1000,
                 "serve_trained": False,
-                "engine": "transformers",
+                "engine": args.engine,
                 "request_timeout_s": 3600,
             },
         }
     )
     print(
         f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
-        f"model {args.model}, greedy",
+        f"model {args.model}, greedy, server engine {args.engine}",
         file=sys.stderr,
     )
     server = run_server_load(cfg, prompts, args.clients, args.max_tokens)
@@ -264,7 +270,7 @@ def main() -> None:
         }
 
     rows = [
-        row(f"domaintune serve ({args.clients} clients, batched)", server),
+        row(f"domaintune serve, {args.engine} ({args.clients} clients, batched)", server),
         row("transformers generate, one by one", baseline),
     ]
     same = sum(server["outputs"].get(i) == baseline["outputs"].get(i) for i in range(n))
