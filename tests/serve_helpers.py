@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -45,6 +46,30 @@ def serve_config(output_dir: Path, serve: dict | None = None, **extra):
 
 
 # ---- real Redis and PostgreSQL servers on loopback (Debian's redis-server and postgresql) ----------
+@contextlib.contextmanager
+def scripted_server(cfg, scripts: dict[int, list[int]]):
+    """A real server on loopback whose transformers engine writes `scripts[seed]` token by token for a request
+    with that seed (the tiny models' own answers are random), yielding it with a user key as `.key`."""
+    import domaintune.serve.engines.transformers as engine_module
+    from domaintune.serve.server import BackgroundServer
+    from domaintune.serve.state import build_state
+
+    real_sample = engine_module._sample
+
+    def scripted(logits, row):
+        script = scripts.get(row.request.params.seed)
+        return real_sample(logits, row) if script is None else script[len(row.text.ids)]
+
+    engine_module._sample = scripted
+    try:
+        state = build_state(cfg)
+        with BackgroundServer(state) as srv:
+            srv.key = state.store.create_key("alice")[1]
+            yield srv
+    finally:
+        engine_module._sample = real_sample
+
+
 def _wait_for(check, what: str, seconds: float = 30.0) -> None:
     import time
 

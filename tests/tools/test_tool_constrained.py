@@ -13,6 +13,7 @@ import pytest
 from openai import OpenAI
 
 from serve_helpers import serve_config
+from tool_helpers import RETURN_POLICY
 
 SHIP = {
     "type": "function",
@@ -32,20 +33,8 @@ SHIP = {
         },
     },
 }
-POLICY = {
-    "type": "function",
-    "function": {
-        "name": "return_policy",
-        "description": "The return policy of a product category.",
-        "parameters": {
-            "type": "object",
-            "properties": {"category": {"type": "string", "enum": ["clothing", "shoes", "electronics"]}},
-            "required": ["category"],
-        },
-    },
-}
 NO_ARGS = {"type": "function", "function": {"name": "opening_hours", "description": "The shop's opening hours."}}
-TOOLS = [SHIP, POLICY, NO_ARGS]
+TOOLS = [SHIP, RETURN_POLICY, NO_ARGS]
 ASK = [{"role": "user", "content": "Please ship order A1001 by express, two boxes."}]
 SCHEMAS = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in TOOLS}
 

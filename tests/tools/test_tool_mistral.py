@@ -10,7 +10,7 @@ import shutil
 import pytest
 from openai import OpenAI
 
-from serve_helpers import serve_config
+from serve_helpers import scripted_server, serve_config
 from tool_helpers import TOOLS, openai_row
 
 CALL = '[TOOL_CALLS] [{"name": "lookup_order", "arguments": {"order_id": "A1001"}}]'
@@ -49,32 +49,15 @@ def test_the_template_check_and_sft_labels(mistral_tools_dir):
 def server(tmp_path_factory, mistral_tools_dir):
     from transformers import AutoTokenizer
 
-    import domaintune.serve.engines.transformers as engine_module
-    from domaintune.serve.server import BackgroundServer
-    from domaintune.serve.state import build_state
-
     root = tmp_path_factory.mktemp("serve_mistral_tools")
     model_dir = root / "mistral-tools"
     shutil.copytree(mistral_tools_dir, model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     scripts = {s: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s, text in SCRIPTS.items()}
     assert tok.convert_tokens_to_ids("[TOOL_CALLS]") in scripts[1]  # the model "writes" the special token
-    real_sample = engine_module._sample
-
-    def scripted(logits, row):
-        script = scripts.get(row.request.params.seed)
-        return real_sample(logits, row) if script is None else script[len(row.text.ids)]
-
-    engine_module._sample = scripted
     serve = {"max_context_tokens": 2048, "max_tokens_cap": 128}
-    cfg = serve_config(root / "run", serve, model={"name_or_path": str(model_dir)})
-    state = build_state(cfg)
-    try:
-        with BackgroundServer(state) as srv:
-            srv.key = state.store.create_key("alice")[1]
-            yield srv
-    finally:
-        engine_module._sample = real_sample
+    with scripted_server(serve_config(root / "run", serve, model={"name_or_path": str(model_dir)}), scripts) as srv:
+        yield srv
 
 
 def test_mistral_calls_through_the_server(server):

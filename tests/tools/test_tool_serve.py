@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from serve_helpers import serve_config
+from serve_helpers import scripted_server, serve_config
 from tool_helpers import QWEN25_TOOLS_TEMPLATE, TOOLS
 
 CALL = '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A1001"}}\n</tool_call>'
@@ -31,10 +31,6 @@ SCRIPTS = {
 def server(tmp_path_factory, qwen2_dir):
     from transformers import AutoTokenizer
 
-    import domaintune.serve.engines.transformers as engine_module
-    from domaintune.serve.server import BackgroundServer
-    from domaintune.serve.state import build_state
-
     root = tmp_path_factory.mktemp("serve_tools")
     model_dir = root / "qwen-tools"
     shutil.copytree(qwen2_dir, model_dir)
@@ -43,23 +39,11 @@ def server(tmp_path_factory, qwen2_dir):
     tok.save_pretrained(model_dir)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     scripts = {seed: tok(text, add_special_tokens=False)["input_ids"] + [end] for seed, text in SCRIPTS.items()}
-    real_sample = engine_module._sample
-
-    def scripted(logits, row):
-        script = scripts.get(row.request.params.seed)
-        return real_sample(logits, row) if script is None else script[len(row.text.ids)]
-
-    engine_module._sample = scripted
     serve = {"max_context_tokens": 1024, "max_tokens_cap": 128, "models": [{"name": "plain", "source": str(qwen2_dir)}]}
     cfg = serve_config(root / "run", serve, model={"name_or_path": str(model_dir)})
-    state = build_state(cfg)
-    try:
-        with BackgroundServer(state) as srv:
-            srv.key = state.store.create_key("alice")[1]
-            srv.cfg = cfg  # the feedback export reads the same store
-            yield srv
-    finally:
-        engine_module._sample = real_sample
+    with scripted_server(cfg, scripts) as srv:
+        srv.cfg = cfg  # the feedback export reads the same store
+        yield srv
 
 
 def _client(server) -> OpenAI:
