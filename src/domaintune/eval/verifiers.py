@@ -56,15 +56,11 @@ def verifier_report(
     per_model: dict[str, dict[str, Any]] = {name: {} for name in texts}
     if specs:
         from domaintune.train.preference.scoring import score_answers
-        from domaintune.train.preference.verifiers import build_verifiers, combined_scores, score_components
+        from domaintune.train.preference.verifiers import build_verifiers
 
         verifiers = build_verifiers(specs)
-        prompts = [r["prompt"] for r in rows]
-        fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
-        for name, model_texts in texts.items():
+        for name, model_texts in texts.items():  # scored once: an llm_judge component is a request per answer
             per_model[name] = score_answers(verifiers, rows, model_texts)
-            components = score_components(verifiers, prompts, model_texts, **fields)
-            per_model[name]["rewards"] = combined_scores(verifiers, components)
     if reward_path is not None:
         from domaintune.train.preference.reward import RewardModelScorer
 

@@ -43,7 +43,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Any], max_new_tokens: i
 
 
 def score_answers(verifiers: Sequence[Verifier], rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict:
-    """Per-component mean, combined reward and pass rate (95% Wilson interval) of one model's answers."""
+    """Per-component mean, combined reward per answer and on average, and pass rate (95% Wilson interval) of one
+    model's answers."""
     prompts = [r["prompt"] for r in rows]
     fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
     components = score_components(verifiers, prompts, list(answers), **fields)
@@ -59,6 +60,7 @@ def score_answers(verifiers: Sequence[Verifier], rows: Sequence[dict[str, Any]],
         },
         "component_applicable": {v.__name__: sum(applies(v.spec, r["prompt"], r) for r in rows) for v in verifiers},
         "component_pass_rate_where_applicable": {v.__name__: _applicable_rate(v, rows, components) for v in verifiers},
+        "rewards": total,
         "reward_mean": sum(total) / len(total) if total else None,
         "pass_rate": sum(passed) / len(passed) if passed else None,
         "pass_rate_ci95": [low, high],

@@ -130,6 +130,11 @@ def facts_in(text: str, pattern: re.Pattern[str] = FACT_RE) -> set[str]:
     return {_fact_key(m.group(0)) for m in pattern.finditer(text or "")}
 
 
+def fact_pattern(spec: VerifierSpec) -> re.Pattern[str]:
+    """What a reference_facts verifier counts as a fact: its `pattern`, else a figure with its unit."""
+    return re.compile(spec.pattern, re.I) if spec.pattern else FACT_RE
+
+
 def reference_facts_score(text: str, reference: str | None, pattern: re.Pattern[str] = FACT_RE) -> float:
     """Share of the reference's facts (figures with units) the completion states; 1 when the reference has none."""
     wanted = facts_in(reference or "", pattern)
@@ -218,7 +223,7 @@ def _text_scorer(spec: VerifierSpec) -> Callable[[str, str, dict[str, Any]], flo
         terms = _terms(spec)
         return lambda p, c, row: glossary_score(c, row.get(spec.field), terms, spec.case_sensitive)
     if spec.type == "reference_facts":
-        found = re.compile(spec.pattern, re.I) if spec.pattern else FACT_RE
+        found = fact_pattern(spec)
         return lambda p, c, row: reference_facts_score(c, row.get(spec.field), found)
     if spec.type == "length":
         return lambda p, c, row: length_score(c, spec.min_words, spec.max_words)
@@ -242,8 +247,7 @@ def applies(spec: VerifierSpec, prompt: Any, row: dict[str, Any] | None = None) 
     if spec.applies_if is not None and re.search(spec.applies_if, prompt_text(prompt), re.I) is None:
         return False
     if spec.type == "reference_facts" and row is not None:
-        found = re.compile(spec.pattern, re.I) if spec.pattern else FACT_RE
-        return bool(facts_in(str(row.get(spec.field) or ""), found))
+        return bool(facts_in(str(row.get(spec.field) or ""), fact_pattern(spec)))
     return True
 
 
