@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# GGUF conversions and merged adapters (domaintune.llamacpp.cache) go to a folder of this test session, not the
+# user's ~/.cache/domaintune/gguf: most are keyed by tmp run folders (a new key every run) and only piled up
+# there. The price is converting the tiny model once per session (its folder in the models cache is stable, so
+# it used to be reused). CI that wants conversions kept across sessions sets DOMAINTUNE_GGUF_CACHE to a
+# folder of its own; the cache's size cap (DOMAINTUNE_GGUF_CACHE_MAX_GB) applies there too.
+_OWN_GGUF_CACHE = None if os.environ.get("DOMAINTUNE_GGUF_CACHE") else tempfile.mkdtemp(prefix="domaintune-gguf-")
+if _OWN_GGUF_CACHE:
+    os.environ["DOMAINTUNE_GGUF_CACHE"] = _OWN_GGUF_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _OWN_GGUF_CACHE:
+        shutil.rmtree(_OWN_GGUF_CACHE, ignore_errors=True)
+
+
 SHARED_DATASETS = Path(os.environ.get("DOMAINTUNE_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 
 

@@ -55,7 +55,7 @@ def test_run_time_scales_with_tokens(tiny_shape):
 def test_doctor_runs_and_lists_capabilities():
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    for text in ("QLoRA", "vLLM", "bundled model", "torch"):
+    for text in ("QLoRA", "vLLM", "bundled model", "torch", "GGUF cache", "DOMAINTUNE_GGUF_CACHE_MAX_GB"):
         assert text in result.output
 
 

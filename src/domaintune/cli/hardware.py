@@ -47,6 +47,19 @@ def _estimate_table(plan, target) -> Table:
     return table
 
 
+def _gguf_cache_line() -> str:
+    from domaintune.errors import UserError
+    from domaintune.llamacpp.cache import CACHE_MAX_ENV, cache_entries, cache_max_bytes, gguf_cache_root
+
+    root = gguf_cache_root()
+    entries = cache_entries(root)
+    used = f"{root}: {sum(size for _, size, _ in entries) / 1e9:.2f} GB in {len(entries)} folders"
+    try:
+        return f"{used}, cap {cache_max_bytes() / 1e9:.2f} GB ({CACHE_MAX_ENV})"
+    except UserError as err:
+        return f"{used}, cap unreadable: {err}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor() -> None:
@@ -61,6 +74,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"[bold]CPU[/] {hardware.cpu_model}: {hardware.cpu_cores} cores, {hardware.memory_gib:.1f} GiB RAM")
         simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in hardware.cpu_flags]
         out.print(f"[bold]CPU features[/] {', '.join(simd) or 'none of avx2/avx512/amx'}")
+        out.print(f"[bold]GGUF cache[/] {escape(_gguf_cache_line())}")
         table = Table("package", "version", title="libraries")
         for name, version in versions.items():
             table.add_row(name, version or "[dim]not installed[/]")
