@@ -77,6 +77,7 @@ def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Se
         "device": {**device_summary(), "allocator": out.speed.get("allocator", {"malloc": "unchanged"})},
         "speed": out.speed.get("why", {}),
         "precision": tcfg.precision,
+        "neftune": neftune_summary(out.trainer),
         "chosen": out.chosen,  # what `auto` (or the config) set precision and threads to, and why
         "steps": state.global_step,
         "max_steps": state.max_steps,
@@ -100,6 +101,12 @@ def build_metrics(cfg: ProjectConfig, start: Start, data: TrainData, session: Se
         "generation_eval": generation_metrics(tcfg, history),
         "distributed": session.summary(),
     }
+
+
+def neftune_summary(trainer) -> dict[str, Any]:
+    """Whether the Trainer added NEFTune noise to the input embeddings in training steps, and its alpha."""
+    alpha = getattr(trainer.args, "neftune_noise_alpha", None)
+    return {"on": alpha is not None, "noise_alpha": alpha}
 
 
 def generation_metrics(tcfg, history: list[dict]) -> dict | None:

@@ -213,6 +213,8 @@ def training_arguments(
         prediction_loss_only=True,  # evaluation needs the loss only: never keep every batch's logits
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
+        # NEFTune: transformers' Trainer hooks the input embeddings for training steps (config: SFT methods only)
+        neftune_noise_alpha=tcfg.neftune_noise_alpha,
         **extra,
     )
 
