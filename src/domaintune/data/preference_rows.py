@@ -186,17 +186,20 @@ def _unpaired_chat(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
-    """A prompt-only row; a data-stage chat gives its turns up to the last answer and that answer as `reference`."""
+    """A prompt-only row; a data-stage chat gives its turns up to the last answer and that answer as `reference`.
+    A row with `tools` keeps its earlier calls in OpenAI's shape (the prompt is rendered with its tools, as eval
+    renders it); other rows get calls as their Qwen/Hermes text."""
+    keep = bool(row.get("tools"))
     if "prompt" in row:
-        prompt = _messages(row["prompt"], "user", "prompt", keep_calls=False)
+        prompt = _messages(row["prompt"], "user", "prompt", keep_calls=keep)
         return {**_extras(row, ("prompt",)), "prompt": prompt, "reference": row.get("reference")}
     if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
         key = "messages" if "messages" in row else "conversations"
-        chat = _messages(row[key], "user", key, keep_calls=False)
+        chat = _messages(row[key], "user", key, keep_calls=keep)
         last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
         if last is None:
             return {**_extras(row, (key,)), "prompt": chat, "reference": row.get("reference")}
-        return {**_extras(row, (key,)), "prompt": chat[:last], "reference": chat[last]["content"]}
+        return {**_extras(row, (key,)), "prompt": chat[:last], "reference": message_text(chat[last])}
     if "instruction" in row:
         return {**_extras(row, ("instruction", "input", "output", "system")), "prompt": _alpaca_prompt(row),
                 "reference": row.get("output")}  # fmt: skip
@@ -225,14 +228,15 @@ def convert(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 
 def canonical(row: dict[str, Any], kind: str) -> dict[str, Any]:
-    """One record in the data stage: exactly one canonical row of `kind`, its core fields only (a chosen/rejected
-    pair is not an unpaired row here: the data stage writes what it read, and kto reads pairs as two rows)."""
+    """One record in the data stage: exactly one canonical row of `kind`, its core fields (and its `tools`) only
+    (a chosen/rejected pair is not an unpaired row here: the data stage writes what it read, and kto reads pairs as
+    two rows)."""
     if kind == "unpaired" and "completion" not in row and "chosen" in row and "rejected" in row:
         raise RowError("a chosen/rejected pair is not an unpaired row: use data.kind: preference (kto reads each pair as "
                        "a desirable and an undesirable row)")  # fmt: skip
     out = convert(row, kind)[0]
     core = {k: out.get(k) for k in CORE_FIELDS[kind]}
-    return {**core, "tools": out["tools"]} if out.get("tools") and kind != "prompt" else core
+    return {**core, "tools": out["tools"]} if out.get("tools") else core
 
 
 def prompt_user_text(row: dict[str, Any]) -> str:

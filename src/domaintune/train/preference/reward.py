@@ -14,6 +14,7 @@ from typing import Any
 
 from domaintune.errors import UserError
 from domaintune.train.config import TrainConfig
+from domaintune.train.preference.tool_rows import turns_of
 
 
 def build_reward_model(tcfg: TrainConfig, model_dir: Path, dtype: str) -> tuple[Any, dict[str, Any]]:
@@ -92,10 +93,10 @@ class RewardModelScorer:
             for p, c in zip(prompts, completions, strict=True)
         ]
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **fields: Any) -> list[float]:
         import torch
 
-        texts = self.texts(prompts, completions)
+        texts = self.texts(turns_of(prompts, fields), completions)
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(

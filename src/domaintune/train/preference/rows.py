@@ -3,8 +3,8 @@
 Pairs (orpo, simpo, reward, and dpo's file layouts), unpaired rows (kto) and prompt rows (grpo, ppo) are read
 with `data/preference_rows.py`'s conversions; exact duplicates (on the prompt and answers, normalised) are
 dropped and counted; without a `val_path`, 10% (at least one row) is held out with the run's seed. What was used
-goes into train/metrics.json's `data` like the SFT sets' accounting. Pairs and unpaired rows that use tools are
-rendered with their tools through the chat template (train/preference/tool_rows.py).
+goes into train/metrics.json's `data` like the SFT sets' accounting. Pairs, unpaired rows and prompt rows that use
+tools are rendered with their tools through the chat template (train/preference/tool_rows.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from domaintune.data.preference_rows import RowError, convert, text_key
 from domaintune.errors import UserError
 from domaintune.layout import RunLayout
-from domaintune.train.preference.tool_rows import ToolRows, to_dataset, uses_tools
+from domaintune.train.preference.tool_rows import ToolRows, prompt_dataset, to_dataset, uses_tools
 from domaintune.utils.io import fingerprint_files, read_jsonl_numbered
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def read_rows(
                     continue
                 seen.add(key)
                 row = _columns(row, kind)
-                if tool_rows is not None and uses_tools(row):
+                if tool_rows is not None and (uses_tools(row) if kind != "prompt" else row.get("tools")):
                     row = tool_rows(row, f"{path}:{line_no}")
                     counts["tool_rows"] = counts.get("tool_rows", 0) + 1
                 rows.append(row)
@@ -80,7 +80,7 @@ def _columns(row: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind in COLUMNS:
         return {k: row[k] for k in (*COLUMNS[kind], "tools") if k in row}
     scalar = (str, int, float, bool, type(None))
-    return {k: v for k, v in row.items() if k == "prompt" or isinstance(v, scalar)}
+    return {k: v for k, v in row.items() if k in ("prompt", "tools") or isinstance(v, scalar)}
 
 
 def split_rows(rows: list[dict[str, Any]], seed: int, path: Path) -> tuple[list[dict], list[dict]]:
@@ -121,13 +121,11 @@ def preference_data(
     cfg: ProjectConfig, layout: RunLayout, seed: int, tokenizer: Any
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(train, val, info): the datasets.Dataset pair for a preference or reinforcement method and its accounting.
-    Pairs and unpaired rows that use tools are rendered with `tokenizer`'s chat template."""
-    from datasets import Dataset
-
+    Rows that use tools are rendered with `tokenizer`'s chat template (refused, naming the row, when it cannot)."""
     tcfg = cfg.train
     kind = KIND_OF[tcfg.method]
     path, val_path = _paths(cfg, layout)
-    tool_rows = ToolRows(tokenizer) if kind in COLUMNS else None
+    tool_rows = ToolRows(tokenizer)
     rows, counts = read_rows(path, kind, tcfg.max_train_samples, tool_rows)
     files = [path]
     if val_path is not None and val_path.is_file():
@@ -152,4 +150,4 @@ def preference_data(
     }
     if kind in COLUMNS:
         return to_dataset(train, tcfg.method, tokenizer), to_dataset(val, tcfg.method, tokenizer), info
-    return Dataset.from_list(train), Dataset.from_list(val), info
+    return prompt_dataset(train, tokenizer), prompt_dataset(val, tokenizer), info

@@ -11,7 +11,11 @@ text; `to_dataset` builds the trl dataset:
 - dpo, kto, reward: trl's trainers render a row's `tools` column themselves, so the rows stay conversational (the
   messages held as JSON, since calls' arguments differ from row to row, `tools` as JSON text);
 - orpo, simpo: trl's ORPO and CPO trainers take no per-row tools, so every row is rendered to text here with trl's
-  own `apply_chat_template` (what they would render, plus the tools).
+  own `apply_chat_template` (what they would render, plus the tools);
+- grpo, ppo (`prompt_dataset`): trl's GRPOTrainer renders conversational prompts with trainer-wide tools only, so
+  every prompt is rendered to text here with `model.tools.render_prompt`, the helper eval and serving render prompts
+  with (the tools header, then the turns, then the generation prompt); the original turns go along as
+  `prompt_messages` (JSON text) for the verifiers and the reward model, and the tools as `tools` (JSON text).
 
 Rows without tools are left exactly as before, and so is a dataset in which no row uses tools.
 """
@@ -19,6 +23,7 @@ Rows without tools are left exactly as before, and so is a dataset in which no r
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from domaintune.errors import UserError
@@ -27,7 +32,9 @@ from domaintune.model.tools import (
     for_template,
     normalise_call,
     normalise_tools,
+    render_prompt,
     template_tool_problem,
+    with_tools_header,
 )
 
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected", "completion")
@@ -80,6 +87,8 @@ class ToolRows:
                     except ValueError as exc:
                         raise ValueError(f"`prompt` + `{key}` ({exc})") from None
                     out[key] = for_template(answer)
+            if not any(key in row for key in ANSWER_COLUMNS):  # a prompt row (grpo, ppo)
+                check_tool_turns(prompt, tools)
             out["prompt"] = for_template(prompt)
         except ValueError as exc:
             raise UserError(f"{where}: {exc}") from None
@@ -117,3 +126,38 @@ def to_dataset(rows: list[dict[str, Any]], method: str, tokenizer: Any) -> Any:
         tools = json.loads(r["tools"]) if r.get("tools") else None
         rendered.append(apply_chat_template({k: v for k, v in r.items() if k != "tools"}, tokenizer, tools))
     return Dataset.from_list(rendered)
+
+
+def prompt_dataset(rows: list[dict[str, Any]], tokenizer: Any) -> Any:
+    """The datasets.Dataset GRPOTrainer generates from (prompt rows from `ToolRows`): unchanged when no row uses
+    tools; else every prompt as the text eval and serving render for it (`render_prompt`, with the row's tools)."""
+    from datasets import Dataset
+
+    if not any(isinstance(r.get("tools"), str) for r in rows):  # no row with tools (ToolRows made them JSON)
+        return Dataset.from_list([{k: v for k, v in r.items() if k != "tools"} for r in rows])
+    table = []
+    for r in rows:
+        tools = json.loads(r["tools"]) if r.get("tools") else None
+        text = render_prompt(tokenizer, with_tools_header(r["prompt"], tools))
+        table.append({**r, "prompt": _without_added_bos(tokenizer, text), "tools": r.get("tools") or None,
+                      "prompt_messages": json.dumps(r["prompt"], ensure_ascii=False)})  # fmt: skip
+    return Dataset.from_list(table)
+
+
+def _without_added_bos(tokenizer: Any, text: str) -> str:
+    """`text` less a leading BOS when the tokenizer adds one itself: GRPOTrainer tokenises text prompts with the
+    special tokens, eval and serving without, so both see the same tokens."""
+    bos = getattr(tokenizer, "bos_token", None)
+    added = tokenizer("", add_special_tokens=True).input_ids
+    if bos and added[:1] == [tokenizer.bos_token_id] and text.startswith(bos):
+        return text[len(bos) :]
+    return text
+
+
+def turns_of(prompts: Sequence[Any], fields: dict[str, Any]) -> list[Any]:
+    """The prompts as turns: the rows' `prompt_messages` (JSON text) where GRPO was given rendered prompts (rows
+    with tools, train/preference/tool_rows.py), else the prompts themselves."""
+    held = fields.get("prompt_messages")
+    if not isinstance(held, list) or len(held) != len(prompts):
+        return list(prompts)
+    return [json.loads(m) if isinstance(m, str) else p for m, p in zip(held, prompts, strict=True)]

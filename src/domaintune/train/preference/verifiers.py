@@ -20,6 +20,7 @@ from typing import Any
 
 from domaintune.errors import UserError
 from domaintune.train.preference.config import VerifierSpec
+from domaintune.train.preference.tool_rows import turns_of
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class Verifier:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **fields: Any) -> list[float]:
         out = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=False)):
+        for i, (prompt, completion) in enumerate(zip(turns_of(prompts, fields), completions, strict=False)):
             row = {k: v[i] for k, v in fields.items() if isinstance(v, list) and len(v) > i}
             out.append(float(self._score(prompt_text(prompt), completion_text(completion), row)))
         return out
@@ -184,7 +185,7 @@ class BatchVerifier(Verifier):
         self._batch = batch
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **fields: Any) -> list[float]:
-        return [float(x) for x in self._batch(list(prompts), list(completions), **fields)]
+        return [float(x) for x in self._batch(turns_of(prompts, fields), list(completions), **fields)]
 
 
 def _load_schema(spec: VerifierSpec) -> dict[str, Any]:
