@@ -325,12 +325,16 @@ def machine_line(device: str) -> str:
     return line
 
 
-def check_estimate(config: Path, run_dir: Path, sets: list[str]) -> bool:
+def check_estimate(
+    config: Path, run_dir: Path, sets: list[str], cpu_gflops: float | None = None, decode_step_s: float | None = None
+) -> bool:
     """`domaintune estimate`'s train-stage prediction (peak memory, wall time) against a measured train stage.
 
     The run folder must hold the data stage's output. When it holds a finished train stage with the GNU time
     record (time.txt, from `/usr/bin/time -v`) that one is used; else the stage runs here under measurement
     (peak RSS of the child, wall clock). Prints both and whether each is within 25%; returns that.
+    `cpu_gflops` / `decode_step_s`: figures measured on an idle machine, used instead of this CPU's probes (the
+    line then says so); the load average is printed beside every check.
     """
     import re
     import resource
@@ -354,12 +358,23 @@ def check_estimate(config: Path, run_dir: Path, sets: list[str]) -> bool:
     text = time_txt.read_text()
     peak_gib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024**2
     measured_wall = json.loads(metrics_path.read_text())["wall_seconds"] if metrics_path.is_file() else None
-    plan = plan_estimates(cfg, gpus=[])
+    load = os.getloadavg()
+    cpu_flops = cpu_gflops * 1e9 if cpu_gflops else None
+    plan = plan_estimates(cfg, gpus=[], cpu_flops=cpu_flops, decode_step_seconds=decode_step_s)
     target = plan.targets[0]
     estimate = next(e for e in target.estimates if e.method == cfg.train.trained_as)
     predicted_wall = stage_seconds(plan, target, estimate)
     rows = [("peak memory GiB", estimate.total_gib, peak_gib), ("train stage s", predicted_wall, measured_wall)]
+    given = " (given, not probed)"
     print(f"estimate vs measured, {config} train stage on {target.name}:")
+    print(
+        f"  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; matmul {target.peak_tflops * 1e3:.0f} GFLOP/s"
+        f"{given if cpu_flops else ''}, decode step {target.decode_step_seconds:.3f} s{given if decode_step_s else ''}"
+        f", {plan.decode_steps} decode steps; predicted steps {estimate.run_seconds or 0:.0f} s at "
+        f"{estimate.tokens_per_s:.0f} tok/s"
+    )
+    if plan.load_note:
+        print(f"  WARNING: {plan.load_note}")
     ok = True
     for what, predicted, measured in rows:
         if predicted is None or not measured:
@@ -429,10 +444,17 @@ def main() -> None:
         help="compare `domaintune estimate`'s train-stage memory and time with a measured run of CONFIG in RUN_DIR",
     )
     parser.add_argument("--set", action="append", default=[], help="with --check-estimate: config overrides")
+    parser.add_argument(
+        "--cpu-gflops", type=float, default=None, help="with --check-estimate: matmul GFLOP/s measured when idle"
+    )
+    parser.add_argument(
+        "--decode-step-s", type=float, default=None, help="with --check-estimate: decode step seconds measured idle"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: {extra, out} for an ablation run
     args = parser.parse_args()
     if args.check_estimate:
-        sys.exit(0 if check_estimate(Path(args.check_estimate[0]), Path(args.check_estimate[1]), args.set) else 1)
+        config, run_dir = (Path(p) for p in args.check_estimate)
+        sys.exit(0 if check_estimate(config, run_dir, args.set, args.cpu_gflops, args.decode_step_s) else 1)
 
     import torch
     from transformers import Trainer

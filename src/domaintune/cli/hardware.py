@@ -30,7 +30,9 @@ def _estimate_table(plan, target) -> Table:
         "tokens/s",
         "run time",
         "train stage",
-        title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak)",
+        title=f"{target.name} ({target.memory_gib:.0f} GiB, {target.peak_tflops:.2f} TFLOP/s usable peak"
+        + (f", decode step {target.decode_step_seconds:.3f} s" if plan.decode_steps else "")
+        + ")",
     )
     for est in target.estimates:
         fits = est.total_gib <= target.memory_gib * 0.95

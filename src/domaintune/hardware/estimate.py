@@ -66,6 +66,8 @@ class RunShape:
     precision: str = "bf16"  # fp32 | bf16 | fp16
     num_virtual_tokens: int = 20
     total_tokens: int | None = None  # tokens the whole run processes (rows x avg len x epochs)
+    steps: int | None = None  # optimizer steps of the whole run
+    padding: float = 1.0  # tokens computed / tokens trained on (rows padded to the batch's longest; see padding_factor)
 
 
 @dataclass
@@ -182,8 +184,10 @@ def flops_per_token(method: str, shape: ModelShape, run: RunShape) -> float:
     return per_token
 
 
-def measure_cpu_flops(precision: str = "fp32", seconds: float = 0.6) -> float:
-    """Achievable matmul FLOP/s on this CPU in the given precision, with torch's current thread count."""
+def measure_cpu_flops(precision: str = "fp32", seconds: float = 0.6, repeats: int = 5) -> float:
+    """Achievable matmul FLOP/s on this CPU in the given precision, with torch's current thread count (set it to the
+    run's first): the best of `repeats` short bursts, so that a moment of load from another process costs one burst,
+    not the figure. A machine busy for the whole probe still reads low (see `machine_load_note`)."""
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -191,11 +195,115 @@ def measure_cpu_flops(precision: str = "fp32", seconds: float = 0.6) -> float:
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
-    iterations, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        iterations += 1
-    return 2 * n**3 * iterations / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(repeats):
+        iterations, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / repeats:
+            torch.mm(a, b)
+            iterations += 1
+        best = max(best, 2 * n**3 * iterations / (time.perf_counter() - start))
+    return best
+
+
+def machine_load_note(usable_cores: int, threads: int) -> str | None:
+    """A warning when other processes keep the cores busy: the 1-minute load average above the cores the run leaves
+    free (usable cores - its threads, + 0.5 for this process and noise). The time estimate assumes an idle machine."""
+    import os
+
+    load = os.getloadavg()[0]
+    if load <= max(usable_cores - threads, 0) + 0.5:
+        return None
+    return (
+        f"the machine looks busy (load average {load:.2f} on {usable_cores} usable core(s), the run takes {threads}): "
+        "the FLOP/s and decode probes read low and the run will be slower; times assume an idle machine"
+    )
+
+
+# Decode probe: the model is built from its config.json with random weights (nothing downloaded) and greedy decode
+# steps are timed in transformers' `generate`, as `train.generation_eval` runs it. A model up to this many weight
+# bytes is probed whole (weights streamed from memory at every step, as in the real run); a larger one with 1 and 3
+# of its layers, extrapolated linearly to all of them (cache-resident weights: a lower bound).
+DECODE_PROBE_WHOLE_MODEL_BYTES = 2 * GIB
+# GPU decode is bound by kernel launches in eager `generate` for small batches: ~20 launches per decoder layer at
+# ~10-20 us each. An assumption (no GPU was measured for this estimate), used for the named GPUs only.
+GPU_DECODE_SECONDS_PER_LAYER = 0.4e-3
+
+
+def measure_decode_step_seconds(
+    config_path: str | Path,
+    *,
+    batch: int,
+    precision: str = "fp32",
+    lora_r: int | None = None,
+    prompt_tokens: int = 64,
+    repetition_penalty: float = 1.0,
+) -> float:
+    """Seconds of one greedy decode step (one new token for each of `batch` sequences) on this CPU, measured.
+
+    With `lora_r` the model carries unmerged LoRA adapters on every linear layer (peft), as the model being
+    trained does during the generation eval. Prefill is excluded: the time of 2 new tokens is subtracted from that of
+    18, best of 2. Uses torch's current thread count (set it to the run's first)."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_path)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    layers = config.num_hidden_layers
+    whole = _count_params(config) * dtype.itemsize <= DECODE_PROBE_WHOLE_MODEL_BYTES
+    depths = (layers,) if whole else (1, 3)
+    seconds = {}
+    for depth in depths:
+        small = copy.deepcopy(config)
+        small.num_hidden_layers = depth
+        if getattr(small, "layer_types", None):
+            small.layer_types = list(small.layer_types)[:depth]
+        seconds[depth] = _time_decode(small, dtype, batch, prompt_tokens, lora_r, repetition_penalty)
+    if whole:
+        return seconds[layers]
+    per_layer = max((seconds[3] - seconds[1]) / 2, 0.0)
+    return max(seconds[1] - per_layer, 0.0) + per_layer * layers
+
+
+def _count_params(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _time_decode(config, dtype, batch: int, prompt_tokens: int, lora_r: int | None, repetition_penalty: float) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
+    model.eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_tokens))
+
+    def run(new_tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=0,
+            use_cache=True,
+        )
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        run(1)  # warm-up
+        return (run(10) - run(2)) / 8
 
 
 def estimate_all(
@@ -211,7 +319,7 @@ def estimate_all(
             efficiency = GPU_MFU["full" if method in ("full", "distill", "freeze") else "adapter"]
         else:
             efficiency = CPU_EFFICIENCY["bf16" if run.precision == "bf16" else "fp32"]
-        tokens_per_s = peak_flops * efficiency / flops_per_token(method, shape, run)
+        tokens_per_s = peak_flops * efficiency / (flops_per_token(method, shape, run) * run.padding)
         seconds = run.total_tokens / tokens_per_s if run.total_tokens else None
         results.append(
             Estimate(
@@ -225,29 +333,39 @@ def estimate_all(
     return results
 
 
-def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: int) -> int | None:
-    """Tokens in a messages JSONL (each row capped at max_length); None when the split is absent."""
+def row_token_lengths(path: Path, tokenizer_dir: Path | None, max_length: int) -> list[float] | None:
+    """Tokens of each row of a messages JSONL (capped at max_length); None when the split is absent."""
     from domaintune.utils.io import read_jsonl
 
     if not path.is_file():
         return None
-    total_chars, rows = 0, 0
-    sample: list[str] = []
-    for row in read_jsonl(path):
-        text = "\n".join(m.get("content", "") for m in row.get("messages", []))
-        total_chars += len(text)
-        rows += 1
-        if len(sample) < 200:
-            sample.append(text)
-    if rows == 0:
-        return 0
+    texts = ["\n".join(m.get("content", "") for m in row.get("messages", [])) for row in read_jsonl(path)]
+    if not texts:
+        return []
     # Characters per token of the model's tokenizer on this very data (sampled), not a guess.
     chars_per_token = 3.0
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        sample = texts[:200]
         sample_tokens = sum(len(ids) for ids in tokenizer(sample)["input_ids"])
         chars_per_token = sum(len(t) for t in sample) / max(sample_tokens, 1)
-    per_row = min(total_chars / rows / chars_per_token + 20, max_length)  # +20: chat-template tokens
-    return int(per_row * rows)
+    return [min(len(text) / chars_per_token + 20, max_length) for text in texts]  # +20: chat-template tokens
+
+
+def count_tokens_in_split(path: Path, tokenizer_dir: Path | None, max_length: int) -> int | None:
+    """Tokens in a messages JSONL (each row capped at max_length); None when the split is absent."""
+    lengths = row_token_lengths(path, tokenizer_dir, max_length)
+    return None if lengths is None else int(sum(lengths))
+
+
+def padding_factor(lengths: list[float], batch_size: int) -> float:
+    """Tokens a step computes over the tokens it trains on when each batch is padded to its longest row: the
+    expected longest of `batch_size` rows drawn at random (with replacement, order statistics of `lengths`) over
+    the mean row. 1.0 for one row per batch or equal lengths."""
+    if not lengths or batch_size <= 1:
+        return 1.0
+    ordered, n = sorted(lengths), len(lengths)
+    expected_max = sum(x * (((i + 1) / n) ** batch_size - (i / n) ** batch_size) for i, x in enumerate(ordered))
+    return expected_max / (sum(ordered) / n)
