@@ -373,7 +373,7 @@ def check_estimate(
         f", {plan.decode_steps} decode steps; predicted steps {estimate.run_seconds or 0:.0f} s at "
         f"{estimate.tokens_per_s:.0f} tok/s"
     )
-    if plan.load_note:
+    if plan.load_note and not (cpu_flops and decode_step_s):  # with both figures given, nothing was probed
         print(f"  WARNING: {plan.load_note}")
     ok = True
     for what, predicted, measured in rows:
