@@ -39,6 +39,7 @@ from domaintune.eval.sets import (
     set_gate_values,
     set_sections,
 )
+from domaintune.eval.shared_base import SharedBase
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.eval.verifiers import add_to_report as add_verifier_metrics
 from domaintune.layout import RunLayout
@@ -58,8 +59,11 @@ _Answers = dict[str, dict[str, list[dict[str, Any]]]]
 _Nll = dict[str, dict[str, list[tuple[float, int]]]]
 
 
-def run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
-    """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html."""
+def run_eval(cfg: ProjectConfig, layout: RunLayout, *, shared_base: Path | None = None) -> dict[str, Any]:
+    """Evaluate every configured model; write eval/{predictions,items}.jsonl, report.json, report.html.
+
+    `shared_base`: a folder of base-model answers and perplexities shared with other runs (a sweep's
+    `shared_eval/`, `domaintune.eval.shared_base`): read before answering, this run's base rows added after."""
     import torch
 
     from domaintune.hardware.autoselect import apply_threads
@@ -67,12 +71,12 @@ def run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     threads = torch.get_num_threads()
     apply_threads(cfg.eval.num_threads)  # auto: one per usable physical core
     try:
-        return _run_eval(cfg, layout)
+        return _run_eval(cfg, layout, shared_base)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
+def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ecfg = cfg.eval
     layout.eval_dir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +93,15 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
     models = build_models(cfg, layout)
     gens = _Generations(cfg, layout.eval_dir)
     nll_cache = JsonlCache(layout.eval_dir / "perplexity.jsonl")
+    shared = SharedBase(shared_base, cfg, _seed(cfg)) if shared_base is not None else None
+    if shared is not None:
+        shared.seed(gens.cache, nll_cache)
     answers, nll = _answer_every_set(models, sets, gens, nll_cache, cfg, notes)
     scored = _score_every_set(sets, answers, nll, ecfg, glossary)
     engine = _check_engine(models, sets, answers, gens, ecfg)
     robustness = _robustness(sets.items["test"], models, gens, scored.per_item["test"], ecfg, _seed(cfg))
+    if shared is not None:
+        shared.store(gens.cache, nll_cache)
     for model in models:
         model.unload()
     judge = _judge(sets.items["test"], answers["test"], models, ecfg, layout.eval_dir)
@@ -124,6 +133,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout) -> dict[str, Any]:
             "answers_reused": gens.cache.hits,
             "answers_generated": gens.generated,
             "perplexity_reused": nll_cache.hits,
+            "shared_base_rows": shared.seeded if shared is not None else None,
         },
         "notes": notes,
     }
