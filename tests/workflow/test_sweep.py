@@ -375,3 +375,47 @@ def test_a_sweep_chooses_on_the_dev_rows_while_the_gate_reads_the_rest(tmp_path)
     dev = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source_dev.jsonl").open()}
     gated = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source.jsonl").open()}
     assert len(dev) == 4 and not dev & gated
+
+
+@pytest.mark.slow  # three trials with an eval stage each: about 40 s on 2 idle cores
+def test_later_trials_read_the_base_answers_of_the_first_unless_the_decoding_changes(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from domaintune.eval.models import EvalModel
+
+    generated: list[Counter[str]] = [Counter()]  # one per trial: on_trial opens the next
+    generate = EvalModel.generate
+
+    def counting(self, prompts, *args, **kwargs):
+        generated[-1][self.name] += len(prompts)
+        return generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(EvalModel, "generate", counting)
+    sweep = {
+        "search_space": {
+            "train.learning_rate": {"type": "float", "low": 1e-4, "high": 5e-2, "log": True},
+            "eval.decoding.max_new_tokens": {"type": "categorical", "choices": [4, 3]},
+        },
+        "objective": {"source": "eval", "set": "out_of_source", "metric": "perplexity", "direction": "minimize"},
+        "pruning": {"enabled": False},
+        "enqueue": [
+            {"train.learning_rate": 5e-2, "eval.decoding.max_new_tokens": 4},
+            {"train.learning_rate": 1e-4, "eval.decoding.max_new_tokens": 4},
+            {"train.learning_rate": 1e-4, "eval.decoding.max_new_tokens": 3},
+        ],
+    }
+    config = _project(tmp_path, sweep, max_steps=2)
+    result = run_sweep(config, trials=3, on_trial=lambda row: generated.append(Counter()))
+    generated.pop()  # the counter opened after the last trial
+    assert [r.state for r in result.rows] == ["COMPLETE"] * 3
+    sweep_dir = tmp_path / "run" / "sweep"
+    reports = [json.loads((sweep_dir / f"trial_{n}" / "eval" / "report.json").read_text()) for n in range(3)]
+    assert generated[0]["base"] > 0 and generated[0]["tuned"] == generated[0]["base"]
+    # trial 1: the base model answered nothing (its answers and perplexities are trial 0's), the tuned one did
+    assert generated[1]["base"] == 0 and generated[1]["tuned"] == generated[0]["tuned"]
+    assert reports[1]["cache"]["shared_base_rows"] > 0 and reports[0]["cache"]["shared_base_rows"] == 0
+    for set_name in ("test", "out_of_source"):
+        assert reports[1]["metrics"][set_name]["base"] == reports[0]["metrics"][set_name]["base"]
+    # trial 2 decodes differently: the base model answers again
+    assert generated[2]["base"] == generated[0]["base"] and reports[2]["cache"]["shared_base_rows"] == 0
+    assert len(list((sweep_dir / "shared_eval").iterdir())) == 2

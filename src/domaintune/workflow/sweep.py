@@ -6,7 +6,8 @@ every bound and choice of `sweep.search_space` loads as a config, opens (or cont
 `<output_dir>/sweep/study.db`, and runs `--trials` more trials. A trial sets its sampled values as `--set`
 overrides would, then runs the stages in `<output_dir>/sweep/trial_<n>/` with `run_pipeline`: train, and
 eval when the objective is read from the eval report. The data stage runs once per distinct data config in
-`sweep/data/<fingerprint>/` and the trials link to it, so only a searched data setting re-runs it.
+`sweep/data/<fingerprint>/` and the trials link to it, so only a searched data setting re-runs it. The base
+model's eval answers and perplexities are shared in `sweep/shared_eval/` (`domaintune.eval.shared_base`).
 
 TPE samples the settings; Optuna's MedianPruner stops a trial whose in-training metric (the val loss or
 train.generation_eval's metric, reported at every evaluation through the train stage's evaluate hook) is
@@ -314,6 +315,7 @@ class TrialRunner:
         stages = ["train", "eval"] if self.objective.source == "eval" else ["train"]
         runners = default_stage_runners()
         runners["train"] = _train_with_hook(PruneHook(trial, self.objective))
+        runners["eval"] = _eval_sharing_base(self.paths.root / "shared_eval")
         started = time.perf_counter()
         try:
             run_pipeline(cfg, stages, runners=runners, on_stage=self._tell(trial.number))
@@ -393,6 +395,19 @@ def _train_with_hook(hook: Callable[[int, dict[str, float]], None]) -> Callable[
         return run_train(
             cfg, layout, resume=ctx.get("resume_train", False), extra_callbacks=[EvaluateHookCallback(hook)]
         )
+
+    return run
+
+
+def _eval_sharing_base(folder: Path) -> Callable[..., dict[str, Any]]:
+    """The eval stage with the sweep's shared base rows: the base model's answers and perplexities, computed by
+    the first trial and read by the later ones (keyed by everything that can change them; the tuned model's
+    rows are never shared)."""
+
+    def run(cfg: ProjectConfig, layout: RunLayout, ctx: dict[str, Any]) -> dict[str, Any]:
+        from domaintune.eval.runner import run_eval
+
+        return run_eval(cfg, layout, shared_base=folder)
 
     return run
 
