@@ -419,3 +419,32 @@ def test_later_trials_read_the_base_answers_of_the_first_unless_the_decoding_cha
     # trial 2 decodes differently: the base model answers again
     assert generated[2]["base"] == generated[0]["base"] and reports[2]["cache"]["shared_base_rows"] == 0
     assert len(list((sweep_dir / "shared_eval").iterdir())) == 2
+
+
+def test_an_interrupted_sweep_still_writes_the_finished_trials_report(tmp_path, monkeypatch):
+    from domaintune.workflow import sweep as sweep_module
+
+    sweep = {
+        "search_space": {"train.lora.r": {"type": "int", "low": 2, "high": 4, "step": 2}},
+        "objective": {"source": "train_generation_eval"},
+        "pruning": {"enabled": False},
+    }
+    config = _project(tmp_path, sweep, generation_eval={"items": 2, "max_new_tokens": 3})
+    real_call = sweep_module.TrialRunner.__call__
+    calls = []
+
+    def interrupted_second(self, trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second trial
+        return real_call(self, trial)
+
+    monkeypatch.setattr(sweep_module.TrialRunner, "__call__", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, ["train.max_steps=2"], trials=3)
+    sweep_dir = tmp_path / "run" / "sweep"
+    overlay = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(finished) == 1 and overlay["train"]["lora"]["r"] == finished[0].params["train.lora.r"]
+    assert (sweep_dir / "trials.csv").read_text().count("COMPLETE") == 1 and (sweep_dir / "trials.png").is_file()

@@ -115,14 +115,29 @@ def run_sweep(
         callbacks: list[Any] = [_report_each(base.sweep.search_space, on_trial)] if on_trial else []
         if base.train.tracking == "mlflow":
             callbacks.append(mlflow_trial_logger(base, paths, objective.label, base.sweep.search_space))
-        study.optimize(runner, n_trials=trials, timeout=timeout, callbacks=callbacks)
-        rows = trial_rows(study, base.sweep.search_space)
-        result = SweepResult(paths, study.study_name, objective, rows, len(study.trials) - before, notes=notes)
-        result.best = _best(rows, objective.direction)
-        write_trials_csv(study, paths.trials_csv)
-        write_trials_plot(rows, paths.trials_png, objective.label, objective.direction)
-        if result.best is not None:
-            write_best_yaml(result.best, paths.best_yaml, objective.label, config)
+        try:
+            study.optimize(runner, n_trials=trials, timeout=timeout, callbacks=callbacks)
+        finally:  # also on Ctrl-C or a failed trial: the trials that finished keep their table, plot and best.yaml
+            result = _write_report(study, base, objective, paths, config, len(study.trials) - before, notes)
+    return result
+
+
+def _write_report(
+    study: optuna.Study,
+    base: ProjectConfig,
+    objective: Objective,
+    paths: SweepPaths,
+    config: Path,
+    ran: int,
+    notes: list[str],
+) -> SweepResult:
+    rows = trial_rows(study, base.sweep.search_space)
+    result = SweepResult(paths, study.study_name, objective, rows, ran, notes=notes)
+    result.best = _best(rows, objective.direction)
+    write_trials_csv(study, paths.trials_csv)
+    write_trials_plot(rows, paths.trials_png, objective.label, objective.direction)
+    if result.best is not None:
+        write_best_yaml(result.best, paths.best_yaml, objective.label, config)
     return result
 
 
