@@ -252,7 +252,7 @@ def measure_decode_step_seconds(
     config = AutoConfig.from_pretrained(config_path)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     layers = config.num_hidden_layers
-    whole = _count_params(config) * dtype.itemsize <= DECODE_PROBE_WHOLE_MODEL_BYTES
+    whole = model_shape_from_config(config_path).params * dtype.itemsize <= DECODE_PROBE_WHOLE_MODEL_BYTES
     depths = (layers,) if whole else (1, 3)
     seconds = {}
     for depth in depths:
@@ -265,15 +265,6 @@ def measure_decode_step_seconds(
         return seconds[layers]
     per_layer = max((seconds[3] - seconds[1]) / 2, 0.0)
     return max(seconds[1] - per_layer, 0.0) + per_layer * layers
-
-
-def _count_params(config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _time_decode(config, dtype, batch: int, prompt_tokens: int, lora_r: int | None, repetition_penalty: float) -> float:
