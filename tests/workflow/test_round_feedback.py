@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from domaintune.data.config import DataConfig
 from domaintune.serve.store import Store, utcnow
 from domaintune.workflow.round import parse_window
-from domaintune.workflow.round_feedback import Intake, ReviewRules, in_holdout, read_feedback, redact, screen
+from domaintune.workflow.round_feedback import ReviewRules, in_holdout, read_feedback, redact, screen
 
 
 def _messages(question: str, answer: str) -> list[dict]:
@@ -95,7 +95,6 @@ def test_holdout_is_stable_and_never_trained(tmp_path):
     url, _ = _store(tmp_path)
     rules = ReviewRules(holdout=0.5)
     intake, rows = read_feedback(url, 1000, None, utcnow() + timedelta(seconds=1), rules)
-    screen(rows, [], {}, DataConfig(), rules, Intake()) if False else None
     screen(rows, [], {}, DataConfig(), rules, intake)
     held = {r["request_id"] for r in intake.holdout}
     assert held == {r["request_id"] for r in rows if in_holdout(r["request_id"], 0.5)}
