@@ -163,6 +163,27 @@ def test_eval_report_reader_reads_both_shapes_and_names_what_is_there():
         eval_report_value(per_set, "other", "tuned", "chrf", Path("r.json"))
 
 
+def test_the_plot_baseline_is_the_base_models_score_where_one_compares(tmp_path):
+    from domaintune.layout import RunLayout
+    from domaintune.workflow.sweep import read_baseline
+
+    layout = RunLayout(tmp_path)
+    layout.eval_report.parent.mkdir(parents=True)
+    report = {"sets": {"ood": {"metrics": {"base": {"chrf": 9.5}, "tuned": {"chrf": 12.0}}}}}
+    layout.eval_report.write_text(json.dumps(report), encoding="utf-8")
+
+    def objective(source: str, metric: str, model: str = "tuned") -> Objective:
+        return Objective(source, "ood", metric, model, "maximize", "eval_loss", -1.0, False)
+
+    assert read_baseline(layout, objective("eval", "chrf")) == 9.5
+    assert read_baseline(layout, objective("eval", "chrf_delta")) is None  # a gain is already against the base
+    assert read_baseline(layout, objective("eval", "chrf", model="base")) is None
+    assert read_baseline(layout, objective("train_generation_eval", "chrf")) is None
+    report["sets"]["ood"]["metrics"].pop("base")  # eval.models without the base: no line, not an error
+    layout.eval_report.write_text(json.dumps(report), encoding="utf-8")
+    assert read_baseline(layout, objective("eval", "chrf")) is None
+
+
 def test_bad_search_spaces_fail_before_any_trial(tmp_path):
     bad_value = _project(tmp_path, {"search_space": {"train.lora.r": {"type": "categorical", "choices": [8, 0]}}})
     with pytest.raises(ConfigError, match=r"sweep.search_space.train.lora.r: the value 0 does not load"):
@@ -371,6 +392,9 @@ def test_a_sweep_chooses_on_the_dev_rows_while_the_gate_reads_the_rest(tmp_path)
     trial = tmp_path / "run" / "sweep" / "trial_0"
     report = json.loads((trial / "eval" / "report.json").read_text())
     assert row.value == report["sets"]["out_of_source_dev"]["metrics"]["tuned"]["perplexity"]
+    # the base's score on the same rows: the reference line in trials.png
+    assert row.baseline == report["sets"]["out_of_source_dev"]["metrics"]["base"]["perplexity"] != row.value
+    assert (tmp_path / "run" / "sweep" / "trials.png").is_file()
     assert report["sets"]["out_of_source_dev"]["n_items"] == 4 and report["sets"]["out_of_source"]["n_items"] == 6
     dev = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source_dev.jsonl").open()}
     gated = {json.loads(line)["id"] for line in (trial / "data" / "holdout_out_of_source.jsonl").open()}

@@ -336,6 +336,9 @@ class TrialRunner:
             run_pipeline(cfg, stages, runners=runners, on_stage=self._tell(trial.number))
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+        baseline = read_baseline(cfg.layout, self.objective)
+        if baseline is not None:
+            trial.set_user_attr("baseline", baseline)
         return read_objective(cfg.layout, self.objective)
 
     def _tell(self, number: int) -> Callable[[str, str], None] | None:
@@ -444,6 +447,19 @@ def read_objective(layout: RunLayout, objective: Objective) -> float:
     if kept and int(kept.group(1)) in curve:
         return curve[int(kept.group(1))]
     return float(gen["curve"][-1][1])
+
+
+def read_baseline(layout: RunLayout, objective: Objective) -> float | None:
+    """The base model's value of the objective's metric on the objective's set, for the plot's reference line;
+    None where there is none to compare with (a training-time objective, a gain, or the base itself)."""
+    delta = any(objective.metric.endswith(s) for s in _DELTA_SUFFIXES)
+    if objective.source != "eval" or delta or objective.model == "base":
+        return None
+    report = json.loads(layout.eval_report.read_text(encoding="utf-8"))
+    try:
+        return eval_report_value(report, objective.set, "base", objective.metric, layout.eval_report)
+    except UserError:
+        return None  # eval.models without `base`: nothing to draw
 
 
 def eval_report_value(report: dict[str, Any], set_name: str, model: str, metric: str, source: Path) -> float:

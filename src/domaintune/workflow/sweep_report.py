@@ -64,6 +64,7 @@ class TrialRow:
     pruned_at: int | None = None  # the optimizer step it was pruned at
     folder: str | None = None
     intermediate: dict[int, float] = field(default_factory=dict)
+    baseline: float | None = None  # the base model's score on the objective's set and metric, when it has one
 
 
 def json_coded(param: SweepParam | None) -> bool:
@@ -94,6 +95,7 @@ def trial_row(trial: optuna.trial.FrozenTrial, space: dict[str, SweepParam]) -> 
         pruned_at=trial.user_attrs.get("pruned_at"),
         folder=trial.user_attrs.get("folder"),
         intermediate=dict(trial.intermediate_values),
+        baseline=trial.user_attrs.get("baseline"),
     )
 
 
@@ -137,7 +139,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
 
 
 def write_trials_plot(rows: list[TrialRow], path: Path, label: str, direction: str) -> Path:
-    """trials.png: each finished trial's objective (pruned trials as marks on the axis) and the best so far."""
+    """trials.png: each finished trial's objective (pruned trials as marks on the axis), the best so far and the
+    base model's score on the same set and metric (a dashed line) when the trials recorded it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,6 +160,11 @@ def write_trials_plot(rows: list[TrialRow], path: Path, label: str, direction: s
     if pruned:
         ax.scatter(pruned, [0.0] * len(pruned), transform=ax.get_xaxis_transform(), marker="x", color="tab:gray",
                    label="pruned", clip_on=False, zorder=3)  # fmt: skip
+    baselines = [r.baseline for r in rows if r.baseline is not None]
+    if baselines:  # every trial's eval shares the same base answers, so the last recorded one stands for all
+        ax.axhline(
+            baselines[-1], linestyle="--", color="tab:red", linewidth=1, label=f"base model ({baselines[-1]:.4g})"
+        )
     numbers = [r.number for r in rows]
     if numbers:
         ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
