@@ -130,3 +130,17 @@ def test_replay_rows_reach_training(tmp_path):
     # 16 domain + 8 general rows, batch 4: one epoch is 6 steps.
     assert metrics["steps"] == 6
     assert metrics["data"]["replay"]["file"].endswith("general.jsonl")
+
+
+def test_max_steps_that_end_before_one_pass_say_how_many_rows_are_never_read(tmp_path, caplog):
+    import logging
+
+    from domaintune.train.runner import run_train
+    from train_helpers import make_run_dir, tiny_config
+
+    run = make_run_dir(tmp_path / "run", n_train=20, n_val=4)
+    with caplog.at_level(logging.WARNING, logger="domaintune.train.runner"):
+        metrics = run_train(tiny_config(max_steps=2, batch_size=4, gradient_accumulation_steps=2), RunLayout(run))
+    assert metrics["data"]["coverage"] == {"rows": 20, "rows_per_step": 8, "rows_read": 16, "epochs": 0.8}
+    [message] = [r.getMessage() for r in caplog.records if "never seen" in r.getMessage()]
+    assert "reads 16 of the 20 training rows (80%" in message and "the other 4 are never seen" in message

@@ -63,6 +63,7 @@ def run_train(
     start = resolve_start(cfg)
     tokenizer = load_tokenizer(start.model_cfg, start.model_dir)
     data = build_datasets(cfg, layout, tokenizer, seed)
+    _warn_partial_pass(tcfg, data, session.world.world_size)
     _setup_train_dir(layout, tcfg, data, resume, session)
     model, params, engaged = _setup_model(cfg, start, seed, session)
     parts = TrainerParts(model, tokenizer, data, seed, resume, engaged.get("fused_head_loss", False))
@@ -98,6 +99,25 @@ def _choose_for_this_machine(cfg: ProjectConfig) -> tuple[ProjectConfig, dict[st
             Console(stderr=True).print(f"[yellow]warning:[/] {choice.warning}", markup=True, highlight=False)
     train = cfg.train.model_copy(update={name: choice.value for name, choice in chosen.items()})
     return cfg.model_copy(update={"train": train}), chosen
+
+
+def _warn_partial_pass(tcfg: TrainConfig, data: TrainData, world_size: int) -> None:
+    """Say so when `max_steps` ends training before one pass over the rows: the rest are never read, so a larger
+    training set (e.g. `data.sample.train`) changes which rows are seen, not how many. Recorded in metrics.json."""
+    if not tcfg.max_steps or tcfg.packing or not hasattr(data.train, "__len__"):
+        return  # packed steps hold a varying number of rows
+    rows = len(data.train)
+    per_step = tcfg.batch_size * tcfg.gradient_accumulation_steps * world_size
+    read = min(rows, tcfg.max_steps * per_step)
+    data.info["coverage"] = {"rows": rows, "rows_per_step": per_step, "rows_read": read, "epochs": read / rows}
+    if read < rows:
+        message = (
+            f"train.max_steps={tcfg.max_steps} at {per_step} rows a step reads {read:,} of the {rows:,} training rows "
+            f"({read / rows:.0%}, replay included); the other {rows - read:,} are never seen. More rows need more "
+            "steps: remove max_steps (train.epochs counts passes) or raise it"
+        )
+        log.warning(message)
+        Console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
 
 
 def _setup_process(tcfg: TrainConfig, layout: RunLayout) -> distributed.Session:
