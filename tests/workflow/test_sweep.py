@@ -472,3 +472,16 @@ def test_an_interrupted_sweep_still_writes_the_finished_trials_report(tmp_path, 
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(finished) == 1 and overlay["train"]["lora"]["r"] == finished[0].params["train.lora.r"]
     assert (sweep_dir / "trials.csv").read_text().count("COMPLETE") == 1 and (sweep_dir / "trials.png").is_file()
+
+
+@pytest.mark.parametrize("overlay", sorted((Path(__file__).parents[2] / "examples" / "sweeps").glob("*.yaml")), ids=str)
+def test_the_shipped_sweep_overlays_load_over_their_examples(overlay):
+    from domaintune.workflow.sweep import check_objective_set, check_search_space
+
+    example = overlay.parents[1] / overlay.name
+    cfg = load_config(example, overlays=[overlay])
+    objective = resolve_objective(cfg)
+    check_objective_set(cfg, objective, "shipped overlay")  # chooses on dev rows that no gate reads
+    assert objective.set.endswith("_dev") and cfg.data.split.holdout_group.dev_rows
+    check_search_space(example, [], [overlay], None, cfg.sweep.search_space)  # every bound loads as a config
+    assert cfg.sweep.enqueue, "the example's own recipe is the first trial"
