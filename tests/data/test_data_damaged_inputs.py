@@ -31,7 +31,11 @@ JSONL_DAMAGE = st.sampled_from(["none", "none", "truncated", "not_object", "byte
 XML_DAMAGE = st.sampled_from(
     ["none", "none", "none", "misspelled", "bad_attr", "bare_amp", "unclosed", "no_answer_end"]
 )
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run (seeded by the test's source), so that CI's outcome depends on the
+# code and not on which examples a run happened to draw; to search new ones, run with derandomize=False.
+SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _csv_line(fields: list[str]) -> str:
@@ -159,7 +163,7 @@ def test_damaged_xml_costs_only_the_broken_records(tmp_path_factory, items):
             assert rec.data == {"Question": q, "Answer": a, "../../Focus": "Topic", "@pid": str(k)}
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(st.tuples(ROW, CSV_DAMAGE), min_size=1, max_size=10),
     st.lists(st.tuples(ROW, JSONL_DAMAGE), min_size=1, max_size=10),
