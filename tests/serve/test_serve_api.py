@@ -230,7 +230,7 @@ def test_auth_and_permissions(server):
     assert alice.split("-", 2)[2].encode() not in db
 
 
-def test_rate_limit_token_limit_and_daily_quota(server):
+def test_rate_limit_token_limit_and_daily_quota(server, one_utc_day):
     slow = client(server, "slow")
     for _ in range(3):
         chat(slow, max_tokens=1)

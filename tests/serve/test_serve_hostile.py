@@ -158,7 +158,7 @@ def _served_tokens(responses: list[httpx.Response]) -> int:
     return sum(r.json()["usage"]["total_tokens"] for r in responses if r.status_code == 200)
 
 
-def test_64_parallel_requests_never_exceed_tpm_or_the_daily_quota(server):
+def test_64_parallel_requests_never_exceed_tpm_or_the_daily_quota(server, one_utc_day):
     bodies = [ask(f"parallel question {i}", max_tokens=8, temperature=1.0, seed=i) for i in range(64)]
     for limits, limit in (({"tpm": 200}, 200), ({"daily_tokens": 300}, 300)):
         responses = asyncio.run(_gather_posts(server.url, new_key(server, **limits), bodies))
@@ -167,7 +167,7 @@ def test_64_parallel_requests_never_exceed_tpm_or_the_daily_quota(server):
         assert _served_tokens(responses) <= limit
 
 
-def test_rpm_holds_under_concurrency_and_the_daily_quota_sequentially(server):
+def test_rpm_holds_under_concurrency_and_the_daily_quota_sequentially(server, one_utc_day):
     responses = asyncio.run(_gather_posts(server.url, new_key(server, rpm=10), [ask(max_tokens=1)] * 30))
     assert sum(r.status_code == 200 for r in responses) == 10
     key = new_key(server, daily_tokens=100)
