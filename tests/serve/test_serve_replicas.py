@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,7 +65,6 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 18
 
 @pytest.fixture(scope="module")
 def replicas(services, tmp_path_factory, tiny_model_dir):
-    from domaintune.serve.server import free_port
     from domaintune.serve.store import Store
 
     root = tmp_path_factory.mktemp("replicas")
@@ -107,7 +107,12 @@ def replicas(services, tmp_path_factory, tiny_model_dir):
         "alice": store.create_key("alice")[1],
         "admin": store.create_key("ops", is_admin=True)[1],
     }
-    ports = [free_port(), free_port()]
+    # Two ports held open together, then freed: free_port() twice could give the same port twice (the kernel
+    # picks a random free one each time, ~1 in 14,000), and the second replica would then fail to bind.
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = [a.getsockname()[1], b.getsockname()[1]]
     logs = [root / "a.log", root / "b.log"]
     procs = [_start_replica(project, port, log) for port, log in zip(ports, logs)]
     try:
