@@ -55,10 +55,17 @@ def test_feedback_export_writes_sft_and_preference_rows_deduplicated(tmp_path, t
             "q4": "Call me at 13812345678 about my test",
             "q5": LONG_ZH,
         }.items():
+            # seeded: an unseeded answer of the random tiny model is empty when its first token is the end of
+            # turn (2e-5 a request), and an empty answer gives no preference row (the q1 assertions below); its
+            # greedy answer to q1 is blank
             r = c.chat.completions.create(
-                model="tiny-random-llama", max_tokens=6, messages=[{"role": "user", "content": question}]
+                model="tiny-random-llama",
+                max_tokens=6,
+                seed=1,
+                messages=[{"role": "user", "content": question}],
             )
             asked[name] = (r.id, r.choices[0].message.content)
+        assert asked["q1"][1].strip(), "q1 needs a non-empty answer to become a preference pair's rejected side"
         comp = c.completions.create(model="tiny-random-llama", prompt="Aspirin is", max_tokens=4)
         auth = {"Authorization": f"Bearer {key}"}
 
