@@ -184,6 +184,27 @@ def test_the_plot_baseline_is_the_base_models_score_where_one_compares(tmp_path)
     assert read_baseline(layout, objective("eval", "chrf")) is None
 
 
+def test_the_plot_draws_one_base_line_or_the_base_per_trial(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from domaintune.workflow.sweep_report import TrialRow, write_trials_plot
+
+    drawn: list[list[str]] = []
+    close = plt.close
+    monkeypatch.setattr(
+        plt, "close", lambda fig: drawn.append(fig.axes[0].get_legend_handles_labels()[1]) or close(fig)
+    )
+    rows = [TrialRow(0, "COMPLETE", 12.0, {}, baseline=10.0), TrialRow(1, "COMPLETE", 13.0, {}, baseline=10.0)]
+    write_trials_plot(rows, tmp_path / "same.png", "x", "maximize")
+    rows[1].baseline = 11.0  # e.g. a searched decoding: the base answers differently in trial 1
+    write_trials_plot(rows, tmp_path / "differs.png", "x", "maximize")
+    write_trials_plot([TrialRow(0, "COMPLETE", 12.0, {})], tmp_path / "none.png", "x", "maximize")
+    assert sorted(drawn[0]) == ["base model (10)", "best so far", "trial"]  # one dashed line
+    assert sorted(drawn[1]) == ["base model", "best so far", "trial"]  # a mark per trial
+    assert sorted(drawn[2]) == ["best so far", "trial"]
+    assert all((tmp_path / name).is_file() for name in ("same.png", "differs.png", "none.png"))
+
+
 def test_bad_search_spaces_fail_before_any_trial(tmp_path):
     bad_value = _project(tmp_path, {"search_space": {"train.lora.r": {"type": "categorical", "choices": [8, 0]}}})
     with pytest.raises(ConfigError, match=r"sweep.search_space.train.lora.r: the value 0 does not load"):

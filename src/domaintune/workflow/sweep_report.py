@@ -160,11 +160,13 @@ def write_trials_plot(rows: list[TrialRow], path: Path, label: str, direction: s
     if pruned:
         ax.scatter(pruned, [0.0] * len(pruned), transform=ax.get_xaxis_transform(), marker="x", color="tab:gray",
                    label="pruned", clip_on=False, zorder=3)  # fmt: skip
-    baselines = [r.baseline for r in rows if r.baseline is not None]
-    if baselines:  # every trial's eval shares the same base answers, so the last recorded one stands for all
-        ax.axhline(
-            baselines[-1], linestyle="--", color="tab:red", linewidth=1, label=f"base model ({baselines[-1]:.4g})"
-        )
+    baselines = [(r.number, r.baseline) for r in rows if r.baseline is not None]
+    if baselines and len({value for _, value in baselines}) == 1:  # the usual case: one base, one set
+        value = baselines[0][1]
+        ax.axhline(value, linestyle="--", color="tab:red", linewidth=1, label=f"base model ({value:.4g})")
+    elif baselines:  # the search changes what the base is scored on (decoding, data): its score per trial
+        base_trials, base_values = zip(*baselines)
+        ax.scatter(base_trials, base_values, marker="_", s=200, color="tab:red", label="base model", zorder=2)
     numbers = [r.number for r in rows]
     if numbers:
         ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
