@@ -95,8 +95,7 @@ def _choose_for_this_machine(cfg: ProjectConfig) -> tuple[ProjectConfig, dict[st
     }
     for choice in chosen.values():
         if choice.warning:
-            log.warning(choice.warning)
-            Console(stderr=True).print(f"[yellow]warning:[/] {choice.warning}", markup=True, highlight=False)
+            _warn(choice.warning)
     train = cfg.train.model_copy(update={name: choice.value for name, choice in chosen.items()})
     return cfg.model_copy(update={"train": train}), chosen
 
@@ -116,8 +115,13 @@ def _warn_partial_pass(tcfg: TrainConfig, data: TrainData, world_size: int) -> N
             f"({read / rows:.0%}, replay included); the other {rows - read:,} are never seen. More rows need more "
             "steps: remove max_steps (train.epochs counts passes) or raise it"
         )
-        log.warning(message)
-        Console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+        _warn(message)
+
+
+def _warn(message: str) -> None:
+    """A start-up warning in the log and on the console (stderr), where a user watching the run sees it."""
+    log.warning(message)
+    Console(stderr=True).print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
 
 
 def _setup_process(tcfg: TrainConfig, layout: RunLayout) -> distributed.Session:
