@@ -88,6 +88,7 @@ def test_sweep_runs_prunes_resumes_and_writes_the_best_overlay(tmp_path):
     first = run_sweep(config, trials=2)
     sweep_dir = tmp_path / "run" / "sweep"
     assert [r.state for r in first.rows] == ["COMPLETE", "PRUNED"]
+    assert first.ran == 2  # both were enqueued before they ran: queued trials are not counted as run
     assert first.rows[1].pruned_at == 2 and first.rows[1].params == {"train.learning_rate": 1e-8}
     assert first.rows[1].value is None and first.rows[1].intermediate[2] > first.rows[0].intermediate[2]
     # the pruned trial stopped in training: no model, no eval report

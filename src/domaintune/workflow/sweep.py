@@ -110,7 +110,7 @@ def run_sweep(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _exclusive(paths):
         study, notes = open_study(base, paths, objective)
-        before = len(study.trials)
+        before = _finished(study)
         runner = TrialRunner(config, list(overrides), list(overlays), base, paths, objective, on_stage)
         callbacks: list[Any] = [_report_each(base.sweep.search_space, on_trial)] if on_trial else []
         if base.train.tracking == "mlflow":
@@ -118,8 +118,15 @@ def run_sweep(
         try:
             study.optimize(runner, n_trials=trials, timeout=timeout, callbacks=callbacks)
         finally:  # also on Ctrl-C or a failed trial: the trials that finished keep their table, plot and best.yaml
-            result = _write_report(study, base, objective, paths, config, len(study.trials) - before, notes)
+            result = _write_report(study, base, objective, paths, config, _finished(study) - before, notes)
     return result
+
+
+def _finished(study: optuna.Study) -> int:
+    """Trials that ran to an end; enqueued trials wait in the study as WAITING and must not count as run."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
 
 
 def _write_report(
