@@ -73,12 +73,14 @@ def test_medical_en_example(shared_datasets, tmp_path):
     assert drugs["input"] > 10000 and drugs["kept_total"] == 0
     assert drugs["dropped"]["filter: empty:output"] == drugs["input"]
     # MedQuAD asks many questions twice (different answers): grouped by prompt, none is in two splits
-    assert report["split"]["sizes"] == {"train": 2596, "val": 325, "test": 324}
+    assert report["split"]["sizes"] == {"train": 2595, "val": 325, "test": 324}
     assert report["split"]["groups"]["rows_in_shared_groups"] > 100
-    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 6  # holdout included
-    # the out-of-source set: the whole NIDDK collection, never in train/val/test, 100 of its rows written
+    # every pair of train, val, test, holdout and the holdout's dev rows
+    assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 10
+    # the out-of-source set: the whole NIDDK collection, never in train/val/test, 100 of its rows written after
+    # dev_rows (32 asked, whole prompt groups) were set aside for a recipe search
     niddk = report["sources"]["NIDDK"]
-    assert niddk["kept"] == {"train": 0, "val": 0, "test": 0, "holdout": 100} and niddk["balanced"]
+    assert niddk["kept"] == {"train": 0, "val": 0, "test": 0, "holdout": 100, "holdout_dev": 31} and niddk["balanced"]
     assert report["holdout"]["by_source"]["NIDDK"] == 100 and report["holdout"]["before_sampling"] > 100
     assert sum(s["kept"]["holdout"] for s in report["sources"].values()) == 100
     assert not report["guards"]["violations"]
