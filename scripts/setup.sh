@@ -26,6 +26,11 @@ if [ "${DOMAINTUNE_NO_LLAMACPP:-0}" != 1 ]; then
     # The build uses this CPU's instructions (GGML_NATIVE): a wheel is kept per CPU feature set, so a home
     # folder that moves to another CPU model builds anew instead of dying on an illegal instruction.
     CPU_KEY=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+    # Fixes applied to llama.cpp's source before the build (scripts/patches/*.patch, each says why); they
+    # are part of the key, so a wheel built before a patch was added is rebuilt.
+    PATCHES=$(ls scripts/patches/llama-cpp-python-$LLAMA_CPP_VERSION-*.patch 2>/dev/null || true)
+    PATCH_KEY=$(cat $PATCHES /dev/null | cksum | cut -d' ' -f1)
+    CPU_KEY="$CPU_KEY-$PATCH_KEY"
     WHEELS="$SOURCES/cpu-$CPU_KEY"
     TOOLS="$DT_CACHE/llama.cpp/$LLAMA_CPP_VERSION"
     mkdir -p "$WHEELS"
@@ -37,8 +42,15 @@ if [ "${DOMAINTUNE_NO_LLAMACPP:-0}" != 1 ]; then
     if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; then
         echo "building llama-cpp-python $LLAMA_CPP_VERSION for this CPU (once; about 6.5 min on 2 cores)..."
         start=$(date +%s)
+        BUILD_SRC=$(mktemp -d)
+        tar xzf "$SDIST" -C "$BUILD_SRC" --strip-components=1
+        for patch_file in $PATCHES; do
+            echo "  applying $patch_file"
+            (cd "$BUILD_SRC" && git apply -p1 "$OLDPWD/$patch_file")  # git apply: no patch(1) needed
+        done
         CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
-            python -m pip wheel -q --no-deps -w "$WHEELS" "$SDIST"
+            python -m pip wheel -q --no-deps -w "$WHEELS" "$BUILD_SRC"
+        rm -rf "$BUILD_SRC"
         echo "llama-cpp-python built in $(( $(date +%s) - start )) s"
     fi
     if [ "$(cat .venv/.llama-cpp-cpu 2>/dev/null)" != "$CPU_KEY" ]; then

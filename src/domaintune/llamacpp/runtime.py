@@ -29,10 +29,12 @@ _LOG_CALLBACK: Any = None  # kept alive: llama.cpp holds the pointer
 
 
 def _lib():
-    # llama.cpp's OpenMP threads spin between graph nodes; on a CPU shared with other processes a
-    # spinning thread that lost its core stalls the rest (4x slower decoding was measured on a busy
-    # 2-core machine), so they sleep instead unless the user chose otherwise. Read when libgomp loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # llama.cpp's OpenMP threads wait for each other between the graph's nodes, hundreds of times a token.
+    # Sleeping at once (OMP_WAIT_POLICY=PASSIVE) made one-sequence decoding 4.7x slower on a quiet 2-core
+    # Xeon (33 vs 155 tok/s) and 16 sequences slower on a busy one too (133 vs 216 tok/s); libgomp's
+    # default spins up to 300,000 rounds, which never yields a core a busy machine needs. A short spin
+    # bridges the gaps between nodes and sleeps soon after (docs/llamacpp.md). Read when libgomp loads.
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     import llama_cpp
 
     return llama_cpp
@@ -46,17 +48,27 @@ def cpu_has_amx() -> bool:
     return " amx_int8" in flags or " amx_tile" in flags
 
 
-def use_extra_buffers() -> bool:
-    """Whether llama.cpp may repack weights into its CPU "extra" buffer types.
+def use_extra_buffers(path: str | Path) -> bool:
+    """Whether llama.cpp may repack the weights of the GGUF at `path` into its CPU "extra" buffer types.
 
-    Off on AMX CPUs: llama.cpp's AMX matmul (one of those buffer types) crashes with a segfault on
-    quantised weights as soon as a batch holds more than one token (seen with q8_0 and q4_k_m on a
-    Sapphire Rapids Xeon, llama-cpp-python 0.3.36). $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS=1/0 overrides.
+    On AMX CPUs one of those is llama.cpp's AMX matmul (int8 tiles: 1.7x the decoding speed of 64
+    sequences measured on a Sapphire Rapids Xeon). Built by GCC 12 from unpatched source it crashes
+    the process on its first batch (scripts/patches/ says why; setup.sh's build is patched), so it
+    is used only where `amx_matmul_works()` saw it run. $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS=1/0 overrides.
     """
     env = os.environ.get("DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS")
     if env in ("0", "1"):
         return env == "1"
-    return not cpu_has_amx()
+    return not cpu_has_amx() or amx_matmul_works(path)
+
+
+def amx_matmul_works(path: str | Path) -> bool:
+    """Whether llama.cpp's AMX matmul runs with this build: a child process loads the GGUF at `path`
+    with the AMX buffers and decodes one batch (a crash kills only the child). The verdict is kept per
+    library build once a probe has used AMX; a model without AMX-shaped weights is probed each time."""
+    from domaintune.llamacpp.probe import probe_amx
+
+    return probe_amx(Path(path))
 
 
 def init_backend() -> None:
@@ -100,7 +112,7 @@ class GGUFModel:
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0
         params.vocab_only = vocab_only
-        params.use_extra_bufts = use_extra_buffers()
+        params.use_extra_bufts = False if vocab_only else use_extra_buffers(self.path)
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise UserError(f"llama.cpp could not load {self.path} (not a GGUF it supports?)")

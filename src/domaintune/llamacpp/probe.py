@@ -1,0 +1,150 @@
+"""Does llama.cpp's AMX matmul run with the installed build? Asked in a child process, because the answer
+for a broken build is a segmentation fault.
+
+llama-cpp-python 0.3.36 built by GCC 12 from unpatched source dies on its first AMX batch: GCC 12's
+`_tile_loadconfig` tells the compiler it reads 8 bytes of the tile configuration, so the stores of the
+rest are dropped and `ldtilecfg` faults on stack garbage (scripts/patches/ fixes it for setup.sh's
+build). Another build (GCC 13+, a distribution's, a later release) may well work, so it is tried, not
+assumed: the child loads the GGUF with the AMX buffers and decodes one batch. The verdict is cached per
+library build (path, size, modification time) once a probe has really used AMX.
+
+    python -m domaintune.llamacpp.probe MODEL.gguf   # the child: prints {"amx": true|false}
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("domaintune.llamacpp")
+
+PROBE_TIMEOUT_S = 300
+_LOCK = threading.Lock()
+_SEEN: dict[str, bool] = {}  # this process's verdicts, by library key or model path
+
+
+def library_key() -> str | None:
+    """Identity of the installed llama.cpp CPU backend (path, size, mtime), or None when not found."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.origin:
+        return None
+    libs = sorted((Path(spec.origin).parent / "lib").glob("libggml-cpu*.so*"))
+    if not libs:
+        return None
+    st = libs[0].stat()
+    return f"{libs[0]}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def cache_file() -> Path:
+    env = os.environ.get("DOMAINTUNE_CACHE")
+    base = Path(env).parent if env else Path.home() / ".cache" / "domaintune"
+    return base / "llamacpp-amx-probe.json"
+
+
+def _read_cache() -> dict[str, bool]:
+    try:
+        return {str(k): bool(v) for k, v in json.loads(cache_file().read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _write_cache(key: str, works: bool) -> None:
+    cached = _read_cache()
+    cached[key] = works
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def probe_amx(model_path: Path) -> bool:
+    """Whether the AMX matmul may be used for `model_path` (cached; see the module docstring)."""
+    lib = library_key()
+    if lib is None:
+        return False
+    with _LOCK:
+        if lib in _SEEN:
+            return _SEEN[lib]
+        cached = _read_cache().get(lib)
+        if cached is not None:
+            _SEEN[lib] = cached
+            return cached
+        model_key = f"{lib}|{model_path.resolve()}"
+        if model_key in _SEEN:
+            return _SEEN[model_key]
+        outcome = _run_child(model_path)
+        if outcome in ("amx", "crash"):  # the build's verdict
+            works = outcome == "amx"
+            _SEEN[lib] = works
+            _write_cache(lib, works)
+            if not works:
+                log.warning(
+                    "llama.cpp's AMX matmul crashed in a probe on %s: AMX stays off (slower batches). "
+                    "The build is likely GCC 12's without scripts/patches/; bash scripts/setup.sh builds a "
+                    "patched one (a new build is probed anew).",
+                    model_path,
+                )
+            return works
+        # no weight of this model takes the AMX path ("no-amx"; safe), or the child failed for another
+        # reason ("error": the model's own load will say why): nothing learnt about the build
+        _SEEN[model_key] = outcome == "no-amx"
+        return _SEEN[model_key]
+
+
+def child_command(model_path: Path) -> list[str]:
+    return [sys.executable, "-m", "domaintune.llamacpp.probe", str(model_path)]
+
+
+def _run_child(model_path: Path) -> str:
+    """One probe in a child process: "amx" (ran on AMX), "no-amx" (ran, no AMX-shaped weights), "crash"
+    (killed by a signal, the broken build's symptom) or "error" (failed otherwise, or timed out)."""
+    env = {**os.environ, "DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS": "1"}
+    try:
+        done = subprocess.run(
+            child_command(model_path), env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        log.warning("the llama.cpp AMX probe on %s took over %d s: AMX off for it", model_path, PROBE_TIMEOUT_S)
+        return "error"
+    if done.returncode < 0:
+        return "crash"
+    try:
+        used = bool(json.loads(done.stdout.strip().splitlines()[-1])["amx"])
+    except (ValueError, KeyError, IndexError):
+        log.debug("AMX probe on %s failed (exit %d): %s", model_path, done.returncode, done.stderr[-2000:])
+        return "error"
+    return "amx" if used else "no-amx"
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _child(model_path: str) -> None:
+    """Load with the AMX buffers, decode one 16-token batch, report whether AMX buffers were made."""
+    from domaintune.llamacpp.runtime import Context, Entry, GGUFModel
+
+    collect = _Collect()
+    log.addHandler(collect)
+    log.setLevel(logging.DEBUG)
+    model = GGUFModel(model_path)
+    ctx = Context(model, n_seq=1, seq_ctx=64, n_batch=64)
+    ctx.decode([Entry(t % model.n_vocab, t, 0, t == 15) for t in range(16)])
+    used = any("AMX" in line for line in collect.lines)
+    print(json.dumps({"amx": used}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
