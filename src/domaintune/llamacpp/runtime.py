@@ -236,6 +236,8 @@ class Context:
         self.ptr = ptr
         self.memory = L.llama_get_memory(ptr)
         self._batch = L.llama_batch_init(n_batch, 0, 1)
+        self._outputs: np.ndarray | None = None  # the last decode's logits, one row per entry that asked
+        self._output_row: dict[int, int] = {}  # batch row -> row of `_outputs`
         if lora is not None:
             adapters = (L.llama_adapter_lora_p_ctypes * 1)(lora)
             scales = (ctypes.c_float * 1)(1.0)
@@ -274,17 +276,24 @@ class Context:
             if e.logits:
                 rows.append(i)
         b.n_tokens = len(entries)
+        self._outputs = None
         rc = _lib().llama_decode(self.ptr, b)
         if rc != 0:
             # llama.cpp: 1 = no KV cache room for the batch, -1 = invalid batch (token ids, positions, sequences)
             why = "no room left in the KV cache" if rc == 1 else "the batch is invalid (llama.cpp's log says why)"
             raise RuntimeError(f"llama_decode failed ({rc}): {why}")
+        self._output_row = {batch_row: k for k, batch_row in enumerate(rows)}
         return rows
 
     def logits(self, row: int) -> np.ndarray:
         """A copy of the logits of batch row `row` from the last decode."""
-        ptr = _lib().llama_get_logits_ith(self.ptr, row)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        if self._outputs is None:
+            # One foreign call per decode, not one per row: every ctypes call gives up the GIL and must win it
+            # back, which in a server (HTTP threads beside the decoding thread) cost up to a switch interval
+            # each. llama.cpp stores the asked-for rows contiguously, in batch order.
+            ptr = _lib().llama_get_logits(self.ptr)
+            self._outputs = np.ctypeslib.as_array(ptr, shape=(len(self._output_row), self.model.n_vocab))
+        return self._outputs[self._output_row[row]].copy()
 
 
 def load_lora(model: GGUFModel, path: str | Path) -> Any:
