@@ -93,6 +93,30 @@ def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, 
     assert q8.ppl_change is not None and q8.ppl_change < 0.03
 
 
+def test_checks_of_several_types_share_the_merged_models_answers(tiny_model_dir, tiny_f16, gguf_dir, monkeypatch):
+    from domaintune.llamacpp import verify
+    from domaintune.llamacpp.quantize import quantize
+
+    calls = {"greedy": 0, "nll": 0}
+    for name in calls:
+        real = getattr(verify, f"hf_{name}")
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(verify, f"hf_{name}", counted)
+    refs = ["Rest and water.", "多喝水。", "A, C and D."]
+    shared = verify.HFReference(tiny_model_dir)
+    q8_path = quantize(tiny_f16, gguf_dir / "tiny-shared-q8_0.gguf", "q8_0")
+    alone = verify.verify_gguf(q8_path, tiny_model_dir, "q8_0", CONVERSATIONS, refs, max_new_tokens=12)
+    assert calls == {"greedy": 1, "nll": 1}
+    verify.verify_gguf(tiny_f16, tiny_model_dir, "f16", CONVERSATIONS, refs, max_new_tokens=12, reference=shared)
+    q8 = verify.verify_gguf(q8_path, tiny_model_dir, "q8_0", CONVERSATIONS, refs, max_new_tokens=12, reference=shared)
+    assert calls == {"greedy": 2, "nll": 2}  # once for both types, not once each
+    assert q8.as_dict() == alone.as_dict()
+
+
 def test_repetition_penalty_is_transformers_rule_over_prompt_and_answer():
     """sample_token's penalty gives the logits transformers' RepetitionPenaltyLogitsProcessor gives over the
     prompt and the answer so far (each seen token once, positive logits divided, negative ones multiplied)."""

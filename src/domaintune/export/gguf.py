@@ -21,6 +21,7 @@ from domaintune.errors import UserError
 
 if TYPE_CHECKING:
     from domaintune.config import ProjectConfig
+    from domaintune.llamacpp.verify import HFReference
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def build_ggufs(
 ) -> dict:
     """{"gguf-<type>": entry} for every configured type; a failure is an entry with `failed`, not an exception."""
     from domaintune.llamacpp.tools import convert_hf
+    from domaintune.llamacpp.verify import HFReference
 
     ecfg = cfg.export
     gguf_dir.mkdir(parents=True, exist_ok=True)
@@ -131,10 +133,11 @@ def build_ggufs(
     except Exception as exc:  # every type is built from this file: all of them fail, the other exports stay
         f16.unlink(missing_ok=True)
         return {f"gguf-{q}": _failed(q, f"llama.cpp's converter failed: {exc}") for q in ecfg.gguf}
+    shared = HFReference(merged_dir, reference)  # the merged model's answers, computed once for every type
     for qtype in ecfg.gguf:
         try:
             artifacts[f"gguf-{qtype}"] = _build_one(
-                cfg, qtype, f16, merged_dir, (rows, speed_prompts), reference, convert_s
+                cfg, qtype, f16, merged_dir, (rows, speed_prompts), shared, convert_s
             )
         except Exception as exc:
             log.warning("gguf-%s failed: %s", qtype, exc)
@@ -168,7 +171,7 @@ def _build_one(
     f16: Path,
     merged_dir: Path,
     inputs: tuple[list[dict], list[list[int]]],
-    reference: Any,
+    reference: HFReference,
     convert_s: float,
 ) -> dict[str, Any]:
     from domaintune.llamacpp.quantize import quantize
@@ -199,7 +202,9 @@ def _build_one(
     return entry
 
 
-def _verify(cfg: ProjectConfig, qtype: str, path: Path, merged_dir: Path, rows: list[dict], reference: Any) -> dict:
+def _verify(
+    cfg: ProjectConfig, qtype: str, path: Path, merged_dir: Path, rows: list[dict], reference: HFReference
+) -> dict:
     from domaintune.llamacpp.verify import TOLERANCE, verify_gguf
 
     ecfg = cfg.export
@@ -218,8 +223,8 @@ def _verify(cfg: ProjectConfig, qtype: str, path: Path, merged_dir: Path, rows: 
         conversations,
         references,
         max_new_tokens=ecfg.speed_new_tokens,
-        hf_model=reference,
         tolerance=tolerance,
+        reference=reference,
     )
     return result.as_dict()
 

@@ -243,13 +243,20 @@ def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tup
             placed.append((i, seq, first, len(entries)))
             slot = len(placed) - 1
             entries.extend(Entry(t, p, slot, first <= p < len(seq) - 1) for p, t in enumerate(seq))
-        row_of = dict(zip([k for k, e in enumerate(entries) if e.logits], ctx.decode(entries)))
-        for i, seq, first, start in placed:
-            nll = 0.0
-            for p in range(first, len(seq) - 1):
-                logits = ctx.logits(row_of[start + p]).astype(np.float64)
-                top = logits.max()
-                nll += float(top + np.log(np.exp(logits - top).sum()) - logits[seq[p + 1]])
-            results[i] = (nll, len(seq) - 1 - first)
+        ctx.decode(entries)
+        outputs = ctx.outputs()  # one row per scored position, in batch order
+        row = 0
+        for i, seq, first, _start in placed:
+            n = len(seq) - 1 - first
+            results[i] = (_sum_nll(outputs[row : row + n], seq[first + 1 :]), n)
+            row += n
         ctx.clear()
     return results
+
+
+def _sum_nll(logits: np.ndarray, targets: list[int]) -> float:
+    """Sum over rows of -log softmax(row)[target] (log-sum-exp per row, in float64 after the max is taken)."""
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
+    picked = logits[np.arange(len(targets)), targets].astype(np.float64)
+    return float((lse - picked).sum())

@@ -287,13 +287,17 @@ class Context:
 
     def logits(self, row: int) -> np.ndarray:
         """A copy of the logits of batch row `row` from the last decode."""
+        return self.outputs()[self._output_row[row]].copy()
+
+    def outputs(self) -> np.ndarray:
+        """The last decode's logits, one row per entry that asked for them, in batch order (a view into
+        llama.cpp's buffer: valid until the next decode)."""
         if self._outputs is None:
             # One foreign call per decode, not one per row: every ctypes call gives up the GIL and must win it
-            # back, which in a server (HTTP threads beside the decoding thread) cost up to a switch interval
-            # each. llama.cpp stores the asked-for rows contiguously, in batch order.
+            # back. llama.cpp stores the asked-for rows contiguously, in batch order.
             ptr = _lib().llama_get_logits(self.ptr)
             self._outputs = np.ctypeslib.as_array(ptr, shape=(len(self._output_row), self.model.n_vocab))
-        return self._outputs[self._output_row[row]].copy()
+        return self._outputs
 
 
 def load_lora(model: GGUFModel, path: str | Path) -> Any:

@@ -65,6 +65,38 @@ def agreement(reference: list[int], candidate: list[int]) -> float:
     return same / len(reference)
 
 
+class HFReference:
+    """The merged model's side of verifications: greedy answers and reference NLL, computed once per input and
+    shared by every GGUF type of an export (the f16 and q8_0 checks ask the same questions)."""
+
+    def __init__(self, hf_dir: Path, model: Any = None):
+        self.hf_dir = Path(hf_dir)
+        self._model = model
+        self._greedy: dict[tuple, list[list[int]]] = {}
+        self._nll: dict[tuple, list[tuple[float, int]]] = {}
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(self.hf_dir)
+        self._model.eval()
+        return self._model
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        key = (tuple(map(tuple, prompts)), max_new_tokens, tuple(stop_ids))
+        if key not in self._greedy:
+            self._greedy[key] = hf_greedy(self.model, prompts, max_new_tokens, stop_ids)
+        return self._greedy[key]
+
+    def nll(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        key = tuple((tuple(p), tuple(a)) for p, a in rows)
+        if key not in self._nll:
+            self._nll[key] = hf_nll(self.model, rows)
+        return self._nll[key]
+
+
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
     import torch
 
@@ -127,9 +159,11 @@ def verify_gguf(
     hf_model: Any = None,
     threads: int | None = None,
     tolerance: tuple[float, float] | None = None,
+    reference: HFReference | None = None,
 ) -> Verification:
-    """Load `gguf_path` in llama.cpp and compare it with the Hugging Face model in `hf_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load `gguf_path` in llama.cpp and compare it with the Hugging Face model in `hf_dir` (`reference`:
+    the merged model's answers and scores shared with other checks of the same model)."""
+    from transformers import AutoTokenizer
 
     from domaintune.llamacpp.generate import Decoder, Sampling, generate, score
     from domaintune.llamacpp.runtime import Context, GGUFModel
@@ -137,8 +171,7 @@ def verify_gguf(
     from domaintune.model.loader import end_of_turn_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = hf_model if hf_model is not None else AutoModelForCausalLM.from_pretrained(hf_dir)
-    model.eval()
+    reference = reference or HFReference(hf_dir, hf_model)
     gguf = GGUFModel(gguf_path)
     stop_ids = end_of_turn_token_ids(tokenizer)
     prompts = [
@@ -152,7 +185,7 @@ def verify_gguf(
         ours = [s.tokens for s in generate(decoder, prompts, Sampling(max_tokens=max_new_tokens))]
     finally:
         decoder.close()
-    theirs = hf_greedy(model, prompts, max_new_tokens, stop_ids)
+    theirs = reference.greedy(prompts, max_new_tokens, stop_ids)
     scores = [agreement(t, o) for t, o in zip(theirs, ours)]
     ppl_gguf = ppl_hf = change = None
     if references:
@@ -162,7 +195,7 @@ def verify_gguf(
             ppl_gguf = _ppl(score(ctx, rows))
         finally:
             ctx.close()
-        ppl_hf = _ppl(hf_nll(model, rows))
+        ppl_hf = _ppl(reference.nll(rows))
         if ppl_gguf and ppl_hf:
             change = abs(ppl_gguf - ppl_hf) / ppl_hf
     template = check_template(gguf, tokenizer)
