@@ -40,7 +40,7 @@ def _tiny_pair(tiny_model_dir):
         "tiny",
         loader=lambda: load_model_and_tokenizer(ModelConfig(name_or_path="tiny-random-llama")),
     )
-    cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp")
+    cpp = EvalModel("base", "local", "x", "tiny", engine="llamacpp", loader=hf.loader)
     cpp.hf_source = functools.partial(_hf_source, tiny_model_dir, None, None)
     return hf, cpp
 
@@ -62,15 +62,13 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
     assert sum(scores) / len(scores) >= 0.8  # q8_0 tolerance of verify.TOLERANCE
 
 
-def test_llamacpp_reference_perplexity_matches_transformers(tiny_model_dir):
-    from domaintune.eval.models import perplexity
-
+def test_a_llamacpp_model_is_scored_by_transformers(tiny_model_dir):
     references = [f"多休息，多喝水。Rest and drink water, case {i}." for i in range(len(PROMPTS))]
     hf, cpp = _tiny_pair(tiny_model_dir)
     theirs = hf.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="hf")
-    ours = cpp._reference_nll_llamacpp(PROMPTS, references, max_length=256, desc="cpp")
-    assert [n for _, n in ours] == [n for _, n in theirs]  # the same answer tokens scored
-    assert perplexity(ours) == pytest.approx(perplexity(theirs), rel=0.05)  # q8_0 weights
+    ours = cpp.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="cpp")
+    # the same weights in fp32, not the q8_0 GGUF: identical sums (llama.cpp's would differ by ~1%)
+    assert ours == theirs
 
 
 def test_auto_keeps_transformers_when_the_gguf_tokenizes_differently(monkeypatch):

@@ -25,13 +25,11 @@ LLAMACPP_SUFFIX = "|engine:llamacpp-q8_0"
 
 
 def engine_summary(models: list[EvalModel]) -> dict[str, Any]:
-    """Which engine generated each local model's answers, and why."""
-    from domaintune.eval.models import perplexity_engine
-
+    """Which engine generated each local model's answers, and why (references are always scored by transformers)."""
     local = [m for m in models if m.kind == "local"]
     engines = sorted({m.engine for m in local})
     reasons = sorted({m.engine_reason for m in local if m.engine_reason})
-    scorer = perplexity_engine() if "llamacpp" in engines else "/".join(engines) or "none"
+    scorer = "transformers" if local else "none"
     return {"name": "/".join(engines) or "none", "reason": "; ".join(reasons), "perplexity_by": scorer, "check": {}}
 
 
@@ -124,7 +122,7 @@ def describe_engine(engine: dict[str, Any] | None) -> list[str]:
         return []
     lines = [f"engine: {engine['name']} ({engine['reason']})" if engine.get("reason") else f"engine: {engine['name']}"]
     if engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
-        lines.append(f"reference perplexity scored by {engine['perplexity_by']} (faster with native bf16)")
+        lines.append(f"reference perplexity scored by {engine['perplexity_by']} (fp32: as fast as llama.cpp or faster)")
     for name, c in engine.get("check", {}).items():
         lines.append(
             f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "

@@ -298,36 +298,13 @@ class EvalModel:
         self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
     ) -> list[tuple[float, int]]:
         """(sum of negative log-likelihood, number of tokens) of each reference's assistant tokens
-        (answer text plus the end-of-turn token) given its prompt, by the model's engine."""
-        if self.engine == "llamacpp" and perplexity_engine() == "llamacpp":
-            return self._reference_nll_llamacpp(prompts, references, max_length, desc)
+        (answer text plus the end-of-turn token) given its prompt.
+
+        Always by transformers in the eval dtype (float32 unless `model.dtype` says otherwise), also for a
+        model that answers through llama.cpp: scoring is one long prompt pass per reference, mostly the
+        vocabulary projection, and on the 2-core Xeon transformers fp32 scored 200 medical-zh references at
+        2.16/s, llama.cpp q8_0 at 2.23/s with its AMX kernels and 1.13/s without them (docs/llamacpp.md)."""
         return self._reference_nll_local(prompts, references, max_length, batch_size, desc)
-
-    def _reference_nll_llamacpp(
-        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, desc: str
-    ) -> list[tuple[float, int]]:
-        """The same token rows scored by llama.cpp on the model's q8_0 GGUF (packed over 8 sequences)."""
-        from domaintune.llamacpp.cache import gguf_for
-        from domaintune.llamacpp.generate import score
-        from domaintune.llamacpp.runtime import Context, GGUFModel
-
-        if self.hf_source is None:
-            raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
-        folder, tokenizer = self.hf_source()
-        rows = reference_token_rows(tokenizer, prompts, references, max_length)
-        model = GGUFModel(gguf_for(folder, "q8_0"))
-        ctx = Context(model, n_seq=8, seq_ctx=max_length + 8, n_batch=max(2048, max_length + 8))
-        results: list[tuple[float, int]] = []
-        bar = tqdm(total=len(rows), desc=desc, unit="ref", dynamic_ncols=True)
-        try:
-            for start in range(0, len(rows), 32):
-                results.extend(score(ctx, rows[start : start + 32]))
-                bar.update(len(rows[start : start + 32]))
-        finally:
-            bar.close()
-            ctx.close()
-            model.close()
-        return results
 
     def _reference_nll_local(
         self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
@@ -383,16 +360,6 @@ class EvalModel:
         finally:
             bar.close()
         return results
-
-
-@functools.cache
-def perplexity_engine() -> str:
-    """Who scores references when llama.cpp answers: scoring is one long prefill per reference, which
-    transformers in native bf16 (AMX / AVX-512-BF16) does several times faster than llama.cpp's q8_0 kernels
-    (measured on a 2-core Sapphire Rapids: ~1.9 vs ~0.8 references/s); without native bf16, llama.cpp."""
-    from domaintune.hardware.autoselect import choose_precision
-
-    return "transformers" if choose_precision("auto").value == "bf16" else "llamacpp"
 
 
 def reference_token_rows(

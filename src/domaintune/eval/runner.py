@@ -370,7 +370,8 @@ def _filled(rows: list[dict[str, Any] | None], what: str) -> list[dict[str, Any]
 def _nll_rows(
     model: EvalModel, items: list[Item], cache: JsonlCache, cfg: ProjectConfig, set_name: str
 ) -> list[tuple[float, int]]:
-    settings = {"max_tokens": cfg.eval.perplexity_max_tokens}
+    # "scorer": references were scored by llama.cpp on some CPUs before; those rows must not be reused
+    settings = {"max_tokens": cfg.eval.perplexity_max_tokens, "scorer": "transformers"}
     keys = [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
     rows = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(rows) if r is None]
