@@ -220,9 +220,8 @@ class EvalConfig(StrictModel):
             "Engine generating the answers of local models (base, tuned, eval.models paths), the same for all "
             "of them. llamacpp: each model as a q8_0 GGUF (the tuned adapter merged first), several sequences "
             "decoded together on the CPU. auto: llama.cpp on a CPU-only machine when llama-cpp-python is "
-            "installed, else transformers. With llama.cpp the reference answers' perplexity is scored by llama.cpp too, except on "
-            "CPUs with native bf16, where transformers scores them faster. The report names the engine "
-            "and why it was chosen."
+            "installed, else transformers. Reference perplexity is always scored by transformers (fp32 is as "
+            "fast as llama.cpp on CPU). The report names the engine and why it was chosen."
         ),
     )
     engine_check_items: int = Field(
