@@ -35,7 +35,19 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def chat_prompts(n: int) -> list[list[dict]]:
+def chat_prompts(n: int, source: str = "general") -> list[list[dict]]:
+    """`general`: the general seed tasks (bench_serve's prompts); `medical-zh`: the main job's kind of question
+    (title + ask of the Chinese internal-medicine sample, its system prompt), the first n rows."""
+    if source == "medical-zh":
+        import csv
+
+        system = "你是一名专业的内科医生，请用简洁、准确的中文回答患者的问题。"  # examples/medical-zh.yaml
+        with (ZH_TEST / "internal_medicine_sample.csv").open(encoding="gb18030", newline="") as handle:
+            rows = [r for _, r in zip(range(n), csv.DictReader(handle))]
+        return [
+            [{"role": "system", "content": system}, {"role": "user", "content": f"{r['title']}\n{r['ask']}"}]
+            for r in rows
+        ]
     from bench_serve import load_prompts
 
     return [[{"role": "user", "content": p}] for p in load_prompts(n)]
@@ -53,15 +65,19 @@ def bench_transformers(model_dir: Path, prompts, max_new: int, batch: int) -> di
     eot = end_of_turn_token_ids(tok)
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eot, pad_token_id=tok.pad_token_id)
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    answers: list[list[int]] = []
+    # as the eval stage does: longest prompts first, so that similar lengths share a batch (less padding)
+    lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    answers: list[list[int]] = [[] for _ in texts]
     t0 = time.perf_counter()
-    for start in range(0, len(texts), batch):
-        enc = tok(texts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**enc, generation_config=config)
-        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+        for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :].tolist()):
             cut = next((k for k, t in enumerate(row) if t in eot), None)
-            answers.append(row if cut is None else row[:cut])
+            answers[i] = row if cut is None else row[:cut]
     wall = time.perf_counter() - t0
     tokens = sum(len(a) for a in answers)
     return {"wall_s": round(wall, 2), "tokens": tokens, "tok_per_s": round(tokens / wall, 1), "answers": answers}
@@ -83,7 +99,14 @@ def bench_llamacpp(model_dir: Path, prompts, max_new: int, batch: int, threads: 
     t_conv = time.perf_counter()
     path = gguf_for(model_dir, quant)
     conversion = time.perf_counter() - t_conv
-    decoder = Decoder(GGUFModel(path), stop_ids=end_of_turn_token_ids(tok), n_seq=batch, seq_ctx=1024, threads=threads)
+    decoder = Decoder(
+        GGUFModel(path),
+        stop_ids=end_of_turn_token_ids(tok),
+        n_seq=batch,
+        seq_ctx=1024,
+        threads=threads,
+        flash_attention=False,  # as the eval stage decodes
+    )
     generate(decoder, ids[:1], Sampling(max_tokens=2))  # warm-up
     t0 = time.perf_counter()
     seqs = generate(decoder, ids, Sampling(max_tokens=max_new))
@@ -103,7 +126,7 @@ def bench_llamacpp(model_dir: Path, prompts, max_new: int, batch: int, threads: 
 def bench_eval(args, model_dir: Path) -> dict:
     from domaintune.llamacpp.verify import agreement
 
-    prompts = chat_prompts(args.items)
+    prompts = chat_prompts(args.items, args.prompts)
     cpp = bench_llamacpp(model_dir, prompts, args.max_new_tokens, args.batch_size, args.threads, args.quant)
     hf = bench_transformers(model_dir, prompts, args.max_new_tokens, args.batch_size)
     scores = [agreement(a, b) for a, b in zip(hf.pop("answers"), cpp.pop("answers"))]
@@ -161,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--prompts", choices=["general", "medical-zh"], default="general")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quant", default="q8_0")

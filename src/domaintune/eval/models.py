@@ -155,7 +155,9 @@ class EvalModel:
         ]
         model = GGUFModel(gguf_for(folder, "q8_0"))
         ctx = max(len(i) for i in ids) + decoding.max_new_tokens + 8
-        decoder = Decoder(model, stop_ids=eot, n_seq=min(decoding.batch_size, len(ids)), seq_ctx=ctx)
+        decoder = Decoder(
+            model, stop_ids=eot, n_seq=min(decoding.batch_size, len(ids)), seq_ctx=ctx, flash_attention=False
+        )
         answers: list[Answer | None] = [None] * len(ids)
         bar = tqdm(total=len(ids), desc=desc or self.name, unit="answer", dynamic_ncols=True)
         t0 = time.perf_counter()

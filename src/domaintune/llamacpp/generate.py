@@ -102,9 +102,23 @@ class Decoder:
         n_batch: int = 2048,
         threads: int | None = None,
         lora=None,
+        flash_attention: bool | None = None,
     ):
+        """`flash_attention`: None lets llama.cpp decide (on, on CPU). llama.cpp's CPU kernel walks each
+        (sequence, head) row by row: it wins on prompts and loses on decoding steps of many sequences, so
+        eval, whose answers are longer than its prompts, turns it off (medical-zh, 32 sequences, q8_0 on the
+        2-core Xeon: 161 tok/s with it, 223 without) and serving, where prompts dominate, keeps it (64
+        requests of <= 32 tokens: 18.3 s with it, 28.9 s without; docs/llamacpp.md)."""
         self.model = model
-        self.ctx = Context(model, n_seq=n_seq, seq_ctx=seq_ctx, n_batch=n_batch, threads=threads, lora=lora)
+        self.ctx = Context(
+            model,
+            n_seq=n_seq,
+            seq_ctx=seq_ctx,
+            n_batch=n_batch,
+            threads=threads,
+            lora=lora,
+            flash_attention=flash_attention,
+        )
         self.stop_ids = set(stop_ids) if stop_ids is not None else set(model.eog_ids())
         self.free_slots = collections.deque(range(n_seq))
         self.running: list[Seq] = []

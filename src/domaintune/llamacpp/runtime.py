@@ -216,7 +216,9 @@ class Context:
         n_batch: int = 2048,
         threads: int | None = None,
         lora: Any = None,
+        flash_attention: bool | None = None,
     ):
+        """`flash_attention`: None lets llama.cpp decide (on for CPU); False suits decoding, see `Decoder`."""
         L = _lib()
         self.model = model
         self.n_seq = n_seq
@@ -228,6 +230,7 @@ class Context:
         params.n_ubatch = min(512, n_batch)
         params.n_seq_max = n_seq
         params.kv_unified = False
+        params.flash_attn_type = -1 if flash_attention is None else int(flash_attention)  # auto / off / on
         params.n_threads = params.n_threads_batch = threads or default_threads()
         params.no_perf = True
         ptr = L.llama_init_from_model(model.ptr, params)
