@@ -31,9 +31,9 @@ _LOG_CALLBACK: Any = None  # kept alive: llama.cpp holds the pointer
 def _lib():
     # llama.cpp's OpenMP threads wait for each other between the graph's nodes, hundreds of times a token.
     # Sleeping at once (OMP_WAIT_POLICY=PASSIVE) made one-sequence decoding 4.7x slower on a quiet 2-core
-    # Xeon (33 vs 155 tok/s) and 16 sequences slower on a busy one too (133 vs 216 tok/s); libgomp's
-    # default spins up to 300,000 rounds, which never yields a core a busy machine needs. A short spin
-    # bridges the gaps between nodes and sleeps soon after (docs/llamacpp.md). Read when libgomp loads.
+    # Xeon (33 vs 152 tok/s) and 16 sequences slower on a busy one too (133 vs 216 tok/s). A short spin
+    # (30,000 rounds; libgomp's default is 300,000) bridges the gaps between nodes and sleeps soon after,
+    # so an idle decoder gives its cores back (docs/llamacpp.md). Read when libgomp loads.
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     import llama_cpp
 
