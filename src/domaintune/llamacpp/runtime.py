@@ -103,7 +103,8 @@ def default_threads() -> int:
 class GGUFModel:
     """One GGUF file loaded by llama.cpp (CPU): weights, vocabulary, metadata and chat template."""
 
-    def __init__(self, path: str | Path, vocab_only: bool = False):
+    def __init__(self, path: str | Path, vocab_only: bool = False, extra_buffers: bool | None = None):
+        """`extra_buffers`: None decides by `use_extra_buffers`; False keeps llama.cpp's reference CPU kernels."""
         init_backend()
         L = _lib()
         self.path = Path(path)
@@ -112,7 +113,9 @@ class GGUFModel:
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0
         params.vocab_only = vocab_only
-        params.use_extra_bufts = False if vocab_only else use_extra_buffers(self.path)
+        if vocab_only:
+            extra_buffers = False
+        params.use_extra_bufts = use_extra_buffers(self.path) if extra_buffers is None else extra_buffers
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise UserError(f"llama.cpp could not load {self.path} (not a GGUF it supports?)")
