@@ -52,14 +52,18 @@ def use_extra_buffers(path: str | Path) -> bool:
     """Whether llama.cpp may repack the weights of the GGUF at `path` into its CPU "extra" buffer types.
 
     On AMX CPUs one of those is llama.cpp's AMX matmul (int8 tiles: 1.7x the decoding speed of 64
-    sequences measured on a Sapphire Rapids Xeon). Built by GCC 12 from unpatched source it crashes
-    the process on its first batch (scripts/patches/ says why; setup.sh's build is patched), so it
-    is used only where `amx_matmul_works()` saw it run. $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS=1/0 overrides.
+    sequences measured on a Sapphire Rapids Xeon). It is opt-in there: built by GCC 12 from unpatched
+    source it crashes on its first batch (scripts/patches/ says why; setup.sh's build is patched), and
+    even patched, one pytest process of the full suite died with SIGILL in llama.cpp after earlier tests
+    (not reproduced alone; docs/llamacpp.md). $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS: 1 on, 0 off, auto on
+    where `amx_matmul_works()` saw the build run AMX batches in a child process.
     """
     env = os.environ.get("DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS")
     if env in ("0", "1"):
         return env == "1"
-    return not cpu_has_amx() or amx_matmul_works(path)
+    if env == "auto":
+        return not cpu_has_amx() or amx_matmul_works(path)
+    return not cpu_has_amx()
 
 
 def amx_matmul_works(path: str | Path) -> bool:
