@@ -7,6 +7,9 @@ and stop at the end-of-turn token, so they do the same work.
 
     nice -n 10 python bench/bench_serve.py --clients 32 --requests-per-client 2 --max-tokens 32 [--engine llamacpp]
 
+`--compare-engine transformers` also load-tests the server with its transformers engine (what it served with
+before llama.cpp) in the same run, a second baseline; the first engine's ratios are printed against each.
+
 Mixed workload (--mixed): a `domaintune serve` process on loopback, 64 concurrent clients for a
 bounded time, 10% of them hostile (degenerate sampling, lone surrogates, deeply nested JSON, empty
 prompts, bad model names, wrong secrets, oversized chunked bodies and prompts, huge feedback). It
@@ -179,6 +182,78 @@ def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     }
 
 
+def _server_config(tmp: Path, model: str, engine: str, max_batch_size: int, max_tokens: int):
+    from domaintune.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "name": "bench",
+            "output_dir": str(tmp / engine),
+            "model": {"name_or_path": model},
+            "serve": {
+                "max_batch_size": max_batch_size,
+                "batch_wait_ms": 20,
+                "max_tokens_cap": max_tokens,
+                "default_max_tokens": max_tokens,
+                "key_hash_iterations": 1000,
+                "serve_trained": False,
+                "engine": engine,
+                "request_timeout_s": 3600,
+            },
+        }
+    )
+
+
+def _row(name: str, r: dict) -> dict:
+    lat = r["latencies"]
+    return {
+        "name": name,
+        "requests_ok": len(lat),
+        "errors": len(r["errors"]),
+        "wall_s": round(r["wall_s"], 2),
+        "req_per_s": round(len(lat) / r["wall_s"], 3),
+        "tok_per_s": round(r["completion_tokens"] / r["wall_s"], 1),
+        "p50_s": round(pct(lat, 0.5), 2),
+        "p95_s": round(pct(lat, 0.95), 2),
+        "p99_s": round(pct(lat, 0.99), 2),
+        "completion_tokens": r["completion_tokens"],
+    }
+
+
+def _print_results(rows: list[dict], runs: list[dict], n: int, max_tokens: int, threads: int) -> None:
+    """The table, then the first row's ratios against every other row (each a baseline of this run)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s")
+    table = Table(title=f"bench_serve: {n} requests, max_tokens {max_tokens}")
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(r[c]) for c in columns])
+    console = Console(width=160)
+    console.print(table)
+    first = rows[0]
+    for other, run in zip(rows[1:], runs[1:]):
+        same = sum(runs[0]["outputs"].get(i) == run["outputs"].get(i) for i in range(n))
+        console.print(
+            f"{first['name']} / {other['name']}: {first['req_per_s'] / other['req_per_s']:.2f}x requests/s, "
+            f"{first['tok_per_s'] / other['tok_per_s']:.2f}x tokens/s, p50 {first['p50_s'] / other['p50_s']:.2f}x, "
+            f"p95 {first['p95_s'] / other['p95_s']:.2f}x (latencies: lower is better); greedy outputs identical: "
+            f"{same}/{n}"
+        )
+    console.print(
+        "server batches: "
+        + ", ".join(f"{r['name']}: {run['batches']}" for r, run in zip(rows, runs) if "batches" in run)
+    )
+    console.print(
+        f"load average (1 min) at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch threads {threads}"
+    )
+    for r, run in zip(rows, runs):
+        if run["errors"]:
+            console.print(f"[red]errors ({r['name']}):[/] {run['errors'][:5]}")
+
+
 def main() -> None:
     if "--mixed" in sys.argv:
         sys.argv.remove("--mixed")
@@ -196,6 +271,14 @@ def main() -> None:
         help="The server's engine (llamacpp: the q8_0 GGUF of the model, what `auto` picks on a CPU).",
     )
     parser.add_argument(
+        "--compare-engine",
+        choices=["transformers", "llamacpp"],
+        action="append",
+        default=[],
+        help="Also load-test the server with this engine, in the same run, as a second baseline "
+        "(`--engine llamacpp --compare-engine transformers`: the server before llama.cpp against it).",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -209,125 +292,48 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
-
-    from domaintune.config import config_from_dict
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir
 
     n = args.clients * args.requests_per_client
     prompts = load_prompts(n)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    cfg = config_from_dict(
-        {
-            "name": "bench",
-            "output_dir": str(tmp),
-            "model": {"name_or_path": args.model},
-            "serve": {
-                "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": 20,
-                "max_tokens_cap": args.max_tokens,
-                "default_max_tokens": args.max_tokens,
-                "key_hash_iterations": 1000,
-                "serve_trained": False,
-                "engine": args.engine,
-                "request_timeout_s": 3600,
-            },
-        }
-    )
-    print(
-        f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
-        f"model {args.model}, greedy, server engine {args.engine}",
-        file=sys.stderr,
-    )
-    server = run_server_load(cfg, prompts, args.clients, args.max_tokens)
-    load_after_server = os.getloadavg()[0]
-    print(
-        f"server: {len(server['latencies'])} ok, {len(server['errors'])} errors in {server['wall_s']:.1f} s "
-        f"(load average {load_after_server:.2f})",
-        file=sys.stderr,
-    )
+    rows: list[dict] = []
+    runs: list[dict] = []
+    for engine in [args.engine, *[e for e in args.compare_engine if e != args.engine]]:
+        print(
+            f"{n} requests ({args.clients} clients x {args.requests_per_client}), max_tokens={args.max_tokens}, "
+            f"model {args.model}, greedy, server engine {engine}",
+            file=sys.stderr,
+        )
+        cfg = _server_config(tmp, args.model, engine, args.max_batch_size, args.max_tokens)
+        run = run_server_load(cfg, prompts, args.clients, args.max_tokens)
+        run["load_after"] = os.getloadavg()[0]
+        print(
+            f"server ({engine}): {len(run['latencies'])} ok, {len(run['errors'])} errors in {run['wall_s']:.1f} s "
+            f"(load average {run['load_after']:.2f})",
+            file=sys.stderr,
+        )
+        rows.append(_row(f"domaintune serve, {engine} ({args.clients} clients, batched)", run))
+        runs.append(run)
     baseline = run_baseline(resolve_model_dir(ModelConfig(name_or_path=args.model)), prompts, args.max_tokens)
-    load_after_baseline = os.getloadavg()[0]
+    baseline["load_after"] = os.getloadavg()[0]
     print(
         f"baseline: {len(baseline['latencies'])} in {baseline['wall_s']:.1f} s (load average "
-        f"{load_after_baseline:.2f})",
+        f"{baseline['load_after']:.2f})",
         file=sys.stderr,
     )
-
-    def row(name: str, r: dict) -> dict:
-        lat = r["latencies"]
-        return {
-            "name": name,
-            "requests_ok": len(lat),
-            "errors": len(r["errors"]),
-            "wall_s": round(r["wall_s"], 2),
-            "req_per_s": round(len(lat) / r["wall_s"], 3),
-            "tok_per_s": round(r["completion_tokens"] / r["wall_s"], 1),
-            "p50_s": round(pct(lat, 0.5), 2),
-            "p95_s": round(pct(lat, 0.95), 2),
-            "p99_s": round(pct(lat, 0.99), 2),
-            "completion_tokens": r["completion_tokens"],
-        }
-
-    rows = [
-        row(f"domaintune serve, {args.engine} ({args.clients} clients, batched)", server),
-        row("transformers generate, one by one", baseline),
-    ]
-    same = sum(server["outputs"].get(i) == baseline["outputs"].get(i) for i in range(n))
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"bench_serve: {n} requests, max_tokens {args.max_tokens}")
-    for col in ("name", "requests_ok", "errors", "wall_s", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            *[
-                str(r[c])
-                for c in (
-                    "name",
-                    "requests_ok",
-                    "errors",
-                    "wall_s",
-                    "req_per_s",
-                    "tok_per_s",
-                    "p50_s",
-                    "p95_s",
-                    "p99_s",
-                )
-            ]
-        )
-    console = Console(width=160)
-    console.print(table)
-    s, b = rows
-    console.print(
-        f"throughput ratio (server / one-by-one baseline): {s['req_per_s'] / b['req_per_s']:.2f}x requests/s, "
-        f"{s['tok_per_s'] / b['tok_per_s']:.2f}x tokens/s"
-    )
-    console.print(
-        f"latency ratio p50 {s['p50_s'] / b['p50_s']:.2f}x, p95 {s['p95_s'] / b['p95_s']:.2f}x "
-        f"(lower is better; baseline latencies include waiting for earlier requests)"
-    )
-    console.print(
-        f"server batches: {server['batches']} for {n} requests; greedy outputs identical to the baseline: {same}/{n}"
-    )
-    console.print(
-        f"load average (1 min) after the server phase {load_after_server:.2f}, after the baseline "
-        f"{load_after_baseline:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"
-    )
-    if server["errors"]:
-        console.print(f"[red]errors:[/] {server['errors'][:5]}")
+    rows.append(_row("transformers generate, one by one", baseline))
+    runs.append(baseline)
+    _print_results(rows, runs, n, args.max_tokens, torch.get_num_threads())
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "rows": rows,
-                    "identical_outputs": same,
-                    "batches": server["batches"],
-                    "errors": server["errors"],
-                    "threads": torch.get_num_threads(),
-                    "load_after_server": load_after_server,
-                    "load_after_baseline": load_after_baseline,
+                    "batches": {r["name"]: run["batches"] for r, run in zip(rows, runs) if "batches" in run},
+                    "errors": {r["name"]: run["errors"] for r, run in zip(rows, runs)},
+                    "load_after": {r["name"]: run["load_after"] for r, run in zip(rows, runs)},
                 },
                 indent=2,
             )

@@ -121,6 +121,9 @@ def test_run_eval_end_to_end_and_cache(run_dir):
     assert set(report["robustness"]["models"]["tuned"]["drop"]) == {"typo", "width"}
     assert len(report["worst"]["lowest"]) == 3 and set(report["worst"]["lowest"][0]["answers"]) == {"base", "tuned"}
     assert report["judge"]["skipped"].startswith("no judge endpoint")
+    assert report["perplexity_precision"]["value"] in {"fp32", "bf16"}
+    assert report["perplexity_precision"]["reason"].startswith("eval.perplexity_precision")
+    assert set(report["timing"]["perplexity_s"]) == {"base", "tuned"}
     assert report["gates"]["passed"], report["gates"]
     assert report["gate_values"]["retention"] is None
     html = (ev / "report.html").read_text(encoding="utf-8")
@@ -137,6 +140,17 @@ def test_run_eval_end_to_end_and_cache(run_dir):
     assert again["cache"]["answers_reused"] == len(first)
     assert again["metrics"] == report["metrics"]
     assert list(read_jsonl(ev / "predictions.jsonl")) == first
+    assert again["cache"]["perplexity_reused"] > 0
+
+    # the other scoring precision is its own perplexity cache entry; the answers are reused
+    other = "bf16" if report["perplexity_precision"]["value"] == "fp32" else "fp32"
+    switched = run_eval(_cfg(run_dir, perplexity_precision=other), RunLayout(run_dir))
+    assert switched["perplexity_precision"] == {"value": other, "reason": "eval.perplexity_precision"}
+    assert switched["cache"]["answers_generated"] == 0 and switched["cache"]["perplexity_reused"] == 0
+    for name in ("base", "tuned"):
+        assert switched["metrics"]["test"][name]["perplexity"] == pytest.approx(
+            report["metrics"]["test"][name]["perplexity"], rel=0.05
+        )
 
     # a different decoding setting is a different cache key: regenerated, old entries kept
     changed = run_eval(
@@ -163,6 +177,9 @@ def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path
     engine = report["engine"]
     assert engine["name"] == "llamacpp" and engine["reason"] == "eval.engine=llamacpp"
     assert set(engine["check"]) == {"base", "tuned"}
+    for name in ("base", "tuned"):  # flash attention chosen per machine, and why
+        assert isinstance(engine["settings"][name]["flash_attention"]["on"], bool)
+        assert engine["settings"][name]["flash_attention"]["reason"]
     check = engine["check"]["tuned"]
     assert check["items"] == 3 and 0 <= check["identical_answers"] <= 3
     assert 0.0 <= check["prefix_agreement"] <= 1.0 and check["metric"] == "chrf"
@@ -422,6 +439,36 @@ def test_reference_nll_matches_a_plain_computation(tiny_model_dir):
         expected = F.cross_entropy(logits[len(p_ids) - 1 : -1], torch.tensor(a_ids), reduction="sum")
         assert n == len(a_ids)
         assert nll == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_bf16_scoring_keeps_the_output_projection_in_fp32(tiny_model_dir):
+    """bf16 reference scoring runs the layers under autocast but the logits in fp32, stays close to fp32 and
+    leaves the model as it found it."""
+    import torch
+
+    from domaintune.config import config_from_dict as cfd
+    from domaintune.eval.models import build_models, scoring_precision
+
+    cfg = cfd({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "eval": {"tuned": False}})
+    (model,) = build_models(cfg, RunLayout(Path("/nonexistent")))
+    prompts = [[{"role": "user", "content": "头痛怎么办？"}], [{"role": "user", "content": "hi there"}]]
+    refs = ["多休息，必要时服用止痛药。", "Hello! How can I help you today?"]
+    fp32 = model.reference_nll(prompts, refs, max_length=512, batch_size=2, desc="fp32")
+    bf16 = model.reference_nll(prompts, refs, max_length=512, batch_size=2, desc="bf16", precision="bf16")
+    assert [n for _, n in bf16] == [n for _, n in fp32]
+    assert [b for b, _ in bf16] == pytest.approx([a for a, _ in fp32], rel=0.02)
+    assert [b for b, _ in bf16] != [a for a, _ in fp32]  # bf16 did run
+    hf, _ = model._loaded
+    head = hf.get_output_embeddings()
+    assert "forward" not in vars(head)  # the fp32 projection was only borrowed
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert hf(input_ids=ids).logits.dtype == torch.bfloat16  # what plain autocast would score
+        with scoring_precision(hf, "bf16"):
+            assert hf(input_ids=ids).logits.dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16"), scoring_precision(hf, "fp16"):
+        pass
 
 
 def test_retention_uses_the_holdout_and_refuses_the_replay_set(tmp_path):

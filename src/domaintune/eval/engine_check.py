@@ -30,7 +30,14 @@ def engine_summary(models: list[EvalModel]) -> dict[str, Any]:
     engines = sorted({m.engine for m in local})
     reasons = sorted({m.engine_reason for m in local if m.engine_reason})
     scorer = "transformers" if local else "none"
-    return {"name": "/".join(engines) or "none", "reason": "; ".join(reasons), "perplexity_by": scorer, "check": {}}
+    settings = {m.name: m.engine_settings for m in local if m.engine_settings}
+    return {
+        "name": "/".join(engines) or "none",
+        "reason": "; ".join(reasons),
+        "perplexity_by": scorer,
+        "settings": settings,
+        "check": {},
+    }
 
 
 def transformers_twin(model: EvalModel) -> EvalModel:
@@ -41,6 +48,7 @@ def transformers_twin(model: EvalModel) -> EvalModel:
         identity=model.identity.removesuffix(LLAMACPP_SUFFIX),
         hf_source=None,
         notes=[],
+        engine_settings={},
         _loaded=None,
     )
 

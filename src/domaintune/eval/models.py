@@ -6,6 +6,7 @@ batches with left padding and stop at the chat template's end-of-turn tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -13,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -94,6 +95,7 @@ class EvalModel:
     engine: str = "transformers"  # "llamacpp": answers from a q8_0 GGUF of `hf_source`'s folder
     engine_reason: str = ""  # why eval.engine chose it (the report says)
     hf_source: Callable[[], tuple[Path, Any]] | None = None  # (plain HF folder, tokenizer with the eval template)
+    engine_settings: dict[str, Any] = field(default_factory=dict)  # what the engine chose as it ran (the report says)
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
@@ -134,6 +136,7 @@ class EvalModel:
         from domaintune.llamacpp.cache import gguf_for
         from domaintune.llamacpp.generate import Decoder, Sampling, generate
         from domaintune.llamacpp.runtime import GGUFModel
+        from domaintune.llamacpp.tuning import choose_flash_attention
         from domaintune.model.loader import end_of_turn_token_ids
 
         if self.hf_source is None:
@@ -155,9 +158,10 @@ class EvalModel:
         ]
         model = GGUFModel(gguf_for(folder, "q8_0"))
         ctx = max(len(i) for i in ids) + decoding.max_new_tokens + 8
-        decoder = Decoder(
-            model, stop_ids=eot, n_seq=min(decoding.batch_size, len(ids)), seq_ctx=ctx, flash_attention=False
-        )
+        n_seq = min(decoding.batch_size, len(ids))
+        flash = choose_flash_attention(model, n_seq, sum(map(len, ids)) // len(ids), decoding.max_new_tokens)
+        self.engine_settings["flash_attention"] = {"on": flash.on, "reason": flash.reason}
+        decoder = Decoder(model, stop_ids=eot, n_seq=n_seq, seq_ctx=ctx, flash_attention=flash.on)
         answers: list[Answer | None] = [None] * len(ids)
         bar = tqdm(total=len(ids), desc=desc or self.name, unit="answer", dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -297,19 +301,32 @@ class EvalModel:
 
     # ------------------------------------------------------------------ perplexity
     def reference_nll(
-        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
+        self,
+        prompts: Sequence[list[dict]],
+        references: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        desc: str,
+        precision: str = "fp32",
     ) -> list[tuple[float, int]]:
         """(sum of negative log-likelihood, number of tokens) of each reference's assistant tokens
         (answer text plus the end-of-turn token) given its prompt.
 
-        Always by transformers in the eval dtype (float32 unless `model.dtype` says otherwise), also for a
-        model that answers through llama.cpp: scoring is one long prompt pass per reference, mostly the
-        vocabulary projection, and on the 2-core Xeon transformers fp32 scored 200 medical-zh references at
-        2.16/s, llama.cpp q8_0 at 2.23/s with its AMX kernels and 1.13/s without them (docs/llamacpp.md)."""
-        return self._reference_nll_local(prompts, references, max_length, batch_size, desc)
+        Always by transformers, also for a model that answers through llama.cpp: scoring is one long prompt
+        pass per reference, mostly matrix products, which torch does as fast as llama.cpp or faster (2-core
+        Xeon: transformers fp32 2.16 refs/s, llama.cpp q8_0 2.23 with AMX, 1.13 without; docs/llamacpp.md).
+        `precision` bf16: the layers run under bf16 autocast, the output projection and the softmax in fp32
+        (see `scoring_precision`)."""
+        return self._reference_nll_local(prompts, references, max_length, batch_size, desc, precision)
 
     def _reference_nll_local(
-        self, prompts: Sequence[list[dict]], references: Sequence[str], max_length: int, batch_size: int, desc: str
+        self,
+        prompts: Sequence[list[dict]],
+        references: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        desc: str,
+        precision: str = "fp32",
     ) -> list[tuple[float, int]]:
         import inspect
 
@@ -342,7 +359,7 @@ class EvalModel:
                     labels[r, width - len(a_ids) :] = torch.tensor(a_ids)
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 kwargs = {"logits_to_keep": keep} if keep_ok and keep < width else {}
-                with torch.inference_mode():
+                with torch.inference_mode(), scoring_precision(model, precision):
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
                 logits = logits[:, -width:]  # prompt/p-tuning adapters put their virtual tokens' positions first
                 kept = logits.shape[1]
@@ -362,6 +379,37 @@ class EvalModel:
         finally:
             bar.close()
         return results
+
+
+@contextlib.contextmanager
+def scoring_precision(model: Any, precision: str) -> Iterator[None]:
+    """Run `model`'s forward passes in `precision` (fp32: as loaded; bf16: bf16 autocast) with the output
+    projection always in fp32.
+
+    Why the projection stays fp32: bf16 keeps 8 significant bits, so a logit near 20 is rounded to a multiple
+    of 0.125 and each token's log-probability moves by up to ~0.06 nats; the layers below it tolerate bf16
+    (their rounding averages out), the logits that the loss reads directly do not."""
+    if precision == "fp32":
+        yield
+        return
+    import torch
+
+    if precision != "bf16":
+        raise ValueError(f"scoring precision {precision!r}: use fp32 or bf16")
+    device = next(model.parameters()).device.type
+    head = model.get_output_embeddings()
+    projection = head.forward
+
+    def fp32_projection(hidden: Any) -> Any:
+        with torch.autocast(device, enabled=False):
+            return projection(hidden.float())
+
+    head.forward = fp32_projection  # the instance attribute shadows the class's forward until deleted
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            yield
+    finally:
+        del head.forward
 
 
 def reference_token_rows(

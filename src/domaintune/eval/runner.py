@@ -42,6 +42,7 @@ from domaintune.eval.sets import (
 from domaintune.eval.shared_base import SharedBase
 from domaintune.eval.stats import paired_bootstrap_delta
 from domaintune.eval.verifiers import add_to_report as add_verifier_metrics
+from domaintune.hardware.autoselect import Choice, choose_precision
 from domaintune.layout import RunLayout
 from domaintune.model.thinking import answer_text
 from domaintune.utils.io import read_jsonl, write_json, write_jsonl
@@ -92,14 +93,19 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
 
     models = build_models(cfg, layout)
     gens = _Generations(cfg, layout.eval_dir)
+    gens.scoring = _scoring_precision(ecfg)
     nll_cache = JsonlCache(layout.eval_dir / "perplexity.jsonl")
     shared = SharedBase(shared_base, cfg, _seed(cfg)) if shared_base is not None else None
     if shared is not None:
         shared.seed(gens.cache, nll_cache)
     answers, nll = _answer_every_set(models, sets, gens, nll_cache, cfg, notes)
     scored = _score_every_set(sets, answers, nll, ecfg, glossary)
+    t0 = time.perf_counter()
     engine = _check_engine(models, sets, answers, gens, ecfg)
+    gens.phase_s["engine_check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     robustness = _robustness(sets.items["test"], models, gens, scored.per_item["test"], ecfg, _seed(cfg))
+    gens.phase_s["robustness"] = time.perf_counter() - t0
     if shared is not None:
         shared.store(gens.cache, nll_cache)
     for model in models:
@@ -122,6 +128,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
     report: dict[str, Any] = {
         **_header(cfg, layout, sets, models, gens),
         "engine": engine,
+        "perplexity_precision": {"value": gens.scoring.value, "reason": gens.scoring.reason},
         "metrics": scored.aggregate,
         "deltas": deltas,
         "retention": retention,
@@ -142,9 +149,19 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
     report["gate_values"] = dict(sorted(_flat_values(report).items()))
     add_verifier_metrics(report, cfg, sets.items["test"], answers["test"], _seed(cfg))  # verifiers, reward model
     report["gates"] = evaluate_gates(ecfg.gates, report["gate_values"])
-    report["timing"] = {"wall_s": time.perf_counter() - started, "generation_s": dict(gens.generation_s)}
+    report["timing"] = _timing(started, gens)
     _write_outputs(layout, sets, answers, scored, stratum_field, report)
     return report
+
+
+def _timing(started: float, gens: _Generations) -> dict[str, Any]:
+    return {
+        "wall_s": time.perf_counter() - started,
+        # the scored sets' answers, per model (engine check and robustness answers are in their phases)
+        "generation_s": dict(gens.generation_s),
+        "perplexity_s": dict(gens.perplexity_s),
+        **{f"{phase}_s": seconds for phase, seconds in gens.phase_s.items()},
+    }
 
 
 # ---------------------------------------------------------------------- the steps of _run_eval, in order
@@ -282,7 +299,9 @@ def _answer_every_set(
             )
             if "perplexity" in ecfg.metrics:
                 if model.kind == "local":
-                    nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name)
+                    t0 = time.perf_counter()
+                    nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name, gens.scoring.value)
+                    gens.perplexity_s[model.name] += time.perf_counter() - t0
                 elif set_name == "test":
                     notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
         if not ecfg.robustness.enabled or model.name not in _robust_models(ecfg):
@@ -316,6 +335,9 @@ class _Generations:
         self.cache = JsonlCache(eval_dir / "predictions.jsonl")
         self.generated = 0
         self.generation_s: dict[str, float] = defaultdict(float)
+        self.perplexity_s: dict[str, float] = defaultdict(float)  # kept here so every phase's time is in one place
+        self.phase_s: dict[str, float] = {}
+        self.scoring = Choice("fp32", "")  # the reference-perplexity precision, set by _run_eval
 
     def answers(self, model: EvalModel, set_name: str, ids: list[str], prompts: list[list[dict]]) -> list[dict]:
         keys = [cache_key("generate", model.identity, p, self.settings) for p in prompts]
@@ -354,7 +376,8 @@ class _Generations:
                 desc=f"{model.name} · {set_name}",
                 on_batch=store,
             )
-            self.generation_s[model.name] += time.perf_counter() - t0
+            if set_name != "engine_check" and not set_name.startswith("robust-"):
+                self.generation_s[model.name] += time.perf_counter() - t0
             self.generated += len(todo)
         return _filled(rows, f"{model.name} · {set_name}")
 
@@ -367,11 +390,27 @@ def _filled(rows: list[dict[str, Any] | None], what: str) -> list[dict[str, Any]
     return done
 
 
+def _scoring_precision(ecfg: EvalConfig) -> Choice:
+    """eval.perplexity_precision: auto is bf16 where the hardware does it natively (never fp16: its range
+    overflows on long references), fp32 otherwise."""
+    if ecfg.perplexity_precision != "auto":
+        return Choice(ecfg.perplexity_precision, "eval.perplexity_precision")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = choose_precision("auto", device)
+    if chosen.value == "bf16":
+        return Choice("bf16", f"eval.perplexity_precision={chosen.reason}")
+    return Choice("fp32", f"eval.perplexity_precision=auto: fp32 ({chosen.reason.removeprefix('auto: ')})")
+
+
 def _nll_rows(
-    model: EvalModel, items: list[Item], cache: JsonlCache, cfg: ProjectConfig, set_name: str
+    model: EvalModel, items: list[Item], cache: JsonlCache, cfg: ProjectConfig, set_name: str, precision: str
 ) -> list[tuple[float, int]]:
     # "scorer": references were scored by llama.cpp on some CPUs before; those rows must not be reused
-    settings = {"max_tokens": cfg.eval.perplexity_max_tokens, "scorer": "transformers"}
+    settings: dict[str, Any] = {"max_tokens": cfg.eval.perplexity_max_tokens, "scorer": "transformers"}
+    if precision != "fp32":  # fp32 rows keep the keys they always had
+        settings["precision"] = precision
     keys = [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
     rows = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(rows) if r is None]
@@ -381,7 +420,8 @@ def _nll_rows(
             [items[i].reference for i in todo],
             max_length=cfg.eval.perplexity_max_tokens,
             batch_size=max(1, cfg.eval.decoding.batch_size // 2),
-            desc=f"{model.name} · perplexity {set_name}",
+            desc=f"{model.name} · perplexity {set_name} ({precision})",
+            precision=precision,
         )
         for i, (nll, n) in zip(todo, computed):
             row = {

@@ -104,11 +104,11 @@ class Decoder:
         lora=None,
         flash_attention: bool | None = None,
     ):
-        """`flash_attention`: None lets llama.cpp decide (on, on CPU). llama.cpp's CPU kernel walks each
-        (sequence, head) row by row: it wins on prompts and loses on decoding steps of many sequences, so
-        eval, whose answers are longer than its prompts, turns it off (medical-zh, 32 sequences, q8_0 on the
-        2-core Xeon: 161 tok/s with it, 223 without) and serving, where prompts dominate, keeps it (64
-        requests of <= 32 tokens: 18.3 s with it, 28.9 s without; docs/llamacpp.md)."""
+        """`flash_attention`: None lets llama.cpp decide (on, on CPU). Which is faster for many sequences
+        depends on the CPU (the main job's eval, 32 sequences: 2-core Sapphire Rapids Xeon with AMX 223 tok/s
+        off, 161 on; 2-core AMD EPYC Zen 5 148-169 off, 196-204 on), so eval measures both once per machine
+        (`tuning.choose_flash_attention`); serving, where prompts dominate, keeps llama.cpp's choice (64
+        requests of <= 32 tokens on the Xeon: 18.3 s with it, 28.9 s without; docs/llamacpp.md)."""
         self.model = model
         self.ctx = Context(
             model,

@@ -8,7 +8,7 @@ build). Another build (GCC 13+, a distribution's, a later release) may well work
 assumed: the child loads the GGUF with the AMX buffers and decodes one batch. The verdict is cached per
 library build (path, size, modification time) once a probe has really used AMX.
 
-    python -m domaintune.llamacpp.probe MODEL.gguf   # the child: prints {"amx": true|false}
+    python -m domaintune.llamacpp.probe_child MODEL.gguf   # the child: prints {"amx": true|false}
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def probe_amx(model_path: Path) -> bool:
 
 
 def child_command(model_path: Path) -> list[str]:
-    return [sys.executable, "-m", "domaintune.llamacpp.probe", str(model_path)]
+    return [sys.executable, "-m", "domaintune.llamacpp.probe_child", str(model_path)]
 
 
 def _run_child(model_path: Path) -> str:
@@ -121,30 +121,3 @@ def _run_child(model_path: Path) -> str:
         log.debug("AMX probe on %s failed (exit %d): %s", model_path, done.returncode, done.stderr[-2000:])
         return "error"
     return "amx" if used else "no-amx"
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def _child(model_path: str) -> None:
-    """Load with the AMX buffers, decode one 16-token batch, report whether AMX buffers were made."""
-    from domaintune.llamacpp.runtime import Context, Entry, GGUFModel
-
-    collect = _Collect()
-    log.addHandler(collect)
-    log.setLevel(logging.DEBUG)
-    model = GGUFModel(model_path)
-    ctx = Context(model, n_seq=1, seq_ctx=64, n_batch=64)
-    ctx.decode([Entry(t % model.n_vocab, t, 0, t == 15) for t in range(16)])
-    used = any("AMX" in line for line in collect.lines)
-    print(json.dumps({"amx": used}))
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

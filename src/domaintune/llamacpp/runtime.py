@@ -120,6 +120,7 @@ class GGUFModel:
         if vocab_only:
             extra_buffers = False
         params.use_extra_bufts = use_extra_buffers(self.path) if extra_buffers is None else extra_buffers
+        self.extra_buffers = bool(params.use_extra_bufts)
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise UserError(f"llama.cpp could not load {self.path} (not a GGUF it supports?)")
@@ -225,7 +226,7 @@ class Context:
         lora: Any = None,
         flash_attention: bool | None = None,
     ):
-        """`flash_attention`: None lets llama.cpp decide (on for CPU); False suits decoding, see `Decoder`."""
+        """`flash_attention`: None lets llama.cpp decide (on for CPU); `tuning.choose_flash_attention` measures."""
         L = _lib()
         self.model = model
         self.n_seq = n_seq
