@@ -89,6 +89,7 @@ def bench_llamacpp(model_dir: Path, prompts, max_new: int, batch: int, threads: 
     from domaintune.llamacpp.cache import gguf_for
     from domaintune.llamacpp.generate import Decoder, Sampling, generate
     from domaintune.llamacpp.runtime import GGUFModel
+    from domaintune.llamacpp.tuning import choose_flash_attention
     from domaintune.model.loader import end_of_turn_token_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -99,13 +100,17 @@ def bench_llamacpp(model_dir: Path, prompts, max_new: int, batch: int, threads: 
     t_conv = time.perf_counter()
     path = gguf_for(model_dir, quant)
     conversion = time.perf_counter() - t_conv
+    model = GGUFModel(path)
+    # as the eval stage decodes: flash attention on or off as measured on this CPU for this workload
+    flash = choose_flash_attention(model, batch, sum(map(len, ids)) // len(ids), max_new, threads)
+    print(f"llama.cpp flash attention {'on' if flash.on else 'off'}: {flash.reason}", file=sys.stderr)
     decoder = Decoder(
-        GGUFModel(path),
+        model,
         stop_ids=end_of_turn_token_ids(tok),
         n_seq=batch,
         seq_ctx=1024,
         threads=threads,
-        flash_attention=False,  # as the eval stage decodes
+        flash_attention=flash.on,
     )
     generate(decoder, ids[:1], Sampling(max_tokens=2))  # warm-up
     t0 = time.perf_counter()
@@ -120,6 +125,8 @@ def bench_llamacpp(model_dir: Path, prompts, max_new: int, batch: int, threads: 
         "gguf": str(path),
         "conversion_s": round(conversion, 1),
         "decode_calls": decoder.decodes,
+        "flash_attention": flash.on,
+        "flash_attention_reason": flash.reason,
     }
 
 
