@@ -122,11 +122,11 @@ def measure_flash_attention(
     for on in (False, True):
         prompt_s, step_s = _time_workload(model, n_seq, prompt_tokens, steps, threads, on)
         estimate[on] = prompt_s + new_tokens * step_s
-        detail[on] = f"prompts {prompt_s:.2f} s + {new_tokens} x {1000 * step_s:.0f} ms"
+        detail[on] = f"prompts {prompt_s:.3g} s + {new_tokens} x {1000 * step_s:.3g} ms"
     on = estimate[True] < estimate[False]
     reason = (
-        f"measured here for {n_seq} sequences of {prompt_tokens} prompt tokens: off {detail[False]} = "
-        f"{estimate[False]:.1f} s, on {detail[True]} = {estimate[True]:.1f} s"
+        f"measured here for {n_seq} sequence(s) of {prompt_tokens} prompt tokens: off {detail[False]} = "
+        f"{estimate[False]:.3g} s, on {detail[True]} = {estimate[True]:.3g} s"
     )
     log.info("llama.cpp flash attention %s: %s", "on" if on else "off", reason)
     return FlashAttentionChoice(on, reason, round(estimate[False], 3), round(estimate[True], 3))
