@@ -130,7 +130,7 @@ def describe_engine(engine: dict[str, Any] | None) -> list[str]:
         return []
     lines = [f"engine: {engine['name']} ({engine['reason']})" if engine.get("reason") else f"engine: {engine['name']}"]
     if engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
-        lines.append(f"reference perplexity scored by {engine['perplexity_by']} (fp32: as fast as llama.cpp or faster)")
+        lines.append(f"reference perplexity scored by {engine['perplexity_by']} (in the report's perplexity_precision)")
     for name, c in engine.get("check", {}).items():
         lines.append(
             f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "

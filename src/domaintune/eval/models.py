@@ -158,9 +158,13 @@ class EvalModel:
         ]
         model = GGUFModel(gguf_for(folder, "q8_0"))
         ctx = max(len(i) for i in ids) + decoding.max_new_tokens + 8
-        n_seq = min(decoding.batch_size, len(ids))
-        flash = choose_flash_attention(model, n_seq, sum(map(len, ids)) // len(ids), decoding.max_new_tokens)
+        # Chosen for the configured batch, not for this call's count, so that small sets (robustness, a
+        # resumed run's last prompts) reuse the verdict of the full batch instead of measuring their own.
+        flash = choose_flash_attention(
+            model, decoding.batch_size, sum(map(len, ids)) // len(ids), decoding.max_new_tokens
+        )
         self.engine_settings["flash_attention"] = {"on": flash.on, "reason": flash.reason}
+        n_seq = min(decoding.batch_size, len(ids))
         decoder = Decoder(model, stop_ids=eot, n_seq=n_seq, seq_ctx=ctx, flash_attention=flash.on)
         answers: list[Answer | None] = [None] * len(ids)
         bar = tqdm(total=len(ids), desc=desc or self.name, unit="answer", dynamic_ncols=True)
@@ -317,17 +321,6 @@ class EvalModel:
         Xeon: transformers fp32 2.16 refs/s, llama.cpp q8_0 2.23 with AMX, 1.13 without; docs/llamacpp.md).
         `precision` bf16: the layers run under bf16 autocast, the output projection and the softmax in fp32
         (see `scoring_precision`)."""
-        return self._reference_nll_local(prompts, references, max_length, batch_size, desc, precision)
-
-    def _reference_nll_local(
-        self,
-        prompts: Sequence[list[dict]],
-        references: Sequence[str],
-        max_length: int,
-        batch_size: int,
-        desc: str,
-        precision: str = "fp32",
-    ) -> list[tuple[float, int]]:
         import inspect
 
         import torch

@@ -93,7 +93,6 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
 
     models = build_models(cfg, layout)
     gens = _Generations(cfg, layout.eval_dir)
-    gens.scoring = _scoring_precision(ecfg)
     nll_cache = JsonlCache(layout.eval_dir / "perplexity.jsonl")
     shared = SharedBase(shared_base, cfg, _seed(cfg)) if shared_base is not None else None
     if shared is not None:
@@ -337,7 +336,7 @@ class _Generations:
         self.generation_s: dict[str, float] = defaultdict(float)
         self.perplexity_s: dict[str, float] = defaultdict(float)  # kept here so every phase's time is in one place
         self.phase_s: dict[str, float] = {}
-        self.scoring = Choice("fp32", "")  # the reference-perplexity precision, set by _run_eval
+        self.scoring = _scoring_precision(cfg.eval)  # the reference-perplexity precision, for every model
 
     def answers(self, model: EvalModel, set_name: str, ids: list[str], prompts: list[list[dict]]) -> list[dict]:
         keys = [cache_key("generate", model.identity, p, self.settings) for p in prompts]

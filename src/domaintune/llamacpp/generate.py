@@ -246,7 +246,7 @@ def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tup
     limit = min(ctx.seq_ctx, ctx.n_batch)
     while pending:
         entries: list[Entry] = []
-        placed: list[tuple[int, list[int], int, int]] = []  # (row, tokens, first scored position, first entry)
+        placed: list[tuple[int, list[int], int]] = []  # (row, tokens, first scored position)
         while pending and len(placed) < ctx.n_seq:
             prompt, answer = rows[pending[0]]
             seq = (prompt + answer)[-limit:]
@@ -254,13 +254,13 @@ def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tup
                 break
             i = pending.popleft()
             first = len(seq) - min(len(answer), len(seq) - 1) - 1
-            placed.append((i, seq, first, len(entries)))
+            placed.append((i, seq, first))
             slot = len(placed) - 1
             entries.extend(Entry(t, p, slot, first <= p < len(seq) - 1) for p, t in enumerate(seq))
         ctx.decode(entries)
         outputs = ctx.outputs()  # one row per scored position, in batch order
         row = 0
-        for i, seq, first, _start in placed:
+        for i, seq, first in placed:
             n = len(seq) - 1 - first
             results[i] = (_sum_nll(outputs[row : row + n], seq[first + 1 :]), n)
             row += n

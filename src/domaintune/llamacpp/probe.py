@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("domaintune.llamacpp")
 
@@ -41,27 +42,34 @@ def library_key() -> str | None:
     return f"{libs[0]}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def cache_file() -> Path:
+def state_file(name: str) -> Path:
+    """A verdict file of this package, beside the model cache (~/.cache/domaintune/<name>)."""
     env = os.environ.get("DOMAINTUNE_CACHE")
     base = Path(env).parent if env else Path.home() / ".cache" / "domaintune"
-    return base / "llamacpp-amx-probe.json"
+    return base / name
 
 
-def _read_cache() -> dict[str, bool]:
+def read_state(path: Path) -> dict[str, Any]:
+    """The verdicts in `path` by key; {} when it is missing or unreadable (they are measured again)."""
     try:
-        return {str(k): bool(v) for k, v in json.loads(cache_file().read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _write_cache(key: str, works: bool) -> None:
-    cached = _read_cache()
-    cached[key] = works
-    path = cache_file()
+def write_state(path: Path, key: str, value: Any) -> None:
+    """Add one verdict to `path` (written to a temporary file first, so readers never see half of it)."""
+    data = read_state(path)
+    data[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     tmp.replace(path)
+
+
+def cache_file() -> Path:
+    return state_file("llamacpp-amx-probe.json")
 
 
 def probe_amx(model_path: Path) -> bool:
@@ -72,10 +80,10 @@ def probe_amx(model_path: Path) -> bool:
     with _LOCK:
         if lib in _SEEN:
             return _SEEN[lib]
-        cached = _read_cache().get(lib)
+        cached = read_state(cache_file()).get(lib)
         if cached is not None:
-            _SEEN[lib] = cached
-            return cached
+            _SEEN[lib] = bool(cached)
+            return bool(cached)
         model_key = f"{lib}|{model_path.resolve()}"
         if model_key in _SEEN:
             return _SEEN[model_key]
@@ -83,7 +91,7 @@ def probe_amx(model_path: Path) -> bool:
         if outcome in ("amx", "crash"):  # the build's verdict
             works = outcome == "amx"
             _SEEN[lib] = works
-            _write_cache(lib, works)
+            write_state(cache_file(), lib, works)
             if not works:
                 log.warning(
                     "llama.cpp's AMX matmul crashed in a probe on %s: AMX stays off (slower batches). "

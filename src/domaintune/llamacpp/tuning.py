@@ -14,7 +14,6 @@ shape and workload shape in ~/.cache/domaintune/llamacpp-tuning.json, so it is p
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domaintune.llamacpp.probe import library_key
+from domaintune.llamacpp.probe import library_key, read_state, state_file, write_state
 from domaintune.llamacpp.runtime import Context, Entry, GGUFModel
 
 log = logging.getLogger("domaintune.llamacpp")
@@ -42,9 +41,7 @@ class FlashAttentionChoice:
 
 
 def cache_file() -> Path:
-    env = os.environ.get("DOMAINTUNE_CACHE")
-    base = Path(env).parent if env else Path.home() / ".cache" / "domaintune"
-    return base / "llamacpp-tuning.json"
+    return state_file("llamacpp-tuning.json")
 
 
 def _cpu_identity() -> str:
@@ -75,24 +72,6 @@ def workload_key(model: GGUFModel, n_seq: int, prompt_tokens: int, new_tokens: i
     )
 
 
-def _read() -> dict[str, dict]:
-    try:
-        data = json.loads(cache_file().read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(key: str, choice: FlashAttentionChoice) -> None:
-    data = _read()
-    data[key] = asdict(choice)
-    path = cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
 def choose_flash_attention(
     model: GGUFModel, n_seq: int, prompt_tokens: int, new_tokens: int, threads: int | None = None
 ) -> FlashAttentionChoice:
@@ -102,14 +81,14 @@ def choose_flash_attention(
         return FlashAttentionChoice(env == "1", f"{ENV}={env}")
     key = workload_key(model, n_seq, prompt_tokens, new_tokens, threads)
     with _LOCK:
-        cached = _read().get(key)
+        cached = read_state(cache_file()).get(key)
         if cached is not None:
             try:
                 return FlashAttentionChoice(**cached)
             except TypeError:
                 pass  # written by another version: measured again
         choice = measure_flash_attention(model, n_seq, _bucket(prompt_tokens), new_tokens, threads)
-        _write(key, choice)
+        write_state(cache_file(), key, asdict(choice))
         return choice
 
 

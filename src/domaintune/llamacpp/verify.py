@@ -71,7 +71,7 @@ class HFReference:
 
     def __init__(self, hf_dir: Path, model: Any = None):
         self.hf_dir = Path(hf_dir)
-        self._model = model
+        self._model = model.eval() if model is not None else None
         self._greedy: dict[tuple, list[list[int]]] = {}
         self._nll: dict[tuple, list[tuple[float, int]]] = {}
 
@@ -81,7 +81,7 @@ class HFReference:
             from transformers import AutoModelForCausalLM
 
             self._model = AutoModelForCausalLM.from_pretrained(self.hf_dir)
-        self._model.eval()
+            self._model.eval()
         return self._model
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
@@ -156,7 +156,6 @@ def verify_gguf(
     conversations: list[list[dict]],
     references: list[str] | None = None,
     max_new_tokens: int = 32,
-    hf_model: Any = None,
     threads: int | None = None,
     tolerance: tuple[float, float] | None = None,
     reference: HFReference | None = None,
@@ -171,7 +170,7 @@ def verify_gguf(
     from domaintune.model.loader import end_of_turn_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    reference = reference or HFReference(hf_dir, hf_model)
+    reference = reference or HFReference(hf_dir)
     # The file's fidelity is checked on llama.cpp's reference CPU kernels, where the tolerances were set: the
     # AMX int8 tiles round differently and flip more near-ties (tuned medical-zh q8_0, 32 val rows: agreement
     # 0.77 with AMX, 0.81 without; perplexity change 0.37% and 0.24%). The eval's engine check reports the
