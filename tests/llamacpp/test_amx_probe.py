@@ -1,5 +1,6 @@
-"""The AMX probe: a build whose AMX matmul crashes is found in a child process and AMX stays off (the
-parent lives on); the verdict is cached per library build; setup.sh's patched build runs AMX batches."""
+"""The AMX probe: a build whose AMX matmul crashes, or answers otherwise once PyTorch has used AMX on the same
+thread, is found in a child process and AMX stays off (the parent lives on); the verdict is cached per library
+build; setup.sh's patched build runs AMX batches, before and after a PyTorch bf16 matmul, with the same logits."""
 
 from __future__ import annotations
 
@@ -49,5 +50,17 @@ def test_setup_builds_a_llama_cpp_whose_amx_batches_run(tiny_model_dir, gguf_dir
     if not cpu_has_amx():
         pytest.skip("this CPU has no AMX")
     path = gguf_for(Path(tiny_model_dir), "q8_0", root=gguf_dir)
-    # hidden 64 and FFN 128 are multiples of AMX's 32-wide tiles: the q8_0 matmuls take the AMX path
+    # hidden 64 and FFN 128 are multiples of AMX's 32-wide tiles: the q8_0 matmuls take the AMX path; the
+    # child decodes, lets PyTorch's oneDNN use (and release) the tiles on the same thread, and decodes again:
+    # session 11's build died there with SIGILL, this one gives the same logits
     assert probe._run_child(path) == "amx"
+
+
+def test_a_build_whose_answer_changes_after_a_pytorch_matmul_keeps_amx_off(fresh_probe, monkeypatch, caplog):
+    # what a build without the tile-configuration patch would print if the stale tiles did not fault
+    unstable = [sys.executable, "-c", 'print(\'{"amx": true, "stable": false}\')']
+    monkeypatch.setattr(probe, "child_command", lambda path: unstable)
+    with caplog.at_level(logging.WARNING, logger="domaintune.llamacpp"):
+        assert probe.probe_amx(fresh_probe / "any.gguf") is False
+    assert "changed its answer after a PyTorch matmul" in caplog.text
+    assert json.loads(probe.cache_file().read_text(encoding="utf-8")) == {probe.library_key(): False}

@@ -1,14 +1,18 @@
-"""Does llama.cpp's AMX matmul run with the installed build? Asked in a child process, because the answer
-for a broken build is a segmentation fault.
+"""Does llama.cpp's AMX matmul run with the installed build, and keep running when PyTorch uses AMX in the
+same process? Asked in a child process, because the answer for a broken build is a fatal signal.
 
-llama-cpp-python 0.3.36 built by GCC 12 from unpatched source dies on its first AMX batch: GCC 12's
-`_tile_loadconfig` tells the compiler it reads 8 bytes of the tile configuration, so the stores of the
-rest are dropped and `ldtilecfg` faults on stack garbage (scripts/patches/ fixes it for setup.sh's
-build). Another build (GCC 13+, a distribution's, a later release) may well work, so it is tried, not
-assumed: the child loads the GGUF with the AMX buffers and decodes one batch. The verdict is cached per
-library build (path, size, modification time) once a probe has really used AMX.
+llama-cpp-python 0.3.36 has two AMX faults, both fixed by scripts/patches/ for setup.sh's build. Built by
+GCC 12 from unpatched source it dies on its first AMX batch: GCC 12's `_tile_loadconfig` tells the compiler
+it reads 8 bytes of the tile configuration, so the stores of the rest are dropped and `ldtilecfg` faults on
+stack garbage (SIGSEGV). And it loads each thread's tile configuration once (a thread-local flag), while
+PyTorch's oneDNN releases the tiles after its own AMX kernels on the same thread (the calling thread belongs
+to both OpenMP teams), so llama.cpp's next tile instruction after any bf16 training or scoring step in the
+process raises SIGILL. Another build (GCC 13+, a distribution's, a later release) may well work, so it is
+tried, not assumed: the child loads the GGUF with the AMX buffers, decodes one batch, runs a PyTorch bf16
+matmul on the same thread and decodes the batch again (the logits must not change). The verdict is cached
+per library build (path, size, modification time) once a probe has really used AMX.
 
-    python -m domaintune.llamacpp.probe_child MODEL.gguf   # the child: prints {"amx": true|false}
+    python -m domaintune.llamacpp.probe_child MODEL.gguf   # the child: prints {"amx": ..., "stable": ...}
 """
 
 from __future__ import annotations
@@ -88,15 +92,16 @@ def probe_amx(model_path: Path) -> bool:
         if model_key in _SEEN:
             return _SEEN[model_key]
         outcome = _run_child(model_path)
-        if outcome in ("amx", "crash"):  # the build's verdict
+        if outcome in ("amx", "crash", "unstable"):  # the build's verdict
             works = outcome == "amx"
             _SEEN[lib] = works
             write_state(cache_file(), lib, works)
             if not works:
                 log.warning(
-                    "llama.cpp's AMX matmul crashed in a probe on %s: AMX stays off (slower batches). "
-                    "The build is likely GCC 12's without scripts/patches/; bash scripts/setup.sh builds a "
-                    "patched one (a new build is probed anew).",
+                    "llama.cpp's AMX matmul %s in a probe on %s: AMX stays off (slower batches). The build is "
+                    "likely one without scripts/patches/; bash scripts/setup.sh builds a patched one (a new "
+                    "build is probed anew).",
+                    "crashed" if outcome == "crash" else "changed its answer after a PyTorch matmul",
                     model_path,
                 )
             return works
@@ -111,8 +116,9 @@ def child_command(model_path: Path) -> list[str]:
 
 
 def _run_child(model_path: Path) -> str:
-    """One probe in a child process: "amx" (ran on AMX), "no-amx" (ran, no AMX-shaped weights), "crash"
-    (killed by a signal, the broken build's symptom) or "error" (failed otherwise, or timed out)."""
+    """One probe in a child process: "amx" (ran on AMX, the same logits before and after PyTorch's matmul),
+    "unstable" (ran on AMX, other logits after it), "no-amx" (ran, no AMX-shaped weights), "crash" (killed
+    by a signal, a broken build's symptom) or "error" (failed otherwise, or timed out)."""
     env = {**os.environ, "DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS": "1"}
     try:
         done = subprocess.run(
@@ -124,8 +130,11 @@ def _run_child(model_path: Path) -> str:
     if done.returncode < 0:
         return "crash"
     try:
-        used = bool(json.loads(done.stdout.strip().splitlines()[-1])["amx"])
-    except (ValueError, KeyError, IndexError):
+        verdict = json.loads(done.stdout.strip().splitlines()[-1])
+        used, stable = bool(verdict["amx"]), bool(verdict["stable"])
+    except (ValueError, KeyError, IndexError, TypeError):
         log.debug("AMX probe on %s failed (exit %d): %s", model_path, done.returncode, done.stderr[-2000:])
         return "error"
-    return "amx" if used else "no-amx"
+    if not used:
+        return "no-amx"
+    return "amx" if stable else "unstable"

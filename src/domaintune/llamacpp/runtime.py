@@ -52,18 +52,15 @@ def use_extra_buffers(path: str | Path) -> bool:
     """Whether llama.cpp may repack the weights of the GGUF at `path` into its CPU "extra" buffer types.
 
     On AMX CPUs one of those is llama.cpp's AMX matmul (int8 tiles: 1.7x the decoding speed of 64
-    sequences measured on a Sapphire Rapids Xeon). It is opt-in there: built by GCC 12 from unpatched
-    source it crashes on its first batch (scripts/patches/ says why; setup.sh's build is patched), and
-    even patched, one pytest process of the full suite died with SIGILL in llama.cpp after earlier tests
-    (not reproduced alone; docs/llamacpp.md). $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS: 1 on, 0 off, auto on
-    where `amx_matmul_works()` saw the build run AMX batches in a child process.
+    sequences measured on a Sapphire Rapids Xeon), used where `amx_matmul_works()` saw this build run AMX
+    batches in a child process, PyTorch's AMX matmul between them (llama-cpp-python 0.3.36 needs both of
+    scripts/patches/ for that; setup.sh's build has them). Elsewhere the extra buffers hold repacked
+    weights for AVX-512/AVX2 and are always safe. $DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS: 1 on, 0 off.
     """
     env = os.environ.get("DOMAINTUNE_LLAMACPP_EXTRA_BUFFERS")
     if env in ("0", "1"):
         return env == "1"
-    if env == "auto":
-        return not cpu_has_amx() or amx_matmul_works(path)
-    return not cpu_has_amx()
+    return not cpu_has_amx() or amx_matmul_works(path)
 
 
 def amx_matmul_works(path: str | Path) -> bool:
