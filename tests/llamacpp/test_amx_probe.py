@@ -23,12 +23,20 @@ def fresh_probe(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_crashing_probe_turns_amx_off_and_is_cached(fresh_probe, monkeypatch, caplog):
-    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
-    monkeypatch.setattr(probe, "child_command", lambda path: crash)
+@pytest.mark.parametrize(
+    ("child", "warning"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "AMX matmul crashed"),
+        # what a build without the tile-configuration patch would print if the stale tiles did not fault
+        ('print(\'{"amx": true, "stable": false}\')', "changed its answer after a PyTorch matmul"),
+    ],
+    ids=["crash", "unstable"],
+)
+def test_a_failing_probe_turns_amx_off_and_is_cached(fresh_probe, monkeypatch, caplog, child, warning):
+    monkeypatch.setattr(probe, "child_command", lambda path: [sys.executable, "-c", child])
     with caplog.at_level(logging.WARNING, logger="domaintune.llamacpp"):
         assert probe.probe_amx(fresh_probe / "any.gguf") is False
-    assert "AMX matmul crashed" in caplog.text
+    assert warning in caplog.text
     cached = json.loads(probe.cache_file().read_text(encoding="utf-8"))
     assert cached == {probe.library_key(): False}
     # the next process reads the verdict instead of probing again
@@ -54,13 +62,3 @@ def test_setup_builds_a_llama_cpp_whose_amx_batches_run(tiny_model_dir, gguf_dir
     # child decodes, lets PyTorch's oneDNN use (and release) the tiles on the same thread, and decodes again:
     # session 11's build died there with SIGILL, this one gives the same logits
     assert probe._run_child(path) == "amx"
-
-
-def test_a_build_whose_answer_changes_after_a_pytorch_matmul_keeps_amx_off(fresh_probe, monkeypatch, caplog):
-    # what a build without the tile-configuration patch would print if the stale tiles did not fault
-    unstable = [sys.executable, "-c", 'print(\'{"amx": true, "stable": false}\')']
-    monkeypatch.setattr(probe, "child_command", lambda path: unstable)
-    with caplog.at_level(logging.WARNING, logger="domaintune.llamacpp"):
-        assert probe.probe_amx(fresh_probe / "any.gguf") is False
-    assert "changed its answer after a PyTorch matmul" in caplog.text
-    assert json.loads(probe.cache_file().read_text(encoding="utf-8")) == {probe.library_key(): False}

@@ -73,7 +73,9 @@ def write_state(path: Path, key: str, value: Any) -> None:
 
 
 def cache_file() -> Path:
-    return state_file("llamacpp-amx-probe.json")
+    # v2: the probe runs a PyTorch matmul between two decodes. Verdicts of the first probe (one decode) said
+    # "works" for builds that die once PyTorch has used AMX in the process, so they are not read.
+    return state_file("llamacpp-amx-probe-v2.json")
 
 
 def probe_amx(model_path: Path) -> bool:
