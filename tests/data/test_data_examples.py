@@ -19,25 +19,24 @@ def test_medical_zh_example(shared_datasets, tmp_path):
     report = run_data(cfg, RunLayout(tmp_path), progress=False)
     src = report["sources"]["zh_medical_dialogue"]
     assert src["input"] == 7644 and src["balanced"]
-    # split 7:1:2 so that 200 test rows remain after the holdout departments are taken out
-    # val keeps its pool (5 of its rows repeat a test or holdout prompt); 154 without holdout_group.dev_rows
-    kept = {"train": 300, "val": 155, "test": 200, "holdout": 100, "holdout_dev": 32}
+    # split 7:1:2 so that 200 test rows remain after the holdout departments are taken out; train keeps every row
+    kept = {"train": 1033, "val": 146, "test": 200, "holdout": 367, "holdout_dev": 32}
     assert src["kept"] == kept
     assert [(p["exact"], p["near"]) for p in report["leakage"]["pairs"]] == [(0, 0)] * 10  # holdout and dev included
     assert report["normalise"]["rows_changed"] < 100  # Chinese punctuation is kept: few rows change
     assert src["dropped"]["dedup_exact: exact duplicate"] > 0
     assert src["dropped"]["dedup_near: near duplicate"] > 0  # CJK char 5-gram MinHash on the real corpus
-    assert report["split"]["per_stratum"]["train"]["肝病科"] > report["split"]["per_stratum"]["train"]["内分泌科"]
-    # the out-of-source set: departments never trained on; of their 162 rows 32 are drawn first as the dev set the
-    # sweep chooses on, 100 of the other 130 are the gated set; apart from every split and from each other
-    held_out = {"呼吸科", "肾内科", "血液科", "感染科", "风湿免疫科", "普通内科"}
+    assert report["split"]["per_stratum"]["train"]["神经科"] > report["split"]["per_stratum"]["train"]["消化科"]
+    # the out-of-source set: departments never trained on; of their 399 rows 32 are drawn first as the dev set the
+    # sweep chooses on, the other 367 are the gated set; apart from every split and from each other
+    held_out = {"内分泌科", "呼吸科", "肾内科", "血液科", "感染科", "风湿免疫科", "普通内科"}
     h = report["holdout"]
-    assert set(h["per_stratum"]) == held_out and (h["rows_held_out"], h["before_sampling"]) == (162, 130)
+    assert set(h["per_stratum"]) == held_out and (h["rows_held_out"], h["before_sampling"]) == (399, 367)
     assert h["dev"]["rows"] == 32 and set(h["dev"]["per_stratum"]) <= held_out
     for split in ("train", "val", "test"):
         assert not held_out & set(report["split"]["per_stratum"][split]), split
     held = (tmp_path / "data" / "holdout_out_of_source.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(held) == 100 and {json.loads(line)["department"] for line in held} <= held_out
+    assert len(held) == 367 and {json.loads(line)["department"] for line in held} <= held_out
     dev = (tmp_path / "data" / "holdout_out_of_source_dev.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(dev) == 32 and not {json.loads(line)["id"] for line in dev} & {json.loads(line)["id"] for line in held}
     row = json.loads((tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
