@@ -59,7 +59,7 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
         ref = tokenizer(a.text, add_special_tokens=False).input_ids
         scores.append(agreement(ref, tokenizer(b.text, add_special_tokens=False).input_ids))
         assert b.token_ids is not None and b.n_tokens is not None and b.n_tokens <= 8
-    assert sum(scores) / len(scores) >= 0.8  # q8_0 tolerance of verify.TOLERANCE
+    assert sum(scores) / len(scores) >= 0.8  # a q8_0 of the tiny model reproduces most greedy answers
 
 
 def test_a_llamacpp_model_is_scored_by_transformers(tiny_model_dir):

@@ -26,9 +26,9 @@ def tiny_f16(tiny_model_dir, gguf_dir) -> Path:
 def test_batched_greedy_and_scores_match_transformers(tiny_model_dir, tiny_f16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score, score_rows
     from domaintune.llamacpp.runtime import Context, GGUFModel
-    from domaintune.llamacpp.verify import encode_rows, hf_greedy, hf_nll
+    from domaintune.llamacpp.verify import encode_rows, hf_greedy, hf_nll, hf_scores, top1_agreement
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -43,6 +43,10 @@ def test_batched_greedy_and_scores_match_transformers(tiny_model_dir, tiny_f16):
     ctx = Context(model, n_seq=2, seq_ctx=256, n_batch=256)
     for (a, n), (b, m) in zip(score(ctx, rows), hf_nll(hf, rows)):
         assert n == m and a == pytest.approx(b, rel=2e-3)
+    # teacher-forced top-1 tokens: one per answer position, the transformers model's own on an f16 copy
+    ours, theirs = score_rows(ctx, rows), hf_scores(hf, rows)
+    assert [len(t) for *_, t in ours] == [n for _, n in hf_nll(hf, rows)]
+    assert top1_agreement([t for *_, t in ours], [t for *_, t in theirs]) >= 0.99
 
 
 def test_stop_token_and_length_end_each_sequence_on_its_own(tiny_f16):
@@ -86,18 +90,45 @@ def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, 
     f16 = verify_gguf(tiny_f16, tiny_model_dir, "f16", CONVERSATIONS, refs, max_new_tokens=12)
     assert f16.ok, f16.problems
     assert f16.agreement == 1.0 and f16.ppl_change is not None and f16.ppl_change < 0.01
+    assert f16.top1 is not None and f16.top1 >= 0.99
     q8 = verify_gguf(
         quantize(tiny_f16, gguf_dir / "tiny-q8_0.gguf", "q8_0"), tiny_model_dir, "q8_0", CONVERSATIONS, refs
     )
-    assert q8.as_dict()["tolerance"] == {"min_agreement": 0.8, "max_perplexity_change": 0.03}
+    assert q8.as_dict()["tolerance"] == {
+        "min_agreement": 0.5,
+        "max_perplexity_change": 0.03,
+        "min_top1_agreement": 0.95,
+    }
     assert q8.ppl_change is not None and q8.ppl_change < 0.03
+    assert q8.as_dict()["top1_agreement"] == q8.top1 and q8.top1 is not None and q8.top1 >= 0.95
+
+
+def test_top1_agreement_compares_every_position_on_the_same_history():
+    from domaintune.llamacpp.verify import top1_agreement
+
+    # one early difference costs one position, not the rest of the answer as free-running agreement would
+    assert top1_agreement([[5, 9, 7, 7]], [[5, 8, 7, 7]]) == 0.75
+    assert top1_agreement([[1, 2], [3]], [[1, 2], [4]]) == pytest.approx(2 / 3)
+    assert top1_agreement([], []) is None
+
+
+def test_a_file_that_predicts_other_tokens_fails_on_top1_even_with_close_perplexity():
+    from domaintune.llamacpp.verify import _judge
+
+    template = {"problems": []}
+    good = _judge("q8_0", [0.6, 0.7], (4.14, 4.13, 0.002), 0.985, template)
+    assert good.ok, good.problems
+    bad = _judge("q8_0", [0.9, 0.9], (4.14, 4.13, 0.002), 0.90, template)
+    assert not bad.ok and bad.problems == ["top-1 agreement 0.900 is below 0.95 for q8_0"]
+    broken = _judge("f16", [0.1, 0.2], (4.13, 4.13, 0.0), 1.0, template)
+    assert not broken.ok and "greedy agreement 0.15 is below 0.8 for f16" in broken.problems
 
 
 def test_checks_of_several_types_share_the_merged_models_answers(tiny_model_dir, tiny_f16, gguf_dir, monkeypatch):
     from domaintune.llamacpp import verify
     from domaintune.llamacpp.quantize import quantize
 
-    calls = {"greedy": 0, "nll": 0}
+    calls = {"greedy": 0, "scores": 0}
     for name in calls:
         real = getattr(verify, f"hf_{name}")
 
@@ -110,10 +141,10 @@ def test_checks_of_several_types_share_the_merged_models_answers(tiny_model_dir,
     shared = verify.HFReference(tiny_model_dir)
     q8_path = quantize(tiny_f16, gguf_dir / "tiny-shared-q8_0.gguf", "q8_0")
     alone = verify.verify_gguf(q8_path, tiny_model_dir, "q8_0", CONVERSATIONS, refs, max_new_tokens=12)
-    assert calls == {"greedy": 1, "nll": 1}
+    assert calls == {"greedy": 1, "scores": 1}
     verify.verify_gguf(tiny_f16, tiny_model_dir, "f16", CONVERSATIONS, refs, max_new_tokens=12, reference=shared)
     q8 = verify.verify_gguf(q8_path, tiny_model_dir, "q8_0", CONVERSATIONS, refs, max_new_tokens=12, reference=shared)
-    assert calls == {"greedy": 2, "nll": 2}  # once for both types, not once each
+    assert calls == {"greedy": 2, "scores": 2}  # once for both types, not once each
     assert q8.as_dict() == alone.as_dict()
 
 

@@ -43,8 +43,9 @@ class ExportConfig(StrictModel):
     verify_gguf: bool = Field(
         True,
         description=(
-            "Verify each GGUF where users run it: loaded by llama.cpp, greedy answers and perplexity on val rows "
-            "against the merged model, the chat template rendered through llama.cpp, the end-of-turn stop."
+            "Verify each GGUF where users run it: loaded by llama.cpp, teacher-forced top-1 agreement, perplexity "
+            "and greedy answers on val rows against the merged model, the chat template rendered through llama.cpp, "
+            "the end-of-turn stop."
         ),
     )
     gguf_tolerance: dict[str, float] = Field(

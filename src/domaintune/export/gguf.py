@@ -205,7 +205,7 @@ def _build_one(
 def _verify(
     cfg: ProjectConfig, qtype: str, path: Path, merged_dir: Path, rows: list[dict], reference: HFReference
 ) -> dict:
-    from domaintune.llamacpp.verify import TOLERANCE, verify_gguf
+    from domaintune.llamacpp.verify import NO_TOLERANCE, TOLERANCE, verify_gguf
 
     ecfg = cfg.export
     usable = [r for r in rows if len(r.get("messages") or []) >= 2 and r["messages"][-1]["role"] == "assistant"]
@@ -213,8 +213,8 @@ def _verify(
         [{"role": "user", "content": "头痛发热三天，应该怎么办？"}]
     ]
     references = [r["messages"][-1]["content"] for r in usable] or None
-    agreement, ppl = TOLERANCE.get(qtype, (0.0, 1.0))
-    tolerance = (agreement, ecfg.gguf_tolerance.get(qtype, ppl))
+    default = TOLERANCE.get(qtype, NO_TOLERANCE)
+    tolerance = default._replace(max_perplexity_change=ecfg.gguf_tolerance.get(qtype, default.max_perplexity_change))
     _say(f"[gguf-{qtype}] verifying in llama.cpp on {len(conversations)} val rows")
     result = verify_gguf(
         path,

@@ -235,13 +235,19 @@ def generate(
 
 
 def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-    """(sum of negative log-likelihood, number of tokens) of each answer given its prompt.
+    """(sum of negative log-likelihood, number of tokens) of each answer given its prompt (see `score_rows`)."""
+    return [(nll, n) for nll, n, _ in score_rows(ctx, rows)]
+
+
+def score_rows(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, int, list[int]]]:
+    """(sum of negative log-likelihood, number of tokens, the most likely token at each of those positions) of
+    each answer given its prompt: teacher-forced, so every position is compared on the same history.
 
     Sequences are packed into batches of up to `n_batch` tokens over the context's slots; logits are
     asked for only at the positions that predict answer tokens (a sequence longer than the batch keeps
     its end).
     """
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    results: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(rows)
     pending = collections.deque(range(len(rows)))
     limit = min(ctx.seq_ctx, ctx.n_batch)
     while pending:
@@ -262,7 +268,8 @@ def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tup
         row = 0
         for i, seq, first in placed:
             n = len(seq) - 1 - first
-            results[i] = (_sum_nll(outputs[row : row + n], seq[first + 1 :]), n)
+            logits = outputs[row : row + n]
+            results[i] = (_sum_nll(logits, seq[first + 1 :]), n, logits.argmax(axis=1).tolist())
             row += n
         ctx.clear()
     return results
