@@ -26,9 +26,9 @@ def tiny_f16(tiny_model_dir, gguf_dir) -> Path:
 def test_batched_greedy_and_scores_match_transformers(tiny_model_dir, tiny_f16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score, score_rows
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score_rows
     from domaintune.llamacpp.runtime import Context, GGUFModel
-    from domaintune.llamacpp.verify import encode_rows, hf_greedy, hf_nll, hf_scores, top1_agreement
+    from domaintune.llamacpp.verify import encode_rows, hf_greedy, hf_scores, top1_agreement
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -41,11 +41,11 @@ def test_batched_greedy_and_scores_match_transformers(tiny_model_dir, tiny_f16):
     assert [s.tokens for s in ours] == hf_greedy(hf, prompts, 12, [2])
     rows = encode_rows(tok, CONVERSATIONS, ["Rest and water.", "多喝水。", "A, C and D."])
     ctx = Context(model, n_seq=2, seq_ctx=256, n_batch=256)
-    for (a, n), (b, m) in zip(score(ctx, rows), hf_nll(hf, rows)):
+    ours, theirs = score_rows(ctx, rows), hf_scores(hf, rows)
+    for (a, n, _), (b, m, _) in zip(ours, theirs):
         assert n == m and a == pytest.approx(b, rel=2e-3)
     # teacher-forced top-1 tokens: one per answer position, the transformers model's own on an f16 copy
-    ours, theirs = score_rows(ctx, rows), hf_scores(hf, rows)
-    assert [len(t) for *_, t in ours] == [n for _, n in hf_nll(hf, rows)]
+    assert [len(t) for *_, t in ours] == [n for _, n, _ in theirs]
     assert top1_agreement([t for *_, t in ours], [t for *_, t in theirs]) >= 0.99
 
 
@@ -100,7 +100,7 @@ def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, 
         "min_top1_agreement": 0.95,
     }
     assert q8.ppl_change is not None and q8.ppl_change < 0.03
-    assert q8.as_dict()["top1_agreement"] == q8.top1 and q8.top1 is not None and q8.top1 >= 0.95
+    assert q8.as_dict()["top1_agreement"] >= 0.95
 
 
 def test_top1_agreement_compares_every_position_on_the_same_history():

@@ -195,7 +195,7 @@ def _build_one(
         if not verification["ok"]:
             raise GGUFVerificationError(
                 f"{path.name} does not pass verification in llama.cpp: {'; '.join(verification['problems'])} "
-                f"(export.gguf_tolerance.{qtype} sets the perplexity tolerance)",
+                f"(export.gguf_tolerance.{qtype} sets the perplexity bound; export.verify_gguf: false skips the check)",
                 verification,
             )
         entry["speed"] = _speed(path, speed_prompts, ecfg.speed_new_tokens)

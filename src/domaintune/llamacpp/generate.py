@@ -6,8 +6,8 @@ batch has room for; a sequence whose prompt is complete gets its next token samp
 logits (greedy, or temperature / top-p with its own seed, and transformers' repetition penalty; only among
 the tokens its `guide`'s grammar allows, when it has one), and finishes at an end-of-turn token or at
 `max_tokens`. A finished sequence's slot and KV cache are free for the next one at once. `generate()`
-runs a list of prompts to completion (eval); the serving engine drives `Decoder` itself. `score()` gives
-each reference's negative log-likelihood (perplexity).
+runs a list of prompts to completion (eval); the serving engine drives `Decoder` itself. `score_rows()` gives
+each reference's negative log-likelihood (perplexity) and its most likely token at each answer position.
 """
 
 from __future__ import annotations
@@ -232,11 +232,6 @@ def generate(
                 if on_done:
                     on_done(index, seq)
     return [r for r in results if r is not None]
-
-
-def score(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-    """(sum of negative log-likelihood, number of tokens) of each answer given its prompt (see `score_rows`)."""
-    return [(nll, n) for nll, n, _ in score_rows(ctx, rows)]
 
 
 def score_rows(ctx: Context, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, int, list[int]]]:

@@ -135,10 +135,6 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: li
     return out
 
 
-def hf_nll(model, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-    return [(nll, n) for nll, n, _ in hf_scores(model, rows)]
-
-
 def hf_scores(model, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int, list[int]]]:
     import torch
     import torch.nn.functional as F
