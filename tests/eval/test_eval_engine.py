@@ -23,6 +23,16 @@ def test_engine_choice_names_the_key(monkeypatch):
     assert (name == "transformers" and "not installed" in why) or "CUDA" in why
 
 
+def test_perplexity_follows_the_answering_engine_unless_told():
+    from domaintune.eval.models import choose_scorer
+
+    assert choose_scorer("auto", "llamacpp") == "llamacpp"  # scored in the answers' prompt pass
+    assert choose_scorer("auto", "transformers") == "transformers"
+    assert choose_scorer("transformers", "llamacpp") == "transformers"
+    with pytest.raises(UserError, match=r"eval\.perplexity_engine"):
+        choose_scorer("llamacpp", "transformers")
+
+
 def _tiny_pair(tiny_model_dir):
     """The tiny model answering through transformers and through llama.cpp (skipped where llama.cpp is absent)."""
     from domaintune.eval.models import EvalModel, _hf_source
@@ -60,6 +70,26 @@ def test_llamacpp_answers_match_transformers_greedy(tiny_model_dir):
         scores.append(agreement(ref, tokenizer(b.text, add_special_tokens=False).input_ids))
         assert b.token_ids is not None and b.n_tokens is not None and b.n_tokens <= 8
     assert sum(scores) / len(scores) >= 0.8  # a q8_0 of the tiny model reproduces most greedy answers
+
+
+def test_a_llamacpp_model_scores_while_answering_as_it_would_alone(tiny_model_dir):
+    from domaintune.eval.config import DecodingConfig
+
+    references = [f"多休息，多喝水。Rest and drink water, case {i}." for i in range(len(PROMPTS))]
+    hf, cpp = _tiny_pair(tiny_model_dir)
+    cpp.scorer = "llamacpp"
+    decoding = DecodingConfig(max_new_tokens=8, batch_size=2)
+    plain = cpp.generate(PROMPTS, decoding, seed=0)
+    scored = cpp.generate(PROMPTS, decoding, seed=0, references=references)
+    assert [a.text for a in scored] == [a.text for a in plain] and all(a.nll is None for a in plain)
+    alone = cpp.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="cpp")
+    theirs = hf.reference_nll(PROMPTS, references, max_length=256, batch_size=2, desc="hf")
+    for a, (nll, n), (t_nll, t_n) in zip(scored, alone, theirs):
+        assert a.nll is not None and a.nll[1] == n == t_n
+        assert a.nll[0] == pytest.approx(nll, rel=1e-3)  # the same q8_0 scores, with or without answering
+        assert nll == pytest.approx(t_nll, rel=0.05)  # q8_0 against transformers' fp32
+    with pytest.raises(ValueError, match=r"llama\.cpp only"):
+        hf.generate(PROMPTS, decoding, seed=0, references=references)
 
 
 def test_a_llamacpp_model_is_scored_by_transformers(tiny_model_dir):

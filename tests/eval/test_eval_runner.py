@@ -172,10 +172,17 @@ def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path
     run.mkdir()
     for name in ("data", "model"):
         shutil.copytree(run_dir / name, run / name)
-    cfg = _cfg(run, engine="llamacpp", engine_check_items=3, robustness={"enabled": False}, metrics=["rouge", "chrf"])
+    metrics = ["rouge", "chrf", "perplexity"]
+    cfg = _cfg(run, engine="llamacpp", engine_check_items=3, robustness={"enabled": False}, metrics=metrics)
     report = run_eval(cfg, RunLayout(run))
     engine = report["engine"]
     assert engine["name"] == "llamacpp" and engine["reason"] == "eval.engine=llamacpp"
+    # references scored by llama.cpp while answering; transformers' perplexity of the check's references beside it
+    assert engine["perplexity_by"] == "llamacpp" and report["perplexity_precision"]["value"] == "q8_0 (llama.cpp)"
+    assert report["timing"]["perplexity_s"]["tuned"] < 1.0  # nothing left to score after answering
+    for name in ("base", "tuned"):
+        c = engine["check"][name]
+        assert c["perplexity_items"] == 3 and abs(c["perplexity_change"]) < 0.05  # q8_0 of the tiny model
     assert set(engine["check"]) == {"base", "tuned"}
     for name in ("base", "tuned"):  # flash attention chosen per machine, and why
         assert isinstance(engine["settings"][name]["flash_attention"]["on"], bool)
@@ -192,6 +199,17 @@ def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path
     assert "engine: llamacpp" in html and "engine check (tuned, first 3 test items" in html
     again = run_eval(cfg, RunLayout(run))
     assert again["cache"]["answers_generated"] == 0 and again["engine"]["check"] == engine["check"]
+    # answers cached but not their scores: llama.cpp scores them in a pass of their own, to the same figures
+    scores = run / "eval" / "perplexity.jsonl"
+    kept = [r for r in read_jsonl(scores) if r["set"] == "engine_check"]  # transformers' rows
+    scores.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    rescored = run_eval(cfg, RunLayout(run))
+    assert rescored["cache"]["answers_generated"] == 0
+    for set_name in ("test", "general"):
+        for name in ("base", "tuned"):
+            assert rescored["metrics"][set_name][name]["perplexity"] == pytest.approx(
+                report["metrics"][set_name][name]["perplexity"], rel=1e-4
+            )
 
 
 def test_seeded_sampling_is_reproducible_and_retention_is_a_ratio(run_dir, tmp_path):
@@ -419,7 +437,13 @@ def test_reference_nll_matches_a_plain_computation(tiny_model_dir):
     from domaintune.config import config_from_dict as cfd
     from domaintune.eval.models import build_models
 
-    cfg = cfd({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "eval": {"tuned": False}})
+    cfg = cfd(
+        {
+            "name": "t",
+            "model": {"name_or_path": "tiny-random-llama"},
+            "eval": {"tuned": False, "perplexity_engine": "transformers"},
+        }
+    )
     (model,) = build_models(cfg, RunLayout(Path("/nonexistent")))
     prompts = [
         [{"role": "user", "content": "头痛怎么办？请详细说明。"}],
@@ -449,7 +473,13 @@ def test_bf16_scoring_keeps_the_output_projection_in_fp32(tiny_model_dir):
     from domaintune.config import config_from_dict as cfd
     from domaintune.eval.models import build_models, scoring_precision
 
-    cfg = cfd({"name": "t", "model": {"name_or_path": "tiny-random-llama"}, "eval": {"tuned": False}})
+    cfg = cfd(
+        {
+            "name": "t",
+            "model": {"name_or_path": "tiny-random-llama"},
+            "eval": {"tuned": False, "perplexity_engine": "transformers"},
+        }
+    )
     (model,) = build_models(cfg, RunLayout(Path("/nonexistent")))
     prompts = [[{"role": "user", "content": "头痛怎么办？"}], [{"role": "user", "content": "hi there"}]]
     refs = ["多休息，必要时服用止痛药。", "Hello! How can I help you today?"]

@@ -81,6 +81,38 @@ def test_prompts_longer_than_a_batch_are_fed_over_several_steps(tiny_f16):
     assert decoder.decodes > len(prompts)
 
 
+@pytest.mark.parametrize(
+    ("n_batch", "max_scored_rows", "can_trim"), [(512, 512, True), (48, 7, True), (64, 512, False)]
+)
+def test_references_scored_in_the_prompt_pass_match_a_separate_pass_and_leave_answers_unchanged(
+    tiny_f16, n_batch, max_scored_rows, can_trim
+):
+    """The reference teacher-forced after the prompt, scored, then cut from the cache: the answer is the one
+    generated without it and the NLL the one a separate scoring pass gives; also with prompt passes split over
+    several batches (48 tokens), a 7-row cap on the scored positions per batch, and a cache that cannot cut a
+    tail (the prompt is fed again)."""
+    from domaintune.llamacpp.generate import Decoder, Sampling, generate, score_rows
+    from domaintune.llamacpp.runtime import Context, GGUFModel
+
+    model = GGUFModel(tiny_f16)
+    prompts = [[1, *range(100 + i, 130 + 9 * i)] for i in range(5)]  # 31-67 tokens
+    references = [[*range(400 + i, 420 + 5 * i), 2] for i in range(5)]  # 21-41 tokens, the last one end of turn
+    references[0] = [2]  # a one-token reference: scored on the prompt's last logits alone
+    params = Sampling(max_tokens=8, repetition_penalty=1.05)
+    plain = generate(Decoder(model, stop_ids=[2], n_seq=2, seq_ctx=160), prompts, params)
+    decoder = Decoder(model, stop_ids=[2], n_seq=3, seq_ctx=160, n_batch=n_batch)
+    decoder.max_scored_rows = max_scored_rows
+    if not can_trim:
+        decoder.ctx.trim = lambda seq, start: False  # type: ignore[method-assign]
+    shared = generate(decoder, prompts, params, references=references)
+    assert [s.tokens for s in shared] == [s.tokens for s in plain]
+    separate = score_rows(Context(model, n_seq=2, seq_ctx=160, n_batch=256), list(zip(prompts, references)))
+    for seq, (nll, n, _) in zip(shared, separate):
+        assert n == len(seq.reference) and seq.nll == pytest.approx(nll, rel=1e-3)
+    assert decoder.refed_prompts == (0 if can_trim else 4)  # the one-token reference leaves nothing to cut
+    assert not decoder.running and len(decoder.free_slots) == 3
+
+
 @pytest.mark.slow  # two verifications with transformers generation: about a minute on a busy 2-core CPU
 def test_verification_reports_agreement_perplexity_and_template(tiny_model_dir, tiny_f16, gguf_dir):
     from domaintune.llamacpp.quantize import quantize

@@ -220,8 +220,8 @@ class EvalConfig(StrictModel):
             "Engine generating the answers of local models (base, tuned, eval.models paths), the same for all "
             "of them. llamacpp: each model as a q8_0 GGUF (the tuned adapter merged first), several sequences "
             "decoded together on the CPU. auto: llama.cpp on a CPU-only machine when llama-cpp-python is "
-            "installed, else transformers. Reference perplexity is always scored by transformers (in "
-            "eval.perplexity_precision). The report names the engine and why it was chosen."
+            "installed, else transformers. Reference perplexity: eval.perplexity_engine. The report names the "
+            "engine and why it was chosen."
         ),
     )
     engine_check_items: int = Field(
@@ -248,9 +248,16 @@ class EvalConfig(StrictModel):
         "`sets.out_of_source.rougeL_char_delta_ci_low > 0` (names: eval.sets); eval exits 1 on failure.",
     )
     perplexity_max_tokens: int = Field(2048, ge=16, description="Prompt + reference tokens scored for perplexity.")
+    perplexity_engine: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description="Who scores the reference answers' perplexity, the same for every local model. auto: the engine "
+        "that answers — with llama.cpp each reference is scored by the q8_0 GGUF in the same pass as its prompt "
+        "(the prompt processed once for answer and score), else transformers. transformers: a separate pass in "
+        "eval.perplexity_precision. The report gives, on the engine-check items, both engines' perplexity.",
+    )
     perplexity_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Precision of the reference-perplexity passes, the same for every model. bf16: the layers "
+        description="Precision of transformers' reference-perplexity passes, the same for every model. bf16: the layers "
         "under bf16 autocast, the output projection and log-softmax in fp32. auto: bf16 where the hardware "
         "does bf16 natively (AVX-512-BF16/AMX CPUs, bf16 GPUs), else fp32. The report says which and why.",
     )

@@ -3,12 +3,14 @@
 Base and tuned are always scored by the same engine, so the comparison between them is fair whichever engine
 runs; this check says how far the absolute figures could move had transformers generated them (q8_0 weights,
 other kernels): identical answers, token agreement up to the first difference, and the primary metric on
-both engines' answers to the same items.
+both engines' answers to the same items; where llama.cpp also scored the references, both engines'
+perplexity of the same references.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,11 +27,11 @@ LLAMACPP_SUFFIX = "|engine:llamacpp-q8_0"
 
 
 def engine_summary(models: list[EvalModel]) -> dict[str, Any]:
-    """Which engine generated each local model's answers, and why (references are always scored by transformers)."""
+    """Which engine generated each local model's answers and scored its references, and why."""
     local = [m for m in models if m.kind == "local"]
     engines = sorted({m.engine for m in local})
     reasons = sorted({m.engine_reason for m in local if m.engine_reason})
-    scorer = "transformers" if local else "none"
+    scorer = "/".join(sorted({m.scorer for m in local})) or "none"
     settings = {m.name: m.engine_settings for m in local if m.engine_settings}
     return {
         "name": "/".join(engines) or "none",
@@ -45,6 +47,7 @@ def transformers_twin(model: EvalModel) -> EvalModel:
     return dataclasses.replace(
         model,
         engine="transformers",
+        scorer="transformers",
         identity=model.identity.removesuffix(LLAMACPP_SUFFIX),
         hf_source=None,
         notes=[],
@@ -106,6 +109,21 @@ def agreement(fast: list[str], slow: list[str], references: list[str], primary_m
     }
 
 
+def perplexity_agreement(
+    fast: list[tuple[float, int]], slow: list[tuple[float, int]], precision: str
+) -> dict[str, Any]:
+    """The same references' perplexity under llama.cpp (q8_0) and transformers (`precision`), and the change."""
+    ppl_fast = math.exp(sum(s for s, _ in fast) / max(1, sum(n for _, n in fast)))
+    ppl_slow = math.exp(sum(s for s, _ in slow) / max(1, sum(n for _, n in slow)))
+    return {
+        "perplexity_items": len(fast),
+        "perplexity_llamacpp": ppl_fast,
+        "perplexity_transformers": ppl_slow,
+        "perplexity_transformers_precision": precision,
+        "perplexity_change": ppl_fast / ppl_slow - 1.0,
+    }
+
+
 TEXT_METRICS = ("rouge", "bleu", "chrf", "exact_match", "token_f1", "json")
 
 
@@ -129,14 +147,23 @@ def describe_engine(engine: dict[str, Any] | None) -> list[str]:
     if not engine:
         return []
     lines = [f"engine: {engine['name']} ({engine['reason']})" if engine.get("reason") else f"engine: {engine['name']}"]
-    if engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
+    if engine.get("perplexity_by") == "llamacpp":
+        lines.append("reference perplexity scored by llama.cpp (q8_0), each reference in its prompt's pass")
+    elif engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
         lines.append(f"reference perplexity scored by {engine['perplexity_by']} (in the report's perplexity_precision)")
     for name, c in engine.get("check", {}).items():
-        lines.append(
-            f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "
-            f"{c['identical_answers']}/{c['items']} identical, prefix agreement {c['prefix_agreement']:.2f}, "
-            f"{c['metric']} {_fmt(c['metric_transformers'])} vs {_fmt(c['metric_llamacpp'])}"
-        )
+        if "items" in c:
+            lines.append(
+                f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "
+                f"{c['identical_answers']}/{c['items']} identical, prefix agreement {c['prefix_agreement']:.2f}, "
+                f"{c['metric']} {_fmt(c['metric_transformers'])} vs {_fmt(c['metric_llamacpp'])}"
+            )
+        if "perplexity_items" in c:
+            lines.append(
+                f"perplexity check ({name}, first {c['perplexity_items']} test references): transformers "
+                f"({c['perplexity_transformers_precision']}) {c['perplexity_transformers']:.3f} vs llama.cpp "
+                f"{c['perplexity_llamacpp']:.3f} ({c['perplexity_change']:+.2%})"
+            )
     return lines
 
 

@@ -77,6 +77,7 @@ class Answer:
     latency_s: float
     batch_size: int = 1
     token_ids: list[int] | None = None  # llama.cpp answers: for the agreement check with transformers
+    nll: tuple[float, int] | None = None  # the reference's (summed NLL, tokens), scored in the same prompt pass
 
 
 @dataclass
@@ -96,6 +97,7 @@ class EvalModel:
     engine_reason: str = ""  # why eval.engine chose it (the report says)
     hf_source: Callable[[], tuple[Path, Any]] | None = None  # (plain HF folder, tokenizer with the eval template)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # what the engine chose as it ran (the report says)
+    scorer: str = "transformers"  # "llamacpp": reference perplexity from the q8_0 GGUF, in the answers' prompt pass
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
@@ -121,18 +123,34 @@ class EvalModel:
         seed: int,
         desc: str = "",
         on_batch: Callable[[list[int], list[Answer]], None] | None = None,
+        references: Sequence[str] | None = None,
+        perplexity_max_tokens: int = 2048,
     ) -> list[Answer]:
-        """Answers in prompt order; `on_batch(indices, answers)` is called as each batch finishes."""
+        """Answers in prompt order; `on_batch(indices, answers)` is called as each batch finishes.
+
+        `references` (llama.cpp only): each answer's `nll` is its reference scored in the same prompt pass."""
         if not prompts:
             return []
+        if references is not None and self.engine != "llamacpp":
+            raise ValueError(f"{self.name}: references are scored during generation by llama.cpp only")
         if self.kind == "endpoint":
             return self._generate_endpoint(prompts, decoding, seed, desc, on_batch)
         if self.engine == "llamacpp":
-            return self._generate_llamacpp(prompts, decoding, seed, desc, on_batch)
+            return self._generate_llamacpp(prompts, decoding, seed, desc, on_batch, references, perplexity_max_tokens)
         return self._generate_local(prompts, decoding, seed, desc, on_batch)
 
-    def _generate_llamacpp(self, prompts, decoding: DecodingConfig, seed: int, desc: str, on_batch=None):
-        """Batched continuous decoding in llama.cpp (`decoding.batch_size` sequences together)."""
+    def _generate_llamacpp(
+        self,
+        prompts,
+        decoding: DecodingConfig,
+        seed: int,
+        desc: str,
+        on_batch=None,
+        references: Sequence[str] | None = None,
+        perplexity_max_tokens: int = 2048,
+    ):
+        """Batched continuous decoding in llama.cpp (`decoding.batch_size` sequences together); with
+        `references`, each one scored teacher-forced in its prompt's pass (`llamacpp.generate`)."""
         from domaintune.llamacpp.cache import gguf_for
         from domaintune.llamacpp.generate import Decoder, Sampling, generate
         from domaintune.llamacpp.runtime import GGUFModel
@@ -145,6 +163,11 @@ class EvalModel:
         eot = end_of_turn_token_ids(tokenizer)
         texts = [render_prompt(tokenizer, p) for p in prompts]  # a prompt's tools header: the template's tools
         ids = [tokenizer(t, add_special_tokens=False).input_ids[-decoding.max_prompt_tokens :] for t in texts]
+        scored = (
+            None
+            if references is None
+            else llamacpp_answer_ids(tokenizer, prompts, references, ids, perplexity_max_tokens)
+        )
         sample = decoding.temperature > 0
         params = [
             Sampling(
@@ -158,6 +181,8 @@ class EvalModel:
         ]
         model = GGUFModel(gguf_for(folder, "q8_0"))
         ctx = max(len(i) for i in ids) + decoding.max_new_tokens + 8
+        if scored is not None:
+            ctx = max(ctx, max(len(p) + len(a) for p, a in zip(ids, scored)) + 8)
         # Chosen for the configured batch, not for this call's count, so that small sets (robustness, a
         # resumed run's last prompts) reuse the verdict of the full batch instead of measuring their own.
         flash = choose_flash_attention(
@@ -173,13 +198,16 @@ class EvalModel:
         def done(i: int, seq) -> None:
             n = len(seq.tokens) + (1 if seq.finish_reason == "stop" else 0)
             text = clean_answer(tokenizer.decode(seq.tokens, skip_special_tokens=True))
-            answers[i] = Answer(text, n, time.perf_counter() - t0, decoder.ctx.n_seq, list(seq.tokens))
+            nll = None if seq.reference is None else (seq.nll, len(seq.reference))
+            answers[i] = Answer(text, n, time.perf_counter() - t0, decoder.ctx.n_seq, list(seq.tokens), nll)
             bar.update(1)
             if on_batch:
                 on_batch([i], [answers[i]])
 
         try:
-            generate(decoder, ids, params, on_done=done)
+            generate(decoder, ids, params, on_done=done, references=scored)
+            if decoder.refed_prompts:
+                self.engine_settings["prompts_fed_twice"] = decoder.refed_prompts
         finally:
             bar.close()
             decoder.close()
@@ -312,15 +340,17 @@ class EvalModel:
         batch_size: int,
         desc: str,
         precision: str = "fp32",
+        max_prompt_tokens: int = 1536,
     ) -> list[tuple[float, int]]:
         """(sum of negative log-likelihood, number of tokens) of each reference's assistant tokens
         (answer text plus the end-of-turn token) given its prompt.
 
-        Always by transformers, also for a model that answers through llama.cpp: scoring is one long prompt
-        pass per reference, mostly matrix products, which torch does as fast as llama.cpp or faster (2-core
-        Xeon: transformers fp32 2.16 refs/s, llama.cpp q8_0 2.23 with AMX, 1.13 without; docs/llamacpp.md).
+        `scorer` llamacpp: by the q8_0 GGUF that answers (references whose answers were cached before their
+        scores; the others are scored while answering, `generate(references=...)`). Otherwise by transformers;
         `precision` bf16: the layers run under bf16 autocast, the output projection and the softmax in fp32
         (see `scoring_precision`)."""
+        if self.scorer == "llamacpp":
+            return self._reference_nll_llamacpp(prompts, references, max_length, max_prompt_tokens, desc)
         import inspect
 
         import torch
@@ -372,6 +402,57 @@ class EvalModel:
         finally:
             bar.close()
         return results
+
+    def _reference_nll_llamacpp(
+        self,
+        prompts: Sequence[list[dict]],
+        references: Sequence[str],
+        max_length: int,
+        max_prompt_tokens: int,
+        desc: str,
+    ) -> list[tuple[float, int]]:
+        """A scoring pass alone, on the prompt ids the answers were generated from (the same NLL as scoring
+        while answering)."""
+        from domaintune.llamacpp.cache import gguf_for
+        from domaintune.llamacpp.generate import score_rows
+        from domaintune.llamacpp.runtime import Context, GGUFModel
+
+        if self.hf_source is None:
+            raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
+        folder, tokenizer = self.hf_source()
+        ids = [
+            tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:]
+            for p in prompts
+        ]
+        rows = list(zip(ids, llamacpp_answer_ids(tokenizer, prompts, references, ids, max_length)))
+        longest = max(len(p) + len(a) for p, a in rows)
+        model = GGUFModel(gguf_for(folder, "q8_0"))
+        ctx = Context(model, n_seq=8, seq_ctx=longest + 8, n_batch=max(2048, longest + 8))
+        results: list[tuple[float, int]] = []
+        bar = tqdm(total=len(rows), desc=desc, unit="ref", dynamic_ncols=True)
+        try:
+            for start in range(0, len(rows), 32):
+                part = score_rows(ctx, rows[start : start + 32])
+                results.extend((nll, n) for nll, n, _ in part)
+                bar.update(len(part))
+        finally:
+            bar.close()
+            ctx.close()
+            model.close()
+        return results
+
+
+def llamacpp_answer_ids(
+    tokenizer: Any,
+    prompts: Sequence[list[dict]],
+    references: Sequence[str],
+    prompt_ids: Sequence[list[int]],
+    max_length: int,
+) -> list[list[int]]:
+    """Each reference's answer ids (text and end-of-turn token) as llama.cpp scores them: on the prompt ids
+    the model answered from, the answer cut to what fits in `max_length` with them (at least one token)."""
+    rows = reference_token_rows(tokenizer, prompts, references, max_length)
+    return [a[: max(1, max_length - len(p))] for (_, a), p in zip(rows, prompt_ids, strict=True)]
 
 
 @contextlib.contextmanager
@@ -607,6 +688,19 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
         engine, why = _check_gguf_tokenizer(cfg, ecfg.engine, why)
     log.info("%s", why)
     _use_engine(models, engine, cfg)
+    scorer = choose_scorer(ecfg.perplexity_engine, engine)
     for m in models:
         m.engine_reason = why if m.kind == "local" else ""
+        m.scorer = scorer if m.kind == "local" else "none"
     return models
+
+
+def choose_scorer(setting: str, engine: str) -> str:
+    """Who scores reference perplexity: `eval.perplexity_engine` auto is the answering engine (llama.cpp scores
+    each reference in its prompt's pass, the prompt processed once for both); `llamacpp` needs it to answer."""
+    if setting == "llamacpp" and engine != "llamacpp":
+        raise UserError(
+            "eval.perplexity_engine is 'llamacpp' but the answers come from transformers (eval.engine); "
+            "set eval.perplexity_engine: auto or transformers"
+        )
+    return "llamacpp" if setting != "transformers" and engine == "llamacpp" else "transformers"

@@ -19,7 +19,12 @@ import numpy as np
 
 from domaintune.errors import UserError
 from domaintune.eval import metrics as M
-from domaintune.eval.engine_check import check_engine_agreement, engine_summary
+from domaintune.eval.engine_check import (
+    check_engine_agreement,
+    engine_summary,
+    perplexity_agreement,
+    transformers_twin,
+)
 from domaintune.eval.gates import evaluate_gates, parse_gate
 from domaintune.eval.items import (
     Item,
@@ -100,7 +105,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
     answers, nll = _answer_every_set(models, sets, gens, nll_cache, cfg, notes)
     scored = _score_every_set(sets, answers, nll, ecfg, glossary)
     t0 = time.perf_counter()
-    engine = _check_engine(models, sets, answers, gens, ecfg)
+    engine = _check_engine(models, sets, answers, nll, gens, nll_cache, cfg)
     gens.phase_s["engine_check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     robustness = _robustness(sets.items["test"], models, gens, scored.per_item["test"], ecfg, _seed(cfg))
@@ -127,7 +132,7 @@ def _run_eval(cfg: ProjectConfig, layout: RunLayout, shared_base: Path | None = 
     report: dict[str, Any] = {
         **_header(cfg, layout, sets, models, gens),
         "engine": engine,
-        "perplexity_precision": {"value": gens.scoring.value, "reason": gens.scoring.reason},
+        "perplexity_precision": _perplexity_precision(models, gens.scoring),
         "metrics": scored.aggregate,
         "deltas": deltas,
         "retention": retention,
@@ -287,31 +292,59 @@ def _answer_every_set(
     cfg: ProjectConfig,
     notes: list[str],
 ) -> tuple[_Answers, _Nll]:
-    """Each model in turn (base, tuned, then the others) answers every set; local models also score the references."""
+    """Each model in turn (base, tuned, then the others) answers every set; local models also score the
+    references (llama.cpp while answering, in the same prompt pass; transformers in a pass of its own)."""
     ecfg = cfg.eval
     answers: _Answers = {name: {} for name in sets.items}
     nll: _Nll = {name: {} for name in sets.items}
     for model in models:
         for set_name, items in sets.items.items():
+            scoring = "perplexity" in ecfg.metrics and model.kind == "local"
+            keys = _nll_keys(model, items, cfg) if scoring else []
+            sink = _NllSink(model, set_name, items, keys, nll_cache) if scoring and model.scorer == "llamacpp" else None
             answers[set_name][model.name] = gens.answers(
-                model, set_name, [it.id for it in items], [it.prompt for it in items]
+                model, set_name, [it.id for it in items], [it.prompt for it in items], sink
             )
-            if "perplexity" in ecfg.metrics:
-                if model.kind == "local":
-                    t0 = time.perf_counter()
-                    nll[set_name][model.name] = _nll_rows(model, items, nll_cache, cfg, set_name, gens.scoring.value)
-                    gens.perplexity_s[model.name] += time.perf_counter() - t0
-                elif set_name == "test":
-                    notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
+            if scoring:
+                t0 = time.perf_counter()
+                nll[set_name][model.name] = _nll_rows(model, items, keys, nll_cache, cfg, set_name, gens.scoring.value)
+                gens.perplexity_s[model.name] += time.perf_counter() - t0
+            elif "perplexity" in ecfg.metrics and set_name == "test":
+                notes.append(f"perplexity not available for endpoint model {model.name!r} (no log-probs)")
         if not ecfg.robustness.enabled or model.name not in _robust_models(ecfg):
             model.unload()  # robustness asks the kept ones again later
     return answers, nll
 
 
+class _NllSink:
+    """Reference scores that arrive with the answers (llama.cpp scores a reference in its prompt's pass)."""
+
+    def __init__(self, model: EvalModel, set_name: str, items: list[Item], keys: list[str], cache: JsonlCache):
+        self.model, self.set_name, self.items, self.keys, self.cache = model, set_name, items, keys, cache
+
+    def references(self, todo: list[int]) -> list[str] | None:
+        """The references to score with these answers (None: every one already has its score)."""
+        if all(self.keys[i] in self.cache.rows for i in todo):
+            return None
+        return [self.items[i].reference for i in todo]
+
+    def put(self, i: int, scored: tuple[float, int] | None) -> None:
+        if scored is not None:
+            self.cache.put(_nll_row(self.keys[i], self.model, self.set_name, self.items[i], *scored))
+
+
 def _check_engine(
-    models: list[EvalModel], sets: _Sets, answers: _Answers, gens: _Generations, ecfg: EvalConfig
+    models: list[EvalModel],
+    sets: _Sets,
+    answers: _Answers,
+    nll: _Nll,
+    gens: _Generations,
+    nll_cache: JsonlCache,
+    cfg: ProjectConfig,
 ) -> dict[str, Any]:
-    """Which engine answered, and (llama.cpp) how its first test answers compare with transformers' own."""
+    """Which engine answered and scored, and (llama.cpp) how its first test answers and reference perplexity
+    compare with transformers' own."""
+    ecfg = cfg.eval
     summary = engine_summary(models)
     summary["check"] = check_engine_agreement(
         models,
@@ -321,7 +354,30 @@ def _check_engine(
         ecfg.primary_metric,
         lambda model, ids, prompts: gens.answers(model, "engine_check", ids, prompts),
     )
+    sample = sets.items["test"][: ecfg.engine_check_items]
+    for model in models:
+        if model.scorer != "llamacpp" or not sample or model.name not in nll["test"]:
+            continue
+        twin = transformers_twin(model)
+        try:
+            keys = _nll_keys(twin, sample, cfg)
+            slow = _nll_rows(twin, sample, keys, nll_cache, cfg, "engine_check", gens.scoring.value)
+        finally:
+            twin.unload()
+        fast = nll["test"][model.name][: len(sample)]
+        summary["check"].setdefault(model.name, {}).update(perplexity_agreement(fast, slow, gens.scoring.value))
     return summary
+
+
+def _perplexity_precision(models: list[EvalModel], transformers_precision: Choice) -> dict[str, str]:
+    """What reference perplexity was computed in, and why (the same for every local model)."""
+    if any(m.scorer == "llamacpp" for m in models):
+        return {
+            "value": "q8_0 (llama.cpp)",
+            "reason": "eval.perplexity_engine: each reference scored by the q8_0 GGUF that answers, in its "
+            "prompt's pass (transformers' figures on the engine-check items: report engine.check)",
+        }
+    return {"value": transformers_precision.value, "reason": transformers_precision.reason}
 
 
 class _Generations:
@@ -338,7 +394,15 @@ class _Generations:
         self.phase_s: dict[str, float] = {}
         self.scoring = _scoring_precision(cfg.eval)  # the reference-perplexity precision, for every model
 
-    def answers(self, model: EvalModel, set_name: str, ids: list[str], prompts: list[list[dict]]) -> list[dict]:
+    def answers(
+        self,
+        model: EvalModel,
+        set_name: str,
+        ids: list[str],
+        prompts: list[list[dict]],
+        nll_sink: _NllSink | None = None,
+    ) -> list[dict]:
+        """Cached answers, the missing ones generated (with `nll_sink`: their references scored meanwhile)."""
         keys = [cache_key("generate", model.identity, p, self.settings) for p in prompts]
         rows: list[dict | None] = [self.cache.get(k) if model.cacheable else None for k in keys]
         rows = [dict(r, prediction=clean_answer(r["prediction"])) if r else None for r in rows]
@@ -365,15 +429,24 @@ class _Generations:
                     }
                     rows[i] = row
                     self.cache.put(row)
+                    if nll_sink is not None:
+                        nll_sink.put(i, answer.nll)
                 self.cache.save()
+                if nll_sink is not None:
+                    nll_sink.cache.save()
 
             t0 = time.perf_counter()
+            references = nll_sink.references(todo) if nll_sink is not None else None
+            scoring: dict[str, Any] = {}
+            if references is not None:
+                scoring = {"references": references, "perplexity_max_tokens": self.cfg.eval.perplexity_max_tokens}
             model.generate(
                 [prompts[i] for i in todo],
                 self.cfg.eval.decoding,
                 self.seed,
-                desc=f"{model.name} · {set_name}",
+                desc=f"{model.name} · {set_name}" + (" (+ perplexity)" if references is not None else ""),
                 on_batch=store,
+                **scoring,
             )
             if set_name != "engine_check" and not set_name.startswith("robust-"):
                 self.generation_s[model.name] += time.perf_counter() - t0
@@ -403,34 +476,48 @@ def _scoring_precision(ecfg: EvalConfig) -> Choice:
     return Choice("fp32", f"eval.perplexity_precision=auto: fp32 ({chosen.reason.removeprefix('auto: ')})")
 
 
-def _nll_rows(
-    model: EvalModel, items: list[Item], cache: JsonlCache, cfg: ProjectConfig, set_name: str, precision: str
-) -> list[tuple[float, int]]:
-    # "scorer": references were scored by llama.cpp on some CPUs before; those rows must not be reused
+def _nll_keys(model: EvalModel, items: list[Item], cfg: ProjectConfig) -> list[str]:
+    # "scorer": which engine scored (transformers rows in a precision; llama.cpp rows on the q8_0 GGUF, on the
+    # prompt ids it answered from), so rows of one are never reused for the other
     settings: dict[str, Any] = {"max_tokens": cfg.eval.perplexity_max_tokens, "scorer": "transformers"}
-    if precision != "fp32":  # fp32 rows keep the keys they always had
-        settings["precision"] = precision
-    keys = [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
+    if model.scorer == "llamacpp":
+        settings.update(scorer="llamacpp-q8_0", max_prompt_tokens=cfg.eval.decoding.max_prompt_tokens)
+    else:
+        precision = _scoring_precision(cfg.eval).value
+        if precision != "fp32":  # fp32 rows keep the keys they always had
+            settings["precision"] = precision
+    return [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
+
+
+def _nll_row(key: str, model: EvalModel, set_name: str, item: Item, nll: float, n: int) -> dict[str, Any]:
+    return {"key": key, "model": model.name, "set": set_name, "item_id": item.id, "nll": nll, "tokens": n}
+
+
+def _nll_rows(
+    model: EvalModel,
+    items: list[Item],
+    keys: list[str],
+    cache: JsonlCache,
+    cfg: ProjectConfig,
+    set_name: str,
+    precision: str,
+) -> list[tuple[float, int]]:
+    """Every item's (NLL, tokens): from the cache, the missing ones scored now."""
     rows = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(rows) if r is None]
     if todo:
+        by = "llama.cpp q8_0" if model.scorer == "llamacpp" else precision
         computed = model.reference_nll(
             [items[i].prompt for i in todo],
             [items[i].reference for i in todo],
             max_length=cfg.eval.perplexity_max_tokens,
             batch_size=max(1, cfg.eval.decoding.batch_size // 2),
-            desc=f"{model.name} · perplexity {set_name} ({precision})",
+            desc=f"{model.name} · perplexity {set_name} ({by})",
             precision=precision,
+            max_prompt_tokens=cfg.eval.decoding.max_prompt_tokens,
         )
         for i, (nll, n) in zip(todo, computed):
-            row = {
-                "key": keys[i],
-                "model": model.name,
-                "set": set_name,
-                "item_id": items[i].id,
-                "nll": nll,
-                "tokens": n,
-            }
+            row = _nll_row(keys[i], model, set_name, items[i], nll, n)
             rows[i] = row
             cache.put(row)
         cache.save()

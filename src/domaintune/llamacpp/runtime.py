@@ -267,6 +267,10 @@ class Context:
         """Forget a sequence's KV cache (-1: every sequence)."""
         _lib().llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def trim(self, seq: int, start: int) -> bool:
+        """Forget a sequence's KV cache from position `start` on; False where the cache cannot cut a tail."""
+        return bool(_lib().llama_memory_seq_rm(self.memory, seq, start, -1))
+
     def decode(self, entries: list[Entry]) -> list[int]:
         """Run one batch; returns, per entry that asked for logits, its row index for `logits()`."""
         if not entries:
