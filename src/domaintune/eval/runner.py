@@ -300,7 +300,7 @@ def _answer_every_set(
     for model in models:
         for set_name, items in sets.items.items():
             scoring = "perplexity" in ecfg.metrics and model.kind == "local"
-            keys = _nll_keys(model, items, cfg) if scoring else []
+            keys = _nll_keys(model, items, cfg, gens.scoring.value) if scoring else []
             sink = _NllSink(model, set_name, items, keys, nll_cache) if scoring and model.scorer == "llamacpp" else None
             answers[set_name][model.name] = gens.answers(
                 model, set_name, [it.id for it in items], [it.prompt for it in items], sink
@@ -360,7 +360,7 @@ def _check_engine(
             continue
         twin = transformers_twin(model)
         try:
-            keys = _nll_keys(twin, sample, cfg)
+            keys = _nll_keys(twin, sample, cfg, gens.scoring.value)
             slow = _nll_rows(twin, sample, keys, nll_cache, cfg, "engine_check", gens.scoring.value)
         finally:
             twin.unload()
@@ -476,16 +476,14 @@ def _scoring_precision(ecfg: EvalConfig) -> Choice:
     return Choice("fp32", f"eval.perplexity_precision=auto: fp32 ({chosen.reason.removeprefix('auto: ')})")
 
 
-def _nll_keys(model: EvalModel, items: list[Item], cfg: ProjectConfig) -> list[str]:
+def _nll_keys(model: EvalModel, items: list[Item], cfg: ProjectConfig, precision: str) -> list[str]:
     # "scorer": which engine scored (transformers rows in a precision; llama.cpp rows on the q8_0 GGUF, on the
     # prompt ids it answered from), so rows of one are never reused for the other
     settings: dict[str, Any] = {"max_tokens": cfg.eval.perplexity_max_tokens, "scorer": "transformers"}
     if model.scorer == "llamacpp":
         settings.update(scorer="llamacpp-q8_0", max_prompt_tokens=cfg.eval.decoding.max_prompt_tokens)
-    else:
-        precision = _scoring_precision(cfg.eval).value
-        if precision != "fp32":  # fp32 rows keep the keys they always had
-            settings["precision"] = precision
+    elif precision != "fp32":  # fp32 rows keep the keys they always had
+        settings["precision"] = precision
     return [cache_key("nll", model.identity, [it.prompt, it.reference], settings) for it in items]
 
 
