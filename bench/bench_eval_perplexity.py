@@ -1,5 +1,6 @@
-"""Eval's answers and reference perplexity: one llama.cpp prompt pass for both, against answering with llama.cpp
-and scoring in a separate transformers pass (what eval did before), on the same CPU, threads and items.
+"""Eval's answers and reference perplexity: one llama.cpp prompt pass for both (each reference scored on the
+prompt's cache when its answer ends), against answering with llama.cpp and scoring in a separate transformers
+pass (what eval did before), on the same CPU, threads and items.
 
 The items are the main job's kind: the Chinese internal-medicine questions (title + ask, its system prompt) with
 their doctors' answers of 10-130 characters as references (examples/medical-zh.yaml's filter). Decoding is the

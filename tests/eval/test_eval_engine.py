@@ -26,7 +26,7 @@ def test_engine_choice_names_the_key(monkeypatch):
 def test_perplexity_follows_the_answering_engine_unless_told():
     from domaintune.eval.models import choose_scorer
 
-    assert choose_scorer("auto", "llamacpp") == "llamacpp"  # scored in the answers' prompt pass
+    assert choose_scorer("auto", "llamacpp") == "llamacpp"  # scored on the answers' prompts
     assert choose_scorer("auto", "transformers") == "transformers"
     assert choose_scorer("transformers", "llamacpp") == "transformers"
     with pytest.raises(UserError, match=r"eval\.perplexity_engine"):

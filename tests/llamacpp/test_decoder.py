@@ -84,13 +84,13 @@ def test_prompts_longer_than_a_batch_are_fed_over_several_steps(tiny_f16):
 @pytest.mark.parametrize(
     ("n_batch", "max_scored_rows", "can_trim"), [(512, 512, True), (48, 7, True), (64, 512, False)]
 )
-def test_references_scored_in_the_prompt_pass_match_a_separate_pass_and_leave_answers_unchanged(
+def test_references_scored_after_each_answer_match_a_separate_pass_and_leave_answers_unchanged(
     tiny_f16, n_batch, max_scored_rows, can_trim
 ):
-    """The reference teacher-forced after the prompt, scored, then cut from the cache: the answer is the one
-    generated without it and the NLL the one a separate scoring pass gives; also with prompt passes split over
-    several batches (48 tokens), a 7-row cap on the scored positions per batch, and a cache that cannot cut a
-    tail (the prompt is fed again)."""
+    """Each answer cut from the cache when it ends, its reference fed and scored on the same prompt: the answers
+    are the tokens the same decoder gives without references, and the NLL the one a separate scoring pass gives;
+    also with prompts split over several batches (48 tokens), references over several scoring calls (7 rows
+    each), and a cache that cannot cut a tail (the prompt is fed again)."""
     from domaintune.llamacpp.generate import Decoder, Sampling, generate, score_rows
     from domaintune.llamacpp.runtime import Context, GGUFModel
 
@@ -99,7 +99,7 @@ def test_references_scored_in_the_prompt_pass_match_a_separate_pass_and_leave_an
     references = [[*range(400 + i, 420 + 5 * i), 2] for i in range(5)]  # 21-41 tokens, the last one end of turn
     references[0] = [2]  # a one-token reference: scored on the prompt's last logits alone
     params = Sampling(max_tokens=8, repetition_penalty=1.05)
-    plain = generate(Decoder(model, stop_ids=[2], n_seq=2, seq_ctx=160), prompts, params)
+    plain = generate(Decoder(model, stop_ids=[2], n_seq=3, seq_ctx=160, n_batch=n_batch), prompts, params)
     decoder = Decoder(model, stop_ids=[2], n_seq=3, seq_ctx=160, n_batch=n_batch)
     decoder.max_scored_rows = max_scored_rows
     if not can_trim:
@@ -109,7 +109,8 @@ def test_references_scored_in_the_prompt_pass_match_a_separate_pass_and_leave_an
     separate = score_rows(Context(model, n_seq=2, seq_ctx=160, n_batch=256), list(zip(prompts, references)))
     for seq, (nll, n, _) in zip(shared, separate):
         assert n == len(seq.reference) and seq.nll == pytest.approx(nll, rel=1e-3)
-    assert decoder.refed_prompts == (0 if can_trim else 4)  # the one-token reference leaves nothing to cut
+    assert decoder.refed_prompts == (0 if can_trim else 4)  # a one-token reference is scored on the prompt alone
+    assert decoder.scoring_decodes >= (1 if max_scored_rows == 512 else 4 * 20 // 7)
     assert not decoder.running and len(decoder.free_slots) == 3
 
 

@@ -251,8 +251,8 @@ class EvalConfig(StrictModel):
     perplexity_engine: Literal["auto", "transformers", "llamacpp"] = Field(
         "auto",
         description="Who scores the reference answers' perplexity, the same for every local model. auto: the engine "
-        "that answers — with llama.cpp each reference is scored by the q8_0 GGUF in the same pass as its prompt "
-        "(the prompt processed once for answer and score), else transformers. transformers: a separate pass in "
+        "that answers — with llama.cpp each reference is scored by the q8_0 GGUF on the cached prompt of its answer "
+        "(the prompt processed once for answer and score; the answers unchanged), else transformers. transformers: a separate pass in "
         "eval.perplexity_precision. The report gives, on the engine-check items, both engines' perplexity.",
     )
     perplexity_precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -148,7 +148,7 @@ def describe_engine(engine: dict[str, Any] | None) -> list[str]:
         return []
     lines = [f"engine: {engine['name']} ({engine['reason']})" if engine.get("reason") else f"engine: {engine['name']}"]
     if engine.get("perplexity_by") == "llamacpp":
-        lines.append("reference perplexity scored by llama.cpp (q8_0), each reference in its prompt's pass")
+        lines.append("reference perplexity scored by llama.cpp (q8_0), each reference on its answer's prompt")
     elif engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
         lines.append(f"reference perplexity scored by {engine['perplexity_by']} (in the report's perplexity_precision)")
     for name, c in engine.get("check", {}).items():

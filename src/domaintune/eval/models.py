@@ -77,7 +77,7 @@ class Answer:
     latency_s: float
     batch_size: int = 1
     token_ids: list[int] | None = None  # llama.cpp answers: for the agreement check with transformers
-    nll: tuple[float, int] | None = None  # the reference's (summed NLL, tokens), scored in the same prompt pass
+    nll: tuple[float, int] | None = None  # the reference's (summed NLL, tokens), scored on its prompt
 
 
 @dataclass
@@ -97,7 +97,7 @@ class EvalModel:
     engine_reason: str = ""  # why eval.engine chose it (the report says)
     hf_source: Callable[[], tuple[Path, Any]] | None = None  # (plain HF folder, tokenizer with the eval template)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # what the engine chose as it ran (the report says)
-    scorer: str = "transformers"  # "llamacpp": reference perplexity from the q8_0 GGUF, in the answers' prompt pass
+    scorer: str = "transformers"  # "llamacpp": reference perplexity from the q8_0 GGUF, on the answers' prompts
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_loaded(self) -> tuple[Any, Any]:
@@ -128,7 +128,7 @@ class EvalModel:
     ) -> list[Answer]:
         """Answers in prompt order; `on_batch(indices, answers)` is called as each batch finishes.
 
-        `references` (llama.cpp only): each answer's `nll` is its reference scored in the same prompt pass."""
+        `references` (llama.cpp only): each answer's `nll` is its reference scored on the same prompt."""
         if not prompts:
             return []
         if references is not None and self.engine != "llamacpp":
@@ -150,7 +150,7 @@ class EvalModel:
         perplexity_max_tokens: int = 2048,
     ):
         """Batched continuous decoding in llama.cpp (`decoding.batch_size` sequences together); with
-        `references`, each one scored teacher-forced in its prompt's pass (`llamacpp.generate`)."""
+        `references`, each one scored teacher-forced on its answer's prompt (`llamacpp.generate`)."""
         from domaintune.llamacpp.cache import gguf_for
         from domaintune.llamacpp.generate import Decoder, Sampling, generate
         from domaintune.llamacpp.runtime import GGUFModel
@@ -697,7 +697,7 @@ def build_models(cfg: ProjectConfig, layout: RunLayout) -> list[EvalModel]:
 
 def choose_scorer(setting: str, engine: str) -> str:
     """Who scores reference perplexity: `eval.perplexity_engine` auto is the answering engine (llama.cpp scores
-    each reference in its prompt's pass, the prompt processed once for both); `llamacpp` needs it to answer."""
+    each reference on its answer's prompt, the prompt processed once for both); `llamacpp` needs it to answer."""
     if setting == "llamacpp" and engine != "llamacpp":
         raise UserError(
             "eval.perplexity_engine is 'llamacpp' but the answers come from transformers (eval.engine); "

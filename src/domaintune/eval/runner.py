@@ -293,7 +293,7 @@ def _answer_every_set(
     notes: list[str],
 ) -> tuple[_Answers, _Nll]:
     """Each model in turn (base, tuned, then the others) answers every set; local models also score the
-    references (llama.cpp while answering, in the same prompt pass; transformers in a pass of its own)."""
+    references (llama.cpp on each answer's prompt as the answer ends; transformers in a pass of its own)."""
     ecfg = cfg.eval
     answers: _Answers = {name: {} for name in sets.items}
     nll: _Nll = {name: {} for name in sets.items}
@@ -317,7 +317,7 @@ def _answer_every_set(
 
 
 class _NllSink:
-    """Reference scores that arrive with the answers (llama.cpp scores a reference in its prompt's pass)."""
+    """Reference scores that arrive with the answers (llama.cpp scores a reference on its answer's prompt)."""
 
     def __init__(self, model: EvalModel, set_name: str, items: list[Item], keys: list[str], cache: JsonlCache):
         self.model, self.set_name, self.items, self.keys, self.cache = model, set_name, items, keys, cache
@@ -375,7 +375,7 @@ def _perplexity_precision(models: list[EvalModel], transformers_precision: Choic
         return {
             "value": "q8_0 (llama.cpp)",
             "reason": "eval.perplexity_engine: each reference scored by the q8_0 GGUF that answers, in its "
-            "prompt's pass (transformers' figures on the engine-check items: report engine.check)",
+            "answer's prompt, the prompt processed once (transformers' figures on the engine-check items: report engine.check)",
         }
     return {"value": transformers_precision.value, "reason": transformers_precision.reason}
 

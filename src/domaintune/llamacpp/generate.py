@@ -9,10 +9,12 @@ the tokens its `guide`'s grammar allows, when it has one), and finishes at an en
 runs a list of prompts to completion (eval); the serving engine drives `Decoder` itself. `score_rows()` gives
 each reference's negative log-likelihood (perplexity) and its most likely token at each answer position.
 
-A sequence may carry a `reference` (eval's perplexity): its tokens are fed teacher-forced right after the
-prompt, in the same prompt pass, and scored; then they are dropped from the KV cache and the answer is
-generated from the prompt's last logits. The prompt is processed once for both, instead of once for the
-answer and again by a separate scoring pass.
+A sequence may carry a `reference` (eval's perplexity), scored on the prompt the answer was generated from:
+the prompt's last logits score the reference's first token; when the answer ends, the answer's tokens are cut
+from the sequence's KV cache and the reference's are fed teacher-forced in a `llama_decode` of their own
+(the references of every sequence that ended in that step together), before the slot is freed. The prompt is
+processed once for answer and score, and the answers' batches are exactly those without references, so the
+answers are the same tokens.
 """
 
 from __future__ import annotations
@@ -62,34 +64,12 @@ class Seq:
     fed: int = 0  # tokens of prompt + generated already in the KV cache
     rng: np.random.Generator | None = None
     guide: Guide | None = None  # a grammar the tokens must follow (constrained decoding); None: free
-    reference: list[int] | None = None  # tokens scored teacher-forced after the prompt (None: nothing to score)
-    nll: float = 0.0  # the reference's summed negative log-likelihood (complete once the prompt pass is)
-    stream: list[int] = field(default_factory=list)  # what the prompt pass feeds: prompt, then reference[:-1]
-    first_logits: np.ndarray | None = None  # the prompt's last logits (they also score reference[0])
+    reference: list[int] | None = None  # tokens scored after the answer, on the same prompt (None: no score)
+    nll: float = 0.0  # the reference's summed negative log-likelihood (complete when the sequence is done)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def prefilling(self) -> bool:
-        """Still in its prompt pass (a sequence that has sampled a token has left it)."""
-        return not self.tokens and self.fed < len(self.stream)
-
-    def wants_logits(self, pos: int) -> bool:
-        """Logits at `pos` of the prompt pass: the last prompt position, and every scored reference position."""
-        last_prompt = len(self.prompt) - 1
-        return pos == last_prompt or (self.reference is not None and pos > last_prompt)
-
-
-@dataclass
-class _Chunk:
-    """A sequence's part of one batch's prompt pass: entries[start : start + length]."""
-
-    seq: Seq
-    start: int
-    length: int
-    last: bool  # the prompt pass ends in this batch
 
 
 def sample_token(logits: np.ndarray, seq: Seq) -> int:
@@ -152,8 +132,9 @@ class Decoder:
         self.free_slots = collections.deque(range(n_seq))
         self.running: list[Seq] = []
         self.decodes = 0
-        self.refed_prompts = 0  # references whose KV could not be cut off (the prompt was fed again instead)
-        self.max_scored_rows = 512  # reference positions with logits per batch: bounds llama.cpp's output buffer
+        self.scoring_decodes = 0  # llama_decode calls that fed references
+        self.refed_prompts = 0  # references whose answer could not be cut from the cache (prompt fed again)
+        self.max_scored_rows = 512  # reference positions per scoring call: bounds llama.cpp's output buffer
 
     def close(self) -> None:
         self.ctx.close()
@@ -179,12 +160,9 @@ class Decoder:
                     f"prompt ({len(seq.prompt)}) and reference ({len(seq.reference)}) tokens exceed the "
                     f"{self.ctx.seq_ctx}-token context of a sequence"
                 )
-            seq.stream = seq.prompt + seq.reference[:-1]
-        else:
-            seq.stream = seq.prompt
+            seq.nll = 0.0
         seq.slot = self.free_slots.popleft()
         seq.fed = 0
-        seq.nll, seq.first_logits = 0.0, None
         self.running.append(seq)
 
     def finish(self, seq: Seq, reason: str) -> None:
@@ -199,107 +177,98 @@ class Decoder:
             self.free_slots.append(seq.slot)
             seq.slot = -1
 
-    def _plan(self) -> tuple[list[Entry], list[Seq], list[_Chunk]]:
-        """This step's batch: each decoding sequence's last token first, then prompt-pass chunks that fit.
+    def _plan(self) -> tuple[list[Entry], list[Seq], list[tuple[Seq, int]]]:
+        """This step's batch: each decoding sequence's last token first, then prompt chunks that fit.
 
-        Returns the entries, the decoding sequences (one logits row each) and the prompt-pass chunks.
+        Also returns the sequences whose prompt is only partly in this batch, with the length of their chunk.
         """
         entries: list[Entry] = []
-        decoding = [s for s in self.running if not s.prefilling]
+        ready: list[Seq] = []
+        partial: list[tuple[Seq, int]] = []
+        decoding = [s for s in self.running if s.fed >= len(s.prompt)]
+        prefilling = [s for s in self.running if s.fed < len(s.prompt)]
         for s in decoding:
             entries.append(Entry(s.tokens[-1], s.fed, s.slot, True))
-        chunks: list[_Chunk] = []
+            ready.append(s)
         room = self.ctx.n_batch - len(entries)
-        scored_room = self.max_scored_rows
-        for s in (s for s in self.running if s.prefilling):
+        for s in prefilling:
             if room <= 0:
                 break
-            end = s.fed + room
-            if s.reference is not None:  # every position from the prompt's last asks for logits: cap them
-                first_scored = max(s.fed, len(s.prompt) - 1)
-                end = min(end, first_scored + scored_room)
-                scored_room -= max(0, min(end, len(s.stream)) - first_scored)
-            chunk = s.stream[s.fed : end]
-            if not chunk:
-                continue
-            last = s.fed + len(chunk) == len(s.stream)
-            chunks.append(_Chunk(s, len(entries), len(chunk), last))
-            entries.extend(
-                Entry(t, s.fed + i, s.slot, s.wants_logits(s.fed + i) or (last and i == len(chunk) - 1))
-                for i, t in enumerate(chunk)
-            )
+            chunk = s.prompt[s.fed : s.fed + room]
+            last = s.fed + len(chunk) == len(s.prompt)
+            entries.extend(Entry(t, s.fed + i, s.slot, last and i == len(chunk) - 1) for i, t in enumerate(chunk))
             room -= len(chunk)
-        return entries, decoding, chunks
+            if last:
+                ready.append(s)
+            else:
+                partial.append((s, len(chunk)))
+        return entries, ready, partial
 
     def step(self) -> list[tuple[Seq, int]]:
         """One llama_decode; returns the (sequence, new token) pairs sampled, finished ones included."""
-        entries, decoding, chunks = self._plan()
+        entries, ready, partial = self._plan()
         if not entries:
             return []
         rows = self.ctx.decode(entries)
         self.decodes += 1
-        out_index = {batch_row: k for k, batch_row in enumerate(rows)}
-        ready: list[tuple[Seq, np.ndarray]] = [(s, self.ctx.logits(i)) for i, s in enumerate(decoding)]
-        for c in chunks:  # every chunk's logits are read before a re-fed prompt could overwrite them
-            c.seq.fed += c.length
-            self._take_chunk_logits(c, entries, out_index)
-        ready += [(c.seq, self._end_prompt_pass(c.seq)) for c in chunks if c.last]
+        for s, fed in partial:  # the rest of a long prompt follows in the next step, at the next position
+            s.fed += fed
+        by_slot = {entries[r].seq: r for r in rows}
         out: list[tuple[Seq, int]] = []
-        for s, logits in ready:
+        ended: list[tuple[Seq, str]] = []
+        for s in ready:
             s.fed = len(s.prompt) + len(s.tokens)
-            token = self._sample(s, logits)
+            logits = self.ctx.logits(by_slot[s.slot])
+            if s.reference is not None and not s.tokens:  # the prompt's last logits score the first token
+                s.nll += _sum_nll(logits[None, :], s.reference[:1])
+            if s.guide is not None:  # only the tokens its grammar allows next
+                logits = np.where(s.guide.allowed(logits.shape[0]), logits, -np.inf).astype(logits.dtype)
+            token = sample_token(logits, s)
+            if s.guide is not None:
+                s.guide.advance(token)
             out.append((s, token))
             if token in self.stop_ids:
-                self.finish(s, "stop")
+                ended.append((s, "stop"))
                 continue
             s.tokens.append(token)
             if len(s.tokens) >= s.params.max_tokens:
-                self.finish(s, "length")
+                ended.append((s, "length"))
+        self._score_references([s for s, _ in ended if s.reference is not None and len(s.reference) > 1])
+        for s, reason in ended:
+            self.finish(s, reason)
         return out
 
-    def _take_chunk_logits(self, c: _Chunk, entries: list[Entry], out_index: dict[int, int]) -> None:
-        """Keep the prompt's last logits; add the chunk's reference positions to the sequence's NLL."""
-        s = c.seq
-        wanted = [b for b in range(c.start, c.start + c.length) if entries[b].logits]
-        if not wanted:
-            return
-        outputs = self.ctx.outputs()
-        block = outputs[out_index[wanted[0]] : out_index[wanted[-1]] + 1]  # a chunk's rows are contiguous
-        positions = [entries[b].pos for b in wanted]
-        last_prompt = len(s.prompt) - 1
-        if positions[0] <= last_prompt <= positions[-1]:
-            s.first_logits = block[last_prompt - positions[0]].copy()
-        if s.reference is not None:
-            keep = [k for k, p in enumerate(positions) if p >= last_prompt]
-            targets = [s.reference[positions[k] - last_prompt] for k in keep]
-            s.nll += _sum_nll(block[keep[0] : keep[-1] + 1], targets) if keep else 0.0
-
-    def _end_prompt_pass(self, s: Seq) -> np.ndarray:
-        """The logits the first token is sampled from; a scored reference's KV entries are cut off first."""
-        logits = s.first_logits
-        if logits is None:
-            raise RuntimeError("llama.cpp returned no logits for the prompt's last position")
-        s.first_logits = None
-        if len(s.stream) > len(s.prompt) and not self.ctx.trim(s.slot, len(s.prompt)):
-            # A cache that cannot drop a tail (sliding-window or recurrent layers): feed the prompt again.
-            self.ctx.clear(s.slot)
-            self.refed_prompts += 1
-            self._refeed(s)
-        return logits
-
-    def _refeed(self, s: Seq) -> None:
-        """The prompt alone, fed again into a cleared slot (its logits are already known)."""
-        for start in range(0, len(s.prompt), self.ctx.n_batch):
-            part = s.prompt[start : start + self.ctx.n_batch]
-            self.ctx.decode([Entry(t, start + i, s.slot, False) for i, t in enumerate(part)])
-
-    def _sample(self, s: Seq, logits: np.ndarray) -> int:
-        if s.guide is not None:  # only the tokens its grammar allows next
-            logits = np.where(s.guide.allowed(logits.shape[0]), logits, -np.inf).astype(logits.dtype)
-        token = sample_token(logits, s)
-        if s.guide is not None:
-            s.guide.advance(token)
-        return token
+    def _score_references(self, seqs: list[Seq]) -> None:
+        """Each ended sequence's answer cut from its cache, its reference's other tokens fed and scored
+        (in decode calls of their own, so that the answers' batches stay what they were)."""
+        pending: collections.deque[tuple[Seq, list[int], int]] = collections.deque()  # (seq, reference, next)
+        for s in seqs:
+            if not self.ctx.trim(s.slot, len(s.prompt)):
+                # A cache that cannot drop a tail (sliding-window or recurrent layers): feed the prompt again.
+                self.ctx.clear(s.slot)
+                self.refed_prompts += 1
+                for start in range(0, len(s.prompt), self.ctx.n_batch):
+                    part = s.prompt[start : start + self.ctx.n_batch]
+                    self.ctx.decode([Entry(t, start + i, s.slot, False) for i, t in enumerate(part)])
+            pending.append((s, s.reference or [], 0))
+        while pending:
+            entries: list[Entry] = []
+            placed: list[tuple[Seq, list[int], int, int]] = []  # (seq, reference, first index fed, count)
+            room = min(self.ctx.n_batch, self.max_scored_rows)
+            while pending and room > 0:
+                s, ref, k = pending.popleft()
+                feed = ref[k : len(ref) - 1][:room]  # the last reference token is only ever a target
+                entries.extend(Entry(t, len(s.prompt) + k + i, s.slot, True) for i, t in enumerate(feed))
+                placed.append((s, ref, k, len(feed)))
+                room -= len(feed)
+                if k + len(feed) < len(ref) - 1:
+                    pending.appendleft((s, ref, k + len(feed)))
+            self.ctx.decode(entries)
+            self.scoring_decodes += 1
+            outputs, row = self.ctx.outputs(), 0
+            for s, ref, k, n in placed:
+                s.nll += _sum_nll(outputs[row : row + n], ref[k + 1 : k + 1 + n])
+                row += n
 
 
 def generate(
@@ -310,7 +279,7 @@ def generate(
     references: Sequence[list[int] | None] | None = None,
 ) -> list[Seq]:
     """Every prompt decoded to its end, `n_seq` at a time; results in prompt order. With `references`, each
-    sequence's `nll` is its reference's summed negative log-likelihood, scored in the same prompt pass."""
+    sequence's `nll` is its reference's summed negative log-likelihood on that prompt."""
     per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
     refs = list(references) if references is not None else [None] * len(prompts)
     waiting = collections.deque(
