@@ -62,12 +62,6 @@ def eval_models(model_dir: Path):
     return cpp, hf
 
 
-def perplexity(rows) -> float:
-    import math
-
-    return math.exp(sum(s for s, _ in rows) / sum(n for _, n in rows))
-
-
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -84,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from domaintune.eval.config import DecodingConfig, EvalConfig
+    from domaintune.eval.models import perplexity
     from domaintune.eval.runner import _scoring_precision
     from domaintune.model.config import ModelConfig
     from domaintune.model.loader import resolve_model_dir

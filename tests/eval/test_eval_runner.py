@@ -162,7 +162,8 @@ def test_run_eval_end_to_end_and_cache(run_dir):
     assert all(m["avg_new_tokens"] <= 3 for m in changed["metrics"]["test"].values())
 
 
-def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path):
+def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path, monkeypatch):
+    from domaintune.eval.models import EvalModel
     from domaintune.llamacpp import converter_unavailable_reason, unavailable_reason
 
     reason = unavailable_reason() or converter_unavailable_reason()
@@ -174,12 +175,19 @@ def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path
         shutil.copytree(run_dir / name, run / name)
     metrics = ["rouge", "chrf", "perplexity"]
     cfg = _cfg(run, engine="llamacpp", engine_check_items=3, robustness={"enabled": False}, metrics=metrics)
+    alone = EvalModel._reference_nll_llamacpp
+    passes: list[int] = []  # llama.cpp scoring passes of their own: none while every answer is generated
+    monkeypatch.setattr(
+        EvalModel,
+        "_reference_nll_llamacpp",
+        lambda self, prompts, *a, **kw: passes.append(len(prompts)) or alone(self, prompts, *a, **kw),
+    )
     report = run_eval(cfg, RunLayout(run))
+    assert passes == []
     engine = report["engine"]
     assert engine["name"] == "llamacpp" and engine["reason"] == "eval.engine=llamacpp"
     # references scored by llama.cpp while answering; transformers' perplexity of the check's references beside it
     assert engine["perplexity_by"] == "llamacpp" and report["perplexity_precision"]["value"] == "q8_0 (llama.cpp)"
-    assert report["timing"]["perplexity_s"]["tuned"] < 1.0  # nothing left to score after answering
     for name in ("base", "tuned"):
         c = engine["check"][name]
         assert c["perplexity_items"] == 3 and abs(c["perplexity_change"]) < 0.05  # q8_0 of the tiny model
@@ -204,7 +212,7 @@ def test_llamacpp_engine_is_reported_with_its_agreement_sample(run_dir, tmp_path
     kept = [r for r in read_jsonl(scores) if r["set"] == "engine_check"]  # transformers' rows
     scores.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     rescored = run_eval(cfg, RunLayout(run))
-    assert rescored["cache"]["answers_generated"] == 0
+    assert rescored["cache"]["answers_generated"] == 0 and sum(passes) == 2 * (6 + 3)  # every test/general row
     for set_name in ("test", "general"):
         for name in ("base", "tuned"):
             assert rescored["metrics"][set_name][name]["perplexity"] == pytest.approx(

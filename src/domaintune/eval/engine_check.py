@@ -10,7 +10,6 @@ perplexity of the same references.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -113,8 +112,11 @@ def perplexity_agreement(
     fast: list[tuple[float, int]], slow: list[tuple[float, int]], precision: str
 ) -> dict[str, Any]:
     """The same references' perplexity under llama.cpp (q8_0) and transformers (`precision`), and the change."""
-    ppl_fast = math.exp(sum(s for s, _ in fast) / max(1, sum(n for _, n in fast)))
-    ppl_slow = math.exp(sum(s for s, _ in slow) / max(1, sum(n for _, n in slow)))
+    from domaintune.eval.models import perplexity
+
+    ppl_fast, ppl_slow = perplexity(fast), perplexity(slow)
+    if ppl_fast is None or ppl_slow is None:
+        return {}
     return {
         "perplexity_items": len(fast),
         "perplexity_llamacpp": ppl_fast,
@@ -152,12 +154,11 @@ def describe_engine(engine: dict[str, Any] | None) -> list[str]:
     elif engine.get("perplexity_by") and engine["perplexity_by"] != engine["name"]:
         lines.append(f"reference perplexity scored by {engine['perplexity_by']} (in the report's perplexity_precision)")
     for name, c in engine.get("check", {}).items():
-        if "items" in c:
-            lines.append(
-                f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "
-                f"{c['identical_answers']}/{c['items']} identical, prefix agreement {c['prefix_agreement']:.2f}, "
-                f"{c['metric']} {_fmt(c['metric_transformers'])} vs {_fmt(c['metric_llamacpp'])}"
-            )
+        lines.append(
+            f"engine check ({name}, first {c['items']} test items, transformers vs llama.cpp): "
+            f"{c['identical_answers']}/{c['items']} identical, prefix agreement {c['prefix_agreement']:.2f}, "
+            f"{c['metric']} {_fmt(c['metric_transformers'])} vs {_fmt(c['metric_llamacpp'])}"
+        )
         if "perplexity_items" in c:
             lines.append(
                 f"perplexity check ({name}, first {c['perplexity_items']} test references): transformers "

@@ -161,8 +161,7 @@ class EvalModel:
             raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
         folder, tokenizer = self.hf_source()
         eot = end_of_turn_token_ids(tokenizer)
-        texts = [render_prompt(tokenizer, p) for p in prompts]  # a prompt's tools header: the template's tools
-        ids = [tokenizer(t, add_special_tokens=False).input_ids[-decoding.max_prompt_tokens :] for t in texts]
+        ids = llamacpp_prompt_ids(tokenizer, prompts, decoding.max_prompt_tokens)
         scored = (
             None
             if references is None
@@ -420,10 +419,7 @@ class EvalModel:
         if self.hf_source is None:
             raise RuntimeError(f"{self.name}: no model folder for llama.cpp")
         folder, tokenizer = self.hf_source()
-        ids = [
-            tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:]
-            for p in prompts
-        ]
+        ids = llamacpp_prompt_ids(tokenizer, prompts, max_prompt_tokens)
         rows = list(zip(ids, llamacpp_answer_ids(tokenizer, prompts, references, ids, max_length)))
         longest = max(len(p) + len(a) for p, a in rows)
         model = GGUFModel(gguf_for(folder, "q8_0"))
@@ -440,6 +436,12 @@ class EvalModel:
             ctx.close()
             model.close()
         return results
+
+
+def llamacpp_prompt_ids(tokenizer: Any, prompts: Sequence[list[dict]], max_prompt_tokens: int) -> list[list[int]]:
+    """The ids llama.cpp answers from (and scores references on): the template's text, its last tokens kept."""
+    texts = [render_prompt(tokenizer, p) for p in prompts]  # a prompt's tools header: the template's tools
+    return [tokenizer(t, add_special_tokens=False).input_ids[-max_prompt_tokens:] for t in texts]
 
 
 def llamacpp_answer_ids(
